@@ -1,0 +1,3 @@
+from .flat import ItemIndex
+
+__all__ = ["ItemIndex"]

@@ -1,0 +1,161 @@
+"""The interest model, readable at one sitting: a scene encoder and a cross-scene fusion.
+
+SceneEncoder: causal self-attention (SASRec-style) over one (user, scene) window of events. Each event is the sum of
+item, action, scene and time-gap embeddings. Attention is local: each layer looks back at most `span` positions, with
+a learned bias per (head, offset) instead of absolute positions. So the output at the last position depends only on
+the last n_layers * span + 2 events (the +1 is the time gap to the event before), never on where the window starts:
+windows of length L >= n_layers * span + 2 encode the same at any batch size and padding, and per-position
+activations could be cached and extended without ever changing (the incremental-encoding path).
+
+SceneFusion ("interest transfer"): for target scene j, a_ij = softmax_i(q_j . k(h_i + e_i) / sqrt(d)) over the
+scenes i where the user has history, H_j = sum_i a_ij v(h_i) + h_j (the residual only when j has history). A user
+with no history in j still gets H_j from the other scenes. A learned global query gives the global vector.
+
+Scores are inner products with the (tied) item embeddings: <H_j, E_item>.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PAD, OOV = 0, 1  # item index 0 pads a window, 1 stands for items the model never saw
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_items: int                  # vocabulary size including PAD and OOV
+    n_scenes: int
+    n_actions: int
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    span: int = 24                # attention look-back per layer
+    gap_buckets: int = 32         # log2-second buckets of the time since the previous event in the window
+    dropout: float = 0.2
+
+    @property
+    def receptive_field(self) -> int:
+        """Events the last position depends on (including the one whose timestamp gives the first gap)."""
+        return self.n_layers * self.span + 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
+    """0 = no previous event in the window; else 1 + floor(log2(1 + seconds)), capped."""
+    seconds = gap_ms.clamp(min=0).double() / 1000.0
+    b = 1 + torch.floor(torch.log2(1.0 + seconds)).long()
+    return b.clamp(max=buckets - 1)
+
+
+class LocalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.span = cfg.n_heads, cfg.span
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.rel_bias = nn.Parameter(torch.zeros(cfg.n_heads, cfg.span + 1))
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
+        q, k, v = heads(q), heads(k), heads(v)
+        qpos = torch.arange(T, device=x.device)
+        if last_only:  # only the last position is read downstream: skip the other queries
+            q, qpos = q[:, :, -1:], qpos[-1:]
+        offset = qpos[:, None] - torch.arange(T, device=x.device)[None, :]               # [Tq, T]
+        band = (offset >= 0) & (offset <= self.span)
+        allowed = band[None] & valid[:, None, :] | (offset == 0)[None]                 # [B, Tq, T]
+        bias = self.rel_bias[:, offset.clamp(0, self.span)]                            # [H, Tq, T]
+        mask = torch.where(allowed[:, None], bias[None], float("-inf"))                # [B, H, Tq, T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
+        y = y.transpose(1, 2).contiguous().view(B, -1, C)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = LocalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
+                                 nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, valid, last_only=False):
+        y = self.attn(self.ln1(x), valid, last_only)
+        x = (x[:, -1:] if last_only else x) + y
+        return x + self.mlp(self.ln2(x))
+
+
+class SceneEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.item = nn.Embedding(cfg.n_items, cfg.d_model, padding_idx=PAD)
+        self.action = nn.Embedding(cfg.n_actions, cfg.d_model)
+        self.scene = nn.Embedding(cfg.n_scenes, cfg.d_model)
+        self.gap = nn.Embedding(cfg.gap_buckets, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False) -> torch.Tensor:
+        """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only)."""
+        x = self.item(items) * math.sqrt(self.cfg.d_model) + self.action(actions) + self.scene(scenes) + self.gap(gaps)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, valid, last_only and i == len(self.blocks) - 1)
+        x = self.ln_f(x)
+        return x[:, -1] if last_only else x
+
+
+class SceneFusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.query = nn.Parameter(torch.randn(cfg.n_scenes + 1, d) * 0.02)  # one per target scene + global
+        self.scene_key = nn.Embedding(cfg.n_scenes, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.out = nn.LayerNorm(d)
+
+    def forward(self, h: torch.Tensor, has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, S, d], has [N, S] (each row has at least one True) -> H [N, S+1, d], a [N, S+1, S].
+        Row S of H and a is the global vector and its weights."""
+        N, S, d = h.shape
+        keys = self.key(h + self.scene_key.weight[None])                                   # [N, S, d]
+        scores = torch.einsum("td,nsd->nts", self.query, keys) / math.sqrt(d)              # [N, S+1, S]
+        scores = scores.masked_fill(~has[:, None, :], float("-inf"))
+        a = torch.softmax(scores, dim=-1)
+        H = torch.einsum("nts,nsd->ntd", a, self.value(h))
+        residual = torch.cat([h * has[..., None], torch.zeros_like(h[:, :1])], dim=1)     # no residual for global
+        return self.out(H + residual), a
+
+
+class InterestModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = SceneEncoder(cfg)
+        self.fusion = SceneFusion(cfg)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def item_vectors(self) -> torch.Tensor:
+        """[n_items, d]: row i scores item index i. Rows PAD and OOV are never recommended."""
+        return self.encoder.item.weight

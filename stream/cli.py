@@ -1,0 +1,193 @@
+"""`scenestream`: the command line. Each subcommand is a thin shell over the functions it names.
+
+Every option can also be set by an environment variable SCENESTREAM_<OPTION> (for example SCENESTREAM_DEVICE=cpu);
+a flag on the command line wins over the variable, which wins over the default shown in --help.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .config import StreamConfig
+from .logs import DATASETS
+
+log = logging.getLogger("scenestream")
+
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _source_options(f):
+    f = click.option("--input", "input_path", type=click.Path(dir_okay=False),
+                     help="Event log: JSONL (one event per line) or CSV with a header of event fields.")(f)
+    f = click.option("--dataset", type=click.Choice(DATASETS),
+                     help="A named data set instead of --input. 'synthetic' is exactly what `generate` writes "
+                          "with its defaults; ml-1m / ml-100k are fetched once into the cache.")(f)
+    f = click.option("--scenes", "scenes_mode", type=click.Choice(["genre", "single"]), default="genre",
+                     show_default=True, help="MovieLens only: scenes from each movie's first genre, or one scene.")(f)
+    return f
+
+
+def _load(dataset, input_path, scenes_mode, config=None):
+    from .logs import load_events
+    if (dataset is None) == (input_path is None):
+        raise click.UsageError("give exactly one of --dataset or --input")
+    try:
+        loaded = load_events(dataset, input_path, config=config, scenes_mode=scenes_mode)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not loaded.events:
+        raise click.ClickException(f"no valid events in the input ({loaded.n_invalid} invalid: "
+                                   f"{dict(loaded.invalid)})")
+    if loaded.n_invalid:
+        log.warning("skipped %d invalid lines: %s", loaded.n_invalid, dict(loaded.invalid))
+    return loaded
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "SCENESTREAM",
+                               "show_default": True})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """SceneStream: streaming real-time multi-scene interest updates for recommenders.
+
+    \b
+    Typical offline loop:
+      scenestream generate --out events.jsonl
+      scenestream train --input events.jsonl --cutoff 0.8 --out ckpt
+      scenestream replay --input events.jsonl --checkpoint ckpt --eval-cutoff 0.8 --json
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--users", default=2000, help="Number of synthetic users.")
+@click.option("--seed", default=0, help="Random seed: the same seed writes the same log.")
+@click.option("--items-per-scene", default=300, help="Catalog size per scene.")
+@click.option("--clean", is_flag=True, help="Write no malformed lines (by default ~3% are, on purpose).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL path.")
+def generate(users, seed, items_per_scene, clean, out):
+    """Write a seeded synthetic multi-scene clickstream (JSONL, event schema of the README)."""
+    from .logs import synthetic_lines, write_jsonl
+    from .synthetic import SyntheticSpec
+    spec = SyntheticSpec(users=users, seed=seed, items_per_scene=items_per_scene)
+    lines = synthetic_lines(spec, clean=clean)
+    write_jsonl(out, lines)
+    click.echo(f"wrote {len(lines)} lines to {out}", err=True)
+
+
+@main.command()
+@_source_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--epochs", default=8, help="Maximum epochs (early stopping on validation NDCG@10).")
+@click.option("--cutoff", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Train only on the first fraction F of events by time (recorded in the checkpoint).")
+@click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+@click.option("--window", default=50, help="Events kept per (user, scene): L.")
+@click.option("--dim", default=64, help="Model width d.")
+@click.option("--layers", default=2, help="Attention layers.")
+@click.option("--span", default=24, help="Attention look-back per layer (window >= layers*span+2 keeps "
+                                         "encoding independent of where the window starts).")
+@click.option("--batch-users", default=64, help="Users (or user segments) per training step.")
+@click.option("--lr", default=2e-3, help="AdamW learning rate.")
+@click.option("--patience", default=3, help="Epochs without improvement before stopping.")
+@click.option("--seed", default=0, help="Training seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
+def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window, dim, layers, span, batch_users,
+          lr, patience, seed, as_json):
+    """Train the interest model (next-item prediction, full-softmax CE, time-ordered leave-one-out validation)."""
+    from model.checkpoint import save_checkpoint
+    from model.infer import resolve_device
+    from model.train import TrainConfig, train_model
+
+    from .logs import time_cutoff
+    loaded = _load(dataset, input_path, scenes_mode, StreamConfig.from_env(window=window))
+    events = loaded.events
+    cutoff_ts = None
+    if cutoff is not None:
+        cutoff_ts = time_cutoff(events, cutoff)
+        events = [e for e in events if e.ts < cutoff_ts]
+        log.info("cutoff %.2f: training on %d of %d events (ts < %d)", cutoff, len(events), len(loaded.events),
+                 cutoff_ts)
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from .config import DEFAULT_ACTIONS
+    cfg = TrainConfig(epochs=epochs, batch_users=batch_users, lr=lr, patience=patience, seed=seed)
+    ckpt, history = train_model(events, loaded.scenes, DEFAULT_ACTIONS, window,
+                                model_cfg={"d_model": dim, "n_layers": layers, "span": span}, cfg=cfg,
+                                device=str(dev), progress=True)
+    meta = {"dataset": dataset or str(input_path), "scenes_mode": scenes_mode, "cutoff": cutoff,
+            "cutoff_ts": cutoff_ts if cutoff_ts is not None else max(e.ts for e in loaded.events) + 1,
+            "device": str(dev), **history}
+    version = save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, window, meta)
+    summary = {"checkpoint": str(out), "model_version": version, "seconds": history["seconds"],
+               "epochs": len(history["epochs"]), "best_val_ndcg@10": round(history["best_val_ndcg@10"], 4),
+               "train_events": history["train_events"], "users": history["users"], "items": history["items"]}
+    click.echo(json.dumps(summary) if as_json else
+               f"saved {out} (model {version}): best validation NDCG@10 {summary['best_val_ndcg@10']} "
+               f"after {summary['epochs']} epochs, {summary['seconds']} s")
+
+
+def _open_model(checkpoint: str, device: str):
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.infer import InterestEncoder, resolve_device
+    try:
+        dev = resolve_device(device)
+        return InterestEncoder(load_checkpoint(checkpoint, dev), dev)
+    except (CheckpointError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@_source_options
+@click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint folder from `train`.")
+@click.option("--eval-cutoff", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.8,
+              help="Prequential evaluation starts after this fraction of events by time.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write the final per-user records to OUT/users.jsonl (the worker's output schema).")
+@click.option("--batch-size", default=1000, help="Events per micro-batch (as the live worker).")
+@click.option("--k", default=10, help="K of the prequential Recall@K.")
+@click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on the last line.")
+def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch_size, k, device, as_json):
+    """Replay an event log through the live worker's code path; report prequential Recall@K for live, stale
+    and most-popular recommendations."""
+    from index import ItemIndex
+
+    from .replay import replay as run_replay
+    encoder = _open_model(checkpoint, device)
+    config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
+    loaded = _load(dataset, input_path, scenes_mode, config)
+    if tuple(loaded.scenes) != tuple(encoder.scenes):
+        raise click.ClickException(f"the data's scenes {list(loaded.scenes)} differ from the checkpoint's "
+                                   f"{list(encoder.scenes)}")
+    index = ItemIndex.build(*encoder.item_vectors())
+    result = run_replay(loaded, encoder, index, batch_size=batch_size, eval_cutoff=eval_cutoff, k=k,
+                        checkpoint_cutoff_ts=encoder.ckpt.meta.get("cutoff_ts"))
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(Path(out) / "users.jsonl", "w") as f:
+            for user in sorted(result.records):
+                f.write(json.dumps(result.records[user]) + "\n")
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        p = summary["prequential"]
+        click.echo(f"events {summary['events']}  invalid {summary['invalid']}  late-dropped "
+                   f"{summary['late_dropped']}  users {summary['users']}  {summary['events_per_s']} events/s")
+        for m in ("live", "stale", "popular"):
+            click.echo(f"prequential recall@{k} {m:8s} {p[m][f'recall@{k}']:.4f}  ({p[m]['evaluated']} events)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The clickstream event and its decoder: raw bytes in, a typed Event or a typed Rejection out, never an exception.
+
+Every consumer of input (live worker, replay, log readers, training) goes through `decode` / `validate_record`, so a
+payload is judged the same way everywhere and a bad one never reaches the state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .config import StreamConfig
+
+# Rejection reasons: a small closed set, so they can label metrics and dead letters.
+REASONS = (
+    "oversized",          # payload larger than max_payload_bytes
+    "not_utf8",           # bytes are not UTF-8
+    "bad_json",           # not parseable JSON
+    "non_finite",         # NaN / Infinity literal anywhere in the payload
+    "not_object",         # JSON value is not an object
+    "missing_field",      # a required field is absent
+    "wrong_type",         # a field has the wrong JSON type
+    "empty_field",        # an id is the empty string
+    "too_long",           # an id is longer than max_id_chars
+    "bad_chars",          # an id contains control characters
+    "unknown_scene",      # scene not configured
+    "unknown_action",     # action not configured
+    "ts_out_of_range",    # ts outside [ts_min_ms, ts_max_ms]
+    "decoder_error",      # a bug in this module; counted, never raised
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    user_id: str
+    item_id: str
+    scene: str
+    action: str
+    ts: int
+
+    @property
+    def order_key(self) -> tuple[int, str]:
+        """Events are ordered by (ts, event_id): a total order, so ties in time are broken the same everywhere."""
+        return (self.ts, self.event_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "user_id": self.user_id, "item_id": self.item_id,
+                "scene": self.scene, "action": self.action, "ts": self.ts}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str   # one of REASONS
+    detail: str   # for humans: which field, what was wrong
+
+    def to_json(self) -> dict[str, str]:
+        return {"reason": self.reason, "detail": self.detail}
+
+
+Decoded = Union[Event, Rejection]
+
+
+def derive_event_id(user_id: str, item_id: str, scene: str, action: str, ts: int) -> str:
+    """A deterministic id for events sent without one, so re-delivery of the same payload deduplicates."""
+    key = "\x1f".join((user_id, item_id, scene, action, str(ts))).encode("utf-8", "surrogatepass")
+    return "d-" + hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NonFinite(name)
+
+
+def decode(raw: bytes, config: StreamConfig) -> Decoded:
+    """bytes -> Event | Rejection. Total: any input yields one of the two."""
+    try:
+        if raw is None or not isinstance(raw, (bytes, bytearray, memoryview)):
+            return Rejection("wrong_type", f"payload is {type(raw).__name__}, not bytes")
+        if len(raw) > config.max_payload_bytes:
+            return Rejection("oversized", f"{len(raw)} bytes > {config.max_payload_bytes}")
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejection("not_utf8", str(exc)[:200])
+        try:
+            obj = json.loads(text, parse_constant=_refuse_constant)
+        except _NonFinite as exc:
+            return Rejection("non_finite", f"non-finite number {exc}")
+        except (ValueError, RecursionError) as exc:
+            return Rejection("bad_json", str(exc)[:200])
+        return validate_record(obj, config)
+    except Exception as exc:  # pragma: no cover - a bug here must not stop the stream
+        return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _check_id(obj: dict, name: str, config: StreamConfig) -> Union[str, Rejection]:
+    if name not in obj:
+        return Rejection("missing_field", f"missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, str):
+        return Rejection("wrong_type", f"{name} must be a string, got {type(value).__name__}")
+    if not value:
+        return Rejection("empty_field", f"{name} is empty")
+    if len(value) > config.max_id_chars:
+        return Rejection("too_long", f"{name} has {len(value)} characters > {config.max_id_chars}")
+    if not value.isprintable() or any(unicodedata.category(c) in ("Cs", "Co", "Cn") for c in value):
+        return Rejection("bad_chars", f"{name} contains control, surrogate or unassigned characters")
+    return value
+
+
+def validate_record(obj: Any, config: StreamConfig) -> Decoded:
+    """A parsed JSON value (or a CSV row with ts already an int) -> Event | Rejection."""
+    try:
+        if not isinstance(obj, dict):
+            return Rejection("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        ids = {}
+        for name in ("user_id", "item_id"):
+            checked = _check_id(obj, name, config)
+            if isinstance(checked, Rejection):
+                return checked
+            ids[name] = checked
+
+        if "scene" not in obj:
+            return Rejection("missing_field", "missing field 'scene'")
+        scene = obj["scene"]
+        if not isinstance(scene, str):
+            return Rejection("wrong_type", f"scene must be a string, got {type(scene).__name__}")
+        if scene not in config._scene_set:
+            return Rejection("unknown_scene", f"scene {scene[:64]!r} is not one of {list(config.scenes)}")
+
+        action = obj.get("action", config.default_action)
+        if action is None:
+            action = config.default_action
+        if not isinstance(action, str):
+            return Rejection("wrong_type", f"action must be a string, got {type(action).__name__}")
+        if action not in config._action_set:
+            return Rejection("unknown_action", f"action {action[:64]!r} is not one of {list(config.actions)}")
+
+        if "ts" not in obj:
+            return Rejection("missing_field", "missing field 'ts'")
+        ts = obj["ts"]
+        if isinstance(ts, float) and not math.isfinite(ts):
+            return Rejection("non_finite", "ts is not finite")
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            return Rejection("wrong_type", f"ts must be an integer (epoch ms), got {type(ts).__name__}")
+        if not (config.ts_min_ms <= ts <= config.ts_max_ms):
+            return Rejection("ts_out_of_range", f"ts {ts} outside [{config.ts_min_ms}, {config.ts_max_ms}]")
+
+        event_id = obj.get("event_id")
+        if event_id is None:
+            event_id = derive_event_id(ids["user_id"], ids["item_id"], scene, action, ts)
+        else:
+            checked = _check_id(obj, "event_id", config)
+            if isinstance(checked, Rejection):
+                return checked
+            event_id = checked
+        return Event(event_id, ids["user_id"], ids["item_id"], scene, action, ts)
+    except Exception as exc:  # pragma: no cover
+        return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
+
+
+def encode(event: Event) -> bytes:
+    """The canonical JSON bytes of an event (what `generate` and `produce` write)."""
+    return json.dumps(event.to_json(), separators=(",", ":")).encode()

@@ -1,0 +1,66 @@
+"""The one micro-batch step that the live worker and offline replay share.
+
+    events --apply_batch--> new windows for the touched users --interest_records--> one record per touched user
+
+`apply_batch` is pure: it reads current windows through a lookup and returns the users' new states, so the caller
+decides how to store them (a dict in replay, a changelogged Faust table in the worker). `interest_records` encodes
+all touched users in one batched forward and builds the record that is published and written to users.jsonl.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from model.infer import InterestEncoder, Interests
+
+from .events import Event
+from .window import UserState, apply_user, group_by_user
+
+
+@dataclass
+class BatchOutcome:
+    updates: dict[str, UserState]   # users whose windows changed -> their full new state
+    late_dropped: int               # new events that did not make it into a window
+
+
+def apply_batch(lookup: Callable[[str], Optional[UserState]], events: Sequence[Event], length: int) -> BatchOutcome:
+    updates: dict[str, UserState] = {}
+    dropped = 0
+    for user, evs in group_by_user(events).items():
+        new, changed, d = apply_user(lookup(user) or {}, evs, length)
+        dropped += d
+        if changed:
+            updates[user] = new
+    return BatchOutcome(updates, dropped)
+
+
+def interest_record(user: str, state: UserState, vec: Interests, row: int, scenes: Sequence[str],
+                    version: str) -> dict:
+    """The published per-user record (the README documents it): same keys from the worker and from replay."""
+    targets = list(scenes) + ["global"]
+    has = vec.has[row]
+    sources = [s for i, s in enumerate(scenes) if has[i]]
+    src_idx = [i for i in range(len(scenes)) if has[i]]
+    return {
+        "user_id": user,
+        "model_version": version,
+        "scenes": {scenes[i]: vec.h[row, i].tolist() for i in src_idx},
+        "fused": {s: vec.fused[row, j].tolist() for j, s in enumerate(scenes)},
+        "global": vec.fused[row, len(scenes)].tolist(),
+        "weights": {t: {s: float(vec.weights[row, j, i]) for s, i in zip(sources, src_idx)}
+                    for j, t in enumerate(targets)},
+        "newest_ts": max(w[-1].ts for w in state.values() if w),
+        "events": sum(len(w) for w in state.values()),
+    }
+
+
+def interest_records(encoder: InterestEncoder, states: Mapping[str, UserState]) -> list[dict]:
+    vec = encoder.interests(states)
+    return [interest_record(u, states[u], vec, r, encoder.scenes, encoder.version) for r, u in enumerate(vec.users)]
+
+
+def record_vectors(record: dict, scenes: Sequence[str]) -> np.ndarray:
+    """[S + 1, d] fused vectors of a record, in scene order then global (for tests and retrieval)."""
+    return np.asarray([record["fused"][s] for s in scenes] + [record["global"]], dtype=np.float32)
