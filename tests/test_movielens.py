@@ -1,0 +1,89 @@
+"""MovieLens adapters: parsing of RecBole atomic files (offline) and the real ML-100k download (network)."""
+from collections import Counter
+
+import pytest
+
+from stream.config import StreamConfig
+from stream.events import validate_record
+from stream.movielens import FALLBACK_SCENE, GENRE_TO_SCENE, dataset_scenes, ensure_files, load_movielens
+
+ALL_GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+              "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+# ML-1M style: CRLF lines, "genre" column; item 40 has an unknown genre, item 50 an empty one, item 60 no row.
+INTER = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\r\n"
+         "u1\t10\t5\t900000000\r\n"
+         "u2\t20\t3\t900000005\r\n"
+         "u1\t30\t4\t900000005\r\n"
+         "u3\t40\t2\t900000001\r\n"
+         "u3\t50\t1\t900000002\r\n"
+         "u2\t60\t4.5\t900000003\r\n")
+ITEM = ("item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\r\n"
+        "10\tToy Story\t1995\tAnimation Children's Comedy\r\n"
+        "20\tHeat\t1995\tAction Crime Thriller\r\n"
+        "30\tCasablanca\t1942\tDrama Romance War\r\n"
+        "40\tOdd\t2000\tunknown\r\n"
+        "50\tBlank\t2000\t\r\n")
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCENESTREAM_ML1M_DIR", raising=False)
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ml-1m.inter").write_bytes(INTER.encode())
+    (folder / "ml-1m.item").write_bytes(ITEM.encode())
+    return tmp_path
+
+
+def test_mapping_covers_every_movielens_genre():
+    assert set(GENRE_TO_SCENE) == set(ALL_GENRES)
+    assert set(GENRE_TO_SCENE.values()) | {FALLBACK_SCENE} == set(dataset_scenes("genre"))
+    assert dataset_scenes("single") == ("movie",)
+    with pytest.raises(ValueError):
+        dataset_scenes("tv")
+
+
+def test_parses_synthetic_atomic_files(synthetic):
+    assert ensure_files("ml-1m", synthetic) == synthetic / "ml-1m"  # present: no download
+    events = load_movielens("ml-1m", cache_dir=synthetic)
+    assert [e.item_id for e in events] == ["10", "20", "30", "40", "50", "60"]  # file order
+    assert [e.user_id for e in events] == ["u1", "u2", "u1", "u3", "u3", "u2"]
+    assert [e.scene for e in events] == ["family", "action", "drama", FALLBACK_SCENE, FALLBACK_SCENE, FALLBACK_SCENE]
+    assert [e.action for e in events] == ["like", "view", "like", "view", "view", "like"]
+    assert events[0].ts == 900_000_000_000 and events[0].event_id == "ml-1m-000000001"
+    # the two ratings at 900000005 keep file order (item 20 before item 30) under the stream's order key
+    ordered = sorted(events, key=lambda e: e.order_key)
+    assert [e.item_id for e in ordered] == ["10", "40", "50", "60", "20", "30"]
+    config = StreamConfig(scenes=dataset_scenes("genre"))
+    assert all(validate_record(e.to_json(), config) == e for e in events)
+
+    single = load_movielens("ml-1m", scenes="single", cache_dir=synthetic)
+    assert {e.scene for e in single} == {"movie"}
+    assert [e.event_id for e in single] == [e.event_id for e in events]
+
+
+def test_env_dir_and_bad_names(synthetic, monkeypatch):
+    monkeypatch.setenv("SCENESTREAM_ML1M_DIR", str(synthetic / "ml-1m"))
+    assert len(load_movielens("ml-1m")) == 6
+    monkeypatch.setenv("SCENESTREAM_ML1M_DIR", str(synthetic))  # no files there: a clear error, no download
+    with pytest.raises(RuntimeError, match="SCENESTREAM_ML1M_DIR"):
+        ensure_files("ml-1m")
+    with pytest.raises(ValueError):
+        load_movielens("ml-20m", cache_dir=synthetic)
+
+
+def test_real_ml100k_download(tmp_path, monkeypatch):
+    """Downloads the recbole wheel from PyPI into an empty cache; fails (never skips) when that is impossible."""
+    monkeypatch.delenv("SCENESTREAM_ML100K_DIR", raising=False)
+    events = load_movielens("ml-100k", cache_dir=tmp_path)
+    assert (tmp_path / "ml-100k" / "ml-100k.inter").is_file()
+    assert len(events) == 100_000
+    assert len({e.user_id for e in events}) == 943
+    assert len({e.item_id for e in events}) == 1682
+    scenes = Counter(e.scene for e in events)
+    assert set(scenes) == set(dataset_scenes("genre"))
+    assert Counter(e.action for e in events) == {"like": 55_375, "view": 44_625}  # ratings 4-5 vs 1-3
+    assert events[0].to_json() == {"event_id": "ml-100k-000000001", "user_id": "196", "item_id": "242",
+                                   "scene": "comedy", "action": "view", "ts": 881_250_949_000}
+    assert len({e.event_id for e in events}) == len(events)
