@@ -189,5 +189,116 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
             click.echo(f"prequential recall@{k} {m:8s} {p[m][f'recall@{k}']:.4f}  ({p[m]['evaluated']} events)")
 
 
+def _bootstrap(url: str) -> str:
+    return ",".join(u.split("://", 1)[-1] for u in url.split(","))
+
+
+@main.command()
+@click.option("--port", default=9092, help="TCP port on 127.0.0.1 (0 = pick a free one).")
+def broker(port):
+    """Run the embedded Kafka-protocol broker (Tansu, memory storage) in the foreground until Ctrl-C."""
+    import signal
+    import time
+
+    from .broker import EmbeddedBroker
+    b = EmbeddedBroker(port=port or None)
+    try:
+        b.start()
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"embedded broker listening on {b.url}  (Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while b.proc is not None and b.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.stop()
+
+
+@main.command()
+@click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT of the Kafka cluster. Unset: start the embedded broker.")
+@click.option("--topic", default="clicks", help="Topic to write to.")
+@_source_options
+@click.option("--rate", default=0.0, help="Events per second (0 = as fast as the broker takes them).")
+def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
+    """Load an event log (bad lines included, as they are) into a topic, keyed by user_id."""
+    import asyncio
+
+    from .logs import read_raw, synthetic_lines
+    from .produce import produce_lines
+    if broker_url is None:
+        raise click.UsageError("--broker (or SCENESTREAM_BROKER) is required: produce writes to a running broker")
+    if (dataset is None) == (input_path is None):
+        raise click.UsageError("give exactly one of --dataset or --input")
+    if dataset not in (None, "synthetic"):
+        raise click.UsageError("produce takes --input LOG or --dataset synthetic")
+    if input_path is not None and not Path(input_path).is_file():
+        raise click.ClickException(f"event log {input_path} does not exist")
+    lines = synthetic_lines() if dataset else list(read_raw(input_path))
+    try:
+        sent = asyncio.run(produce_lines(_bootstrap(broker_url), topic, lines, rate=rate, total=len(lines)))
+    except Exception as exc:  # aiokafka's connection errors
+        raise click.ClickException(f"could not produce to {broker_url}: {exc}") from exc
+    click.echo(f"produced {sent} events to {topic}", err=True)
+
+
+@main.command()
+@click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT. Unset: start the embedded broker and stop it on exit.")
+@click.option("--checkpoint", required=True, envvar="SCENESTREAM_CHECKPOINT", type=click.Path(),
+              help="Checkpoint folder from `train`.")
+@click.option("--app-id", default="scenestream", help="Consumer group and topic prefix of the worker.")
+@click.option("--clicks-topic", default="clicks", help="Input topic (key = user_id).")
+@click.option("--dlq-topic", default="clicks-dlq", help="Dead letters: raw bytes, reason, source position.")
+@click.option("--output-topic", default="user-interests", help="Published per-user records (key = user_id).")
+@click.option("--partitions", default=4, help="Partitions of the topics the worker creates.")
+@click.option("--batch-max", default=1000, help="Most events in one micro-batch.")
+@click.option("--batch-wait", default=0.2, help="Seconds a micro-batch waits to fill.")
+@click.option("--web-host", default="127.0.0.1", help="HTTP bind address.")
+@click.option("--web-port", default=6066, help="HTTP port.")
+@click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+@click.option("--recovery", type=click.Choice(["fence", "highwater"]), default="fence",
+              help="How state is recovered from the changelog: 'fence' reads up to an offset the broker "
+                   "acknowledged; 'highwater' trusts the reported end offset (wrong on Tansu; for tests).")
+def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
+           batch_wait, web_host, web_port, device, recovery):
+    """The live worker: consume clicks, update windows, publish fused interest vectors."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from .broker import EmbeddedBroker
+    from .worker import WorkerConfig, run_worker
+    encoder = _open_model(checkpoint, device)
+    embedded = None
+    if broker_url is None:
+        embedded = EmbeddedBroker().start()
+        broker_url = embedded.url
+        click.echo(f"embedded broker on {broker_url}", err=True)
+
+    async def reachable():
+        admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(broker_url), request_timeout_ms=5000)
+        await asyncio.wait_for(admin.start(), 10)
+        await admin.close()
+    try:
+        asyncio.run(reachable())
+    except Exception as exc:
+        if embedded:
+            embedded.stop()
+        raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
+    cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
+                       output_topic=output_topic, partitions=partitions, batch_max=batch_max,
+                       batch_wait=batch_wait, web_host=web_host, web_port=web_port, recovery=recovery)
+    try:
+        code = run_worker(cfg, encoder)
+    finally:
+        if embedded:
+            embedded.stop()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

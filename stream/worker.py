@@ -1,0 +1,161 @@
+"""The live worker: a thin Faust shell around the same micro-batch step that replay runs.
+
+    clicks --take_events--> decode (bad -> clicks-dlq) --apply_batch--> windows (changelog) --encode--> user-interests
+
+A micro-batch is acked (so its offsets can be committed) only after its changelog writes, dead letters and output
+records are acknowledged by the broker: nothing a commit covers can be lost, and whatever is re-delivered after a
+crash joins into the windows without effect (the lattice, see state.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import faust
+
+from model.infer import InterestEncoder
+
+from .config import StreamConfig
+from .events import Event, Rejection, decode
+from .pipeline import apply_batch, interest_records
+from .state import ChangelogStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str                          # kafka://host:port[,host:port]
+    app_id: str = "scenestream"
+    clicks_topic: str = "clicks"
+    dlq_topic: str = "clicks-dlq"
+    output_topic: str = "user-interests"
+    changelog_topic: str = ""            # default: <app_id>-state-changelog
+    partitions: int = 4                  # used when the worker creates the topics
+    batch_max: int = 1000                # events per micro-batch
+    batch_wait: float = 0.2              # seconds to wait for a micro-batch to fill
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    recovery: str = "fence"
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(","))
+
+    @property
+    def changelog(self) -> str:
+        return self.changelog_topic or f"{self.app_id}-state-changelog"
+
+
+class InterestService:
+    """Everything the agent does with one micro-batch, kept out of Faust so it reads top to bottom."""
+
+    def __init__(self, cfg: WorkerConfig, encoder: InterestEncoder):
+        self.cfg = cfg
+        self.encoder = encoder
+        self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
+        self.store = ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, cfg.recovery)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # keeps the loop responsive
+        self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0}
+        self.invalid_by_reason: dict[str, int] = {}
+        self.last_batch_at: Optional[float] = None
+
+    async def handle(self, messages) -> None:
+        """messages: Faust events (with .message.partition/.offset/.value) of one micro-batch."""
+        if self.store.producer is None:
+            await self.store.start()
+        by_partition: dict[int, list[Event]] = {}
+        sends = []
+        for ev in messages:
+            m = ev.message
+            await self.store.ensure(m.partition)
+            got = decode(m.value, self.config)
+            if isinstance(got, Rejection):
+                sends.append(await self.dead_letter(m, got))
+            else:
+                by_partition.setdefault(m.partition, []).append(got)
+        loop = asyncio.get_running_loop()
+        for partition, events in by_partition.items():
+            outcome = apply_batch(lambda u: self.store.get(partition, u), events, self.encoder.window)
+            self.counts["late_dropped"] += outcome.late_dropped
+            self.counts["events"] += len(events)
+            if not outcome.updates:
+                continue
+            records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
+            sends += await self.store.write(partition, outcome.updates)
+            producer = self.store.producer
+            for rec in records:
+                sends.append(await producer.send(self.cfg.output_topic, json.dumps(rec).encode(),
+                                                 key=rec["user_id"].encode()))
+            self.counts["published"] += len(records)
+        if sends:
+            await asyncio.gather(*sends)   # durable before take_events acks this batch
+        self.counts["batches"] += 1
+        self.last_batch_at = time.time()
+
+    async def dead_letter(self, m, rejection: Rejection):
+        self.counts["invalid"] += 1
+        self.invalid_by_reason[rejection.reason] = self.invalid_by_reason.get(rejection.reason, 0) + 1
+        value = json.dumps({"reason": rejection.reason, "detail": rejection.detail,
+                            "topic": m.topic, "partition": m.partition, "offset": m.offset,
+                            "raw": (m.value or b"").decode("latin-1")}).encode()
+        return await self.store.producer.send(self.cfg.dlq_topic, value, key=m.key)
+
+
+def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, InterestService]:
+    # Settings that matter on a small or embedded broker, found by measurement (BENCHMARKS.md):
+    # - broker_session_timeout / heartbeat: a restarted worker otherwise waits for its dead predecessor's session
+    #   (default 60 s) to expire before the group rebalances;
+    # - topic_disable_leader: skips the extra leader topic and its assignment round.
+    app = faust.App(
+        cfg.app_id, broker=cfg.broker, store="memory://", autodiscover=False,
+        topic_partitions=cfg.partitions, topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest", producer_acks=-1,
+        broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
+        broker_commit_interval=1.0, stream_wait_empty=False,
+        web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host,
+    )
+    service = InterestService(cfg, encoder)
+    clicks = app.topic(cfg.clicks_topic, key_serializer="raw", value_serializer="raw",
+                       partitions=cfg.partitions)
+    app.topic(cfg.dlq_topic, partitions=cfg.partitions)
+    app.topic(cfg.output_topic, partitions=cfg.partitions)
+
+    @app.agent(clicks, name="interests")
+    async def interests(stream):
+        # take_events (not take): Faust acks these events only when this loop asks for the next batch, i.e. after
+        # handle() has made the batch's effects durable. State is not a Faust Table, so no table write happens
+        # "outside of stream iteration".
+        async for batch in stream.take_events(cfg.batch_max, within=cfg.batch_wait):
+            await service.handle(batch)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app, revoked, **kwargs):
+        service.store.forget(tp.partition for tp in revoked if tp.topic == cfg.clicks_topic)
+
+    @app.task
+    async def declare_topics():
+        for topic in (cfg.changelog, cfg.output_topic, cfg.dlq_topic):
+            await app.topic(topic, partitions=cfg.partitions).maybe_declare()
+        log.info("worker %s consuming %s on %s", cfg.app_id, cfg.clicks_topic, cfg.broker)
+
+    @app.timer(interval=5.0)
+    async def report():
+        log.info("events %(events)d invalid %(invalid)d late %(late_dropped)d published %(published)d "
+                 "batches %(batches)d", service.counts)
+
+    app.service = service  # for the web views of later issues
+    return app, service
+
+
+def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "info") -> int:
+    app, service = make_app(cfg, encoder)
+    worker = faust.Worker(app, loglevel=loglevel, console_port=0)
+    worker.execute_from_commandline()
+    return 0
+
