@@ -11,13 +11,18 @@ What we do instead:
   (keep the newest per key) keeps the join.
 - Recovery writes a fence record into the changelog partition and reads until it has seen the fence's offset, as
   the broker acknowledged it on produce. No high watermark is trusted.
-- The worker awaits the changelog writes of a micro-batch before its events are acked, so Faust never commits a
-  source offset whose effect is not durable; what is re-delivered after a crash joins in harmlessly.
+- Each micro-batch also writes, per source partition, the highest source offset it applied (an offset marker,
+  after the state records, in the same changelog partition). The marker, not the consumer group's committed
+  offset, says where durable state ends: Faust was seen committing offsets of events it had buffered but not
+  processed when stopped by SIGTERM. After recovery the worker re-reads any gap between the marker and the first
+  offset Faust delivers; whatever is read twice joins in harmlessly.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from typing import Iterable, Optional
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -28,6 +33,10 @@ from .window import UserState, apply_user
 log = logging.getLogger(__name__)
 
 FENCE_KEY = b"\x00fence"
+# Fault injection for the crash test's own test: recovery skips the last user record of each partition, the loss
+# seen here once. Never set it in production.
+FAULT_ENV = "SCENESTREAM_FAULT_DROP_LAST_STATE_RECORD"
+MARKER_KEY = b"\x00applied"
 
 
 def encode_state(state: UserState) -> bytes:
@@ -55,6 +64,7 @@ class ChangelogStore:
             raise ValueError("recovery strategy must be 'fence' or 'highwater'")
         self.bootstrap, self.topic, self.window, self.strategy = bootstrap, topic, window, strategy
         self.partitions: dict[int, dict[str, UserState]] = {}
+        self.applied: dict[int, int] = {}   # source partition -> highest source offset durably applied (-1: none)
         self.producer: Optional[AIOKafkaProducer] = None
         self.records_recovered = 0
 
@@ -74,21 +84,23 @@ class ChangelogStore:
         """A revoked partition's state may change elsewhere: drop it; it is recovered again if it comes back."""
         for p in partitions:
             self.partitions.pop(p, None)
+            self.applied.pop(p, None)
 
     def get(self, partition: int, user: str) -> Optional[UserState]:
         return self.partitions[partition].get(user)
 
     async def ensure(self, partition: int) -> None:
         if partition not in self.partitions:
-            self.partitions[partition] = await self.recover(partition)
+            self.partitions[partition], self.applied[partition] = await self.recover(partition)
 
-    async def recover(self, partition: int) -> dict[str, UserState]:
+    async def recover(self, partition: int) -> tuple[dict[str, UserState], int]:
         tp = TopicPartition(self.topic, partition)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
         await consumer.start()
         state: dict[str, UserState] = {}
-        n = 0
+        records: list = []
+        applied = -1
         try:
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
@@ -97,28 +109,44 @@ class ChangelogStore:
                 last = meta.offset          # the broker's own word for where the log ends now
             else:
                 last = (await consumer.end_offsets([tp]))[tp] - 1   # trusts the high watermark (unsafe on Tansu)
+            deadline = time.monotonic() + 300
             while last >= 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"recovery of {self.topic}[{partition}] did not reach offset {last}")
                 batch = await consumer.getmany(tp, timeout_ms=1000)
                 msgs = batch.get(tp, [])
                 for m in msgs:
                     if m.offset > last:
                         break
-                    if m.key and m.key != FENCE_KEY and m.value:
-                        user = m.key.decode()
-                        state[user] = join_states(state.get(user), decode_state(user, m.value), self.window)
-                        n += 1
+                    if m.key == MARKER_KEY:
+                        applied = max(applied, int(m.value))
+                    elif m.key and m.key != FENCE_KEY and m.value:
+                        records.append(m)
                 if msgs and msgs[-1].offset >= last:
                     break
                 if not msgs and await consumer.position(tp) > last:
                     break
         finally:
             await consumer.stop()
+        if os.environ.get(FAULT_ENV) == "1" and records:
+            records.pop()
+        for m in records:  # lattice join: order and duplicates do not matter
+            user = m.key.decode()
+            state[user] = join_states(state.get(user), decode_state(user, m.value), self.window)
+        n = len(records)
         self.records_recovered += n
-        log.info("recovered partition %d of %s: %d records, %d users", partition, self.topic, n, len(state))
-        return state
+        log.info("recovered partition %d of %s: %d records, %d users, applied up to offset %d", partition,
+                 self.topic, n, len(state), applied)
+        return state, applied
 
-    async def write(self, partition: int, updates: dict[str, UserState]) -> list:
-        """Apply updates in memory and send them to the changelog; returns futures the caller awaits."""
+    async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
+        """Apply updates in memory and send them, then the offset marker, to the changelog partition; returns
+        futures the caller awaits before the batch counts as done."""
         self.partitions[partition].update(updates)
-        return [await self.producer.send(self.topic, encode_state(s), key=u.encode(), partition=partition)
-                for u, s in updates.items()]
+        futures = [await self.producer.send(self.topic, encode_state(s), key=u.encode(), partition=partition)
+                   for u, s in updates.items()]
+        if applied_offset > self.applied.get(partition, -1):
+            self.applied[partition] = applied_offset
+            futures.append(await self.producer.send(self.topic, str(applied_offset).encode(), key=MARKER_KEY,
+                                                    partition=partition))
+        return futures

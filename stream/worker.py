@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from model.infer import InterestEncoder
 
@@ -61,42 +63,71 @@ class InterestService:
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.store = ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, cfg.recovery)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # keeps the loop responsive
-        self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0}
+        self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
         self.invalid_by_reason: dict[str, int] = {}
         self.last_batch_at: Optional[float] = None
 
     async def handle(self, messages) -> None:
-        """messages: Faust events (with .message.partition/.offset/.value) of one micro-batch."""
+        """messages: one micro-batch of Kafka messages (.topic .partition .offset .key .value)."""
         if self.store.producer is None:
             await self.store.start()
-        by_partition: dict[int, list[Event]] = {}
+        by_partition: dict[int, list] = {}
+        for m in messages:
+            by_partition.setdefault(m.partition, []).append(m)
         sends = []
-        for ev in messages:
-            m = ev.message
-            await self.store.ensure(m.partition)
-            got = decode(m.value, self.config)
-            if isinstance(got, Rejection):
-                sends.append(await self.dead_letter(m, got))
-            else:
-                by_partition.setdefault(m.partition, []).append(got)
         loop = asyncio.get_running_loop()
-        for partition, events in by_partition.items():
+        for partition, msgs in sorted(by_partition.items()):
+            await self.store.ensure(partition)
+            msgs.sort(key=lambda m: m.offset)
+            applied = self.store.applied[partition]
+            if msgs[0].offset > applied + 1:   # committed by the group but never durably applied: read it again
+                gap = await self.read_range(msgs[0].topic, partition, applied + 1, msgs[0].offset - 1)
+                log.info("partition %d: re-reading %d events between the durable marker %d and offset %d",
+                         partition, len(gap), applied, msgs[0].offset)
+                self.counts["reread"] += len(gap)
+                msgs = gap + msgs
+            events: list[Event] = []
+            for m in msgs:
+                got = decode(m.value, self.config)
+                if isinstance(got, Rejection):
+                    sends.append(await self.dead_letter(m, got))
+                else:
+                    events.append(got)
             outcome = apply_batch(lambda u: self.store.get(partition, u), events, self.encoder.window)
             self.counts["late_dropped"] += outcome.late_dropped
             self.counts["events"] += len(events)
-            if not outcome.updates:
-                continue
-            records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
-            sends += await self.store.write(partition, outcome.updates)
+            records = []
+            if outcome.updates:
+                records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
+            sends += await self.store.write(partition, outcome.updates, msgs[-1].offset)
             producer = self.store.producer
             for rec in records:
                 sends.append(await producer.send(self.cfg.output_topic, json.dumps(rec).encode(),
                                                  key=rec["user_id"].encode()))
             self.counts["published"] += len(records)
         if sends:
-            await asyncio.gather(*sends)   # durable before take_events acks this batch
+            await asyncio.gather(*sends)   # durable before this batch counts as done
         self.counts["batches"] += 1
         self.last_batch_at = time.time()
+
+    async def read_range(self, topic: str, partition: int, first: int, last: int) -> list:
+        """Messages first..last of one partition, read directly (not through the consumer group)."""
+        tp = TopicPartition(topic, partition)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.cfg.bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        out = []
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, first)
+            while not out or out[-1].offset < last:
+                got = (await consumer.getmany(tp, timeout_ms=2000)).get(tp, [])
+                if not got:
+                    break
+                out.extend(m for m in got if first <= m.offset <= last)
+        finally:
+            await consumer.stop()
+        return out
 
     async def dead_letter(self, m, rejection: Rejection):
         self.counts["invalid"] += 1
@@ -132,7 +163,14 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
         # handle() has made the batch's effects durable. State is not a Faust Table, so no table write happens
         # "outside of stream iteration".
         async for batch in stream.take_events(cfg.batch_max, within=cfg.batch_wait):
-            await service.handle(batch)
+            try:
+                await service.handle([ev.message for ev in batch])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # crash-only: nothing of this batch is acked; a restart re-reads it
+                log.exception("micro-batch failed; exiting so that a restart recovers from durable state")
+                logging.shutdown()
+                os._exit(70)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
@@ -147,7 +185,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
     @app.timer(interval=5.0)
     async def report():
         log.info("events %(events)d invalid %(invalid)d late %(late_dropped)d published %(published)d "
-                 "batches %(batches)d", service.counts)
+                 "batches %(batches)d re-read %(reread)d", service.counts)
 
     app.service = service  # for the web views of later issues
     return app, service

@@ -1,0 +1,107 @@
+"""Shared fixtures: a real embedded broker, a small trained checkpoint, and real worker processes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import save_checkpoint
+from model.train import TrainConfig, train_model
+from stream.broker import EmbeddedBroker, free_port
+from stream.config import DEFAULT_ACTIONS
+from stream.synthetic import SyntheticSpec, generate
+
+SMALL = SyntheticSpec(users=400, seed=11)
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    return generate(SMALL)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, small_world):
+    """A real (small, briefly trained) model: the worker tests are about plumbing, not quality."""
+    events, _ = small_world
+    ckpt, history = train_model(events, SMALL.scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=1, val_users=200),
+                                progress=False)
+    out = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50, {"cutoff_ts": None})
+    return out
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=str(log)) as b:
+        yield b
+
+
+class WorkerProcess:
+    """`scenestream worker` as a real OS process, with its own app id and topics."""
+
+    def __init__(self, broker: EmbeddedBroker, checkpoint: Path, log_dir: Path, app_id: str | None = None,
+                 extra: tuple[str, ...] = ()):
+        self.app_id = app_id or f"t{uuid.uuid4().hex[:8]}"
+        self.broker, self.checkpoint, self.log_dir, self.extra = broker, checkpoint, log_dir, extra
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def topics(self) -> dict[str, str]:
+        return {"clicks": f"{self.app_id}-clicks", "dlq": f"{self.app_id}-dlq", "out": f"{self.app_id}-out"}
+
+    def start(self, env: dict | None = None) -> "WorkerProcess":
+        self.starts += 1
+        log = open(self.log_dir / f"{self.app_id}-{self.starts}.log", "wb")
+        cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", self.broker.url,
+               "--checkpoint", str(self.checkpoint), "--app-id", self.app_id,
+               "--clicks-topic", self.topics["clicks"], "--dlq-topic", self.topics["dlq"],
+               "--output-topic", self.topics["out"], "--web-port", str(free_port()), "--device", "cpu",
+               "--batch-wait", "0.1", *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> tuple[int, float]:
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - t0
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.log_dir.glob(f"{self.app_id}-*")))
+
+
+@pytest.fixture
+def worker_factory(broker, checkpoint, tmp_path):
+    made: list[WorkerProcess] = []
+
+    def make(**kw) -> WorkerProcess:
+        w = WorkerProcess(broker, checkpoint, tmp_path, **kw)
+        made.append(w)
+        return w
+    yield make
+    for w in made:
+        w.kill()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
