@@ -1,0 +1,123 @@
+"""Worker startup: seconds from process start to the first published record, against a fresh embedded broker.
+
+Also runs a bare Faust agent (no model) with Faust's default consumer settings and with SceneStream's, each in its
+own process against its own fresh broker, to show which settings the ~30 s first group join came from.
+
+    python bench/startup.py --runs 3 [--checkpoint CKPT] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stream.broker import EmbeddedBroker, free_port  # noqa: E402
+from stream.events import Event, encode  # noqa: E402
+from stream.produce import produce_lines  # noqa: E402
+
+BARE_AGENT = textwrap.dedent("""
+    import sys, time, faust
+    t0 = float(sys.argv[2])
+    settings = dict(topic_disable_leader=True, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
+                    broker_rebalance_timeout=10.0) if sys.argv[3] == "scenestream" else {}
+    app = faust.App("bench-" + sys.argv[3], broker=sys.argv[1], store="memory://", web_enabled=False,
+                    consumer_auto_offset_reset="earliest", **settings)
+    topic = app.topic("bench", value_serializer="raw")
+    @app.agent(topic)
+    async def agent(stream):
+        async for batch in stream.take(100, within=0.05):
+            print(f"FIRST {time.time() - t0:.2f}", flush=True)
+            import os; os._exit(0)
+    faust.Worker(app, loglevel="warning").execute_from_commandline()
+""")
+
+
+def first_line_seconds(cmd: list[str], marker: str, timeout: float = 120.0) -> float:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    t0 = time.time()
+    try:
+        for line in proc.stdout:
+            if line.startswith(marker):
+                return float(line.split()[1])
+            if time.time() - t0 > timeout:
+                break
+        return float("nan")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bare_faust(variant: str) -> float:
+    with EmbeddedBroker() as b:
+        asyncio.run(produce_lines(b.bootstrap, "bench", [b"x"], progress=False))
+        script = Path(tempfile.mkdtemp()) / "agent.py"
+        script.write_text(BARE_AGENT)
+        return first_line_seconds([sys.executable, str(script), b.url, str(time.time()), variant], "FIRST")
+
+
+async def _first_output(bootstrap: str, topic: str, deadline: float) -> bool:
+    from aiokafka import AIOKafkaConsumer
+    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await c.start()
+    try:
+        while time.time() < deadline:
+            if any((await c.getmany(timeout_ms=200)).values()):
+                return True
+        return False
+    finally:
+        await c.stop()
+
+
+def worker_start(checkpoint: str) -> float:
+    with EmbeddedBroker() as b:
+        e = Event("b-1", "bench-user", "v0-00001", "video", "click", 1_767_225_600_000)
+        asyncio.run(produce_lines(b.bootstrap, "clicks", [encode(e)], progress=False))
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker", "--broker", b.url, "--checkpoint",
+                                 checkpoint, "--web-port", str(free_port()), "--device", "cpu"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ok = asyncio.run(_first_output(b.bootstrap, "user-interests", t0 + 120))
+            return time.time() - t0 if ok else float("nan")
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--checkpoint", default=None, help="Checkpoint for the worker runs (default: train a tiny one).")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    ckpt = args.checkpoint
+    if ckpt is None:
+        ckpt = tempfile.mkdtemp()
+        log = Path(ckpt) / "log.jsonl"
+        subprocess.run([sys.executable, "-m", "stream.cli", "generate", "--users", "200", "--out", str(log)],
+                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "stream.cli", "train", "--input", str(log), "--epochs", "1",
+                        "--out", ckpt], cwd=ROOT, check=True, capture_output=True)
+    result = {"faust_defaults_s": [bare_faust("defaults") for _ in range(args.runs)],
+              "faust_scenestream_settings_s": [bare_faust("scenestream") for _ in range(args.runs)],
+              "worker_start_to_first_record_s": [worker_start(ckpt) for _ in range(args.runs)]}
+    result = {k: [round(x, 2) for x in v] for k, v in result.items()}
+    if not args.json:
+        for k, v in result.items():
+            print(f"{k:34s} {v}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
