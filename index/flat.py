@@ -22,6 +22,7 @@ class ItemIndex:
     def __init__(self, item_ids: list[str], item_scenes: list[str], vectors: np.ndarray):
         # Use ItemIndex.build, which validates its inputs.
         self.item_ids = item_ids
+        self.item_scenes = item_scenes
         self.vectors = vectors
         self.dim = int(vectors.shape[1])
         self.scenes: tuple[str, ...] = tuple(dict.fromkeys(item_scenes))

@@ -59,7 +59,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies, however the parent dies."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -91,7 +92,8 @@ class EmbeddedBroker:
     def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(broker_command(self.port, self.host), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                     start_new_session=True)  # Ctrl-C reaches the parent, which stops us in order
         atexit.register(self.stop)
         if not wait_for_port(self.host, self.port, timeout):
             self.stop()

@@ -300,5 +300,25 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
     sys.exit(code)
 
 
+@main.command("run")
+@click.option("--port", default=6066, help="HTTP port of the API.")
+@click.option("--broker-port", default=9092, help="Port of the embedded broker (0 = any free port).")
+@click.option("--rate", default=200.0, help="Synthetic events per second streamed into `clicks`.")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Model to serve. Default: a small model trained on the synthetic data (cached).")
+@click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT of a real Kafka instead of the embedded broker.")
+@click.option("--log", "log_path", default=None, type=click.Path(dir_okay=False),
+              help="Worker log file. Default: <cache>/run/worker.log.")
+def run_cmd(port, broker_port, rate, checkpoint, broker_url, log_path):
+    """The main job: embedded broker + model + worker + API + a synthetic clickstream. Ctrl-C stops all."""
+    from .run import cache_dir, run_demo
+    path = Path(log_path) if log_path else cache_dir() / "run" / "worker.log"
+    try:
+        sys.exit(run_demo(port, broker_port, rate, checkpoint, broker_url, path))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

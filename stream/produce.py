@@ -44,5 +44,8 @@ async def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], rate
                 futures.clear()
         await asyncio.gather(*futures)
     finally:
-        await producer.stop()
+        try:
+            await asyncio.wait_for(producer.stop(), 10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass
     return sent

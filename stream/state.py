@@ -19,6 +19,7 @@ What we do instead:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ class ChangelogStore:
         self.applied: dict[int, int] = {}   # source partition -> highest source offset durably applied (-1: none)
         self.producer: Optional[AIOKafkaProducer] = None
         self.records_recovered = 0
+        self._locks: dict[int, asyncio.Lock] = {}
 
     async def start(self) -> None:
         if self.producer is not None:
@@ -89,9 +91,14 @@ class ChangelogStore:
     def get(self, partition: int, user: str) -> Optional[UserState]:
         return self.partitions[partition].get(user)
 
-    async def ensure(self, partition: int) -> None:
-        if partition not in self.partitions:
+    async def ensure(self, partition: int) -> bool:
+        """Recover the partition unless it is in memory; True when this call recovered it."""
+        lock = self._locks.setdefault(partition, asyncio.Lock())   # the agent and readiness may both ask
+        async with lock:
+            if partition in self.partitions:
+                return False
             self.partitions[partition], self.applied[partition] = await self.recover(partition)
+            return True
 
     async def recover(self, partition: int) -> tuple[dict[str, UserState], int]:
         tp = TopicPartition(self.topic, partition)

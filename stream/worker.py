@@ -13,19 +13,24 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.types import TP as TP_
 
+from index import ItemIndex
 from model.infer import InterestEncoder
 
 from .config import StreamConfig
 from .events import Event, Rejection, decode
 from .pipeline import apply_batch, interest_records
+from .metrics import WorkerMetrics
 from .state import ChangelogStore
+from .web import register as register_web
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,11 @@ class InterestService:
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
         self.invalid_by_reason: dict[str, int] = {}
         self.last_batch_at: Optional[float] = None
+        self.metrics = WorkerMetrics()
+        self.index = ItemIndex.build(*encoder.item_vectors())
+        self.popularity = {s: Counter() for s in encoder.scenes}   # events seen per item, for the fallback
+        self.latest: dict[str, tuple[dict, float]] = {}             # user -> (newest published record, applied at)
+        self.assigned: set[int] = set()
 
     async def handle(self, messages) -> None:
         """messages: one micro-batch of Kafka messages (.topic .partition .offset .key .value)."""
@@ -74,10 +84,10 @@ class InterestService:
         by_partition: dict[int, list] = {}
         for m in messages:
             by_partition.setdefault(m.partition, []).append(m)
-        sends = []
+        sends, published = [], []
         loop = asyncio.get_running_loop()
         for partition, msgs in sorted(by_partition.items()):
-            await self.store.ensure(partition)
+            await self.ensure(partition)
             msgs.sort(key=lambda m: m.offset)
             applied = self.store.applied[partition]
             if msgs[0].offset > applied + 1:   # committed by the group but never durably applied: read it again
@@ -96,19 +106,74 @@ class InterestService:
             outcome = apply_batch(lambda u: self.store.get(partition, u), events, self.encoder.window)
             self.counts["late_dropped"] += outcome.late_dropped
             self.counts["events"] += len(events)
+            self.metrics.events.inc(len(events))
+            self.metrics.late.inc(outcome.late_dropped)
+            for e in events:
+                self.popularity[e.scene][e.item_id] += 1
             records = []
             if outcome.updates:
+                t0 = time.perf_counter()
                 records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
+                self.metrics.encode_seconds.observe(time.perf_counter() - t0)
             sends += await self.store.write(partition, outcome.updates, msgs[-1].offset)
             producer = self.store.producer
             for rec in records:
                 sends.append(await producer.send(self.cfg.output_topic, json.dumps(rec).encode(),
                                                  key=rec["user_id"].encode()))
             self.counts["published"] += len(records)
+            published.extend(records)
         if sends:
             await asyncio.gather(*sends)   # durable before this batch counts as done
+        now = time.time()
+        for rec in published:
+            self.latest[rec["user_id"]] = (rec, now)
+        for m in messages:
+            if m.timestamp and m.timestamp > 0:
+                self.metrics.latency.observe(max(0.0, now - m.timestamp / 1000.0))
+        self.metrics.batch_size.observe(len(messages))
         self.counts["batches"] += 1
-        self.last_batch_at = time.time()
+        self.last_batch_at = now
+
+    def partition_of(self, user: str) -> Optional[int]:
+        for p, users in self.store.partitions.items():
+            if user in users:
+                return p
+        return None
+
+    async def user_record(self, user: str) -> Optional[tuple[dict, Optional[float]]]:
+        """The user's current record and when it was applied here (None after a restart until touched again)."""
+        hit = self.latest.get(user)
+        if hit is not None:
+            return hit
+        p = self.partition_of(user)
+        if p is None:
+            return None
+        state = {user: self.store.get(p, user)}
+        records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, self.encoder, state)
+        return records[0], None
+
+    def seen(self, user: str, scene: Optional[str]) -> set[str]:
+        p = self.partition_of(user)
+        state = self.store.get(p, user) if p is not None else None
+        if not state:
+            return set()
+        return {e.item_id for s, w in state.items() if scene in (None, s) for e in w}
+
+    async def recover(self, partitions) -> None:
+        await self.store.start()
+        for p in sorted(partitions):
+            await self.ensure(p)
+
+    async def ensure(self, partition: int) -> None:
+        if await self.store.ensure(partition):   # recovered windows seed the popularity fallback
+            for state in self.store.partitions[partition].values():
+                for w in state.values():
+                    for e in w:
+                        self.popularity[e.scene][e.item_id] += 1
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
 
     async def read_range(self, topic: str, partition: int, first: int, last: int) -> list:
         """Messages first..last of one partition, read directly (not through the consumer group)."""
@@ -131,6 +196,7 @@ class InterestService:
 
     async def dead_letter(self, m, rejection: Rejection):
         self.counts["invalid"] += 1
+        self.metrics.invalid.labels(rejection.reason).inc()
         self.invalid_by_reason[rejection.reason] = self.invalid_by_reason.get(rejection.reason, 0) + 1
         value = json.dumps({"reason": rejection.reason, "detail": rejection.detail,
                             "topic": m.topic, "partition": m.partition, "offset": m.offset,
@@ -174,7 +240,20 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
-        service.store.forget(tp.partition for tp in revoked if tp.topic == cfg.clicks_topic)
+        gone = {tp.partition for tp in revoked if tp.topic == cfg.clicks_topic}
+        for p in gone:
+            for user in service.store.partitions.get(p, {}):
+                service.latest.pop(user, None)
+        service.assigned -= gone
+        service.store.forget(gone)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app, assigned, **kwargs):
+        # recover eagerly so /readyz can say "recovered" before the first event arrives (the agent would anyway)
+        service.assigned = {tp.partition for tp in assigned if tp.topic == cfg.clicks_topic}
+        app.add_future(service.recover(service.assigned))
+
+    register_web(app, service, clicks)
 
     @app.task
     async def declare_topics():
@@ -184,6 +263,13 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
 
     @app.timer(interval=5.0)
     async def report():
+        for p in service.assigned:
+            try:
+                end = app.consumer.highwater(TP_(cfg.clicks_topic, p))
+            except Exception:
+                continue
+            if end is not None:
+                service.metrics.lag.labels(str(p)).set(max(0, end - 1 - service.store.applied.get(p, -1)))
         log.info("events %(events)d invalid %(invalid)d late %(late_dropped)d published %(published)d "
                  "batches %(batches)d re-read %(reread)d", service.counts)
 

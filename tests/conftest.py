@@ -54,6 +54,7 @@ class WorkerProcess:
         self.broker, self.checkpoint, self.log_dir, self.extra = broker, checkpoint, log_dir, extra
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.web_port = free_port()
 
     @property
     def topics(self) -> dict[str, str]:
@@ -65,11 +66,15 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", self.broker.url,
                "--checkpoint", str(self.checkpoint), "--app-id", self.app_id,
                "--clicks-topic", self.topics["clicks"], "--dlq-topic", self.topics["dlq"],
-               "--output-topic", self.topics["out"], "--web-port", str(free_port()), "--device", "cpu",
+               "--output-topic", self.topics["out"], "--web-port", str(self.web_port), "--device", "cpu",
                "--batch-wait", "0.1", *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         return self
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

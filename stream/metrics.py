@@ -1,0 +1,23 @@
+"""Prometheus metrics of one worker (served at /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.events = Counter("scenestream_events_consumed", "Valid events applied to state", registry=r)
+        self.invalid = Counter("scenestream_events_invalid", "Rejected events, by reason", ["reason"], registry=r)
+        self.late = Counter("scenestream_events_late_dropped", "Events older than a full window", registry=r)
+        self.batch_size = Histogram("scenestream_batch_size", "Events per micro-batch", registry=r,
+                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
+        self.encode_seconds = Histogram("scenestream_encode_seconds", "Seconds to encode one micro-batch's users",
+                                        registry=r, buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.latency = Histogram("scenestream_event_to_publish_seconds",
+                                 "Seconds from an event's Kafka timestamp to its record being acknowledged",
+                                 registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.lag = Gauge("scenestream_consumer_lag", "Messages behind the partition end, by partition",
+                         ["partition"], registry=r)
+        self.requests = Counter("scenestream_http_requests", "HTTP requests, by endpoint and status",
+                                ["endpoint", "status"], registry=r)

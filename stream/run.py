@@ -1,0 +1,134 @@
+"""`scenestream run`: the whole system on one machine, for a first look.
+
+Embedded broker (or --broker) -> a model (--checkpoint, else a small one trained on the synthetic data and cached)
+-> the worker with its HTTP API -> the synthetic clickstream streamed into `clicks` at --rate. Ctrl-C (or SIGTERM)
+stops all of it, the broker included.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from .broker import EmbeddedBroker, die_with_parent
+from .logs import synthetic_lines
+from .produce import line_key, produce_lines
+from .synthetic import SyntheticSpec
+
+log = logging.getLogger(__name__)
+
+DEMO_SPEC = SyntheticSpec()  # the data `generate` writes by default
+DEMO_TRAIN_USERS = 1000      # the cached demo model trains on the first 1000 users' events (under 2 minutes here)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SCENESTREAM_CACHE", Path.home() / ".cache" / "scenestream"))
+
+
+def demo_checkpoint(epochs: int = 3) -> Path:
+    """A small model trained on the synthetic data, cached so the second run starts at once."""
+    from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from model.train import TrainConfig, train_model
+
+    from .config import DEFAULT_ACTIONS
+    from .logs import load_events
+    out = cache_dir() / "models" / f"synthetic-demo-e{epochs}"
+    try:
+        load_checkpoint(out)
+        log.info("using cached demo model %s", out)
+        return out
+    except CheckpointError:
+        pass
+    print(f"training a small demo model (cached in {out}) ...", file=sys.stderr, flush=True)
+    loaded = load_events(dataset="synthetic", spec=DEMO_SPEC)
+    users = {f"u{u:06d}" for u in range(DEMO_TRAIN_USERS)}
+    events = [e for e in loaded.events if e.user_id in users]
+    ckpt, history = train_model(events, loaded.scenes, DEFAULT_ACTIONS, 50,
+                                cfg=TrainConfig(epochs=epochs, val_users=500), progress=True)
+    save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50,
+                    {"dataset": "synthetic-demo", "cutoff_ts": None, **history})
+    return out
+
+
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str], broker_url: Optional[str],
+             log_path: Path) -> int:
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+
+    broker = None
+    worker = None
+    try:
+        if broker_url is None:
+            broker = EmbeddedBroker(port=broker_port or None).start()
+            broker_url = broker.url
+        ckpt = Path(checkpoint) if checkpoint else demo_checkpoint()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker", "--broker", broker_url,
+                                   "--checkpoint", str(ckpt), "--web-port", str(port)],
+                                  stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  preexec_fn=die_with_parent, start_new_session=True)
+        api = f"http://127.0.0.1:{port}"
+        print(f"starting the worker (log: {log_path}) ...", file=sys.stderr, flush=True)
+        if not wait_ready(api, 120, worker):
+            print(f"the worker did not become ready; see {log_path}", file=sys.stderr)
+            return 1
+        lines = synthetic_lines(DEMO_SPEC)
+        user = next(k.decode() for k in map(line_key, lines) if k)
+        print(f"""
+SceneStream is running.
+  API     {api}   (OpenAPI: openapi.yaml)
+  broker  {broker_url}   topics: clicks -> user-interests, bad events -> clicks-dlq
+  stream  {len(lines)} synthetic events at {rate:g}/s
+
+Try:
+  curl '{api}/users/{user}/recommendations?scene=video&k=5'
+  curl '{api}/users/{user}/interests'
+
+Ctrl-C stops everything.""", flush=True)
+        bootstrap = broker_url.split("://", 1)[-1]
+        asyncio.run(produce_lines(bootstrap, "clicks", lines, rate=rate, progress=False))
+        print("the synthetic stream is fully produced; the API keeps serving until Ctrl-C", flush=True)
+        while worker.poll() is None:
+            time.sleep(0.5)
+        return worker.returncode or 0
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if broker is not None:
+            broker.stop()
+
+
