@@ -1,0 +1,186 @@
+"""The worker's HTTP API against real worker processes and the embedded broker."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.events import Event, encode
+from stream.produce import produce_lines
+
+from .conftest import run
+from .test_worker import stream_of
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def get(url: str) -> tuple[int, object]:
+    try:
+        with urllib.request.urlopen(url, timeout=15) as r:
+            body = r.read()
+            return r.status, (json.loads(body) if r.headers.get_content_type() == "application/json" else body)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw
+
+
+def wait_ready(w, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if get(w.api + "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"worker not ready\n{w.log_text()}")
+
+
+def recs(w, user, **params):
+    return get(f"{w.api}/users/{urllib.parse.quote(user, safe='')}/recommendations?{urllib.parse.urlencode(params)}")
+
+
+def metric_values(text: str) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(broker, checkpoint, tmp_path_factory):
+    from .conftest import WorkerProcess
+    w = WorkerProcess(broker, checkpoint, tmp_path_factory.mktemp("api")).start()
+    events, lines, bad = stream_of(3000, 50, seed=9)
+    wait_ready(w)
+    run(produce_lines(broker.bootstrap, w.topics["clicks"], lines, progress=False))
+    deadline = time.monotonic() + 60
+    last = events[-1]
+    while time.monotonic() < deadline and recs(w, last.user_id)[1].get("freshness", {}) is None:
+        time.sleep(0.5)
+    yield w, events
+    w.kill()
+
+
+def test_freshness_an_event_shows_in_recommendations_within_five_seconds(served, broker):
+    """200 events, 20 users at a time: each is produced, then its user's recommendations are polled until the
+    freshness field shows it; the vector (items or explanation) must change too."""
+    w, events = served
+    users = sorted({e.user_id for e in events})[:20]
+    items = [e for e in events if e.scene == "shop"][:50]
+    t_base = max(e.ts for e in events) + 10_000
+    lags = []
+    for round_ in range(10):
+        before = {u: recs(w, u, scene="shop", k=10)[1] for u in users}
+        fresh = {u: Event(f"fresh-{round_}-{n}", u, items[(round_ * 20 + n) % len(items)].item_id, "shop", "buy",
+                          t_base + round_ * 100 + n) for n, u in enumerate(users)}
+        t0 = time.monotonic()
+        run(produce_lines(broker.bootstrap, w.topics["clicks"], [encode(e) for e in fresh.values()], progress=False))
+        pending = set(users)
+        while pending:
+            for u in sorted(pending):
+                status, after = recs(w, u, scene="shop", k=10)
+                assert status == 200
+                if after["freshness"] and after["freshness"]["newest_ts"] == fresh[u].ts:
+                    lags.append(time.monotonic() - t0)
+                    assert after["items"] != before[u]["items"] or after["explanation"] != before[u]["explanation"]
+                    pending.discard(u)
+            assert time.monotonic() - t0 < 5.0, f"{len(pending)} events not reflected within 5 s"
+            time.sleep(0.02)
+    lags.sort()
+    assert len(lags) == 200
+    p50, p99 = statistics.median(lags), lags[int(0.99 * (len(lags) - 1))]
+    print(f"freshness over {len(lags)} events: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+
+
+def test_bad_inputs_get_4xx_never_5xx(served):
+    w, events = served
+    user = events[0].user_id
+    bad_queries = [{"scene": "podcast"}, {"k": "0"}, {"k": "1001"}, {"k": "-3"}, {"k": "ten"}, {"k": ""},
+                   {"k": "1e3"}, {"exclude_seen": "maybe"}, {"scene": ""}, {"k": "99999999999999999999999"}]
+    for q in bad_queries:
+        status, body = recs(w, user, **q)
+        assert 400 <= status < 500 and body["error"], (q, status, body)
+    for bad_user in ["x" * 129, "a\x01b", "tab\tid"]:
+        for path in ("recommendations", "interests"):
+            status, body = get(f"{w.api}/users/{urllib.parse.quote(bad_user, safe='')}/{path}")
+            assert 400 <= status < 500, (bad_user, path, status, body)
+    for ok in [{"k": "1"}, {"k": "1000"}, {"exclude_seen": "false"}, {"scene": "video", "k": "1000"}]:
+        status, body = recs(w, user, **ok)
+        assert status == 200 and len(body["items"]) == min(int(ok.get("k", 10)), 1000) or body["items"], (ok, body)
+    status, body = recs(w, "someone-new", scene="article", k=7)
+    assert status == 200 and body["fallback"] == "popular" and len(body["items"]) == 7
+    assert all(i["scene"] == "article" for i in body["items"])
+    assert get(f"{w.api}/users/someone-new/interests")[0] == 404
+    assert get(w.api + "/healthz") == (200, {"status": "ok"})
+
+
+def test_exclude_seen_and_interests(served):
+    w, events = served
+    user = events[-1].user_id
+    seen = {e.item_id for e in events if e.user_id == user and e.scene == "video"}
+    status, body = recs(w, user, scene="video", k=50)
+    assert status == 200 and not seen & {i["item_id"] for i in body["items"]}
+    status, rec = get(f"{w.api}/users/{user}/interests")
+    assert status == 200 and rec["user_id"] == user and set(rec["fused"]) == {"video", "article", "shop"}
+
+
+def test_metrics_parse_and_move_with_traffic(served, broker):
+    w, events = served
+    before = metric_values(get(w.api + "/metrics")[1].decode())
+    recs(w, events[0].user_id, k=3)
+    recs(w, events[0].user_id, k=0)
+    run(produce_lines(broker.bootstrap, w.topics["clicks"],
+                      [encode(Event("m-1", events[0].user_id, events[0].item_id, events[0].scene, "view",
+                                    max(e.ts for e in events) + 99_999)), b"not json"], progress=False))
+    time.sleep(2.0)
+    after = metric_values(get(w.api + "/metrics")[1].decode())
+    assert after["scenestream_events_consumed_total"] > before["scenestream_events_consumed_total"]
+    assert after["scenestream_events_invalid_total{reason=bad_json}"] > \
+        before.get("scenestream_events_invalid_total{reason=bad_json}", 0)
+    assert after["scenestream_http_requests_total{endpoint=recommendations,status=200}"] > \
+        before.get("scenestream_http_requests_total{endpoint=recommendations,status=200}", 0)
+    assert after["scenestream_http_requests_total{endpoint=recommendations,status=400}"] >= 1
+    assert after["scenestream_event_to_publish_seconds_count"] > before["scenestream_event_to_publish_seconds_count"]
+    assert "scenestream_batch_size_count" in after and "scenestream_encode_seconds_count" in after
+
+
+def test_two_workers_answer_the_same_for_every_user(broker, checkpoint, tmp_path):
+    """Two workers in one group over 4 partitions: each owns some users; either answers for all (forwarding)."""
+    from .conftest import WorkerProcess
+    a = WorkerProcess(broker, checkpoint, tmp_path, app_id="pair").start()
+    b = WorkerProcess(broker, checkpoint, tmp_path, app_id="pair").start()
+    try:
+        wait_ready(a)
+        wait_ready(b)
+        events, lines, _ = stream_of(2000, 0, seed=12)
+        run(produce_lines(broker.bootstrap, a.topics["clicks"], lines, progress=False))
+        users = sorted({e.user_id for e in events})
+        newest = {u: max(e.ts for e in events if e.user_id == u) for u in users}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all((recs(a, u, k=5)[1].get("freshness") or {}).get("newest_ts") == newest[u] for u in users):
+                break
+            time.sleep(1.0)
+        owned = {w: get(w.api + "/readyz")[1]["assigned_partitions"] for w in (a, b)}
+        assert owned[a] and owned[b] and not set(owned[a]) & set(owned[b]), owned   # both own partitions
+        for u in users:
+            for params in ({"k": 5}, {"scene": "video", "k": 5}):
+                sa, ra = recs(a, u, **params)
+                sb, rb = recs(b, u, **params)
+                assert sa == sb == 200 and ra["fallback"] is None
+                assert ra["items"] == rb["items"] and ra["freshness"]["newest_ts"] == newest[u]
+    finally:
+        a.kill()
+        b.kill()
