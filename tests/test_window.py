@@ -1,5 +1,13 @@
-"""The state lattice: window apply is order-, duplicate- and batch-boundary-independent and equals top-L of the
-deduplicated set, computed here by an independent reference."""
+"""The state lattice (stream/window.py) against DESIGN.md "State: a lattice".
+
+Any arrival order, any duplicates, any micro-batch boundaries and any crash-and-redelivery give, per (user, scene),
+top-L of the deduplicated set of events, computed here by an independent reference; apply_window is idempotent,
+commutative and associative; dropped counts, changed scenes and late events behave as documented.
+"""
+from __future__ import annotations
+
+import copy
+from types import MappingProxyType
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,94 +15,279 @@ from hypothesis import strategies as st
 from stream.events import Event
 from stream.window import apply_user, apply_window, group_by_user
 
-L = 5
-
-event_st = st.builds(
-    lambda n, u, i, s, t: Event(f"e{n}", f"u{u}", f"i{i}", ("video", "shop")[s], "click", 1_700_000_000_000 + t),
-    st.integers(0, 500), st.integers(0, 2), st.integers(0, 5), st.integers(0, 1), st.integers(0, 20))
-# one content per event_id (ids are unique per event by the schema); exact duplicates come from re-delivery
-events_st = st.lists(event_st, min_size=0, max_size=40).map(lambda evs: list({e.event_id: e for e in evs}.values()))
+TS0 = 1_700_000_000_000
+SCENES = ("video", "article", "shop")
+ACTIONS = ("view", "click")
 
 
-def reference(events, length):
-    """Top-L per (user, scene) of the deduplicated set, written without the code under test."""
-    unique = {e.event_id: e for e in events}.values()
-    out = {}
-    for e in unique:
-        out.setdefault((e.user_id, e.scene), []).append(e)
-    return {k: tuple(sorted(v, key=lambda e: (e.ts, e.event_id))[-length:]) for k, v in out.items()}
+# ----------------------------------------------------------------------------------------------------------------
+# Independent reference and strategies
+# ----------------------------------------------------------------------------------------------------------------
+
+def reference_top_l(events, length):
+    """Group by (user_id, scene), dedupe by event_id, sort by (ts, event_id), keep the last L."""
+    groups: dict[tuple[str, str], dict[str, Event]] = {}
+    for e in events:
+        groups.setdefault((e.user_id, e.scene), {})[e.event_id] = e
+    return {key: tuple(sorted(by_id.values(), key=lambda e: (e.ts, e.event_id))[-length:])
+            for key, by_id in groups.items()}
 
 
-def run_stream(deliveries, cuts):
+def ids(events):
+    return {e.event_id for e in events}
+
+
+@st.composite
+def event_sets(draw, max_size=30, users=3, scenes=SCENES):
+    """Distinct events: one content per event_id; small vocabularies and a small ts range so ties happen."""
+    numbers = draw(st.lists(st.integers(0, 99), max_size=max_size, unique=True))
+    return [Event(f"e{n}", f"u{draw(st.integers(0, users - 1))}", f"i{draw(st.integers(0, 4))}",
+                  draw(st.sampled_from(scenes)), draw(st.sampled_from(ACTIONS)), TS0 + draw(st.integers(0, 6)))
+            for n in numbers]
+
+
+one_window_events = event_sets(max_size=14, users=1, scenes=("video",))    # a single (user, scene)
+
+
+@st.composite
+def deliveries_of(draw, events):
+    """The events as delivered: each at least once, some several times (exact duplicates), in any order."""
+    copies = [e for e in events for _ in range(draw(st.integers(1, 3)))]
+    return draw(st.permutations(copies))
+
+
+def cut(draw, n, max_cuts=10):
+    bounds = sorted(set(draw(st.lists(st.integers(0, n), max_size=max_cuts))) | {0, n})
+    return list(zip(bounds, bounds[1:]))
+
+
+def check_window(window, length, user=None, scene=None):
+    assert 0 < len(window) <= length
+    keys = [e.order_key for e in window]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert len(ids(window)) == len(window)
+    if user is not None:
+        assert all(e.user_id == user and e.scene == scene for e in window)
+
+
+def apply_batch(state, batch, length):
+    """One micro-batch the way the pipeline applies it: grouped by user, apply_user per user."""
+    state = dict(state)
+    for user, evs in group_by_user(batch).items():
+        old = state.get(user, {})
+        new, changed, _ = apply_user(old, evs, length)
+        assert changed == {s for s in set(old) | set(new) if old.get(s) != new.get(s)}
+        for scene, window in new.items():
+            check_window(window, length, user, scene)
+        state[user] = new
+    return state
+
+
+def flat(state):
+    return {(user, scene): window for user, scenes in state.items() for scene, window in scenes.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exactness: order, duplicates, batch boundaries, restarts
+# ----------------------------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(event_sets(), st.integers(1, 4), st.data())
+def test_any_order_duplicates_and_batches_give_top_l_of_the_set(events, length, data):
+    stream = data.draw(deliveries_of(events))
     state = {}
-    bounds = [0, *sorted(cuts), len(deliveries)]
-    for lo, hi in zip(bounds, bounds[1:]):
-        for user, evs in group_by_user(deliveries[lo:hi]).items():
-            state[user], _, _ = apply_user(state.get(user, {}), evs, L)
-    return {(u, s): w for u, st_ in state.items() for s, w in st_.items()}
+    for lo, hi in cut(data.draw, len(stream)):
+        state = apply_batch(state, stream[lo:hi], length)
+    assert flat(state) == reference_top_l(events, length)
 
 
 @settings(max_examples=300, deadline=None)
-@given(events_st, st.randoms(use_true_random=False), st.lists(st.integers(0, 200), max_size=8))
-def test_any_order_duplicates_and_batches_give_top_l_of_the_set(events, rnd, cuts):
-    deliveries = events + [rnd.choice(events) for _ in range(len(events) // 2)] if events else []
-    rnd.shuffle(deliveries)
-    cuts = [c % (len(deliveries) + 1) for c in cuts]
-    assert run_stream(deliveries, cuts) == reference(events, L)
+@given(event_sets(), st.integers(1, 4), st.integers(1, 4), st.data())
+def test_crashes_that_redeliver_a_prefix_change_nothing(events, length, restarts, data):
+    """At-least-once: after a crash the state comes back from some durable snapshot and the consumer resumes from a
+    committed offset no later than that snapshot, so a prefix of the stream is delivered again."""
+    log = data.draw(deliveries_of(events))
+    state, pos, snapshots = {}, 0, {0: {}}
+    for _ in range(restarts):
+        crash_at = data.draw(st.integers(pos, len(log)))
+        for lo, hi in cut(data.draw, crash_at - pos, max_cuts=4):
+            state = apply_batch(state, log[pos + lo:pos + hi], length)
+            snapshots[pos + hi] = copy.deepcopy(state)
+        snapshot_at = data.draw(st.sampled_from(sorted(o for o in snapshots if o <= crash_at)))
+        state = copy.deepcopy(snapshots[snapshot_at])
+        pos = data.draw(st.integers(0, snapshot_at))            # committed offset <= snapshot
+        snapshots = {o: s for o, s in snapshots.items() if o <= snapshot_at}
+    for lo, hi in cut(data.draw, len(log) - pos):
+        state = apply_batch(state, log[pos + lo:pos + hi], length)
+    assert flat(state) == reference_top_l(events, length)
 
 
 @settings(max_examples=200, deadline=None)
-@given(events_st, st.randoms(use_true_random=False), st.integers(1, 3))
-def test_crash_and_redelivery_of_a_prefix_changes_nothing(events, rnd, restarts):
-    deliveries = list(events)
-    rnd.shuffle(deliveries)
-    stream = []
-    pos = 0
-    for _ in range(restarts):  # each "crash" re-delivers everything since some earlier committed offset
-        upto = rnd.randrange(pos, len(deliveries) + 1)
-        committed = rnd.randrange(0, upto + 1)
-        stream += deliveries[pos:upto] + deliveries[committed:upto]
-        pos = upto
-    stream += deliveries[pos:]
-    assert run_stream(stream, [rnd.randrange(len(stream) + 1) for _ in range(3)]) == reference(events, L)
+@given(event_sets(), st.integers(1, 4), st.data())
+def test_whole_stream_redelivered_changes_nothing(events, length, data):
+    stream = data.draw(deliveries_of(events))
+    state = apply_batch({}, stream, length)
+    again = state
+    for lo, hi in cut(data.draw, len(stream)):
+        again = apply_batch(again, stream[lo:hi], length)
+    assert again == state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# apply_window: a join
+# ----------------------------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(one_window_events, one_window_events, st.integers(1, 4))
+def test_apply_window_is_top_l_of_the_union(old, batch, length):
+    batch = [e for e in batch if e.event_id not in ids(old)] + [e for e in batch if e in old]   # one content per id
+    window = reference_top_l(old, length).get(("u0", "video"), ())
+    new, _ = apply_window(window, batch + batch[:2], length)
+    assert new == reference_top_l(old + batch, length).get(("u0", "video"), ())
+
+
+@settings(max_examples=300, deadline=None)
+@given(one_window_events, st.integers(0, 14), st.integers(1, 4), st.randoms(use_true_random=False))
+def test_apply_window_is_idempotent(events, split, length, rnd):
+    base, batch = events[:split], events[split:]
+    window, _ = apply_window((), base, length)
+    once, _ = apply_window(window, batch, length)
+    twice, _ = apply_window(once, batch, length)
+    assert twice == once
+    assert apply_window(once, once, length) == (once, 0)               # re-applying the window itself is a no-op
+    doubled = batch + batch
+    rnd.shuffle(doubled)
+    assert apply_window(window, doubled, length) == apply_window(window, batch, length)  # duplicates in one batch
+
+
+@settings(max_examples=300, deadline=None)
+@given(one_window_events, st.integers(0, 14), st.integers(0, 14), st.integers(1, 4))
+def test_apply_window_is_commutative_and_associative(events, i, j, length):
+    i, j = sorted((i, j))
+    base, a, b = events[:i], events[i:j], events[j:]
+    a = a + b[:1]                                                      # overlapping batches
+    w, _ = apply_window((), base, length)
+    ab, _ = apply_window(apply_window(w, a, length)[0], b, length)
+    ba, _ = apply_window(apply_window(w, b, length)[0], a, length)
+    together, _ = apply_window(w, a + b, length)
+    assert ab == ba == together
+
+
+@settings(max_examples=300, deadline=None)
+@given(one_window_events, one_window_events, st.integers(1, 4))
+def test_dropped_counts_the_new_events_that_did_not_make_it(old, batch, length):
+    batch = [e for e in batch if e.event_id not in ids(old)] + [e for e in batch if e in old]
+    window, _ = apply_window((), old, length)
+    new, dropped = apply_window(window, batch + batch, length)
+    # new = not already in the window (counted once however often it is in the batch); dropped = new, not retained
+    assert dropped == len(ids(batch) - ids(window) - ids(new))
+    if not batch:
+        assert (new, dropped) == (window, 0)
 
 
 @settings(max_examples=200, deadline=None)
-@given(events_st, events_st)
-def test_apply_window_is_idempotent_and_commutative(a, b):
-    a = [e for e in a if (e.user_id, e.scene) == ("u0", "video")]
-    b = [e for e in b if (e.user_id, e.scene) == ("u0", "video")]
-    b = [e for e in b if e.event_id not in {x.event_id for x in a} or e in a]  # same id -> same content
-    w1, _ = apply_window(apply_window((), a, L)[0], b, L)
-    w2, _ = apply_window(apply_window((), b, L)[0], a, L)
-    assert w1 == w2
-    assert apply_window(w1, a + b, L)[0] == w1   # (evicted events seen again count as late, not as changes)
+@given(one_window_events, st.integers(1, 4))
+def test_events_arriving_one_by_one_in_time_order_are_never_dropped(events, length):
+    window, total = (), 0
+    for e in sorted(events, key=lambda e: e.order_key):
+        window, dropped = apply_window(window, [e], length)
+        total += dropped
+        assert window[-1] == e
+    assert total == 0
 
 
-@settings(max_examples=200, deadline=None)
-@given(events_st, events_st)
-def test_dropped_counts_new_events_that_did_not_make_it(old, new):
-    old = [e for e in old if (e.user_id, e.scene) == ("u0", "video")]
-    new = [e for e in new if (e.user_id, e.scene) == ("u0", "video") and e.event_id not in {x.event_id for x in old}]
-    window, _ = apply_window((), old, L)
-    after, dropped = apply_window(window, new, L)
-    fresh = {e.event_id for e in new} - {e.event_id for e in window}
-    assert dropped == len(fresh - {e.event_id for e in after})
+# ----------------------------------------------------------------------------------------------------------------
+# Late events
+# ----------------------------------------------------------------------------------------------------------------
+
+def _ev(n, ts, user="u", scene="video"):
+    return Event(f"e{n:02d}", user, f"i{n}", scene, "click", TS0 + ts)
 
 
 def test_a_late_event_behind_a_full_window_is_dropped_and_counted():
-    full = tuple(Event(f"e{k}", "u", f"i{k}", "video", "click", 1_700_000_000_000 + 1000 * k) for k in range(1, L + 1))
-    late = Event("late", "u", "x", "video", "click", 1_700_000_000_000)
+    L = 5
+    full = tuple(_ev(k, 1000 * k) for k in range(1, L + 1))
+    late = _ev(99, 0)
     assert apply_window(full, [late], L) == (full, 1)
-    assert apply_window(full, [full[0]], L) == (full, 0)  # a duplicate is not late
+    assert apply_window(full, [full[0]], L) == (full, 0)               # a duplicate is not late
+    state = MappingProxyType({"video": full})
+    new, changed, dropped = apply_user(state, [late], L)
+    assert (new, changed, dropped) == ({"video": full}, set(), 1)
+
+
+def test_ties_in_time_are_broken_by_event_id():
+    L = 2
+    window = (_ev(10, 5), _ev(20, 5))
+    assert apply_window(window, [_ev(5, 5)], L) == (window, 1)           # same ts, smaller id: behind the window
+    assert apply_window(window, [_ev(15, 5)], L) == ((_ev(15, 5), _ev(20, 5)), 0)
+    assert apply_window(window, [_ev(30, 4), _ev(31, 6)], L) == ((_ev(20, 5), _ev(31, 6)), 1)
+
+
+def test_a_batch_can_push_its_own_events_out():
+    L = 2
+    new, dropped = apply_window((), [_ev(k, k) for k in range(5)], L)
+    assert new == (_ev(3, 3), _ev(4, 4)) and dropped == 3
+
+
+def test_a_redelivered_evicted_event_leaves_the_window_unchanged():
+    L = 2
+    w, _ = apply_window((), [_ev(1, 1), _ev(2, 2)], L)
+    w, _ = apply_window(w, [_ev(3, 3)], L)                               # e01 evicted
+    again, _ = apply_window(w, [_ev(1, 1)], L)
+    assert again == w
+    assert apply_user({"video": w}, [_ev(1, 1)], L)[:2] == ({"video": w}, set())
+
+
+@settings(max_examples=300, deadline=None)
+@given(one_window_events, st.integers(1, 4), st.integers(-3, 6), st.integers(0, 99))
+def test_any_late_event_behind_a_full_window_is_dropped(events, length, ts, n):
+    window, _ = apply_window((), events, length)
+    late = Event(f"e{n}", "u0", "late-item", "video", "like", TS0 + ts)
+    if len(window) < length or late.order_key >= window[0].order_key or late.event_id in ids(events):
+        return
+    assert apply_window(window, [late], length) == (window, 1)
+    new, changed, dropped = apply_user({"video": window}, [late], length)
+    assert (new, changed, dropped) == ({"video": window}, set(), 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# apply_user: no mutation, exact `changed`
+# ----------------------------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(event_sets(max_size=20, users=1), event_sets(max_size=12, users=1), st.integers(1, 3), st.booleans())
+def test_apply_user_does_not_mutate_and_reports_exactly_the_changed_scenes(old, batch, length, read_only):
+    batch = [e for e in batch if e.event_id not in ids(old)] + [e for e in batch if e in old]
+    state = {scene: window for (_, scene), window in reference_top_l(old, length).items()}
+    snapshot = copy.deepcopy(state)
+    given_state = MappingProxyType(state) if read_only else state
+    new, changed, dropped = apply_user(given_state, batch + batch[:3], length)
+    assert state == snapshot and new is not state                      # the input is untouched
+    assert changed == {s for s in SCENES if new.get(s) != state.get(s)}
+    assert changed <= {e.scene for e in batch}
+    assert set(new) == set(state) | changed
+    for scene in set(state) - changed:
+        assert new[scene] == state[scene]
+    expected = reference_top_l(old + batch, length)
+    assert new == {scene: w for (_, scene), w in expected.items()}
+    assert dropped == sum(apply_window(state.get(s, ()), [e for e in batch if e.scene == s], length)[1]
+                          for s in SCENES)
+    # applying the same events again changes nothing and reports nothing changed
+    assert apply_user(new, batch, length)[:2] == (new, set())
 
 
 def test_apply_user_reports_changed_scenes_and_does_not_mutate_its_input():
-    e1 = Event("a", "u", "i", "video", "click", 1_700_000_000_000)
-    e2 = Event("b", "u", "j", "shop", "click", 1_700_000_000_001)
+    e1 = Event("a", "u", "i", "video", "click", TS0)
+    e2 = Event("b", "u", "j", "shop", "click", TS0 + 1)
     state = {"video": (e1,)}
     snapshot = dict(state)
-    new, changed, dropped = apply_user(state, [e1, e2], L)
+    new, changed, dropped = apply_user(state, [e1, e2], 5)
     assert state == snapshot
     assert changed == {"shop"} and new == {"video": (e1,), "shop": (e2,)} and dropped == 0
-    assert apply_user(new, [e1, e2], L)[1] == set()
+    assert apply_user(new, [e1, e2], 5)[1] == set()
+    assert apply_user(new, [], 5) == (new, set(), 0)
+
+
+def test_group_by_user_keeps_every_event_in_arrival_order():
+    evs = [_ev(1, 1, "a"), _ev(2, 0, "b"), _ev(3, 2, "a"), _ev(1, 1, "a")]
+    assert group_by_user(evs) == {"a": [evs[0], evs[2], evs[3]], "b": [evs[1]]}
