@@ -37,7 +37,7 @@ BARE_AGENT = textwrap.dedent("""
     async def agent(stream):
         async for batch in stream.take(100, within=0.05):
             import os  # Faust redirects print() to its log: write to fd 1 directly
-            os.write(1, f"FIRST {time.time() - t0:.2f}\n".encode())
+            os.write(1, f"FIRST {time.time() - t0:.2f}\\n".encode())
             os._exit(0)
     faust.Worker(app, loglevel="warning").execute_from_commandline()
 """)
