@@ -83,8 +83,9 @@ def decode(raw: bytes, config: StreamConfig) -> Decoded:
     try:
         if raw is None or not isinstance(raw, (bytes, bytearray, memoryview)):
             return Rejection("wrong_type", f"payload is {type(raw).__name__}, not bytes")
-        if len(raw) > config.max_payload_bytes:
-            return Rejection("oversized", f"{len(raw)} bytes > {config.max_payload_bytes}")
+        size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
+        if size > config.max_payload_bytes:
+            return Rejection("oversized", f"{size} bytes > {config.max_payload_bytes}")
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -151,7 +152,8 @@ def validate_record(obj: Any, config: StreamConfig) -> Decoded:
         if isinstance(ts, bool) or not isinstance(ts, int):
             return Rejection("wrong_type", f"ts must be an integer (epoch ms), got {type(ts).__name__}")
         if not (config.ts_min_ms <= ts <= config.ts_max_ms):
-            return Rejection("ts_out_of_range", f"ts {ts} outside [{config.ts_min_ms}, {config.ts_max_ms}]")
+            shown = ts if abs(ts) < 10**30 else f"with {ts.bit_length()} bits"
+            return Rejection("ts_out_of_range", f"ts {shown} outside [{config.ts_min_ms}, {config.ts_max_ms}]")
 
         event_id = obj.get("event_id")
         if event_id is None:

@@ -230,3 +230,23 @@ def test_worker_consumes_within_ten_seconds_of_start(broker, checkpoint, worker_
     elapsed = time.monotonic() - t0
     print(f"worker start to first published record: {elapsed:.1f} s")
     assert elapsed < 20.0, f"took {elapsed:.1f} s\n{w.log_text()}"
+
+
+def test_clear_errors_for_an_unreachable_broker_and_a_bad_checkpoint(checkpoint, tmp_path):
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "stream.cli", "worker", "--web-port", "0"]
+    proc = subprocess.run(base + ["--broker", "kafka://127.0.0.1:1", "--checkpoint", str(checkpoint)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(base + ["--broker", "kafka://127.0.0.1:1", "--checkpoint", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "items.json"):
+        (broken / name).write_text((checkpoint / name).read_text())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = subprocess.run(base + ["--broker", "kafka://127.0.0.1:1", "--checkpoint", str(broken)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "checkpoint" in proc.stderr and "Traceback" not in proc.stderr
