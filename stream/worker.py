@@ -205,10 +205,10 @@ class InterestService:
 
 
 def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, InterestService]:
-    # Settings that matter on a small or embedded broker, found by measurement (BENCHMARKS.md):
-    # - broker_session_timeout / heartbeat: a restarted worker otherwise waits for its dead predecessor's session
-    #   (default 60 s) to expire before the group rebalances;
-    # - topic_disable_leader: skips the extra leader topic and its assignment round.
+    # Settings found by measurement (BENCHMARKS.md, bench/startup.py): with Faust's default session (60 s) and
+    # rebalance (60 s) timeouts the first group join on the embedded broker took ~32 s; with 6 s / 10 s and a 1 s
+    # heartbeat it takes ~4.7 s, and a restarted worker does not wait a minute for its dead predecessor's session.
+    # topic_disable_leader only saves a topic (it does not change the join time).
     app = faust.App(
         cfg.app_id, broker=cfg.broker, store="memory://", autodiscover=False,
         topic_partitions=cfg.partitions, topic_disable_leader=True,
