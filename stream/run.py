@@ -80,6 +80,7 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
         stop["now"] = True
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)   # also when started with SIGINT ignored (a background job)
 
     broker = None
     worker = None
