@@ -42,6 +42,11 @@ def tansu_binary() -> Path:
     return path
 
 
+def bootstrap_servers(url: str) -> str:
+    """'kafka://h1:9092,kafka://h2:9092' (Faust's form) -> 'h1:9092,h2:9092' (aiokafka's)."""
+    return ",".join(u.split("://", 1)[-1] for u in url.split(","))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

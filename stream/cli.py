@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .config import StreamConfig
+from .broker import bootstrap_servers
 from .logs import DATASETS
 
 log = logging.getLogger("scenestream")
@@ -189,10 +190,6 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
             click.echo(f"prequential recall@{k} {m:8s} {p[m][f'recall@{k}']:.4f}  ({p[m]['evaluated']} events)")
 
 
-def _bootstrap(url: str) -> str:
-    return ",".join(u.split("://", 1)[-1] for u in url.split(","))
-
-
 @main.command()
 @click.option("--port", default=9092, help="TCP port on 127.0.0.1 (0 = pick a free one).")
 def broker(port):
@@ -239,7 +236,7 @@ def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
         raise click.ClickException(f"event log {input_path} does not exist")
     lines = synthetic_lines() if dataset else list(read_raw(input_path))
     try:
-        sent = asyncio.run(produce_lines(_bootstrap(broker_url), topic, lines, rate=rate, total=len(lines)))
+        sent = asyncio.run(produce_lines(bootstrap_servers(broker_url), topic, lines, rate=rate, total=len(lines)))
     except Exception as exc:  # aiokafka's connection errors
         raise click.ClickException(f"could not produce to {broker_url}: {exc}") from exc
     click.echo(f"produced {sent} events to {topic}", err=True)
@@ -280,7 +277,7 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
         click.echo(f"embedded broker on {broker_url}", err=True)
 
     async def reachable():
-        admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(broker_url), request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(broker_url), request_timeout_ms=5000)
         await asyncio.wait_for(admin.start(), 10)
         await admin.close()
     try:

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .broker import EmbeddedBroker, die_with_parent
+from .broker import EmbeddedBroker, bootstrap_servers, die_with_parent
 from .logs import synthetic_lines
 from .produce import line_key, produce_lines
 from .synthetic import SyntheticSpec
@@ -112,8 +112,7 @@ Try:
   curl '{api}/users/{user}/interests'
 
 Ctrl-C stops everything.""", flush=True)
-        bootstrap = broker_url.split("://", 1)[-1]
-        asyncio.run(produce_lines(bootstrap, "clicks", lines, rate=rate, progress=False))
+        asyncio.run(produce_lines(bootstrap_servers(broker_url), "clicks", lines, rate=rate, progress=False))
         print("the synthetic stream is fully produced; the API keeps serving until Ctrl-C", flush=True)
         while worker.poll() is None:
             time.sleep(0.5)

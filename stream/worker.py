@@ -25,6 +25,7 @@ from faust.types import TP as TP_
 from index import ItemIndex
 from model.infer import InterestEncoder
 
+from .broker import bootstrap_servers
 from .config import StreamConfig
 from .events import Event, Rejection, decode
 from .pipeline import apply_batch, interest_records
@@ -52,7 +53,7 @@ class WorkerConfig:
 
     @property
     def bootstrap(self) -> str:
-        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(","))
+        return bootstrap_servers(self.broker)
 
     @property
     def changelog(self) -> str:
