@@ -57,12 +57,12 @@ def rank_cases(encoder: InterestEncoder, cases: Sequence[LooCase], vectors: np.n
                within_scene: bool = False, chunk: int = 1024) -> np.ndarray:
     """0-based rank of each target among all catalog items (or its scene's items), history items masked."""
     vocab = encoder.ckpt.vocab
-    E = encoder.model.item_vectors().detach().float().cpu()
+    E = encoder.model.item_vectors().detach().double().cpu()   # float64 scores: ranks do not hinge on BLAS order
     item_scene = np.array([""] * 2 + list(vocab.item_scenes), dtype=object)
     ranks = np.full(len(cases), np.inf)
     for lo in range(0, len(cases), chunk):
         part = cases[lo:lo + chunk]
-        scores = torch.from_numpy(vectors[lo:lo + chunk]) @ E.T                     # [n, n_items]
+        scores = torch.from_numpy(vectors[lo:lo + chunk]).double() @ E.T            # [n, n_items]
         scores[:, PAD] = float("-inf")
         scores[:, OOV] = float("-inf")
         for n, c in enumerate(part):
@@ -85,3 +85,22 @@ def evaluate_loo(encoder: InterestEncoder, cases: Sequence[LooCase], target: str
     vectors = case_vectors(encoder, cases, target)
     ranks = rank_cases(encoder, cases, vectors, within_scene=target != "global")
     return {"users": len(cases), **ranking_report(ranks, ks)}
+
+
+def export_loo(encoder: InterestEncoder, cases: Sequence[LooCase], out) -> dict[str, int]:
+    """Write what a third party needs to recompute the test metrics without this project's code:
+    item_ids.txt + item_vectors.npy (the vectors the index serves), user_ids.txt + user_vectors.npy (each user's
+    global fused vector from all events before their test event), test_items.txt (aligned with user_ids.txt) and
+    history_items.txt (the items to mask, space-separated, aligned likewise)."""
+    from pathlib import Path
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids, _, E = encoder.item_vectors()
+    (out / "item_ids.txt").write_text("\n".join(ids) + "\n")
+    np.save(out / "item_vectors.npy", E.astype(np.float32))
+    vectors = case_vectors(encoder, cases, "global")
+    np.save(out / "user_vectors.npy", vectors.astype(np.float32))
+    (out / "user_ids.txt").write_text("".join(c.user_id + "\n" for c in cases))
+    (out / "test_items.txt").write_text("".join(c.target.item_id + "\n" for c in cases))
+    (out / "history_items.txt").write_text("".join(" ".join(e.item_id for e in c.history) + "\n" for c in cases))
+    return {"users": len(cases), "items": len(ids)}

@@ -148,6 +148,53 @@ def _open_model(checkpoint: str, device: str):
         raise click.ClickException(str(exc)) from exc
 
 
+def _model_and_events(checkpoint, device, dataset, input_path, scenes_mode):
+    """The checkpoint's model, and the data decoded with the checkpoint's scenes and actions."""
+    encoder = _open_model(checkpoint, device)
+    config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
+    loaded = _load(dataset, input_path, scenes_mode, config)
+    if tuple(loaded.scenes) != tuple(encoder.scenes):
+        raise click.ClickException(f"the data's scenes {list(loaded.scenes)} differ from the checkpoint's "
+                                   f"{list(encoder.scenes)}")
+    return encoder, loaded
+
+
+def _test_cases(checkpoint, device, dataset, input_path, scenes_mode):
+    from model.evaluate import loo_cases
+    from model.train import timelines
+    encoder, loaded = _model_and_events(checkpoint, device, dataset, input_path, scenes_mode)
+    return encoder, loo_cases(timelines(loaded.events), holdout=1)
+
+
+@main.command()
+@_source_options
+@click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint folder from `train`.")
+@click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+def evaluate(dataset, input_path, scenes_mode, checkpoint, device, as_json):
+    """Full-ranking leave-one-out test metrics: each user's last event (ties in time ordered by event_id, which for
+    MovieLens is the file's line order) ranked among all items by the global fused vector built from everything
+    before it, the user's other history items masked."""
+    from model.evaluate import evaluate_loo
+    encoder, cases = _test_cases(checkpoint, device, dataset, input_path, scenes_mode)
+    metrics = evaluate_loo(encoder, cases)
+    click.echo(json.dumps(metrics) if as_json else
+               "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
+@main.command()
+@_source_options
+@click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint folder from `train`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+def export(dataset, input_path, scenes_mode, checkpoint, out, device):
+    """Export item and user vectors with the held-out test items, so anyone can recompute `evaluate` with numpy:
+    item_ids.txt, item_vectors.npy, user_ids.txt, user_vectors.npy, test_items.txt, history_items.txt."""
+    from model.evaluate import export_loo
+    encoder, cases = _test_cases(checkpoint, device, dataset, input_path, scenes_mode)
+    click.echo(json.dumps({"out": str(out), **export_loo(encoder, cases, out)}))
+
+
 @main.command()
 @_source_options
 @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint folder from `train`.")
@@ -165,12 +212,7 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
     from index import ItemIndex
 
     from .replay import replay as run_replay
-    encoder = _open_model(checkpoint, device)
-    config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
-    loaded = _load(dataset, input_path, scenes_mode, config)
-    if tuple(loaded.scenes) != tuple(encoder.scenes):
-        raise click.ClickException(f"the data's scenes {list(loaded.scenes)} differ from the checkpoint's "
-                                   f"{list(encoder.scenes)}")
+    encoder, loaded = _model_and_events(checkpoint, device, dataset, input_path, scenes_mode)
     index = ItemIndex.build(*encoder.item_vectors())
     result = run_replay(loaded, encoder, index, batch_size=batch_size, eval_cutoff=eval_cutoff, k=k,
                         checkpoint_cutoff_ts=encoder.ckpt.meta.get("cutoff_ts"))
