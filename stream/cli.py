@@ -298,12 +298,14 @@ def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
 @click.option("--batch-wait", default=0.2, help="Seconds a micro-batch waits to fill.")
 @click.option("--web-host", default="127.0.0.1", help="HTTP bind address.")
 @click.option("--web-port", default=6066, help="HTTP port.")
+@click.option("--canonical-url", default="", help="URL other workers use to forward API requests here "
+              "(default: http://WEB_HOST:WEB_PORT, or the hostname when binding 0.0.0.0).")
 @click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
 @click.option("--recovery", type=click.Choice(["fence", "highwater"]), default="fence",
               help="How state is recovered from the changelog: 'fence' reads up to an offset the broker "
                    "acknowledged; 'highwater' trusts the reported end offset (wrong on Tansu; for tests).")
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
-           batch_wait, web_host, web_port, device, recovery):
+           batch_wait, web_host, web_port, canonical_url, device, recovery):
     """The live worker: consume clicks, update windows, publish fused interest vectors."""
     import asyncio
 
@@ -330,7 +332,8 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
         raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
     cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
                        output_topic=output_topic, partitions=partitions, batch_max=batch_max,
-                       batch_wait=batch_wait, web_host=web_host, web_port=web_port, recovery=recovery)
+                       batch_wait=batch_wait, web_host=web_host, web_port=web_port, recovery=recovery,
+                       canonical_url=canonical_url)
     try:
         code = run_worker(cfg, encoder)
     finally:

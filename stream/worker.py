@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,14 @@ class WorkerConfig:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     recovery: str = "fence"
+    canonical_url: str = ""              # how other workers reach this one's API (forwarding); default from host
+
+    @property
+    def url(self) -> str:
+        if self.canonical_url:
+            return self.canonical_url
+        host = socket.gethostname() if self.web_host in ("0.0.0.0", "::", "") else self.web_host
+        return f"http://{host}:{self.web_port}"
 
     @property
     def bootstrap(self) -> str:
@@ -216,7 +225,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
         consumer_auto_offset_reset="earliest", producer_acks=-1,
         broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
         broker_commit_interval=1.0, stream_wait_empty=False,
-        web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host,
+        web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host, canonical_url=cfg.url,
     )
     service = InterestService(cfg, encoder)
     clicks = app.topic(cfg.clicks_topic, key_serializer="raw", value_serializer="raw",
