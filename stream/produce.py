@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
@@ -23,8 +23,10 @@ def line_key(raw: bytes) -> Optional[bytes]:
 
 
 async def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], rate: float = 0.0,
-                        progress: bool = True, total: Optional[int] = None) -> int:
-    """Send every line; rate > 0 paces to about `rate` lines per second. Returns the number sent."""
+                        progress: bool = True, total: Optional[int] = None,
+                        stop: Callable[[], bool] = lambda: False) -> int:
+    """Send every line (until stop() says so); rate > 0 paces to about `rate` lines per second. Returns the
+    number sent."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, max_batch_size=1 << 20)
     await producer.start()
     sent = 0
@@ -33,6 +35,8 @@ async def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], rate
         futures = []
         for raw in tqdm(lines, total=total, desc=f"produce {topic}", unit="ev", disable=not progress,
                         mininterval=0.5):
+            if stop():
+                break
             futures.append(await producer.send(topic, raw, key=line_key(raw)))
             sent += 1
             if rate > 0:

@@ -57,10 +57,10 @@ def demo_checkpoint(epochs: int = 3) -> Path:
     return out
 
 
-def wait_ready(url: str, timeout: float, proc: subprocess.Popen) -> bool:
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen, stopped=lambda: False) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc.poll() is not None or stopped():
             return False
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
@@ -76,11 +76,15 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
              log_path: Path) -> int:
     stop = {"now": False}
 
-    def on_signal(signum, frame):
+    def on_signal(signum, frame):  # a flag, not an exception: the producer and the event loop wind down cleanly
+        if stop["now"]:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
         stop["now"] = True
+    def interrupt(signum, frame):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)   # also when started with SIGINT ignored (a background job)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):   # SIGINT too: it arrives ignored in a background job
+        signal.signal(sig, interrupt)             # while training or starting: stop at once
 
     broker = None
     worker = None
@@ -89,6 +93,8 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
             broker = EmbeddedBroker(port=broker_port or None).start()
             broker_url = broker.url
         ckpt = Path(checkpoint) if checkpoint else demo_checkpoint()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker", "--broker", broker_url,
                                    "--checkpoint", str(ckpt), "--web-port", str(port)],
@@ -96,7 +102,9 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
                                   preexec_fn=die_with_parent, start_new_session=True)
         api = f"http://127.0.0.1:{port}"
         print(f"starting the worker (log: {log_path}) ...", file=sys.stderr, flush=True)
-        if not wait_ready(api, 120, worker):
+        if not wait_ready(api, 120, worker, lambda: stop["now"]):
+            if stop["now"]:
+                return 0
             print(f"the worker did not become ready; see {log_path}", file=sys.stderr)
             return 1
         lines = synthetic_lines(DEMO_SPEC)
@@ -112,10 +120,15 @@ Try:
   curl '{api}/users/{user}/interests'
 
 Ctrl-C stops everything.""", flush=True)
-        asyncio.run(produce_lines(bootstrap_servers(broker_url), "clicks", lines, rate=rate, progress=False))
-        print("the synthetic stream is fully produced; the API keeps serving until Ctrl-C", flush=True)
-        while worker.poll() is None:
-            time.sleep(0.5)
+        asyncio.run(produce_lines(bootstrap_servers(broker_url), "clicks", lines, rate=rate, progress=False,
+                                  stop=lambda: stop["now"]))
+        if not stop["now"]:
+            print("the synthetic stream is fully produced; the API keeps serving until Ctrl-C", flush=True)
+        while worker.poll() is None and not stop["now"]:
+            time.sleep(0.2)
+        if stop["now"]:
+            print("\nstopping ...", file=sys.stderr, flush=True)
+            return 0
         return worker.returncode or 0
     except KeyboardInterrupt:
         print("\nstopping ...", file=sys.stderr, flush=True)
