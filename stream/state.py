@@ -149,7 +149,7 @@ class ChangelogStore:
     async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
         """Apply updates in memory and send them, then the offset marker, to the changelog partition; returns
         futures the caller awaits before the batch counts as done."""
-        self.partitions[partition].update(updates)
+        self.partitions[partition].update(updates)   # before any await: the caller checked we own it
         futures = [await self.producer.send(self.topic, encode_state(s), key=u.encode(), partition=partition)
                    for u, s in updates.items()]
         if applied_offset > self.applied.get(partition, -1):

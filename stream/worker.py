@@ -107,25 +107,36 @@ class InterestService:
                 self.counts["reread"] += len(gap)
                 msgs = gap + msgs
             events: list[Event] = []
+            rejected: list = []
             for m in msgs:
                 got = decode(m.value, self.config)
                 if isinstance(got, Rejection):
-                    sends.append(await self.dead_letter(m, got))
+                    rejected.append((m, got))
                 else:
                     events.append(got)
+            # A rebalance may revoke the partition at any await above or below; its new owner redoes this work
+            # from the changelog marker, so we drop it rather than apply to (or write) state we no longer own.
+            if partition not in self.store.partitions:
+                log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
+                continue
             outcome = apply_batch(lambda u: self.store.get(partition, u), events, self.encoder.window)
+            records = []
+            if outcome.updates:
+                t0 = time.perf_counter()
+                records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
+                self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            if partition not in self.store.partitions:
+                log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
+                continue
+            sends += await self.store.write(partition, outcome.updates, msgs[-1].offset)
+            for m, rejection in rejected:
+                sends.append(await self.dead_letter(m, rejection))
             self.counts["late_dropped"] += outcome.late_dropped
             self.counts["events"] += len(events)
             self.metrics.events.inc(len(events))
             self.metrics.late.inc(outcome.late_dropped)
             for e in events:
                 self.popularity[e.scene][e.item_id] += 1
-            records = []
-            if outcome.updates:
-                t0 = time.perf_counter()
-                records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
-                self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-            sends += await self.store.write(partition, outcome.updates, msgs[-1].offset)
             producer = self.store.producer
             for rec in records:
                 sends.append(await producer.send(self.cfg.output_topic, json.dumps(rec).encode(),
