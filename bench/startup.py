@@ -3,7 +3,7 @@
 Also runs a bare Faust agent (no model) with Faust's default consumer settings and with SceneStream's, each in its
 own process against its own fresh broker, to show which settings the ~30 s first group join came from.
 
-    python bench/startup.py --runs 3 [--checkpoint CKPT] [--json]
+    python bench/startup.py --runs 3 [--single-settings] [--checkpoint CKPT] [--json]
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ from stream.produce import produce_lines  # noqa: E402
 BARE_AGENT = textwrap.dedent("""
     import sys, time, faust
     t0 = float(sys.argv[2])
-    settings = dict(topic_disable_leader=True, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
-                    broker_rebalance_timeout=10.0) if sys.argv[3] == "scenestream" else {}
+    leader = dict(topic_disable_leader=True)
+    timeouts = dict(broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0)
+    settings = {"defaults": {}, "scenestream": {**leader, **timeouts}, "leader_only": leader,
+                "timeouts_only": timeouts}[sys.argv[3]]
     app = faust.App("bench-" + sys.argv[3], broker=sys.argv[1], store="memory://", web_enabled=False,
                     consumer_auto_offset_reset="earliest", **settings)
     topic = app.topic("bench", value_serializer="raw")
@@ -99,6 +101,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--checkpoint", default=None, help="Checkpoint for the worker runs (default: train a tiny one).")
+    ap.add_argument("--single-settings", action="store_true",
+                    help="Also time the bare agent with only topic_disable_leader and with only the timeouts.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ckpt = args.checkpoint
@@ -112,6 +116,9 @@ def main() -> None:
     result = {"faust_defaults_s": [bare_faust("defaults") for _ in range(args.runs)],
               "faust_scenestream_settings_s": [bare_faust("scenestream") for _ in range(args.runs)],
               "worker_start_to_first_record_s": [worker_start(ckpt) for _ in range(args.runs)]}
+    if args.single_settings:
+        result["faust_leader_only_s"] = [bare_faust("leader_only") for _ in range(args.runs)]
+        result["faust_timeouts_only_s"] = [bare_faust("timeouts_only") for _ in range(args.runs)]
     result = {k: [round(x, 2) for x in v] for k, v in result.items()}
     if not args.json:
         for k, v in result.items():

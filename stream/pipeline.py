@@ -3,15 +3,13 @@
     events --apply_batch--> new windows for the touched users --interest_records--> one record per touched user
 
 `apply_batch` is pure: it reads current windows through a lookup and returns the users' new states, so the caller
-decides how to store them (a dict in replay, a changelogged Faust table in the worker). `interest_records` encodes
+decides how to store them (a dict in replay, the changelog-backed store in the worker). `interest_records` encodes
 all touched users in one batched forward and builds the record that is published and written to users.jsonl.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
-
-import numpy as np
 
 from model.infer import InterestEncoder, Interests
 
@@ -60,7 +58,3 @@ def interest_records(encoder: InterestEncoder, states: Mapping[str, UserState]) 
     vec = encoder.interests(states)
     return [interest_record(u, states[u], vec, r, encoder.scenes, encoder.version) for r, u in enumerate(vec.users)]
 
-
-def record_vectors(record: dict, scenes: Sequence[str]) -> np.ndarray:
-    """[S + 1, d] fused vectors of a record, in scene order then global (for tests and retrieval)."""
-    return np.asarray([record["fused"][s] for s in scenes] + [record["global"]], dtype=np.float32)

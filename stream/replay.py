@@ -23,7 +23,7 @@ from model.infer import InterestEncoder
 
 from .events import Event
 from .logs import LoadedEvents, time_cutoff
-from .pipeline import apply_batch, interest_records, record_vectors
+from .pipeline import apply_batch, interest_record
 from .window import UserState
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,10 @@ def replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, bat
         outcome = apply_batch(state.get, batch, encoder.window)
         state.update(outcome.updates)
         late += outcome.late_dropped
-        for rec in interest_records(encoder, outcome.updates):
-            records[rec["user_id"]] = rec
-            live[rec["user_id"]] = record_vectors(rec, scenes)
+        vec = encoder.interests(outcome.updates)   # what interest_records does, keeping the arrays for queries
+        for r, user in enumerate(vec.users):
+            records[user] = interest_record(user, outcome.updates[user], vec, r, scenes, encoder.version)
+            live[user] = vec.fused[r]
         step_s += time.perf_counter() - t0
         popularity.add(batch)
         bar.update(len(batch))
