@@ -1,3 +1,4 @@
-from .flat import ItemIndex
+from .item_index import IndexVersionError, ItemIndex
+from .spec import IndexSpec
 
-__all__ = ["ItemIndex"]
+__all__ = ["IndexSpec", "IndexVersionError", "ItemIndex"]

@@ -9,7 +9,8 @@ activations could be cached and extended without ever changing (the incremental-
 
 SceneFusion ("interest transfer"): for target scene j, a_ij = softmax_i(q_j . k(h_i + e_i) / sqrt(d)) over the
 scenes i where the user has history, H_j = sum_i a_ij v(h_i) + h_j (the residual only when j has history). A user
-with no history in j still gets H_j from the other scenes. A learned global query gives the global vector.
+with no history in j still gets H_j from the other scenes. A learned global query gives the global vector, whose
+residual is the attention-weighted sum of the h_i (so with one scene it equals H_j).
 
 Scores are inner products with the (tied) item embeddings: <H_j, E_item>.
 """
@@ -137,7 +138,9 @@ class SceneFusion(nn.Module):
         scores = scores.masked_fill(~has[:, None, :], float("-inf"))
         a = torch.softmax(scores, dim=-1)
         H = torch.einsum("nts,nsd->ntd", a, self.value(h))
-        residual = torch.cat([h * has[..., None], torch.zeros_like(h[:, :1])], dim=1)     # no residual for global
+        # residual: h_j for scene j (when present); the attention-weighted mix of the h_i for the global vector, so
+        # with a single scene the global vector is exactly H_j
+        residual = torch.cat([h * has[..., None], torch.einsum("ns,nsd->nd", a[:, -1], h)[:, None]], dim=1)
         return self.out(H + residual), a
 
 

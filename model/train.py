@@ -1,19 +1,33 @@
 """Training: next-item prediction over each user's time-ordered events, with full-softmax cross-entropy.
 
-Why full softmax CE: it is what SASRec trained with CE (and gSASRec's analysis) shows closes the gap to the state of
-the art, and catalogs here (a few thousand items) make the full softmax cheap. For every event k of a user (k >= 1),
-the context is, per scene i, the encoder output at the user's last event in scene i before k. Three terms:
-  fused  : CE of H_j (j = scene of event k) over the items of scene j     -- what serving ranks with
+The loss, and why. For every event k of a user (k >= 1) the model predicts item_k from the events before it, and
+pays -log softmax(scores)[item_k], the softmax taken over every item of the catalog (full-softmax cross-entropy,
+as BERT4Rec and SASRec trained with CE, "SASRec+", do). Reasons:
+  - It is the quantity the evaluation and the index use: one item ranked against all items by <vector, item>. The
+    original SASRec loss (binary CE against one sampled negative) optimizes a different, much easier task, and
+    Klenitskiy & Vasilev (RecSys 2023) and Petrov & Macdonald (gSASRec, RecSys 2023) show that this, not the
+    architecture, is most of the gap between SASRec and BERT4Rec: with full CE SASRec leads.
+  - No sampling: no sampling bias to correct, no extra hyper-parameters, and the gradient pushes down the items
+    that are actually ranked high, which sampled negatives rarely are.
+  - It is affordable: with a few thousand items one [targets x items] matmul per step is most of the step's cost,
+    and it stays exact. A catalog of millions would need sampled softmax with a logQ correction instead.
+The context of event k is, per scene i, the encoder output at the user's last event in scene i before k. Terms:
+  fused  : CE of H_j (j = scene of event k) over the items of scene j     -- what per-scene serving ranks with
   global : CE of the global fused vector over all items                   -- the scene-free vector
   scene  : CE of h_j alone over the items of scene j, where j has history -- keeps h_j a usable interest
+With one scene the global vector equals H_j (model.py), so only the global term is computed: the other two would
+repeat it (fused) or train a vector nothing serves (scene).
 With probability `scene_dropout` the target scene's own history is hidden from the fusion (when another scene has
 history), so the fusion learns to transfer interest from other scenes: the case of a user new to a scene.
-Validation is time-ordered leave-one-out (second-last event), full ranking with the global vector, and training
-stops early on NDCG@10.
+Long users are cut into segments of `segment` targets, each with the receptive field's worth of earlier events as
+context, so attention stays short. The learning rate warms up, then decays to 0 over the planned epochs (cosine).
+Validation is time-ordered leave-one-out (second-last event), full ranking with the global vector, history masked;
+the best epoch by validation NDCG@10 is kept and training stops after `patience` epochs without a better one.
 """
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import random
 import time
@@ -30,7 +44,9 @@ from stream.events import Event
 from .checkpoint import Checkpoint
 from .evaluate import evaluate_loo, loo_cases
 from .infer import InterestEncoder
-from .model import InterestModel, ModelConfig, OOV, PAD
+from .model import InterestModel, ModelConfig
+
+FIRST_ITEM = 2  # item rows 0 and 1 are PAD and OOV (model.py): never targets, never recommended
 from .vocab import ItemVocab, pack
 
 log = logging.getLogger(__name__)
@@ -44,12 +60,41 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_events: int = 1000      # newest events per user used for training
     segment: int = 32           # targets per training segment: long users are cut so attention stays short
-    context: int = 48           # events before a segment encoded as its context (not trained on)
     scene_dropout: float = 0.25
+    warmup_steps: int = 100     # linear warm-up (at most 10% of all steps), then cosine decay to 0 at the last
+                                # planned epoch
     patience: int = 3           # epochs without a better validation NDCG@10 before stopping
     val_users: int = 2000       # validation sample size (0 = all users)
     seed: int = 0
     threads: int = 0            # torch CPU threads (0 = torch's default)
+
+
+# Training defaults per data set, picked from measurements on a 2-core CPU (BENCHMARKS.md, "Recommendation quality").
+# Keys are TrainConfig fields plus the model's attention span; `None` is any other input (e.g. --input LOG).
+PRESETS: dict[Optional[str], dict] = {
+    None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
+    "synthetic": {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
+    "ml-1m": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
+    "ml-100k": {"epochs": 10, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
+}
+
+
+def preset(dataset: Optional[str]) -> dict:
+    """The training defaults for a named data set (a copy, safe to update)."""
+    return dict(PRESETS.get(dataset, PRESETS[None]))
+
+
+def presets_help() -> str:
+    return "\n".join(f"  {name or 'other input'}: " + ", ".join(f"{k} {v}" for k, v in p.items())
+                     for name, p in PRESETS.items())
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Cosine decay after a linear warm-up: a fixed epoch budget ends at a low learning rate, which is where most of
+    the last epochs' gain comes from, instead of wherever a constant rate happened to be."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def timelines(events: Sequence[Event]) -> dict[str, list[Event]]:
@@ -120,30 +165,38 @@ def _collate(examples: list[_UserExample], n_scenes: int, gap_buckets: int):
         torch.from_numpy(np.concatenate(t_scenes))
 
 
-def _loss(model: InterestModel, batch, scene_items: torch.Tensor, scene_dropout: float, gen: torch.Generator):
+def _loss(model: InterestModel, batch, scene_bias: Optional[torch.Tensor], scene_dropout: float,
+          gen: torch.Generator):
+    """Sum of the three mean CEs (module docstring). All logits come from one matmul against the real items
+    (PAD and OOV columns are dropped rather than masked): the softmax over the catalog is most of a step's cost."""
     tensors, ctx, t_item, t_scene = batch
     out = model.encoder(*tensors)                                     # [N, T, d]
     flat = out.reshape(-1, out.shape[-1])
     has = ctx >= 0
     h = flat[ctx.clamp(min=0)] * has[..., None]                       # [n, S, d]
-    rows = torch.arange(len(t_item), device=ctx.device)
+    n = len(t_item)
+    rows = torch.arange(n, device=ctx.device)
     had_own = has[rows, t_scene]
     fuse_has = has.clone()
     if scene_dropout > 0:
         others = has.sum(1) - had_own.long() > 0
-        drop = (torch.rand(len(t_item), generator=gen, device="cpu").to(ctx.device) < scene_dropout) & others
+        drop = (torch.rand(n, generator=gen, device="cpu").to(ctx.device) < scene_dropout) & others
         fuse_has[rows[drop], t_scene[drop]] = False
     H, _ = model.fusion(h, fuse_has)
-    E = model.item_vectors()                                          # [n_items, d]
-    in_scene = scene_items[t_scene]                                   # [n, n_items] bool
-    fused = (H[rows, t_scene] @ E.T).masked_fill(~in_scene, float("-inf"))
-    glob = H[:, -1] @ E.T
-    glob[:, PAD] = float("-inf")
-    glob[:, OOV] = float("-inf")
-    loss = F.cross_entropy(fused, t_item) + F.cross_entropy(glob, t_item)
-    if had_own.any():
-        own = (h[rows[had_own], t_scene[had_own]] @ E.T).masked_fill(~in_scene[had_own], float("-inf"))
-        loss = loss + F.cross_entropy(own, t_item[had_own])
+    if has.shape[1] == 1:   # one scene: the global vector is H_j (model.py) and h_j is never served alone
+        target = t_item - FIRST_ITEM
+        return F.cross_entropy(H[:, -1] @ model.item_vectors()[FIRST_ITEM:].T, target)
+    own = rows[had_own]
+    V = torch.cat([H[rows, t_scene], H[:, -1], h[own, t_scene[own]]])  # fused, global, scene-only
+    logits = V @ model.item_vectors()[FIRST_ITEM:].T                  # [2n + m, items]
+    if scene_bias is not None:                                        # fused and scene-only rank within the scene
+        logits = torch.cat([logits[:n] + scene_bias[t_scene], logits[n:2 * n],
+                            logits[2 * n:] + scene_bias[t_scene[own]]])
+    target = t_item - FIRST_ITEM
+    ce = F.cross_entropy(logits, torch.cat([target, target, target[own]]), reduction="none")
+    loss = ce[:n].mean() + ce[n:2 * n].mean()
+    if len(own):
+        loss = loss + ce[2 * n:].mean()
     return loss
 
 
@@ -173,7 +226,7 @@ def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequenc
     examples = []
     for tl in train_tls.values():
         for start in range(1, len(tl), cfg.segment):
-            lo = max(0, start - cfg.context)
+            lo = max(0, start - mc.receptive_field)   # context: encoded, not trained on
             ex = _example(tl[lo:start + cfg.segment], vocab, scene_index, action_index, skip=start - lo)
             if ex:
                 examples.append(ex)
@@ -181,12 +234,17 @@ def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequenc
     if cfg.val_users and len(val_users) > cfg.val_users:
         val_users = random.Random(cfg.seed).sample(val_users, cfg.val_users)
     val_cases = loo_cases({u: tls[u][:-1] for u in val_users}, holdout=1)
-    scene_items = torch.zeros(len(scenes), len(vocab), dtype=torch.bool)
-    for i, s in enumerate(vocab.item_scenes):
-        scene_items[scene_index[s], i + 2] = True
-    scene_items = scene_items.to(dev)
+    scene_bias = None   # [S, items]: 0 for the scene's items, -inf elsewhere; not needed with one scene
+    if len(scenes) > 1:
+        scene_bias = torch.full((len(scenes), len(vocab) - 2), float("-inf"))
+        for i, s in enumerate(vocab.item_scenes):
+            scene_bias[scene_index[s], i] = 0.0
+        scene_bias = scene_bias.to(dev)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * -(-len(examples) // cfg.batch_users)
+    warmup = min(cfg.warmup_steps, steps // 10)   # short runs (tests, small data) must not spend them warming up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps, warmup))
     ckpt = Checkpoint(model, vocab, tuple(scenes), tuple(actions), window, version="training")
     history = {"epochs": [], "train_events": sum(len(tl) for tl in train_tls.values()),
                "users": len(tls), "items": len(vocab) - 2, "config": asdict(cfg), "model": mc.to_dict()}
@@ -202,17 +260,20 @@ def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequenc
             chunk = [examples[i] for i in order[lo:lo + cfg.batch_users]]
             tensors, ctx, t_item, t_scene = _collate(chunk, len(scenes), mc.gap_buckets)
             batch = ([t.to(dev) for t in tensors], ctx.to(dev), t_item.to(dev), t_scene.to(dev))
-            loss = _loss(model, batch, scene_items, cfg.scene_dropout, gen)
+            loss = _loss(model, batch, scene_bias, cfg.scene_dropout, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             losses.append(loss.item())
         model.eval()
         enc = InterestEncoder(ckpt, dev, cache_size=0)
         val = evaluate_loo(enc, val_cases)
         history["epochs"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **val})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val['ndcg@10']:.4f}")
+        log.info("epoch %d: loss %.4f, validation NDCG@10 %.4f, %.0f s", epoch + 1, np.mean(losses),
+                 val["ndcg@10"], time.time() - t0)
         if val["ndcg@10"] > best:
             best, best_state, stale = val["ndcg@10"], copy.deepcopy(model.state_dict()), 0
         else:

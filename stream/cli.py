@@ -87,28 +87,42 @@ def generate(users, seed, items_per_scene, clean, out):
 @main.command()
 @_source_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
-@click.option("--epochs", default=8, help="Maximum epochs (early stopping on validation NDCG@10).")
+@click.option("--epochs", type=int, default=None, help="Planned epochs: the learning rate decays to 0 over them; "
+              "early stopping on validation NDCG@10 may end sooner. [default: per data set, see below]")
 @click.option("--cutoff", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Train only on the first fraction F of events by time (recorded in the checkpoint).")
 @click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
-@click.option("--window", default=50, help="Events kept per (user, scene): L.")
+@click.option("--window", type=int, default=None, help="Events kept per (user, scene): L. [default: layers*span+2]")
 @click.option("--dim", default=64, help="Model width d.")
 @click.option("--layers", default=2, help="Attention layers.")
-@click.option("--span", default=24, help="Attention look-back per layer (window >= layers*span+2 keeps "
-                                         "encoding independent of where the window starts).")
-@click.option("--batch-users", default=64, help="Users (or user segments) per training step.")
-@click.option("--lr", default=2e-3, help="AdamW learning rate.")
+@click.option("--span", type=int, default=None, help="Attention look-back per layer (window >= layers*span+2 keeps "
+                                                     "encoding independent of where the window starts). [default: "
+                                                     "per data set]")
+@click.option("--batch-users", type=int, default=None, help="User segments per training step. [default: per data "
+                                                            "set]")
+@click.option("--segment", type=int, default=None, help="Targets per user segment. [default: per data set]")
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate. [default: per data set]")
 @click.option("--patience", default=3, help="Epochs without improvement before stopping.")
 @click.option("--seed", default=0, help="Training seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window, dim, layers, span, batch_users,
-          lr, patience, seed, as_json):
-    """Train the interest model (next-item prediction, full-softmax CE, time-ordered leave-one-out validation)."""
+          segment, lr, patience, seed, as_json):
+    """Train the interest model (next-item prediction, full-softmax CE, time-ordered leave-one-out validation).
+
+    \b
+    Defaults per data set (any flag overrides them):
+    {presets}
+    """
     from model.checkpoint import save_checkpoint
     from model.infer import resolve_device
     from model.train import TrainConfig, train_model
 
     from .logs import time_cutoff
+    from model.train import preset
+    given = {"epochs": epochs, "batch_users": batch_users, "segment": segment, "lr": lr, "span": span}
+    chosen = {**preset(dataset), **{k: v for k, v in given.items() if v is not None}}
+    span = chosen.pop("span")
+    window = window or layers * span + 2
     loaded = _load(dataset, input_path, scenes_mode, StreamConfig.from_env(window=window))
     events = loaded.events
     cutoff_ts = None
@@ -122,7 +136,7 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     from .config import DEFAULT_ACTIONS
-    cfg = TrainConfig(epochs=epochs, batch_users=batch_users, lr=lr, patience=patience, seed=seed)
+    cfg = TrainConfig(patience=patience, seed=seed, **chosen)
     ckpt, history = train_model(events, loaded.scenes, DEFAULT_ACTIONS, window,
                                 model_cfg={"d_model": dim, "n_layers": layers, "span": span}, cfg=cfg,
                                 device=str(dev), progress=True)
@@ -136,6 +150,22 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
     click.echo(json.dumps(summary) if as_json else
                f"saved {out} (model {version}): best validation NDCG@10 {summary['best_val_ndcg@10']} "
                f"after {summary['epochs']} epochs, {summary['seconds']} s")
+
+
+def _register_index_commands() -> None:
+    from index.cli import index_group
+    main.add_command(index_group, "index")
+
+
+_register_index_commands()
+
+
+def _train_help() -> str:
+    from model.train import presets_help
+    return presets_help()
+
+
+train.help = train.help.replace("{presets}", _train_help())
 
 
 def _open_model(checkpoint: str, device: str):
@@ -170,14 +200,24 @@ def _test_cases(checkpoint, device, dataset, input_path, scenes_mode):
 @_source_options
 @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint folder from `train`.")
 @click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+@click.option("--vector", type=click.Choice(["global", "fused", "scene"]), default="global",
+              help="global: the global fused vector ranks all items. fused: H_j of the test event's scene j ranks "
+                   "scene j's items. scene: the scene-only h_j (fusion off) ranks scene j's items.")
+@click.option("--scene-history", type=(int, int), default=None, metavar="MIN MAX",
+              help="Only test events whose scene the user has MIN..MAX earlier events in (e.g. 1 2: sparse scenes, "
+                   "where interest transfer matters).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
-def evaluate(dataset, input_path, scenes_mode, checkpoint, device, as_json):
+def evaluate(dataset, input_path, scenes_mode, checkpoint, device, vector, scene_history, as_json):
     """Full-ranking leave-one-out test metrics: each user's last event (ties in time ordered by event_id, which for
     MovieLens is the file's line order) ranked among all items by the global fused vector built from everything
     before it, the user's other history items masked."""
-    from model.evaluate import evaluate_loo
+    from model.evaluate import evaluate_loo, sparse_scene_cases
     encoder, cases = _test_cases(checkpoint, device, dataset, input_path, scenes_mode)
-    metrics = evaluate_loo(encoder, cases)
+    if scene_history is not None:
+        cases = sparse_scene_cases(cases, at_least=scene_history[0], at_most=scene_history[1])
+    if vector == "scene" and any(not any(e.scene == c.target.scene for e in c.history) for c in cases):
+        raise click.UsageError("--vector scene needs history in the test event's scene: add --scene-history 1 N")
+    metrics = evaluate_loo(encoder, cases, target=vector)
     click.echo(json.dumps(metrics) if as_json else
                "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
@@ -285,6 +325,47 @@ def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
 
 
 @main.command()
+@click.option("--broker", "broker_url", required=True, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT of the Kafka cluster the workers read.")
+@click.option("--topic", default="item-catalog", help="The workers' --catalog-topic.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True),
+              help="JSONL of catalog records (see stream/catalog.py), sent as they are, keyed by item_id.")
+@click.option("--put", "put_id", default=None, help="Add (or replace) this item id.")
+@click.option("--scene", default=None, help="Scene of the --put item.")
+@click.option("--vector", default=None, help="JSON list of d floats for --put; omitted: the scene's cold-start "
+                                             "vector (the mean of its items).")
+@click.option("--delete", "delete_id", default=None, help="Remove this item id from every worker's index.")
+def catalog(broker_url, topic, input_path, put_id, scene, vector, delete_id):
+    """Publish item-catalog updates: workers add, replace and remove items without a restart."""
+    import asyncio
+
+    from .produce import produce_lines
+    chosen = [x for x in (input_path, put_id, delete_id) if x]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --input, --put or --delete")
+    if input_path:
+        lines = [line.rstrip(b"\n") for line in open(input_path, "rb") if line.strip()]
+    elif delete_id:
+        lines = [json.dumps({"item_id": delete_id, "op": "delete"}).encode()]
+    else:
+        if not scene:
+            raise click.UsageError("--put needs --scene")
+        record = {"item_id": put_id, "scene": scene}
+        if vector:
+            try:
+                record["vector"] = json.loads(vector)
+            except ValueError as exc:
+                raise click.UsageError(f"--vector is not JSON: {exc}") from exc
+        lines = [json.dumps(record).encode()]
+    try:
+        sent = asyncio.run(produce_lines(bootstrap_servers(broker_url), topic, lines, progress=len(lines) > 1000,
+                                         key_field="item_id"))
+    except Exception as exc:  # aiokafka's connection errors
+        raise click.ClickException(f"could not produce to {broker_url}: {exc}") from exc
+    click.echo(f"sent {sent} catalog records to {topic}", err=True)
+
+
+@main.command()
 @click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
               help="kafka://HOST:PORT. Unset: start the embedded broker and stop it on exit.")
 @click.option("--checkpoint", required=True, envvar="SCENESTREAM_CHECKPOINT", type=click.Path(),
@@ -304,8 +385,15 @@ def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
 @click.option("--recovery", type=click.Choice(["fence", "highwater"]), default="fence",
               help="How state is recovered from the changelog: 'fence' reads up to an offset the broker "
                    "acknowledged; 'highwater' trusts the reported end offset (wrong on Tansu; for tests).")
+@click.option("--catalog-topic", default="item-catalog",
+              help="Live catalog updates (add / replace / delete items), read in full by every worker.")
+@click.option("--index-kind", type=click.Choice(["auto", "exact", "ivf-flat", "ivf-pq", "hnsw"]), default="auto",
+              help="Item index built at start (auto: exact up to 100k items, else the measured ANN default).")
+@click.option("--index", "index_path", default="", type=click.Path(),
+              help="Load this saved index (`scenestream index build`) instead of building one; refused unless it "
+                   "was built for the checkpoint's model version.")
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
-           batch_wait, web_host, web_port, canonical_url, device, recovery):
+           batch_wait, web_host, web_port, canonical_url, device, recovery, catalog_topic, index_kind, index_path):
     """The live worker: consume clicks, update windows, publish fused interest vectors."""
     import asyncio
 
@@ -333,9 +421,19 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
     cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
                        output_topic=output_topic, partitions=partitions, batch_max=batch_max,
                        batch_wait=batch_wait, web_host=web_host, web_port=web_port, recovery=recovery,
-                       canonical_url=canonical_url)
+                       canonical_url=canonical_url, catalog_topic=catalog_topic, index_kind=index_kind,
+                       index_path=index_path)
+    from index import IndexVersionError
+
+    from .worker import open_index
     try:
-        code = run_worker(cfg, encoder)
+        index = open_index(cfg, encoder)
+    except (IndexVersionError, FileNotFoundError, ValueError) as exc:
+        if embedded:
+            embedded.stop()
+        raise click.ClickException(str(exc)) from exc
+    try:
+        code = run_worker(cfg, encoder, index=index)
     finally:
         if embedded:
             embedded.stop()

@@ -19,5 +19,7 @@ class WorkerMetrics:
                                  registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.lag = Gauge("scenestream_consumer_lag", "Messages behind the partition end, by partition",
                          ["partition"], registry=r)
+        self.catalog = Counter("scenestream_catalog_records", "Item-catalog records, by outcome", ["outcome"],
+                               registry=r)
         self.requests = Counter("scenestream_http_requests", "HTTP requests, by endpoint and status",
                                 ["endpoint", "status"], registry=r)

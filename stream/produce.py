@@ -14,19 +14,19 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 
-def line_key(raw: bytes) -> Optional[bytes]:
+def line_key(raw: bytes, field: str = "user_id") -> Optional[bytes]:
     try:
-        user = json.loads(raw).get("user_id")
+        value = json.loads(raw).get(field)
     except (ValueError, AttributeError, RecursionError):
         return None
-    return user.encode("utf-8", "surrogatepass") if isinstance(user, str) and user else None
+    return value.encode("utf-8", "surrogatepass") if isinstance(value, str) and value else None
 
 
 async def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], rate: float = 0.0,
                         progress: bool = True, total: Optional[int] = None,
-                        stop: Callable[[], bool] = lambda: False) -> int:
-    """Send every line (until stop() says so); rate > 0 paces to about `rate` lines per second. Returns the
-    number sent."""
+                        stop: Callable[[], bool] = lambda: False, key_field: str = "user_id") -> int:
+    """Send every line (until stop() says so), keyed by its `key_field`; rate > 0 paces to about `rate` lines per
+    second. Returns the number sent."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, max_batch_size=1 << 20)
     await producer.start()
     sent = 0
@@ -37,7 +37,7 @@ async def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], rate
                         mininterval=0.5):
             if stop():
                 break
-            futures.append(await producer.send(topic, raw, key=line_key(raw)))
+            futures.append(await producer.send(topic, raw, key=line_key(raw, key_field)))
             sent += 1
             if rate > 0:
                 ahead = sent / rate - (time.perf_counter() - start)

@@ -48,9 +48,9 @@ def popular(service, scene: Optional[str], k: int, exclude: set[str]) -> list[di
     counts = service.popularity[scene].items() if scene else \
         ((i, c) for s in service.popularity.values() for i, c in s.items())
     ranked = sorted(counts, key=lambda kv: (-kv[1], kv[0]))
-    vocab_scene = dict(zip(service.index.item_ids, service.index.item_scenes))
-    out = [{"item_id": i, "scene": vocab_scene.get(i, scene), "score": float(c)} for i, c in ranked
-           if i not in exclude][:k]
+    index = service.index   # only items in the catalog now: clicks on a deleted item must not bring it back
+    out = [{"item_id": i, "scene": index.scene_of(i), "score": float(c)} for i, c in ranked
+           if i not in exclude and i in index][:k]
     if len(out) < k:  # cold start: fill from the catalog in a fixed order
         have = {o["item_id"] for o in out} | exclude
         for i, s in zip(service.index.item_ids, service.index.item_scenes):
@@ -63,7 +63,6 @@ def popular(service, scene: Optional[str], k: int, exclude: set[str]) -> list[di
 
 def register(app, service, clicks_topic) -> None:
     scenes = service.encoder.scenes
-    item_row = {i: n for n, i in enumerate(service.index.item_ids)}
 
     def error(view: View, status: int, message: str) -> Response:
         return view.json({"error": message, "status": status}, status=status)
@@ -100,13 +99,15 @@ def register(app, service, clicks_topic) -> None:
             target = scene or "global"
             p = service.partition_of(user)
             history = [e for w in (service.store.get(p, user) or {}).values() for e in w] if p is not None else []
-            vecs = service.index.vectors
-            weighed = sorted(((float(vecs[item_row[e.item_id]] @ vector), e) for e in history if e.item_id in item_row),
-                             key=lambda se: -se[0])[:5]
+            known = [e for e in history if e.item_id in service.index]
+            try:
+                scores = service.index.scores(vector[None], [e.item_id for e in known])[0] if known else []
+            except ValueError:  # a catalog update removed one of them just now: explain without history scores
+                known, scores = [], []
+            weighed = sorted(zip(map(float, scores), known), key=lambda se: -se[0])[:5]
             return self.json({
                 **body,
-                "items": [{"item_id": i, "scene": service.index.item_scenes[item_row[i]], "score": s}
-                          for i, s in hits],
+                "items": [{"item_id": i, "scene": service.index.scene_of(i), "score": s} for i, s in hits],
                 "fallback": None,
                 "freshness": {"newest_ts": rec["newest_ts"],
                               "applied_ms_ago": None if applied_at is None else int((time.time() - applied_at) * 1000)},

@@ -23,10 +23,11 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP as TP_
 
-from index import ItemIndex
+from index import IndexSpec, ItemIndex
 from model.infer import InterestEncoder
 
 from .broker import bootstrap_servers
+from .catalog import CatalogFollower
 from .config import StreamConfig
 from .events import Event, Rejection, decode
 from .pipeline import apply_batch, interest_records
@@ -52,6 +53,9 @@ class WorkerConfig:
     web_port: int = 6066
     recovery: str = "fence"
     canonical_url: str = ""              # how other workers reach this one's API (forwarding); default from host
+    catalog_topic: str = "item-catalog"  # live catalog updates (stream/catalog.py), read in full by every worker
+    index_kind: str = "auto"             # index/spec.py: exact up to 100k items, else the measured ANN default
+    index_path: str = ""                 # load a saved index (`scenestream index build`) instead of building one
 
     @property
     def url(self) -> str:
@@ -72,7 +76,7 @@ class WorkerConfig:
 class InterestService:
     """Everything the agent does with one micro-batch, kept out of Faust so it reads top to bottom."""
 
-    def __init__(self, cfg: WorkerConfig, encoder: InterestEncoder):
+    def __init__(self, cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIndex] = None):
         self.cfg = cfg
         self.encoder = encoder
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
@@ -82,7 +86,12 @@ class InterestService:
         self.invalid_by_reason: dict[str, int] = {}
         self.last_batch_at: Optional[float] = None
         self.metrics = WorkerMetrics()
-        self.index = ItemIndex.build(*encoder.item_vectors())
+        self.index = index if index is not None else open_index(cfg, encoder)
+        loop_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
+        self.catalog = CatalogFollower(
+            cfg.bootstrap, cfg.catalog_topic, self.index, encoder.scenes, self.index.dim,
+            count=lambda outcome, n: self.metrics.catalog.labels(outcome).inc(n),
+            run_blocking=lambda f, *a: asyncio.get_running_loop().run_in_executor(loop_pool, f, *a))
         self.popularity = {s: Counter() for s in encoder.scenes}   # events seen per item, for the fallback
         self.latest: dict[str, tuple[dict, float]] = {}             # user -> (newest published record, applied at)
         self.assigned: set[int] = set()
@@ -194,7 +203,8 @@ class InterestService:
 
     @property
     def ready(self) -> bool:
-        return bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
+        return (bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
+                and self.catalog.caught_up)
 
     async def read_range(self, topic: str, partition: int, first: int, last: int) -> list:
         """Messages first..last of one partition, read directly (not through the consumer group)."""
@@ -225,7 +235,15 @@ class InterestService:
         return await self.store.producer.send(self.cfg.dlq_topic, value, key=m.key)
 
 
-def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, InterestService]:
+def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
+    """The saved index at cfg.index_path (refused unless built for this model), else one built from the model."""
+    if cfg.index_path:
+        return ItemIndex.load(cfg.index_path, encoder.version)
+    return ItemIndex.build(*encoder.item_vectors(), spec=IndexSpec(kind=cfg.index_kind))
+
+
+def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIndex] = None
+             ) -> tuple[faust.App, InterestService]:
     # Settings found by measurement (BENCHMARKS.md, bench/startup.py): with Faust's default session (60 s) and
     # rebalance (60 s) timeouts the first group join on the embedded broker took ~32 s; with 6 s / 10 s and a 1 s
     # heartbeat it takes ~4.7 s, and a restarted worker does not wait a minute for its dead predecessor's session.
@@ -238,7 +256,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
         broker_commit_interval=1.0, stream_wait_empty=False,
         web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host, canonical_url=cfg.url,
     )
-    service = InterestService(cfg, encoder)
+    service = InterestService(cfg, encoder, index)
     clicks = app.topic(cfg.clicks_topic, key_serializer="raw", value_serializer="raw",
                        partitions=cfg.partitions)
     app.topic(cfg.dlq_topic, partitions=cfg.partitions)
@@ -278,9 +296,20 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
 
     @app.task
     async def declare_topics():
-        for topic in (cfg.changelog, cfg.output_topic, cfg.dlq_topic):
+        for topic in (cfg.changelog, cfg.output_topic, cfg.dlq_topic, cfg.catalog_topic):
             await app.topic(topic, partitions=cfg.partitions).maybe_declare()
         log.info("worker %s consuming %s on %s", cfg.app_id, cfg.clicks_topic, cfg.broker)
+
+    @app.task
+    async def follow_catalog():
+        try:
+            await service.catalog.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # crash-only, as the agent: a restart rebuilds the index from the catalog topic
+            log.exception("catalog follower failed; exiting so that a restart rebuilds the index")
+            logging.shutdown()
+            os._exit(70)
 
     @app.timer(interval=5.0)
     async def report():
@@ -298,8 +327,9 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder) -> tuple[faust.App, In
     return app, service
 
 
-def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "info") -> int:
-    app, service = make_app(cfg, encoder)
+def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "info",
+               index: Optional[ItemIndex] = None) -> int:
+    app, service = make_app(cfg, encoder, index)
     worker = faust.Worker(app, loglevel=loglevel, console_port=0)
     worker.execute_from_commandline()
     return 0

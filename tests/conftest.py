@@ -58,7 +58,8 @@ class WorkerProcess:
 
     @property
     def topics(self) -> dict[str, str]:
-        return {"clicks": f"{self.app_id}-clicks", "dlq": f"{self.app_id}-dlq", "out": f"{self.app_id}-out"}
+        return {"clicks": f"{self.app_id}-clicks", "dlq": f"{self.app_id}-dlq", "out": f"{self.app_id}-out",
+                "catalog": f"{self.app_id}-catalog"}
 
     def start(self, env: dict | None = None) -> "WorkerProcess":
         self.starts += 1
@@ -66,7 +67,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", self.broker.url,
                "--checkpoint", str(self.checkpoint), "--app-id", self.app_id,
                "--clicks-topic", self.topics["clicks"], "--dlq-topic", self.topics["dlq"],
-               "--output-topic", self.topics["out"], "--web-port", str(self.web_port), "--device", "cpu",
+               "--output-topic", self.topics["out"], "--catalog-topic", self.topics["catalog"], "--web-port", str(self.web_port), "--device", "cpu",
                "--batch-wait", "0.1", *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})

@@ -1,0 +1,151 @@
+"""Which FAISS index serves a scope of items, and how it is built, tuned and put on a device.
+
+Every index scores by inner product (METRIC_INNER_PRODUCT), the model's retrieval score, and stores faiss ids that
+are the item index's slot numbers (see item_index.py). `IndexSpec` knobs and defaults:
+
+    kind             "exact"  exact (IndexFlatIP) | "ivf-flat" | "ivf-pq" | "hnsw" | "auto". auto: per scope (the
+                              whole catalog and each scene), exact up to AUTO_EXACT_UP_TO = 100_000 items, else
+                              AUTO_ANN_KIND (set from the 1M-item benchmark in bench/index.py; hnsw provisionally).
+    nlist            4096     IVF lists; capped at 4*sqrt(n) and at n/39 (faiss wants >= 39 training points a list).
+    nprobe           32       IVF lists scanned per query (recall/speed; `ItemIndex.tune` changes it in place).
+    hnsw_m           32       HNSW links per node (graph degree: recall and memory).
+    ef_search        128      HNSW candidate list at search (recall/speed; tunable in place). faiss uses >= k.
+    ef_construction  100      HNSW candidate list while building (graph quality/build time).
+    pq_m             16       IVF-PQ sub-quantizers = bytes per code at 8 bits; lowered to a divisor of d.
+    pq_nbits         8        bits per sub-quantizer code.
+    pq_refine        4        IVF-PQ fetches pq_refine*k candidates and re-ranks them with the stored float vectors,
+                              so returned scores are exact inner products; 1 = no re-rank (PQ-approximate scores).
+    min_ann_items    1000     a scope smaller than this is exact whatever the kind: ANN gains nothing there and IVF
+                              needs points to train on. IVF-PQ scopes also need 39 * 2**pq_nbits items (codebook
+                              training) and are exact below that. This is what keeps tiny scenes from failing.
+    rebuild_fraction 0.25     live updates rebuild every scope once removed/replaced items (HNSW tombstones, spent
+                              slots) plus, for ANN kinds, items added since the last build exceed this fraction of
+                              max(items at last build, min_ann_items): tombstones cost recall and fetch size, and IVF
+                              centroids / scope kinds were chosen for the catalog as it was.
+    device           "cpu"    "cpu" | "auto" (GPU when faiss sees one) | "cuda" (GPU required). On a GPU, flat and
+                              IVF scopes search a GPU replica (faiss.index_cpu_to_gpu) of the CPU index, refreshed
+                              after updates; HNSW has no GPU version and stays on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import faiss
+import numpy as np
+
+Kind = Literal["exact", "ivf-flat", "ivf-pq", "hnsw", "auto"]
+KINDS: tuple[str, ...] = ("exact", "ivf-flat", "ivf-pq", "hnsw", "auto")
+DEVICES: tuple[str, ...] = ("cpu", "auto", "cuda")
+AUTO_EXACT_UP_TO = 100_000
+AUTO_ANN_KIND = "hnsw"  # provisional: the owner sets it from `python bench/index.py --items 1000000`
+GPU_MAX_K = 2048        # faiss GPU k-selection limit; larger fetches search the CPU index
+WIDEN = 8               # a retry after too few results multiplies nprobe / efSearch by this
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    kind: Kind = "exact"
+    nlist: int = 4096
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+    ef_construction: int = 100
+    pq_m: int = 16
+    pq_nbits: int = 8
+    pq_refine: int = 4
+    min_ann_items: int = 1000
+    rebuild_fraction: float = 0.25
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}; choose one of {list(KINDS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {list(DEVICES)}")
+        for name in ("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "pq_m", "pq_nbits", "pq_refine"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rebuild_fraction <= 0:
+            raise ValueError(f"rebuild_fraction must be > 0, got {self.rebuild_fraction}")
+
+
+def scope_kind(spec: IndexSpec, n: int) -> str:
+    """The concrete kind a scope of n items gets: auto decided by size, exact when too small to be worth ANN."""
+    kind = spec.kind
+    if kind == "auto":
+        kind = "exact" if n <= AUTO_EXACT_UP_TO else AUTO_ANN_KIND
+    if kind != "exact" and n < spec.min_ann_items:
+        return "exact"
+    if kind == "ivf-pq" and n < 39 * 2 ** spec.pq_nbits:
+        return "exact"
+    return kind
+
+
+def _nlist(spec: IndexSpec, n: int) -> int:
+    return max(1, min(spec.nlist, int(4 * math.sqrt(n)), n // 39))
+
+
+def _pq_m(spec: IndexSpec, d: int) -> int:
+    return max(m for m in range(1, min(spec.pq_m, d) + 1) if d % m == 0)
+
+
+def new_index(spec: IndexSpec, kind: str, vectors: np.ndarray) -> faiss.Index:
+    """An empty index of `kind` whose add_with_ids/remove_ids take slot ids, trained on `vectors` where needed."""
+    d = vectors.shape[1]
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "exact":
+        return faiss.IndexIDMap(faiss.IndexFlatIP(d))
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, spec.hnsw_m, ip)
+        inner.hnsw.efConstruction = spec.ef_construction
+        return tune(faiss.IndexIDMap(inner), kind, spec)
+    nlist = _nlist(spec, len(vectors))
+    if kind == "ivf-flat":
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
+    elif kind == "ivf-pq":
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, _pq_m(spec, d), spec.pq_nbits, ip)
+    else:
+        raise ValueError(f"no faiss index for kind {kind!r}")
+    ivf.cp.max_points_per_centroid = 64  # k-means on a sample: training time stays bounded at 1M items
+    ivf.train(vectors)
+    return tune(ivf, kind, spec)
+
+
+def tune(index: faiss.Index, kind: str, spec: IndexSpec) -> faiss.Index:
+    """Apply the spec's search-time knobs (nprobe / efSearch) to a built or loaded index."""
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efSearch = spec.ef_search
+    elif kind.startswith("ivf"):
+        faiss.extract_index_ivf(index).nprobe = spec.nprobe
+    return index
+
+
+def wider(index: faiss.Index, kind: str) -> Optional[faiss.SearchParameters]:
+    """Search parameters for a retry that scans more of the index (None: a larger k is all that helps)."""
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=faiss.downcast_index(index.index).hnsw.efSearch * WIDEN)
+    if kind.startswith("ivf"):
+        ivf = faiss.extract_index_ivf(index)
+        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, ivf.nprobe * WIDEN))
+    return None
+
+
+def use_gpu(device: str) -> bool:
+    if device == "cuda" and faiss.get_num_gpus() == 0:
+        raise RuntimeError("device cuda was asked for but faiss sees no GPU (is faiss-gpu installed?)")
+    return device != "cpu" and faiss.get_num_gpus() > 0
+
+
+_gpu_resources = None
+
+
+def gpu_replica(index: faiss.Index, kind: str) -> faiss.Index:
+    """A GPU copy of a flat or IVF index for searching; the CPU index stays the one that updates and saves."""
+    global _gpu_resources
+    if kind == "hnsw":
+        raise ValueError("HNSW has no GPU index")
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)

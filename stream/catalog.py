@@ -1,0 +1,150 @@
+"""The live item catalog: `item-catalog` topic records in, index updates out, without a restart.
+
+A record's key is the item id and its value one JSON object:
+
+    {"item_id": "m42", "scene": "video", "vector": [d floats]}   add the item, or replace its vector / scene
+    {"item_id": "m42", "scene": "video"}                          add it with the scene's cold-start vector
+    {"item_id": "m42", "op": "delete"}                            remove it; it is never recommended again
+
+Every worker reads every partition of the topic from the beginning, outside the consumer group: the catalog is
+global, and the topic (compacted by item id, so each item's latest record survives) is its durable state, while the
+index is derived from it and rebuilt at each start. Delete is a record of its own rather than a null tombstone so
+compaction keeps it. A new item the model never saw gets the mean vector of its scene's items (the index's
+`cold_start_vector`): it scores like an average item of the scene, so it is recommendable without swamping
+recommendations until a vector from a retrained model arrives.
+
+`decode_update` and `collapse` are pure; `CatalogFollower` is the thin consumer around them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class CatalogUpdate:
+    item_id: str
+    scene: Optional[str] = None             # None only for deletes
+    vector: Optional[tuple[float, ...]] = None  # None: cold start (upserts) / unused (deletes)
+    delete: bool = False
+
+
+def decode_update(raw: Optional[bytes], scenes: Sequence[str], dim: int) -> Union[CatalogUpdate, str]:
+    """A CatalogUpdate, or a string saying why the record was rejected (never an exception)."""
+    try:
+        obj = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"bad_json: {exc}"
+    if not isinstance(obj, dict):
+        return "not_object"
+    item = obj.get("item_id")
+    if not isinstance(item, str) or not item or len(item) > MAX_ID_CHARS:
+        return "bad item_id"
+    op = obj.get("op", "upsert")
+    if op == "delete":
+        return CatalogUpdate(item, delete=True)
+    if op != "upsert":
+        return f"unknown op {op!r}"
+    scene = obj.get("scene")
+    if scene not in scenes:
+        return f"unknown_scene {scene!r}"
+    vector = obj.get("vector")
+    if vector is None:
+        return CatalogUpdate(item, scene)
+    if not isinstance(vector, list) or len(vector) != dim or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vector):
+        return f"vector must be {dim} finite numbers"
+    return CatalogUpdate(item, scene, tuple(float(x) for x in vector))
+
+
+def collapse(updates: Sequence[CatalogUpdate]) -> tuple[list[CatalogUpdate], list[str]]:
+    """The net effect of updates in log order: (upserts, deleted ids), each item at most once, its last record
+    winning. Keys route an item to one partition, so log order per item is the order it was written in."""
+    last: dict[str, CatalogUpdate] = {}
+    for u in updates:
+        last.pop(u.item_id, None)   # re-insert so dict order follows the latest record
+        last[u.item_id] = u
+    upserts = [u for u in last.values() if not u.delete]
+    deletes = [u.item_id for u in last.values() if u.delete]
+    return upserts, deletes
+
+
+def apply_updates(index, updates: Sequence[CatalogUpdate]) -> dict[str, int]:
+    """Apply one batch to the index: deletes, then upserts (cold-start vectors filled in from the index)."""
+    upserts, deletes = collapse(updates)
+    present = [i for i in deletes if index.contains(i)]
+    if present:
+        index.remove(present)
+    if upserts:
+        vectors = np.stack([np.asarray(u.vector, dtype=np.float32) if u.vector is not None
+                            else index.cold_start_vector(u.scene) for u in upserts])
+        index.upsert([u.item_id for u in upserts], [u.scene for u in upserts], vectors)
+    return {"upserted": len(upserts), "deleted": len(present)}
+
+
+class CatalogFollower:
+    """Follows every partition of the catalog topic from the start and applies each fetched batch to the index.
+
+    `caught_up` turns true once everything that was in the topic at start has been applied (readiness): until then a
+    deleted item could still be served. Reaching the end offsets is judged by consumer position, which holds even on
+    brokers that report a partition's end as the start of its last record batch: a fetch returns whole batches."""
+
+    def __init__(self, bootstrap: str, topic: str, index, scenes: Sequence[str], dim: int,
+                 count: Callable[[str, int], None] = lambda outcome, n: None, run_blocking=None):
+        self.bootstrap, self.topic, self.index = bootstrap, topic, index
+        self.scenes, self.dim = tuple(scenes), dim
+        self.count = count        # (outcome, n) for metrics: upserted / deleted / rejected
+        self.run_blocking = run_blocking  # e.g. loop.run_in_executor(pool, ...): big batches stay off the loop
+        self.caught_up = False
+        self.counts = {"upserted": 0, "deleted": 0, "rejected": 0}
+
+    async def run(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        # no group_id: the consumer is assigned every partition of the topic (and new ones), commits nothing
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", metadata_max_age_ms=5000)
+        await consumer.start()
+        try:
+            while self.topic not in await consumer.topics():   # the worker declares it at start
+                await asyncio.sleep(0.5)
+            consumer.subscribe([self.topic])
+            ends = None
+            while True:
+                fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
+                updates = []
+                for tp in sorted(fetched, key=lambda t: t.partition):
+                    for m in fetched[tp]:
+                        u = decode_update(m.value, self.scenes, self.dim)
+                        if isinstance(u, str):
+                            self.counts["rejected"] += 1
+                            self.count("rejected", 1)
+                            log.warning("catalog record %s[%d]@%d rejected: %s", tp.topic, tp.partition, m.offset, u)
+                        else:
+                            updates.append(u)
+                if updates:
+                    done = (await self.run_blocking(apply_updates, self.index, updates) if self.run_blocking
+                            else apply_updates(self.index, updates))
+                    for k, v in done.items():
+                        self.counts[k] += v
+                        self.count(k, v)
+                tps = consumer.assignment()
+                if not self.caught_up and tps:
+                    if ends is None:
+                        ends = await consumer.end_offsets(list(tps))
+                        log.info("following catalog topic %s: %d partitions, %d records at start", self.topic,
+                                 len(tps), sum(ends.values()))
+                    if all([await consumer.position(tp) >= ends.get(tp, 0) for tp in tps]):
+                        self.caught_up = True
+                        log.info("catalog caught up: %d items in the index", len(self.index))
+        finally:
+            await consumer.stop()
