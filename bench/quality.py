@@ -52,8 +52,8 @@ SOURCES = """\
 How their protocol differs from ours: all three use the 5-core-filtered ML-1M of the SASRec/BERT4Rec repositories
 (6,040 users, 3,416 items, 999,611 ratings) ordered as in that file; we use every rating of the raw ML-1M (3,706
 items, 1,000,209 ratings) ordered by timestamp, file order breaking ties, so our catalog has 290 more (rare) items to
-rank. They read up to 200 past items; our encoder reads the last layers*span+2 events (50 by default). Their
-figures are single runs; ours are means over seeds."""
+rank. They read up to 200 past items; our encoder reads the last layers*span+2 events (98 with the MovieLens
+presets). Their figures are single runs; ours are means over seeds."""
 
 
 def cli(*args: str) -> list[str]:
@@ -149,7 +149,8 @@ def table(results: dict, command: str) -> str:
             cols = [spread([r["global"][m] for r in runs]) for m in ("ndcg@10", "recall@10", "ndcg@20", "recall@20")]
             secs = [r["train"]["seconds"] / 60 for r in runs]
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cols) +
-                         f" | {statistics.mean(secs):.1f} min (max {max(secs):.1f}) |")
+                         f" | {statistics.mean(secs):.1f} min (max {max(secs):.1f}), {runs[0]['train']['epochs']} "
+                         f"epochs |")
         if dataset == "ml-1m":
             for model, ndcg, recall, source in PUBLISHED:
                 lines.append(f"| {model}, published | 1 | {ndcg} | {recall} | - | - | {source} |")

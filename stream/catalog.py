@@ -8,8 +8,9 @@ A record's key is the item id and its value one JSON object:
 
 Every worker reads every partition of the topic from the beginning, outside the consumer group: the catalog is
 global, and the topic (compacted by item id, so each item's latest record survives) is its durable state, while the
-index is derived from it and rebuilt at each start. Delete is a record of its own rather than a null tombstone so
-compaction keeps it. A new item the model never saw gets the mean vector of its scene's items (the index's
+index is derived from it and rebuilt at each start. Delete is a record of its own rather than a null tombstone:
+compaction drops tombstones after delete.retention.ms, and a worker started after that would serve the deleted item
+again from the checkpoint's item table, which the catalog only amends. A new item the model never saw gets the mean vector of its scene's items (the index's
 `cold_start_vector`): it scores like an average item of the scene, so it is recommendable without swamping
 recommendations until a vector from a retrained model arrives.
 

@@ -85,6 +85,30 @@ def test_property_exactly_k_in_scope_without_excluded(kind, scene, k, n_q, n_top
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scene", [None, "a", "tiny"])
+def test_search_without_exclusions_keeps_the_contract(kind, scene):
+    """The no-exclusion hot path answers as the general path does."""
+    idx = built(kind)
+    catalog = catalog_of(idx)
+    q = np.random.default_rng(2).normal(size=(5, idx.dim)).astype(np.float32)
+    for k in (1, 10, 200):
+        out = idx.search(q, scene=scene, k=k)
+        assert_valid(catalog, q, out, scene, [set()] * len(q), k)
+        assert out == idx.search(q, scene=scene, k=k, exclude=[{"ghost"}] * len(q))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_queries_are_refused(kind, bad):
+    idx = built(kind)
+    q = np.random.default_rng(3).normal(size=(3, idx.dim)).astype(np.float32)
+    q[1, 0] = bad
+    for exclude in (None, [[], [], []]):
+        with pytest.raises(ValueError, match="finite"):
+            idx.search(q, k=5, exclude=exclude)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_fewer_only_when_fewer_exist(kind):
     idx = built(kind)
     catalog = catalog_of(idx)
