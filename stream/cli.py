@@ -242,11 +242,15 @@ def export(dataset, input_path, scenes_mode, checkpoint, out, device):
               help="Prequential evaluation starts after this fraction of events by time.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write the final per-user records to OUT/users.jsonl (the worker's output schema).")
-@click.option("--batch-size", default=1000, help="Events per micro-batch (as the live worker).")
+@click.option("--batch-size", default=1000, help="Most events in one micro-batch (as the worker's --batch-max).")
+@click.option("--batch-wait", default=0.2, type=click.FloatRange(min=0), help="After the cutoff, a micro-batch "
+              "spans less than this many seconds of event time, as the worker's --batch-wait at the log's own "
+              "pace; 0 = cut by --batch-size only (fastest; fresh state then lags a batch behind).")
 @click.option("--k", default=10, help="K of the prequential Recall@K.")
 @click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on the last line.")
-def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch_size, k, device, as_json):
+def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch_size, batch_wait, k, device,
+           as_json):
     """Replay an event log through the live worker's code path; report prequential Recall@K for live, stale
     and most-popular recommendations."""
     from index import ItemIndex
@@ -255,7 +259,7 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
     encoder, loaded = _model_and_events(checkpoint, device, dataset, input_path, scenes_mode)
     index = ItemIndex.build(*encoder.item_vectors())
     result = run_replay(loaded, encoder, index, batch_size=batch_size, eval_cutoff=eval_cutoff, k=k,
-                        checkpoint_cutoff_ts=encoder.ckpt.meta.get("cutoff_ts"))
+                        checkpoint_cutoff_ts=encoder.ckpt.meta.get("cutoff_ts"), batch_wait_ms=round(batch_wait * 1000))
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         with open(Path(out) / "users.jsonl", "w") as f:

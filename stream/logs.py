@@ -87,7 +87,7 @@ def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] 
                 config: Optional[StreamConfig] = None, scenes_mode: str = "genre",
                 spec: SyntheticSpec = SyntheticSpec()) -> LoadedEvents:
     """One place that turns --dataset / --input into events. `config` fixes scenes and actions for logs;
-    data sets bring their own scenes."""
+    data sets bring their own scenes. Logs keep their line order (arrival order); data sets come in time order."""
     if (dataset is None) == (input_path is None):
         raise ValueError("give exactly one of --dataset or --input")
     if input_path is not None:
@@ -98,7 +98,10 @@ def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] 
         return collect((decode(line, config) for line in synthetic_lines(spec)), spec.scenes)
     if dataset in ("ml-1m", "ml-100k"):
         from .movielens import dataset_scenes, load_movielens
-        return LoadedEvents(load_movielens(dataset, scenes=scenes_mode), dataset_scenes(scenes_mode))
+        # The files are sorted by user, not an arrival log: give them in the order they happened (ties: file
+        # order, which event_id encodes), so replay and produce stream them as a live system would see them.
+        events = sorted(load_movielens(dataset, scenes=scenes_mode), key=lambda e: e.order_key)
+        return LoadedEvents(events, dataset_scenes(scenes_mode))
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
