@@ -173,7 +173,8 @@ def table(results: dict, command: str) -> str:
         if p:
             k = "recall@10"
             lines += [f"Prequential (model trained on events before the {p['cutoff']:.0%} time cutoff, the rest "
-                      f"replayed through the worker's code path, each event scored before it is applied; "
+                      f"replayed in time order through the worker's code path, each micro-batch (< 0.2 s of "
+                      f"event time, as the worker's --batch-wait) scored before it is applied; "
                       f"{p['live']['evaluated']} events):", "",
                       "| live | stale (frozen at the cutoff) | popular | live / stale |", "|---|---|---|---|",
                       f"| {p['live'][k]:.4f} | {p['stale'][k]:.4f} | {p['popular'][k]:.4f} | "
