@@ -103,16 +103,14 @@ def most_popular_loo(cases: Sequence[LooCase], ks=(10, 20), within_scene: bool =
     before their test events, history masked, full ranking (or within the test event's scene). Equal counts are
     broken by first appearance, so ties do not flatter the baseline."""
     counts: dict[str, int] = {}
+    scene_of: dict[str, str] = {}
     for c in cases:
         for e in c.history:
             counts[e.item_id] = counts.get(e.item_id, 0) + 1
+            scene_of.setdefault(e.item_id, e.scene)
     ids = list(counts)
     row = {i: r for r, i in enumerate(ids)}
     score = np.array([counts[i] for i in ids], dtype=np.float64) - np.arange(len(ids)) / (len(ids) + 1.0)
-    scene_of = {}
-    for c in cases:
-        for e in c.history:
-            scene_of.setdefault(e.item_id, e.scene)
     scenes = np.array([scene_of[i] for i in ids], dtype=object)
     ranks = np.full(len(cases), np.inf)
     for n, c in enumerate(cases):
