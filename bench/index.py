@@ -24,12 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import faiss
 
-import faiss  # noqa: E402
-
-from index import IndexSpec, ItemIndex  # noqa: E402
-from index.spec import AUTO_ANN_KIND, KINDS  # noqa: E402
+from scenestream.index import IndexSpec, ItemIndex
+from scenestream.index.spec import AUTO_ANN_KIND, KINDS
 
 K = 10
 TARGET_RECALL = 0.95
@@ -120,7 +118,7 @@ def main(argv=None) -> dict:
         for v in values:
             bar.set_postfix_str(f"{kind} {knob}={v}")
             if knob:
-                idx.tune(**{knob: v})
+                idx.set_search_knobs(**{knob: v})
             tried.append({**({knob: v} if knob else {}), "recall@10": round(recall(idx, q, truth), 4),
                           "qps_batch1": round(run_batches(lambda b: idx.search(b, k=K), q1, 1), 1),
                           "qps_batch256": round(run_batches(lambda b: idx.search(b, k=K), q, 256), 1)})
@@ -131,7 +129,7 @@ def main(argv=None) -> dict:
                        "settings": tried}
         if kind != "exact":
             if knob:
-                idx.tune(**{knob: best[knob]})
+                idx.set_search_knobs(**{knob: best[knob]})
             bar.set_postfix_str(f"{kind} wrapper overhead")
             kinds[kind]["wrapper_overhead"] = {"batch1": round(overhead(idx, q1, 1), 3),
                                                "batch256": round(overhead(idx, q, 256), 3)}

@@ -7,7 +7,7 @@ BENCHMARKS.md.
 Every model is trained with the `scenestream train` command a user runs (its per-data-set defaults), one process per
 run so each training time is a clean wall-clock figure. Checkpoints go to --workdir and are reused when present (a
 rerun only evaluates), so the section can be rebuilt without retraining. Evaluation is the protocol of
-`scenestream evaluate` (DESIGN.md): leave-one-out by time, full ranking, the user's history masked.
+`scenestream evaluate` (docs/design.md, "Metrics"): leave-one-out by time, full ranking, the user's history masked.
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scenestream.model.checkpoint import load_checkpoint
+from scenestream.model.infer import InterestEncoder
+from scenestream.stream.leave_one_out import evaluate_loo, loo_cases, most_popular_loo, sparse_scene_cases, timelines
+from scenestream.stream.movielens import load_movielens
 
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.evaluate import evaluate_loo, loo_cases, most_popular_loo, sparse_scene_cases  # noqa: E402
-from model.infer import InterestEncoder  # noqa: E402
-from model.train import timelines  # noqa: E402
-from stream.movielens import load_movielens  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -57,7 +55,7 @@ presets). Their figures are single runs; ours are means over seeds."""
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from stream.cli import main; main()", *args]
+    return [sys.executable, "-m", "scenestream.stream.cli", *args]
 
 
 def train(dataset: str, scenes: str, seed: int, out: Path, cutoff: float | None = None,

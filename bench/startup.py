@@ -18,12 +18,12 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scenestream.stream.broker import EmbeddedBroker
+from scenestream.stream.core.events import Event, encode
+from scenestream.stream.processes import free_port
+from scenestream.stream.produce import produce_lines
 
-from stream.broker import EmbeddedBroker, free_port  # noqa: E402
-from stream.events import Event, encode  # noqa: E402
-from stream.produce import produce_lines  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BARE_AGENT = textwrap.dedent("""
     import sys, time, faust
@@ -86,7 +86,7 @@ def worker_start(checkpoint: str) -> float:
         e = Event("b-1", "bench-user", "v0-00001", "video", "click", 1_767_225_600_000)
         asyncio.run(produce_lines(b.bootstrap, "clicks", [encode(e)], progress=False))
         t0 = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker", "--broker", b.url, "--checkpoint",
+        proc = subprocess.Popen([sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", b.url, "--checkpoint",
                                  checkpoint, "--web-port", str(free_port()), "--device", "cpu"],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -109,9 +109,9 @@ def main() -> None:
     if ckpt is None:
         ckpt = tempfile.mkdtemp()
         log = Path(ckpt) / "log.jsonl"
-        subprocess.run([sys.executable, "-m", "stream.cli", "generate", "--users", "200", "--out", str(log)],
+        subprocess.run([sys.executable, "-m", "scenestream.stream.cli", "generate", "--users", "200", "--out", str(log)],
                        cwd=ROOT, check=True, capture_output=True)
-        subprocess.run([sys.executable, "-m", "stream.cli", "train", "--input", str(log), "--epochs", "1",
+        subprocess.run([sys.executable, "-m", "scenestream.stream.cli", "train", "--input", str(log), "--epochs", "1",
                         "--out", ckpt], cwd=ROOT, check=True, capture_output=True)
     result = {"faust_defaults_s": [bare_faust("defaults") for _ in range(args.runs)],
               "faust_scenestream_settings_s": [bare_faust("scenestream") for _ in range(args.runs)],

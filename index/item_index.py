@@ -12,8 +12,8 @@ k + (excluded ids in scope) and filtering, which is exact for the exact kind. An
 short (IVF lists too few with a small nprobe, HNSW -1s or tombstones): the short queries are retried with
 WIDEN x the fetch and nprobe/efSearch, then answered by an exact scan of the scope's stored vectors.
 
-Items live in slots: faiss ids are slot numbers, `_slot_*` arrays hold each slot's item, scene and vector, and
-`_alive` says which slots are current. An upsert writes new slots; the old slot of a replaced or removed item is
+Items live in slots (`_Slots`): faiss ids are slot numbers, arrays hold each slot's item, scene and vector, and
+`alive` says which slots are current. An upsert writes new slots; the old slot of a replaced or removed item is
 removed from flat and IVF indexes (remove_ids) and left as a tombstone in HNSW (which cannot remove), filtered at
 search time. Past spec.rebuild_fraction of spent slots every scope is rebuilt from the live catalog, off the
 search lock, and swapped in. Slots are never rewritten, so published arrays never change under a reader.
@@ -36,7 +36,8 @@ from typing import Iterable, Optional, Sequence
 import faiss
 import numpy as np
 
-from .spec import GPU_MAX_K, WIDEN, IndexSpec, gpu_replica, new_index, scope_kind, tune, use_gpu, wider
+from .kinds import apply_search_knobs, gpu_replica, new_index, use_gpu, wider
+from .spec import GPU_MAX_K, WIDEN, IndexSpec, scope_kind
 
 GLOBAL = None  # scene=None searches all items
 _F32 = np.dtype(np.float32)
@@ -72,6 +73,24 @@ def _validated(item_ids: Sequence[str], item_scenes: Sequence[str], vectors: np.
     return list(item_ids), list(item_scenes), vectors
 
 
+@dataclass
+class _Slots:
+    """The catalog as one build (or load) holds it; a rebuild swaps in a whole new one under the lock."""
+    item: np.ndarray                    # object [capacity]: item id of each slot
+    scene: np.ndarray                   # int32 [capacity]: scene code of each slot
+    vec: np.ndarray                     # float32 [capacity, d]: vector of each slot (never rewritten)
+    alive: np.ndarray                   # bool [capacity]: the slot holds a current item
+    n: int                              # slots in use
+    scene_names: list[str]              # scene code -> name
+    scene_code: dict[str, int]
+    where: dict[str, int]               # item id -> its current slot
+    scopes: dict                        # None (all items) or scene -> _Scope
+    built_size: int                     # items at the last build, for the rebuild rule
+    stale: int                          # removed / replaced / (ANN) added slots since that build
+    cat: Optional[tuple]                # snapshot (item_ids, item_scenes, vectors, scenes); None: rebuild lazily
+    means: dict                         # cold-start vector cache per scope
+
+
 class ItemIndex:
     """Top-k inner-product search over item vectors, per scene and over all items, under live updates."""
 
@@ -83,7 +102,7 @@ class ItemIndex:
         self._gpu = use_gpu(spec.device)
         self._lock = threading.Lock()
         self._write = threading.Lock()
-        self.__dict__.update(self._fresh([], [], np.zeros((0, self.dim), np.float32)))
+        self._s = self._fresh([], [], np.zeros((0, self.dim), np.float32))
 
     @classmethod
     def build(cls, item_ids: Sequence[str], item_scenes: Sequence[str], vectors: np.ndarray,
@@ -91,12 +110,12 @@ class ItemIndex:
         """Index `vectors` [n_items, d]; row i belongs to item_ids[i] in scene item_scenes[i]. Exact by default."""
         ids, scenes, vectors = _validated(item_ids, item_scenes, vectors)
         idx = cls(vectors.shape[1], spec)
-        idx.__dict__.update(idx._fresh(ids, scenes, vectors))
+        idx._s = idx._fresh(ids, scenes, vectors)
         return idx
 
     # ---- state ----------------------------------------------------------------------------------------------
 
-    def _fresh(self, ids: list[str], scenes: list[str], vectors: np.ndarray) -> dict:
+    def _fresh(self, ids: list[str], scenes: list[str], vectors: np.ndarray) -> "_Slots":
         """All index state for a catalog, slots 0..n-1 in catalog order (build, rebuild)."""
         n = len(ids)
         names = list(dict.fromkeys(scenes))
@@ -108,9 +127,9 @@ class ItemIndex:
         for c, s in enumerate(names):
             rows = np.flatnonzero(codes == c)
             scopes[s] = scopes[GLOBAL] if len(names) == 1 else self._new_scope(vectors[rows], rows)
-        return dict(_slot_item=slot_item, _slot_scene=codes, _slot_vec=vectors, _alive=np.ones(n, bool),
-                    _n_slots=n, _scene_names=names, _scene_code=code, _where=dict(zip(ids, range(n))),
-                    _scopes=scopes, _built_size=n, _stale=0, _cat=(ids, scenes, vectors, tuple(names)), _means={})
+        return _Slots(item=slot_item, scene=codes, vec=vectors, alive=np.ones(n, bool), n=n, scene_names=names,
+                      scene_code=code, where=dict(zip(ids, range(n))), scopes=scopes, built_size=n, stale=0,
+                      cat=(ids, scenes, vectors, tuple(names)), means={})
 
     def _new_scope(self, vectors: np.ndarray, slots: np.ndarray) -> _Scope:
         kind = scope_kind(self.spec, len(vectors))
@@ -121,28 +140,28 @@ class ItemIndex:
 
     def _aliased(self, scene: Optional[str]) -> bool:
         """A scene whose scope is the global one (the catalog had a single scene at build)."""
-        return scene is not GLOBAL and self._scopes[scene] is self._scopes[GLOBAL]
+        return scene is not GLOBAL and self._s.scopes[scene] is self._s.scopes[GLOBAL]
 
     def _catalog(self) -> tuple[list[str], list[str], np.ndarray, tuple[str, ...]]:
         """(item_ids, item_scenes, vectors, scenes) of the live catalog; call under _lock."""
-        if self._cat is None:
-            live = np.flatnonzero(self._alive[:self._n_slots])
-            ids = self._slot_item[live].tolist()
-            scenes = [self._scene_names[c] for c in self._slot_scene[live].tolist()]
-            vecs = self._slot_vec[:self._n_slots] if len(live) == self._n_slots else self._slot_vec[live]
-            self._cat = (ids, scenes, vecs, tuple(dict.fromkeys(scenes)))
-        return self._cat
+        if self._s.cat is None:
+            live = np.flatnonzero(self._s.alive[:self._s.n])
+            ids = self._s.item[live].tolist()
+            scenes = [self._s.scene_names[c] for c in self._s.scene[live].tolist()]
+            vecs = self._s.vec[:self._s.n] if len(live) == self._s.n else self._s.vec[live]
+            self._s.cat = (ids, scenes, vecs, tuple(dict.fromkeys(scenes)))
+        return self._s.cat
 
     def _scope_mask(self, scene: Optional[str]) -> np.ndarray:
         """Which slots hold the scope's current items: bool [n_slots]."""
-        live = self._alive[:self._n_slots]
+        live = self._s.alive[:self._s.n]
         if scene is not GLOBAL:
-            live = live & (self._slot_scene[:self._n_slots] == self._scene_code[scene])
+            live = live & (self._s.scene[:self._s.n] == self._s.scene_code[scene])
         return live
 
     def _changed(self) -> None:
         """The catalog changed: drop what is derived from it."""
-        self._cat, self._means = None, {}
+        self._s.cat, self._s.means = None, {}
 
     @property
     def item_ids(self) -> list[str]:
@@ -169,25 +188,25 @@ class ItemIndex:
     def kinds(self) -> dict[Optional[str], str]:
         """scope (None = all items) -> the faiss kind serving it."""
         with self._lock:
-            return {s: scope.kind for s, scope in self._scopes.items()}
+            return {s: scope.kind for s, scope in self._s.scopes.items()}
 
     def faiss_index(self, scene: Optional[str] = GLOBAL) -> faiss.Index:
         """The CPU faiss index of a scope (ids are internal slots), for benchmarks and inspection; do not modify."""
-        return self._scopes[scene].index
+        return self._s.scopes[scene].index
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._s.where)
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self._where
+        return item_id in self._s.where
 
     contains = __contains__
 
     def scene_of(self, item_id: str) -> Optional[str]:
         """The item's current scene; None when it is not in the catalog (e.g. removed meanwhile)."""
         with self._lock:
-            slot = self._where.get(item_id)
-            return None if slot is None else self._scene_names[self._slot_scene[slot]]
+            slot = self._s.where.get(item_id)
+            return None if slot is None else self._s.scene_names[self._s.scene[slot]]
 
     # ---- search ---------------------------------------------------------------------------------------------
 
@@ -219,12 +238,12 @@ class ItemIndex:
             # non-finite query makes every score it touches inf/NaN (faiss drops NaN, padding with -1), so a
             # row whose best score is finite and whose last label is real came from a finite query.
             with self._lock:
-                scope = self._scopes.get(scene)
+                scope = self._s.scopes.get(scene)
                 if scope is not None and scope.dead == 0 and scope.live and scope.kind != "ivf-pq" and not self._gpu:
                     scores, labels = scope.index.search(q, k if k < scope.live else scope.live)
                     rows = scores.tolist()
                     if -1 not in labels[:, -1].tolist() and all(map(_finite, [r[0] for r in rows])):
-                        return [list(zip(i, r)) for i, r in zip(self._slot_item[labels].tolist(), rows)]
+                        return [list(zip(i, r)) for i, r in zip(self._s.item[labels].tolist(), rows)]
         q = self._queries(queries)
         excluded = None
         if exclude is not None and len(exclude) > 0:
@@ -234,7 +253,7 @@ class ItemIndex:
                 raise TypeError("each exclude entry must be an iterable of item ids, not a single string")
             excluded = [set(x) for x in exclude]
         with self._lock:
-            scope = self._scopes.get(scene)
+            scope = self._s.scopes.get(scene)
             if scope is None:
                 raise ValueError(f"unknown scene {scene!r}; the index holds scenes {list(self._catalog()[3])}")
             in_scope = [0] * len(q) if excluded is None else [self._n_in_scope(x, scene) for x in excluded]
@@ -256,7 +275,7 @@ class ItemIndex:
                 out[n] = self._take(labels[j], scores[j], k, ex[n])
             short = [n for n in short if len(out[n]) < min(k, scope.live - in_scope[n])]
         if short:  # exact scan; scores every slot rather than copying the scope's vectors out (1M items)
-            all_scores = q[short] @ self._slot_vec[:self._n_slots].T
+            all_scores = q[short] @ self._s.vec[:self._s.n].T
             all_scores[:, ~self._scope_mask(scene)] = -np.inf
             for j, n in enumerate(short):
                 m = min(scope.live, k + in_scope[n])  # the best m items in scope hold every result
@@ -278,14 +297,14 @@ class ItemIndex:
         # IVF-PQ: re-rank pq_refine x the candidates by their stored vectors, so scores are exact
         _, labels = index.search(q, n, params=params)
         valid = labels >= 0
-        scores = np.einsum("nfd,nd->nf", self._slot_vec[np.where(valid, labels, 0)], q)
+        scores = np.einsum("nfd,nd->nf", self._s.vec[np.where(valid, labels, 0)], q)
         scores[~valid] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :fetch]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
 
     def _take(self, labels: np.ndarray, scores: np.ndarray, k: int, ex) -> list[tuple[str, float]]:
         """The first k live, non-excluded items of one ranked row."""
-        res, alive, item_of = [], self._alive, self._slot_item
+        res, alive, item_of = [], self._s.alive, self._s.item
         for slot, s in zip(labels.tolist(), scores.tolist()):
             if slot < 0 or not alive[slot]:  # faiss pads with -1; HNSW keeps tombstones
                 continue
@@ -297,32 +316,32 @@ class ItemIndex:
         return res
 
     def _n_in_scope(self, ids: set[str], scene: Optional[str]) -> int:
-        where = self._where
+        where = self._s.where
         if scene is GLOBAL:
             return sum(1 for i in ids if i in where)
-        code, sc = self._scene_code[scene], self._slot_scene
+        code, sc = self._s.scene_code[scene], self._s.scene
         return sum(1 for i in ids if (s := where.get(i)) is not None and sc[s] == code)
 
     def scores(self, queries: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
         """Inner products [n_queries, len(item_ids)] of each query with the given items (tests, evaluation)."""
         q = self._queries(queries)
         with self._lock:
-            missing = [i for i in item_ids if i not in self._where]
+            missing = [i for i in item_ids if i not in self._s.where]
             if missing:
                 raise ValueError(f"unknown item ids: {missing[:5]}")
-            return q @ self._slot_vec[[self._where[i] for i in item_ids]].T
+            return q @ self._s.vec[[self._s.where[i] for i in item_ids]].T
 
     def cold_start_vector(self, scene: Optional[str] = None) -> np.ndarray:
         """The vector for a new item the catalog gives none: the mean of its scene's current item vectors, or of
         all items when the scene is new or empty (zeros for an empty catalog). It scores like a typical item of
         the scene until the model is retrained."""
         with self._lock:
-            scope = scene if scene in self._scopes else GLOBAL
-            if scope not in self._means:  # cached until the next update: a batch asks once per new item
+            scope = scene if scene in self._s.scopes else GLOBAL
+            if scope not in self._s.means:  # cached until the next update: a batch asks once per new item
                 mask = self._scope_mask(scope)
                 n = max(int(mask.sum()), 1)  # an empty catalog: zeros
-                self._means[scope] = (mask.astype(np.float32) @ self._slot_vec[:self._n_slots]) / n
-            return self._means[scope].copy()
+                self._s.means[scope] = (mask.astype(np.float32) @ self._s.vec[:self._s.n]) / n
+            return self._s.means[scope].copy()
 
     # ---- live updates ---------------------------------------------------------------------------------------
 
@@ -344,21 +363,21 @@ class ItemIndex:
         return n
 
     def _remove(self, ids: list[str]) -> int:
-        slots = np.array([self._where.pop(i) for i in ids if i in self._where], dtype=np.int64)
+        slots = np.array([self._s.where.pop(i) for i in ids if i in self._s.where], dtype=np.int64)
         if len(slots) == 0:
             return 0
-        self._alive[slots] = False
+        self._s.alive[slots] = False
         self._changed()
-        self._stale += len(slots)
-        codes = self._slot_scene[slots]
+        self._s.stale += len(slots)
+        codes = self._s.scene[slots]
         for c in np.unique(codes).tolist():
-            scene, sub = self._scene_names[c], slots[codes == c]
-            scope = self._scopes[scene]
+            scene, sub = self._s.scene_names[c], slots[codes == c]
+            scope = self._s.scopes[scene]
             if not self._aliased(scene):  # an aliased scene is dropped with the global scope below
                 self._drop(scope, sub)
             if scope.live == (len(sub) if self._aliased(scene) else 0):
-                del self._scopes[scene]  # emptied: the scene is gone, as from a fresh build
-        self._drop(self._scopes[GLOBAL], slots)
+                del self._s.scopes[scene]  # emptied: the scene is gone, as from a fresh build
+        self._drop(self._s.scopes[GLOBAL], slots)
         return len(slots)
 
     def _drop(self, scope: _Scope, slots: np.ndarray) -> None:
@@ -370,37 +389,37 @@ class ItemIndex:
         scope.gpu = None
 
     def _add(self, ids: list[str], scenes: list[str], vectors: np.ndarray) -> None:
-        n, base = len(ids), self._n_slots
+        n, base = len(ids), self._s.n
         if n == 0:
             return
         batch_scenes = list(dict.fromkeys(scenes))
-        for s in [s for s in self._scopes if s is not GLOBAL and self._aliased(s)]:
+        for s in [s for s in self._s.scopes if s is not GLOBAL and self._aliased(s)]:
             if batch_scenes != [s]:  # another scene arrives: the single scene needs its own index now
-                g = self._scopes[GLOBAL]
-                self._scopes[s] = _Scope(g.kind, faiss.clone_index(g.index), g.live, g.dead)
+                g = self._s.scopes[GLOBAL]
+                self._s.scopes[s] = _Scope(g.kind, faiss.clone_index(g.index), g.live, g.dead)
         for s in batch_scenes:
-            if s not in self._scene_code:
-                self._scene_code[s] = len(self._scene_names)
-                self._scene_names.append(s)
+            if s not in self._s.scene_code:
+                self._s.scene_code[s] = len(self._s.scene_names)
+                self._s.scene_names.append(s)
         self._grow(base + n)
         slots = np.arange(base, base + n, dtype=np.int64)
-        codes = np.fromiter((self._scene_code[s] for s in scenes), np.int32, n)
-        self._slot_item[base:base + n] = ids
-        self._slot_scene[base:base + n] = codes
-        self._slot_vec[base:base + n] = vectors
-        self._alive[base:base + n] = True
-        self._n_slots += n
-        self._where.update(zip(ids, range(base, base + n)))
+        codes = np.fromiter((self._s.scene_code[s] for s in scenes), np.int32, n)
+        self._s.item[base:base + n] = ids
+        self._s.scene[base:base + n] = codes
+        self._s.vec[base:base + n] = vectors
+        self._s.alive[base:base + n] = True
+        self._s.n += n
+        self._s.where.update(zip(ids, range(base, base + n)))
         self._changed()
         if self.spec.kind != "exact":
-            self._stale += n  # scope kinds and IVF centroids were chosen for the catalog as built
-        self._extend(self._scopes[GLOBAL], vectors, slots)
+            self._s.stale += n  # scope kinds and IVF centroids were chosen for the catalog as built
+        self._extend(self._s.scopes[GLOBAL], vectors, slots)
         for s in batch_scenes:
-            rows = np.flatnonzero(codes == self._scene_code[s])
-            if s not in self._scopes:
-                self._scopes[s] = self._new_scope(vectors[rows], slots[rows])
+            rows = np.flatnonzero(codes == self._s.scene_code[s])
+            if s not in self._s.scopes:
+                self._s.scopes[s] = self._new_scope(vectors[rows], slots[rows])
             elif not self._aliased(s):
-                self._extend(self._scopes[s], vectors[rows], slots[rows])
+                self._extend(self._s.scopes[s], vectors[rows], slots[rows])
 
     def _extend(self, scope: _Scope, vectors: np.ndarray, slots: np.ndarray) -> None:
         scope.index.add_with_ids(np.ascontiguousarray(vectors), slots)
@@ -409,35 +428,35 @@ class ItemIndex:
 
     def _grow(self, need: int) -> None:
         """Room for `need` slots; grows by doubling into new arrays, so published ones are never written."""
-        cap = len(self._alive)
+        cap = len(self._s.alive)
         if need <= cap:
             return
         cap = max(need, 2 * cap, 16)
-        n = self._n_slots
-        for name, shape, dtype in (("_slot_item", (cap,), object), ("_slot_scene", (cap,), np.int32),
-                                   ("_slot_vec", (cap, self.dim), np.float32), ("_alive", (cap,), bool)):
+        n = self._s.n
+        for name, shape, dtype in (("item", (cap,), object), ("scene", (cap,), np.int32),
+                                   ("vec", (cap, self.dim), np.float32), ("alive", (cap,), bool)):
             new = np.zeros(shape, dtype)
-            new[:n] = getattr(self, name)[:n]
-            setattr(self, name, new)
+            new[:n] = getattr(self._s, name)[:n]
+            setattr(self._s, name, new)
 
     def _maybe_rebuild(self) -> None:
         """Rebuild every scope from the live catalog once enough of the index is stale; call under _write."""
-        if self._stale <= self.spec.rebuild_fraction * max(self._built_size, self.spec.min_ann_items):
+        if self._s.stale <= self.spec.rebuild_fraction * max(self._s.built_size, self.spec.min_ann_items):
             return
         with self._lock:
             ids, scenes, vectors, _ = self._catalog()
         state = self._fresh(ids, scenes, np.ascontiguousarray(vectors))  # searches go on meanwhile
         with self._lock:
-            self.__dict__.update(state)
+            self._s = state
             self.rebuilds += 1
 
-    def tune(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+    def set_search_knobs(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
         """Change search-time knobs on the built index (no rebuild): IVF nprobe, HNSW efSearch."""
         with self._write, self._lock:
             self.spec = replace(self.spec, nprobe=nprobe or self.spec.nprobe,
                                 ef_search=ef_search or self.spec.ef_search)
-            for scope in {id(s): s for s in self._scopes.values()}.values():
-                tune(scope.index, scope.kind, self.spec)
+            for scope in {id(s): s for s in self._s.scopes.values()}.values():
+                apply_search_knobs(scope.index, scope.kind, self.spec)
                 scope.gpu = None
 
     # ---- persistence ----------------------------------------------------------------------------------------
@@ -450,9 +469,9 @@ class ItemIndex:
         with self._write:  # no update meanwhile; searches only read, so they go on
             with self._lock:
                 ids, scenes, vectors, _ = self._catalog()
-                slots = np.flatnonzero(self._alive[:self._n_slots])
+                slots = np.flatnonzero(self._s.alive[:self._s.n])
             scopes = []
-            for j, (scene, scope) in enumerate(self._scopes.items()):
+            for j, (scene, scope) in enumerate(self._s.scopes.items()):
                 entry = {"scene": scene, "kind": scope.kind, "live": scope.live, "dead": scope.dead}
                 if self._aliased(scene):
                     entry["file"] = None  # same index as the global scope
@@ -463,8 +482,8 @@ class ItemIndex:
             np.save(path / "vectors.npy", np.asarray(vectors))
             np.save(path / "slots.npy", slots)
             manifest = {"format": FORMAT, "model_version": model_version, "spec": asdict(self.spec),
-                        "dim": self.dim, "n_slots": self._n_slots, "stale": self._stale,
-                        "built_size": self._built_size, "scopes": scopes, "item_ids": ids, "item_scenes": scenes}
+                        "dim": self.dim, "n_slots": self._s.n, "stale": self._s.stale,
+                        "built_size": self._s.built_size, "scopes": scopes, "item_ids": ids, "item_scenes": scenes}
         tmp = path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, path / MANIFEST)
@@ -494,18 +513,19 @@ class ItemIndex:
         names = list(dict.fromkeys(scenes))
         code = {s: c for c, s in enumerate(names)}
         idx._grow(m["n_slots"])
-        idx._slot_item[slots] = ids
-        idx._slot_scene[slots] = [code[s] for s in scenes]
-        idx._slot_vec[slots] = vectors
-        idx._alive[slots] = True
-        idx.__dict__.update(_n_slots=m["n_slots"], _scene_names=names, _scene_code=code, _cat=None, _means={},
-                            _where=dict(zip(ids, slots.tolist())), _stale=m["stale"], _built_size=m["built_size"])
+        idx._s.item[slots] = ids
+        idx._s.scene[slots] = [code[s] for s in scenes]
+        idx._s.vec[slots] = vectors
+        idx._s.alive[slots] = True
+        idx._s.n, idx._s.scene_names, idx._s.scene_code = m["n_slots"], names, code
+        idx._s.where, idx._s.stale, idx._s.built_size = dict(zip(ids, slots.tolist())), m["stale"], m["built_size"]
+        idx._s.cat, idx._s.means = None, {}
         scopes: dict[Optional[str], _Scope] = {}
         for e in m["scopes"]:
             if e["file"] is None:
                 scopes[e["scene"]] = scopes[GLOBAL]
             else:
-                index = tune(faiss.read_index(str(path / e["file"])), e["kind"], idx.spec)
+                index = apply_search_knobs(faiss.read_index(str(path / e["file"])), e["kind"], idx.spec)
                 scopes[e["scene"]] = _Scope(e["kind"], index, e["live"], e["dead"])
-        idx._scopes = scopes
+        idx._s.scopes = scopes
         return idx

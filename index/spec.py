@@ -1,4 +1,5 @@
-"""Which FAISS index serves a scope of items, and how it is built, tuned and put on a device.
+"""Which FAISS index kind serves a scope of items, and every knob of it: plain data, so the CLI can show the choices
+without loading faiss (kinds.py builds, tunes and moves the indexes).
 
 Every index scores by inner product (METRIC_INNER_PRODUCT), the model's retrieval score, and stores faiss ids that
 are the item index's slot numbers (see item_index.py). `IndexSpec` knobs and defaults:
@@ -11,7 +12,7 @@ are the item index's slot numbers (see item_index.py). `IndexSpec` knobs and def
                               builds 8x faster (34 s vs 260 s for 1M x 64 on 2 cores, which matters for catalog
                               rebuilds), removes items for real instead of tombstoning them, and uses no graph memory.
     nlist            4096     IVF lists; capped at 4*sqrt(n) and at n/39 (faiss wants >= 39 training points a list).
-    nprobe           32       IVF lists scanned per query (recall/speed; `ItemIndex.tune` changes it in place). On
+    nprobe           32       IVF lists scanned per query (recall/speed; `ItemIndex.set_search_knobs` changes it). On
                               the 1M synthetic catalog: 8 -> recall@10 0.952, 32 -> 0.976, 128 -> 0.993; 32 keeps
                               a margin above 0.95 for catalogs less clustered than the benchmark's.
     hnsw_m           32       HNSW links per node (graph degree: recall and memory).
@@ -37,10 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
-
-import faiss
-import numpy as np
+from typing import Literal
 
 Kind = Literal["exact", "ivf-flat", "ivf-pq", "hnsw", "auto"]
 KINDS: tuple[str, ...] = ("exact", "ivf-flat", "ivf-pq", "hnsw", "auto")
@@ -90,69 +88,9 @@ def scope_kind(spec: IndexSpec, n: int) -> str:
     return kind
 
 
-def _nlist(spec: IndexSpec, n: int) -> int:
+def nlist_for(spec: IndexSpec, n: int) -> int:
     return max(1, min(spec.nlist, int(4 * math.sqrt(n)), n // 39))
 
 
-def _pq_m(spec: IndexSpec, d: int) -> int:
+def pq_m_for(spec: IndexSpec, d: int) -> int:
     return max(m for m in range(1, min(spec.pq_m, d) + 1) if d % m == 0)
-
-
-def new_index(spec: IndexSpec, kind: str, vectors: np.ndarray) -> faiss.Index:
-    """An empty index of `kind` whose add_with_ids/remove_ids take slot ids, trained on `vectors` where needed."""
-    d = vectors.shape[1]
-    ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "exact":
-        return faiss.IndexIDMap(faiss.IndexFlatIP(d))
-    if kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(d, spec.hnsw_m, ip)
-        inner.hnsw.efConstruction = spec.ef_construction
-        return tune(faiss.IndexIDMap(inner), kind, spec)
-    nlist = _nlist(spec, len(vectors))
-    if kind == "ivf-flat":
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
-    elif kind == "ivf-pq":
-        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, _pq_m(spec, d), spec.pq_nbits, ip)
-    else:
-        raise ValueError(f"no faiss index for kind {kind!r}")
-    ivf.cp.max_points_per_centroid = 64  # k-means on a sample: training time stays bounded at 1M items
-    ivf.train(vectors)
-    return tune(ivf, kind, spec)
-
-
-def tune(index: faiss.Index, kind: str, spec: IndexSpec) -> faiss.Index:
-    """Apply the spec's search-time knobs (nprobe / efSearch) to a built or loaded index."""
-    if kind == "hnsw":
-        faiss.downcast_index(index.index).hnsw.efSearch = spec.ef_search
-    elif kind.startswith("ivf"):
-        faiss.extract_index_ivf(index).nprobe = spec.nprobe
-    return index
-
-
-def wider(index: faiss.Index, kind: str) -> Optional[faiss.SearchParameters]:
-    """Search parameters for a retry that scans more of the index (None: a larger k is all that helps)."""
-    if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=faiss.downcast_index(index.index).hnsw.efSearch * WIDEN)
-    if kind.startswith("ivf"):
-        ivf = faiss.extract_index_ivf(index)
-        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, ivf.nprobe * WIDEN))
-    return None
-
-
-def use_gpu(device: str) -> bool:
-    if device == "cuda" and faiss.get_num_gpus() == 0:
-        raise RuntimeError("device cuda was asked for but faiss sees no GPU (is faiss-gpu installed?)")
-    return device != "cpu" and faiss.get_num_gpus() > 0
-
-
-_gpu_resources = None
-
-
-def gpu_replica(index: faiss.Index, kind: str) -> faiss.Index:
-    """A GPU copy of a flat or IVF index for searching; the CPU index stays the one that updates and saves."""
-    global _gpu_resources
-    if kind == "hnsw":
-        raise ValueError("HNSW has no GPU index")
-    if _gpu_resources is None:
-        _gpu_resources = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .model import FIRST_ITEM
 from .vocab import tensorize
 
 
@@ -48,7 +49,6 @@ class InterestEncoder:
         self.batch_size = batch_size
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], tuple[tuple, np.ndarray]] = OrderedDict()
-        self.windows_encoded = 0
 
     @property
     def version(self) -> str:
@@ -73,7 +73,6 @@ class InterestEncoder:
                               width).to(self.device)
             h = self.model.encoder(*batch.inputs(), last_only=True)
             out[idx] = h.float().cpu().numpy()
-        self.windows_encoded += len(windows)
         return out
 
     def _scene_vectors(self, states: Sequence[Mapping[str, Sequence]], users: Sequence[str]) -> np.ndarray:
@@ -123,8 +122,5 @@ class InterestEncoder:
     def item_vectors(self) -> tuple[list[str], list[str], np.ndarray]:
         """The catalog the index serves: item ids, their scenes, and their embedding rows."""
         with torch.no_grad():
-            E = self.model.item_vectors()[2:].float().cpu().numpy()
+            E = self.model.item_vectors()[FIRST_ITEM:].float().cpu().numpy()
         return self.ckpt.vocab.item_ids, self.ckpt.vocab.item_scenes, np.ascontiguousarray(E)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()

@@ -24,6 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PAD, OOV = 0, 1  # item index 0 pads a window, 1 stands for items the model never saw
+FIRST_ITEM = 2   # rows before this are PAD and OOV: never a target, never recommended; item i is row FIRST_ITEM + i
+
+
+def receptive_field(n_layers: int, span: int) -> int:
+    """Events the last position depends on: n_layers hops of `span` back, plus the event whose timestamp gives the
+    oldest one its time gap, plus the last event itself."""
+    return n_layers * span + 2
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,7 @@ class ModelConfig:
 
     @property
     def receptive_field(self) -> int:
-        """Events the last position depends on (including the one whose timestamp gives the first gap)."""
-        return self.n_layers * self.span + 2
+        return receptive_field(self.n_layers, self.span)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,8 +21,10 @@ With probability `scene_dropout` the target scene's own history is hidden from t
 history), so the fusion learns to transfer interest from other scenes: the case of a user new to a scene.
 Long users are cut into segments of `segment` targets, each with the receptive field's worth of earlier events as
 context, so attention stays short. The learning rate warms up, then decays to 0 over the planned epochs (cosine).
-Validation is time-ordered leave-one-out (second-last event), full ranking with the global vector, history masked;
-the best epoch by validation NDCG@10 is kept and training stops after `patience` epochs without a better one.
+The caller owns the data protocol: it gives the training timelines (time-ordered, held-out events already removed)
+and a `validate` function (for SceneStream, time-ordered leave-one-out on each user's second-last event, full
+ranking with the global vector, history masked: scenestream.stream.leave_one_out). The best epoch by validation
+NDCG@10 is kept and training stops after `patience` epochs without a better one.
 """
 from __future__ import annotations
 
@@ -32,21 +34,15 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stream.events import Event
-
 from .checkpoint import Checkpoint
-from .evaluate import evaluate_loo, loo_cases
-from .infer import InterestEncoder
-from .model import InterestModel, ModelConfig
-
-FIRST_ITEM = 2  # item rows 0 and 1 are PAD and OOV (model.py): never targets, never recommended
+from .model import FIRST_ITEM, InterestModel, ModelConfig
 from .vocab import ItemVocab, pack
 
 log = logging.getLogger(__name__)
@@ -69,40 +65,12 @@ class TrainConfig:
     threads: int = 0            # torch CPU threads (0 = torch's default)
 
 
-# Training defaults per data set, picked from measurements on a 2-core CPU (BENCHMARKS.md, "Recommendation quality").
-# Keys are TrainConfig fields plus the model's attention span; `None` is any other input (e.g. --input LOG).
-PRESETS: dict[Optional[str], dict] = {
-    None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
-    "synthetic": {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
-    "ml-1m": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
-    "ml-100k": {"epochs": 10, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
-}
-
-
-def preset(dataset: Optional[str]) -> dict:
-    """The training defaults for a named data set (a copy, safe to update)."""
-    return dict(PRESETS.get(dataset, PRESETS[None]))
-
-
-def presets_help() -> str:
-    return "\n".join(f"  {name or 'other input'}: " + ", ".join(f"{k} {v}" for k, v in p.items())
-                     for name, p in PRESETS.items())
-
-
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Cosine decay after a linear warm-up: a fixed epoch budget ends at a low learning rate, which is where most of
     the last epochs' gain comes from, instead of wherever a constant rate happened to be."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def timelines(events: Sequence[Event]) -> dict[str, list[Event]]:
-    """user -> events ascending by (ts, event_id), deduplicated by event_id."""
-    by_user: dict[str, dict[str, Event]] = {}
-    for e in events:
-        by_user.setdefault(e.user_id, {})[e.event_id] = e
-    return {u: sorted(d.values(), key=Event.order_key.fget) for u, d in by_user.items()}
 
 
 @dataclass
@@ -114,7 +82,7 @@ class _UserExample:
     target_scene: np.ndarray  # [n-1]
 
 
-def _example(tl: list[Event], vocab: ItemVocab, scene_index, action_index, skip: int = 1
+def _example(tl: Sequence, vocab: ItemVocab, scene_index, action_index, skip: int = 1
              ) -> Optional[_UserExample]:
     """Targets are tl[skip:]; the events before `skip` are context only."""
     S = len(scene_index)
@@ -200,19 +168,19 @@ def _loss(model: InterestModel, batch, scene_bias: Optional[torch.Tensor], scene
     return loss
 
 
-def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequence[str], window: int,
-                model_cfg: dict | None = None, cfg: TrainConfig = TrainConfig(), device: str = "cpu",
-                progress: bool = True) -> tuple[Checkpoint, dict]:
-    """Train on the events (validation = each user's second-last event, test = last, neither trained on).
-    Returns a Checkpoint with the best-validation weights and a history dict."""
+def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Sequence[str], actions: Sequence[str],
+                window: int, validate: Callable[[Checkpoint], dict], model_cfg: dict | None = None,
+                cfg: TrainConfig = TrainConfig(), device: str = "cpu", progress: bool = True) -> tuple[Checkpoint, dict]:
+    """Train on each user's time-ordered events (objects with item_id, scene, action and ts; what is held out for
+    validation and test already removed). `vocab` holds every item the model may score, the held-out ones too.
+    `validate(checkpoint)` returns metrics with "ndcg@10", computed after each epoch. Returns a Checkpoint with the
+    best-validation weights and a history dict."""
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tls = timelines(events)
-    vocab = ItemVocab.from_events(e for tl in tls.values() for e in tl)
     scene_index = {s: i for i, s in enumerate(scenes)}
     action_index = {a: i for i, a in enumerate(actions)}
     mc = ModelConfig(n_items=len(vocab), n_scenes=len(scenes), n_actions=len(actions), **(model_cfg or {}))
@@ -222,21 +190,17 @@ def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequenc
     dev = torch.device(device)
     model = InterestModel(mc).to(dev)
 
-    train_tls = {u: tl[:-2][-cfg.max_events:] for u, tl in tls.items() if len(tl) > 2}
+    train_tls = [tl[-cfg.max_events:] for tl in timelines.values()]
     examples = []
-    for tl in train_tls.values():
+    for tl in train_tls:
         for start in range(1, len(tl), cfg.segment):
             lo = max(0, start - mc.receptive_field)   # context: encoded, not trained on
             ex = _example(tl[lo:start + cfg.segment], vocab, scene_index, action_index, skip=start - lo)
             if ex:
                 examples.append(ex)
-    val_users = sorted(u for u, tl in tls.items() if len(tl) > 2)
-    if cfg.val_users and len(val_users) > cfg.val_users:
-        val_users = random.Random(cfg.seed).sample(val_users, cfg.val_users)
-    val_cases = loo_cases({u: tls[u][:-1] for u in val_users}, holdout=1)
     scene_bias = None   # [S, items]: 0 for the scene's items, -inf elsewhere; not needed with one scene
     if len(scenes) > 1:
-        scene_bias = torch.full((len(scenes), len(vocab) - 2), float("-inf"))
+        scene_bias = torch.full((len(scenes), len(vocab.item_ids)), float("-inf"))
         for i, s in enumerate(vocab.item_scenes):
             scene_bias[scene_index[s], i] = 0.0
         scene_bias = scene_bias.to(dev)
@@ -246,11 +210,10 @@ def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequenc
     warmup = min(cfg.warmup_steps, steps // 10)   # short runs (tests, small data) must not spend them warming up
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps, warmup))
     ckpt = Checkpoint(model, vocab, tuple(scenes), tuple(actions), window, version="training")
-    history = {"epochs": [], "train_events": sum(len(tl) for tl in train_tls.values()),
-               "users": len(tls), "items": len(vocab) - 2, "config": asdict(cfg), "model": mc.to_dict()}
+    history = {"epochs": [], "train_events": sum(len(tl) for tl in train_tls), "items": len(vocab.item_ids),
+               "config": asdict(cfg), "model": mc.to_dict()}
     best, best_state, stale = -1.0, None, 0
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not progress)
-    # longest users first inside each shuffled chunk keeps padding low
     for epoch in bar:
         model.train()
         order = list(range(len(examples)))
@@ -268,8 +231,7 @@ def train_model(events: Sequence[Event], scenes: Sequence[str], actions: Sequenc
             sched.step()
             losses.append(loss.item())
         model.eval()
-        enc = InterestEncoder(ckpt, dev, cache_size=0)
-        val = evaluate_loo(enc, val_cases)
+        val = validate(ckpt)
         history["epochs"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **val})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val['ndcg@10']:.4f}")
         log.info("epoch %d: loss %.4f, validation NDCG@10 %.4f, %.0f s", epoch + 1, np.mean(losses),

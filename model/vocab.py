@@ -10,24 +10,25 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .model import OOV, PAD, gap_bucket
+from .model import FIRST_ITEM, OOV, PAD, gap_bucket
 
 
 @dataclass
 class ItemVocab:
-    item_ids: list[str]      # row i + 2 of the embedding table
+    item_ids: list[str]      # row FIRST_ITEM + i of the embedding table
     item_scenes: list[str]   # scene of each item, aligned with item_ids
     _index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
         if len(self.item_ids) != len(self.item_scenes):
             raise ValueError("item_ids and item_scenes differ in length")
-        self._index = {item: i + 2 for i, item in enumerate(self.item_ids)}
+        self._index = {item: i + FIRST_ITEM for i, item in enumerate(self.item_ids)}
         if len(self._index) != len(self.item_ids):
             raise ValueError("duplicate item ids in vocabulary")
 
     def __len__(self) -> int:
-        return len(self.item_ids) + 2
+        """Rows of the embedding table: the items plus PAD and OOV."""
+        return len(self.item_ids) + FIRST_ITEM
 
     def row(self, item_id: str) -> int:
         return self._index.get(item_id, OOV)
@@ -99,4 +100,4 @@ def tensorize(windows: Sequence[Sequence], vocab: ItemVocab, scene_index: dict[s
     return pack(seqs, T, gap_buckets)
 
 
-__all__ = ["ItemVocab", "WindowBatch", "tensorize", "PAD", "OOV"]
+__all__ = ["ItemVocab", "WindowBatch", "tensorize", "PAD", "OOV", "FIRST_ITEM"]

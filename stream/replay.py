@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from index import ItemIndex
-from model.infer import InterestEncoder
+from scenestream.index import ItemIndex
+from scenestream.model.infer import InterestEncoder
 
-from .events import Event
+from .core.batch import apply_batch, interest_record
+from .core.events import Event
+from .core.popularity import Popularity
+from .core.window import UserState
 from .logs import LoadedEvents, time_cutoff
-from .pipeline import apply_batch, interest_record
-from .window import UserState
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,6 @@ class ReplayResult:
                 "late_dropped": self.late_dropped, "events_per_s": round(self.events_per_s, 1),
                 "wall_s": round(self.wall_s, 2), "users": len(self.records), "cutoff_ts": self.cutoff_ts,
                 "prequential": self.prequential, "warnings": self.warnings}
-
-
-class _Popularity:
-    def __init__(self, scenes: Sequence[str]):
-        self.counts = {s: Counter() for s in scenes}
-
-    def add(self, events: Sequence[Event]) -> None:
-        for e in events:
-            self.counts[e.scene][e.item_id] += 1
-
-    def ranked(self, scene: str, n: int) -> list[str]:
-        # ties broken by item id so the list is deterministic
-        return [i for i, _ in sorted(self.counts[scene].items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
 def _seen(state: Optional[UserState], scene: str) -> set[str]:
@@ -103,7 +91,7 @@ def replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, bat
     state: dict[str, UserState] = {}
     live: dict[str, np.ndarray] = {}
     records: dict[str, dict] = {}
-    popularity = _Popularity(scenes)
+    popularity = Popularity()
     hits = {m: 0 for m in METHODS}
     evaluated = 0
     late = 0
@@ -140,7 +128,7 @@ def replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, bat
             j = scenes.index(scene)
             seen = [_seen(state.get(e.user_id), scene) if exclude_seen else set() for e in evs]
             longest = max(len(s) for s in seen)
-            popular = popularity.ranked(scene, k + longest)
+            popular = [i for i, _ in popularity.ranked(scene, k + longest)]
             pop_top = [[i for i in popular if i not in s][:k] for s in seen]
             for method in METHODS:
                 if method == "popular":

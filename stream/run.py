@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,8 +16,10 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .broker import EmbeddedBroker, bootstrap_servers, die_with_parent
+from .broker import EmbeddedBroker, bootstrap_servers
+from .cache import cache_dir
 from .logs import synthetic_lines
+from .processes import spawn
 from .produce import line_key, produce_lines
 from .synthetic import SyntheticSpec
 
@@ -28,18 +29,15 @@ DEMO_SPEC = SyntheticSpec()  # the data `generate` writes by default
 DEMO_TRAIN_USERS = 1000      # the cached demo model trains on the first 1000 users' events (under 2 minutes here)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SCENESTREAM_CACHE", Path.home() / ".cache" / "scenestream"))
-
-
 def demo_checkpoint(epochs: int = 3) -> Path:
     """A small model trained on the synthetic data, cached so the second run starts at once."""
-    from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from model.train import TrainConfig, train_model
+    from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from scenestream.model.train import TrainConfig
 
-    from .config import DEFAULT_ACTIONS
+    from .core.config import DEFAULT_ACTIONS
+    from .leave_one_out import fit
     from .logs import load_events
-    out = cache_dir() / "models" / f"synthetic-demo-e{epochs}"
+    out = cache_dir("models", f"synthetic-demo-e{epochs}")
     try:
         load_checkpoint(out)
         log.info("using cached demo model %s", out)
@@ -50,8 +48,8 @@ def demo_checkpoint(epochs: int = 3) -> Path:
     loaded = load_events(dataset="synthetic", spec=DEMO_SPEC)
     users = {f"u{u:06d}" for u in range(DEMO_TRAIN_USERS)}
     events = [e for e in loaded.events if e.user_id in users]
-    ckpt, history = train_model(events, loaded.scenes, DEFAULT_ACTIONS, 50,
-                                cfg=TrainConfig(epochs=epochs, val_users=500), progress=True)
+    ckpt, history = fit(events, loaded.scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=epochs, val_users=500),
+                        progress=True)
     save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50,
                     {"dataset": "synthetic-demo", "cutoff_ts": None, **history})
     return out
@@ -96,10 +94,8 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker", "--broker", broker_url,
-                                   "--checkpoint", str(ckpt), "--web-port", str(port)],
-                                  stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  preexec_fn=die_with_parent, start_new_session=True)
+        worker = spawn([sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", broker_url,
+                        "--checkpoint", str(ckpt), "--web-port", str(port)], log_path)
         api = f"http://127.0.0.1:{port}"
         print(f"starting the worker (log: {log_path}) ...", file=sys.stderr, flush=True)
         if not wait_ready(api, 120, worker, lambda: stop["now"]):

@@ -3,7 +3,7 @@
 Why not a Faust Table: (1) Faust forbids table writes from inside `stream.take()`; (2) Faust recovers a table by
 reading its changelog up to the broker's reported high watermark, and the embedded Tansu broker reports the high
 watermark of a partition as (base offset of the last record batch + 1), so every record after the first one of the
-last batch is silently skipped -- the "1 of 2000 updates missing" seen here (`tests/test_state.py` shows it).
+last batch is silently skipped -- the "1 of 2000 updates missing" seen here (docs/design.md, "Durability").
 
 What we do instead:
 - The changelog value for a user is their whole state (all scene windows). Windows form a lattice, so recovery
@@ -22,22 +22,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
-from typing import Iterable, Optional
+from typing import AsyncIterator, Iterable, Optional
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from .events import Event
-from .window import UserState, apply_user
+from .core.events import Event
+from .core.window import UserState, apply_user
 
 log = logging.getLogger(__name__)
 
 FENCE_KEY = b"\x00fence"
-# Fault injection for the crash test's own test: recovery skips the last user record of each partition, the loss
-# seen here once. Never set it in production.
-FAULT_ENV = "SCENESTREAM_FAULT_DROP_LAST_STATE_RECORD"
 MARKER_KEY = b"\x00applied"
+RECOVERY_DEADLINE_S = 300
 
 
 def encode_state(state: UserState) -> bytes:
@@ -60,14 +57,11 @@ def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
 class ChangelogStore:
     """state[partition][user] -> UserState, recovered lazily per partition before its first event is applied."""
 
-    def __init__(self, bootstrap: str, topic: str, window: int, strategy: str = "fence"):
-        if strategy not in ("fence", "highwater"):
-            raise ValueError("recovery strategy must be 'fence' or 'highwater'")
-        self.bootstrap, self.topic, self.window, self.strategy = bootstrap, topic, window, strategy
+    def __init__(self, bootstrap: str, topic: str, window: int):
+        self.bootstrap, self.topic, self.window = bootstrap, topic, window
         self.partitions: dict[int, dict[str, UserState]] = {}
         self.applied: dict[int, int] = {}   # source partition -> highest source offset durably applied (-1: none)
         self.producer: Optional[AIOKafkaProducer] = None
-        self.records_recovered = 0
         self._locks: dict[int, asyncio.Lock] = {}
 
     async def start(self) -> None:
@@ -101,50 +95,41 @@ class ChangelogStore:
             return True
 
     async def recover(self, partition: int) -> tuple[dict[str, UserState], int]:
+        """Join every user record of the partition as it streams in (memory holds the states, never the log)."""
+        state: dict[str, UserState] = {}
+        applied, n = -1, 0
+        async for m in self._read_changelog(partition):
+            if m.key == MARKER_KEY:
+                applied = max(applied, int(m.value))
+            elif m.key and m.key != FENCE_KEY and m.value:
+                user = m.key.decode()
+                state[user] = join_states(state.get(user), decode_state(user, m.value), self.window)
+                n += 1
+        log.info("recovered partition %d of %s: %d records, %d users, applied up to offset %d", partition,
+                 self.topic, n, len(state), applied)
+        return state, applied
+
+    async def _read_changelog(self, partition: int) -> AsyncIterator:
+        """Every record of the changelog partition up to a fence written now, whose offset the broker acknowledged:
+        the log's end as the broker itself says on produce, never its reported high watermark."""
         tp = TopicPartition(self.topic, partition)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
         await consumer.start()
-        state: dict[str, UserState] = {}
-        records: list = []
-        applied = -1
         try:
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
-            if self.strategy == "fence":
-                meta = await self.producer.send_and_wait(self.topic, b"", key=FENCE_KEY, partition=partition)
-                last = meta.offset          # the broker's own word for where the log ends now
-            else:
-                last = (await consumer.end_offsets([tp]))[tp] - 1   # trusts the high watermark (unsafe on Tansu)
-            deadline = time.monotonic() + 300
-            while last >= 0:
+            last = (await self.producer.send_and_wait(self.topic, b"", key=FENCE_KEY, partition=partition)).offset
+            deadline = time.monotonic() + RECOVERY_DEADLINE_S
+            while await consumer.position(tp) <= last:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"recovery of {self.topic}[{partition}] did not reach offset {last}")
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                msgs = batch.get(tp, [])
-                for m in msgs:
-                    if m.offset > last:
-                        break
-                    if m.key == MARKER_KEY:
-                        applied = max(applied, int(m.value))
-                    elif m.key and m.key != FENCE_KEY and m.value:
-                        records.append(m)
-                if msgs and msgs[-1].offset >= last:
-                    break
-                if not msgs and await consumer.position(tp) > last:
-                    break
+                    raise RuntimeError(f"recovery of {self.topic}[{partition}] did not reach offset {last} within "
+                                       f"{RECOVERY_DEADLINE_S} s")
+                for m in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    if m.offset <= last:
+                        yield m
         finally:
             await consumer.stop()
-        if os.environ.get(FAULT_ENV) == "1" and records:
-            records.pop()
-        for m in records:  # lattice join: order and duplicates do not matter
-            user = m.key.decode()
-            state[user] = join_states(state.get(user), decode_state(user, m.value), self.window)
-        n = len(records)
-        self.records_recovered += n
-        log.info("recovered partition %d of %s: %d records, %d users, applied up to offset %d", partition,
-                 self.topic, n, len(state), applied)
-        return state, applied
 
     async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
         """Apply updates in memory and send them, then the offset marker, to the changelog partition; returns

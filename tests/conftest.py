@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import save_checkpoint
-from model.train import TrainConfig, train_model
-from stream.broker import EmbeddedBroker, free_port
-from stream.config import DEFAULT_ACTIONS
-from stream.synthetic import SyntheticSpec, generate
+from scenestream.model.checkpoint import save_checkpoint
+from scenestream.model.train import TrainConfig
+from scenestream.stream.leave_one_out import fit
+from scenestream.stream.broker import EmbeddedBroker
+from scenestream.stream.processes import free_port
+from scenestream.stream.core.config import DEFAULT_ACTIONS
+from scenestream.stream.synthetic import SyntheticSpec, generate
+
+from .faults import boot_command
 
 SMALL = SyntheticSpec(users=400, seed=11)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +36,7 @@ def small_world():
 def checkpoint(tmp_path_factory, small_world):
     """A real (small, briefly trained) model: the worker tests are about plumbing, not quality."""
     events, _ = small_world
-    ckpt, history = train_model(events, SMALL.scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=1, val_users=200),
+    ckpt, history = fit(events, SMALL.scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=1, val_users=200),
                                 progress=False)
     out = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50, {"cutoff_ts": None})
@@ -61,16 +66,18 @@ class WorkerProcess:
         return {"clicks": f"{self.app_id}-clicks", "dlq": f"{self.app_id}-dlq", "out": f"{self.app_id}-out",
                 "catalog": f"{self.app_id}-catalog"}
 
-    def start(self, env: dict | None = None) -> "WorkerProcess":
+    def start(self, fault: str | None = None) -> "WorkerProcess":
+        """Start (again); `fault` names a fault of tests/faults.py to patch into this incarnation."""
         self.starts += 1
-        log = open(self.log_dir / f"{self.app_id}-{self.starts}.log", "wb")
-        cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", self.broker.url,
+        prefix = boot_command(fault) if fault else [sys.executable, "-m", "scenestream.stream.cli"]
+        cmd = [*prefix, "worker", "--broker", self.broker.url,
                "--checkpoint", str(self.checkpoint), "--app-id", self.app_id,
                "--clicks-topic", self.topics["clicks"], "--dlq-topic", self.topics["dlq"],
                "--output-topic", self.topics["out"], "--catalog-topic", self.topics["catalog"], "--web-port", str(self.web_port), "--device", "cpu",
                "--batch-wait", "0.1", *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        with open(self.log_dir / f"{self.app_id}-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 
     @property

@@ -11,8 +11,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.events import Event, encode
-from stream.produce import produce_lines
+from scenestream.stream.core.events import Event, encode
+from scenestream.stream.core.window import apply_user
+from scenestream.stream.produce import produce_lines
 
 from .conftest import run
 from .test_worker import stream_of
@@ -104,7 +105,7 @@ def test_freshness_an_event_shows_in_recommendations_within_five_seconds(served,
     print(f"freshness over {len(lags)} events: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
 
 
-def test_bad_inputs_get_4xx_never_5xx(served):
+def test_bad_inputs_get_4xx_never_5xx(served, checkpoint):
     w, events = served
     user = events[0].user_id
     bad_queries = [{"scene": "podcast"}, {"k": "0"}, {"k": "1001"}, {"k": "-3"}, {"k": "ten"}, {"k": ""},
@@ -116,9 +117,17 @@ def test_bad_inputs_get_4xx_never_5xx(served):
         for path in ("recommendations", "interests"):
             status, body = get(f"{w.api}/users/{urllib.parse.quote(bad_user, safe='')}/{path}")
             assert 400 <= status < 500, (bad_user, path, status, body)
-    for ok in [{"k": "1"}, {"k": "1000"}, {"exclude_seen": "false"}, {"scene": "video", "k": "1000"}]:
-        status, body = recs(w, user, **ok)
-        assert status == 200 and len(body["items"]) == min(int(ok.get("k", 10)), 1000) or body["items"], (ok, body)
+    # a user the other tests leave alone: each query gets exactly min(k, eligible items in its scope)
+    quiet = sorted({e.user_id for e in events})[-1]
+    seen = {e.item_id for w in apply_user({}, [e for e in events if e.user_id == quiet], 50)[0].values() for e in w}
+    catalog = json.loads((checkpoint / "items.json").read_text())
+    for ok in [{"k": "1"}, {"k": "1000"}, {"exclude_seen": "false"}, {"scene": "video", "k": "1000"},
+               {"scene": "shop", "k": "1000", "exclude_seen": "false"}]:
+        status, body = recs(w, quiet, **ok)
+        scope = {i for i, s in catalog if ok.get("scene") in (None, s)}
+        eligible = scope - seen if ok.get("exclude_seen", "true") == "true" else scope
+        assert status == 200 and len(body["items"]) == min(int(ok.get("k", 10)), len(eligible)), (ok, body)
+        assert {i["item_id"] for i in body["items"]} <= eligible
     status, body = recs(w, "someone-new", scene="article", k=7)
     assert status == 200 and body["fallback"] == "popular" and len(body["items"]) == 7
     assert all(i["scene"] == "article" for i in body["items"])

@@ -7,15 +7,17 @@ import time
 import numpy as np
 import pytest
 
-from index import ItemIndex
-from stream.catalog import CatalogUpdate, apply_updates, collapse, decode_update
-from stream.events import Event, encode
-from stream.produce import produce_lines
+from scenestream.index import ItemIndex
+from scenestream.stream.core.config import StreamConfig
+from scenestream.stream.catalog import CatalogUpdate, apply_updates, collapse, decode_update
+from scenestream.stream.core.events import Event, encode
+from scenestream.stream.produce import produce_lines
 
 from .conftest import run
 from .test_api import get, recs, wait_ready
 
 SCENES = ("video", "article", "shop")
+CFG = StreamConfig(scenes=SCENES)
 D = 4
 
 
@@ -24,10 +26,10 @@ def rec(**kw) -> bytes:
 
 
 def test_decode_accepts_upserts_cold_starts_and_deletes():
-    assert decode_update(rec(item_id="a", scene="shop", vector=[1, 2, 3, 4.5]), SCENES, D) == \
+    assert decode_update(rec(item_id="a", scene="shop", vector=[1, 2, 3, 4.5]), CFG, D) == \
         CatalogUpdate("a", "shop", (1.0, 2.0, 3.0, 4.5))
-    assert decode_update(rec(item_id="a", scene="video"), SCENES, D) == CatalogUpdate("a", "video")
-    assert decode_update(rec(item_id="a", op="delete"), SCENES, D) == CatalogUpdate("a", delete=True)
+    assert decode_update(rec(item_id="a", scene="video"), CFG, D) == CatalogUpdate("a", "video")
+    assert decode_update(rec(item_id="a", op="delete"), CFG, D) == CatalogUpdate("a", delete=True)
 
 
 @pytest.mark.parametrize("raw", [
@@ -38,7 +40,7 @@ def test_decode_accepts_upserts_cold_starts_and_deletes():
     b'{"item_id": "a", "scene": "shop", "vector": [1, 2, 3, NaN]}', rec(item_id="a", scene="shop", vector="x"),
 ])
 def test_decode_rejects_bad_records_with_a_reason(raw):
-    out = decode_update(raw, SCENES, D)
+    out = decode_update(raw, CFG, D)
     assert isinstance(out, str) and out
 
 

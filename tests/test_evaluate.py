@@ -5,18 +5,18 @@ import sys
 
 import numpy as np
 
-from stream.logs import synthetic_lines, write_jsonl
-from stream.synthetic import SyntheticSpec
+from scenestream.stream.logs import synthetic_lines, write_jsonl
+from scenestream.stream.synthetic import SyntheticSpec
 
 
 def cli(*args) -> str:
-    proc = subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "scenestream.stream.cli", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 def numpy_evaluator(folder) -> dict[str, float]:
-    """Written from DESIGN.md's metric definitions only: full ranking over all exported items, the user's other
+    """Written from docs/design.md's metric definitions only: full ranking over all exported items, the user's other
     history items masked, one held-out item per user; an item missing from the catalog is a miss."""
     items = folder.joinpath("item_ids.txt").read_text().split("\n")[:-1]
     I = np.load(folder / "item_vectors.npy").astype(np.float64)

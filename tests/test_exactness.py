@@ -1,4 +1,4 @@
-"""The exactness contract (DESIGN.md): for any multiset of valid events, delivered in any order, with duplicates, in
+"""The exactness contract (docs/design.md): for any multiset of valid events, delivered in any order, with duplicates, in
 any micro-batch sizes and across restarts, the streamed vectors equal an offline encode from scratch within 1e-5."""
 import random
 
@@ -7,13 +7,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.checkpoint import Checkpoint
-from model.infer import InterestEncoder
-from model.model import InterestModel, ModelConfig
-from model.vocab import ItemVocab
-from stream.events import Event
-from stream.pipeline import apply_batch, interest_records
-from stream.window import apply_user, group_by_user
+from scenestream.model.checkpoint import Checkpoint
+from scenestream.model.infer import InterestEncoder
+from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.vocab import ItemVocab
+from scenestream.stream.core.events import Event
+from scenestream.stream.core.batch import apply_batch, interest_records
+from scenestream.stream.core.window import apply_user, group_by_user
 
 SCENES = ("video", "article", "shop")
 ACTIONS = ("view", "click", "like", "buy")

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index import ItemIndex
+from scenestream.index import ItemIndex
 
 TOL = 1e-5
 

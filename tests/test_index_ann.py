@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index import IndexSpec, IndexVersionError, ItemIndex
-from index import spec as spec_module
-from index.spec import scope_kind
+from scenestream.index import IndexSpec, IndexVersionError, ItemIndex
+from scenestream.index import kinds as kinds_module
+from scenestream.index import spec as spec_module
+from scenestream.index.spec import scope_kind
 from tests.test_index import brute, check
 
 ANN = ["ivf-flat", "ivf-pq", "hnsw"]
@@ -217,7 +218,7 @@ def test_concurrent_updates_and_searches(kind):
         assert [{i for i, _ in r} for r in full] == \
             [{i for i, _ in r} for r in fresh.search(q, scene=scene, k=everything, exclude=exclude)]
         for x in (idx, fresh):
-            x.tune(nprobe=10_000, ef_search=5000)
+            x.set_search_knobs(nprobe=10_000, ef_search=5000)
         a, b = (x.search(q, scene=scene, k=10, exclude=exclude) for x in (idx, fresh))
         if kind in ("exact", "ivf-flat"):  # every list probed: IVF-flat is exact too
             assert [[i for i, _ in r] for r in a] == [[i for i, _ in r] for r in b]
@@ -326,9 +327,9 @@ def test_cli_build_saves_a_loadable_index(tmp_path, monkeypatch):
     """`index build` plumbing, with the checkpoint loader replaced by a fixed catalog (no training here)."""
     from click.testing import CliRunner
 
-    import model.checkpoint
-    import model.infer
-    from index.cli import index_group
+    import scenestream.model.checkpoint
+    import scenestream.model.infer
+    from scenestream.stream.cli.index import index_group
 
     ids, scenes, vecs = clustered(500, seed=16)
 
@@ -341,8 +342,8 @@ def test_cli_build_saves_a_loadable_index(tmp_path, monkeypatch):
         def item_vectors(self):
             return ids, scenes, vecs
 
-    monkeypatch.setattr(model.checkpoint, "load_checkpoint", lambda path, device="cpu": "loaded")
-    monkeypatch.setattr(model.infer, "InterestEncoder", Encoder)
+    monkeypatch.setattr(scenestream.model.checkpoint, "load_checkpoint", lambda path, device="cpu": "loaded")
+    monkeypatch.setattr(scenestream.model.infer, "InterestEncoder", Encoder)
     out = tmp_path / "ix"
     result = CliRunner().invoke(index_group, ["build", "--checkpoint", "ckpt", "--kind", "ivf-flat", "--nprobe", "3",
                                               "--out", str(out)])
@@ -360,14 +361,14 @@ def test_gpu_replica_plumbing(monkeypatch):
     search a replica, HNSW never gets one, and updates refresh it (a stale one would return removed items)."""
     import faiss
 
-    import index.item_index as item_index_module
+    import scenestream.index.item_index as item_index_module
     made = []
 
     def fake_replica(index, kind):
         made.append(kind)
         return faiss.clone_index(index)
 
-    monkeypatch.setattr(spec_module.faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(kinds_module.faiss, "get_num_gpus", lambda: 1)
     monkeypatch.setattr(item_index_module, "gpu_replica", fake_replica)
     ids, scenes, vecs = clustered(1200, seed=17)
     for kind in KINDS:
@@ -378,7 +379,7 @@ def test_gpu_replica_plumbing(monkeypatch):
         idx.remove(top)
         assert not set(top) & {i for i, _ in idx.search(vecs[:3], scene="a", k=5)[0]}
         assert_valid(catalog_of(idx), vecs[:3], idx.search(vecs[:3], k=5), None, [set()] * 3, 5)
-    monkeypatch.setattr(spec_module.faiss, "get_num_gpus", lambda: 0)
+    monkeypatch.setattr(kinds_module.faiss, "get_num_gpus", lambda: 0)
     with pytest.raises(RuntimeError, match="no GPU"):
         ItemIndex.build(ids, scenes, vecs, IndexSpec(device="cuda"))
     assert ItemIndex.build(ids, scenes, vecs, IndexSpec(device="auto")).search(vecs[0], k=1)[0][0][0] == ids[0]

@@ -2,8 +2,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.events import Event
-from stream.replay import micro_batches
+from scenestream.stream.core.events import Event
+from scenestream.stream.replay import micro_batches
 
 
 @given(gaps=st.lists(st.integers(0, 500), max_size=60), batch_size=st.integers(1, 8), wait_ms=st.integers(0, 400))

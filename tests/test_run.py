@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from stream.broker import free_port
+from scenestream.stream.processes import free_port
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -31,7 +31,7 @@ def running(pattern: str) -> list[str]:
 
 def test_run_serves_recommendations_and_ctrl_c_stops_everything(checkpoint, tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "run", "--port", str(port), "--broker-port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "scenestream.stream.cli", "run", "--port", str(port), "--broker-port", "0",
                              "--rate", "1000", "--checkpoint", str(checkpoint), "--log", str(tmp_path / "w.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "SCENESTREAM_CACHE": str(tmp_path / "cache")})

@@ -4,12 +4,13 @@ in. Synthetic users share one topic preference across scenes; we withhold a targ
 import numpy as np
 import pytest
 
-from model.infer import InterestEncoder
-from model.metrics import ndcg_at, recall_at
-from model.train import TrainConfig, train_model
-from stream.config import DEFAULT_ACTIONS
-from stream.synthetic import SyntheticSpec, generate
-from stream.window import apply_user
+from scenestream.model.infer import InterestEncoder
+from scenestream.model.metrics import ndcg_at, recall_at
+from scenestream.model.train import TrainConfig
+from scenestream.stream.leave_one_out import fit
+from scenestream.stream.core.config import DEFAULT_ACTIONS
+from scenestream.stream.synthetic import SyntheticSpec, generate
+from scenestream.stream.core.window import apply_user
 
 TARGET = "shop"
 
@@ -25,7 +26,7 @@ def world():
                       if sum(e.scene == TARGET for e in evs) >= 5 and sum(e.scene != TARGET for e in evs) >= 5)[:300]
     hidden = set(withheld)
     train_events = [e for e in events if not (e.user_id in hidden and e.scene == TARGET)]
-    ckpt, _ = train_model(train_events, spec.scenes, DEFAULT_ACTIONS, 50,
+    ckpt, _ = fit(train_events, spec.scenes, DEFAULT_ACTIONS, 50,
                           cfg=TrainConfig(epochs=4, patience=2, val_users=500), progress=False)
     return spec, per_user, withheld, train_events, InterestEncoder(ckpt)
 

@@ -1,4 +1,4 @@
-"""The state lattice (stream/window.py) against DESIGN.md "State: a lattice".
+"""The state lattice (stream/core/window.py) against docs/design.md "State: a lattice".
 
 Any arrival order, any duplicates, any micro-batch boundaries and any crash-and-redelivery give, per (user, scene),
 top-L of the deduplicated set of events, computed here by an independent reference; apply_window is idempotent,
@@ -12,8 +12,8 @@ from types import MappingProxyType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import Event
-from stream.window import apply_user, apply_window, group_by_user
+from scenestream.stream.core.events import Event
+from scenestream.stream.core.window import apply_user, apply_window, group_by_user
 
 TS0 = 1_700_000_000_000
 SCENES = ("video", "article", "shop")

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from index import ItemIndex
-from model.checkpoint import load_checkpoint
-from model.infer import InterestEncoder
-from stream.events import REASONS, Event, encode
-from stream.logs import LoadedEvents
-from stream.produce import produce_lines
-from stream.replay import replay
-from stream.synthetic import SyntheticSpec, generate, malformed_line
+from scenestream.index import ItemIndex
+from scenestream.model.checkpoint import load_checkpoint
+from scenestream.model.infer import InterestEncoder
+from scenestream.stream.core.events import REASONS, Event, encode
+from scenestream.stream.logs import LoadedEvents
+from scenestream.stream.produce import produce_lines
+from scenestream.stream.replay import replay
+from scenestream.stream.synthetic import SyntheticSpec, generate, malformed_line
 
 from .conftest import run
 
@@ -165,14 +165,14 @@ def test_killed_three_times_the_worker_still_converges_to_replay(broker, checkpo
     assert_equal_records(wait_for(broker, w.topics["out"], want, timeout=180), want)
 
 
-def restart_from_changelog_then_tail(broker, checkpoint, w, events, env=None) -> dict[str, dict]:
+def restart_from_changelog_then_tail(broker, checkpoint, w, events, fault=None) -> dict[str, dict]:
     """Everything is consumed and durable. Kill the worker once more: the next incarnation must rebuild every window
     from the changelog alone (no re-delivery will fill a gap), then apply one new event per user on top. A recovery
     that lost the last changelog update of any partition shows up as a wrong count or vector. Returns what the
     output must converge to."""
     time.sleep(2.0)
     w.kill()
-    w.start(env=env)
+    w.start(fault=fault)
     last_ts = max(e.ts for e in events)
     users = sorted({e.user_id for e in events})
     tail = [Event(f"tail-{u}", u, events[n % len(events)].item_id, events[n % len(events)].scene, "click",
@@ -188,8 +188,7 @@ def test_the_crash_check_catches_a_recovery_that_drops_the_last_update(broker, c
     w = worker_factory().start()
     run(produce_lines(broker.bootstrap, w.topics["clicks"], lines, progress=False))
     wait_for(broker, w.topics["out"], offline_records(checkpoint, events))
-    want = restart_from_changelog_then_tail(broker, checkpoint, w, events,
-                                            env={"SCENESTREAM_FAULT_DROP_LAST_STATE_RECORD": "1"})
+    want = restart_from_changelog_then_tail(broker, checkpoint, w, events, fault="drop_last_state_record")
     with pytest.raises(AssertionError, match="never reached the offline state"):
         wait_for(broker, w.topics["out"], want, timeout=30)
     got = newest_records(run(read_topic(broker.bootstrap, w.topics["out"], idle=1.0)))
@@ -235,7 +234,7 @@ def test_worker_consumes_within_ten_seconds_of_start(broker, checkpoint, worker_
 def test_clear_errors_for_an_unreachable_broker_and_a_bad_checkpoint(checkpoint, tmp_path):
     import subprocess
     import sys
-    base = [sys.executable, "-m", "stream.cli", "worker", "--web-port", "0"]
+    base = [sys.executable, "-m", "scenestream.stream.cli", "worker", "--web-port", "0"]
     proc = subprocess.run(base + ["--broker", "kafka://127.0.0.1:1", "--checkpoint", str(checkpoint)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "unreachable" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,7 +1,8 @@
 """What a deployment configures about its events: scenes, actions, window length and input limits.
 
-One frozen dataclass, so the decoder, the state and the model agree on the same vocabulary of scenes and actions.
-Every field has a documented default; the CLI maps flags and SCENESTREAM_* environment variables onto it.
+One frozen dataclass, so the decoder, the state, the catalog, the API and the model agree on the same vocabulary and
+the same limits. Every field has a documented default; the CLI maps flags and SCENESTREAM_* environment variables
+onto it (docs/configuration.md).
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ DEFAULT_ACTIONS = ("view", "click", "like", "buy")
 # 1990-01-01 .. 2100-01-01 in epoch milliseconds: admits MovieLens-100k (1997) and rejects seconds-for-ms mistakes.
 TS_MIN_MS = 631_152_000_000
 TS_MAX_MS = 4_102_444_800_000
+
+# Environment-only settings (every other setting is a CLI flag with its own variable; docs/configuration.md).
+SCENES_ENV = "SCENESTREAM_SCENES"    # comma-separated scenes of event logs read with --input (default below)
+ACTIONS_ENV = "SCENESTREAM_ACTIONS"  # comma-separated actions of those logs
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,13 @@ class StreamConfig:
 
     @classmethod
     def from_env(cls, **overrides) -> "StreamConfig":
-        """Defaults, then SCENESTREAM_SCENES / _ACTIONS / _WINDOW, then explicit overrides (CLI flags)."""
+        """Defaults, then SCENESTREAM_SCENES / SCENESTREAM_ACTIONS (the vocabulary of event logs given with
+        --input), then explicit overrides (CLI flags). The window is a flag of `train`, not an environment setting:
+        every other command takes it from the checkpoint."""
         env: dict = {}
-        if os.environ.get("SCENESTREAM_SCENES"):
-            env["scenes"] = _csv(os.environ["SCENESTREAM_SCENES"])
-        if os.environ.get("SCENESTREAM_ACTIONS"):
-            env["actions"] = _csv(os.environ["SCENESTREAM_ACTIONS"])
-        if os.environ.get("SCENESTREAM_WINDOW"):
-            env["window"] = int(os.environ["SCENESTREAM_WINDOW"])
+        for name, var in (("scenes", SCENES_ENV), ("actions", ACTIONS_ENV)):
+            if os.environ.get(var):
+                env[name] = _csv(os.environ[var])
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)
 

@@ -1,5 +1,5 @@
 """`scenestream index ...`: build and save the item index for a checkpoint, so serving loads it instead of
-building it (the point for ANN kinds at large catalogs). stream/cli.py registers `index_group` on `main`."""
+building it (the point for ANN kinds at large catalogs)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import time
 
 import click
 
-from .spec import DEVICES, KINDS, IndexSpec
+from scenestream.index.spec import DEVICES, KINDS, IndexSpec
 
 
 @click.group("index")
@@ -32,10 +32,9 @@ def index_group() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 def build(checkpoint, kind, nlist, nprobe, hnsw_m, ef_search, pq_m, device, out):
     """Build the item index over a checkpoint's item vectors and save it with the model version."""
-    from model.checkpoint import CheckpointError, load_checkpoint
-    from model.infer import InterestEncoder
-
-    from .item_index import ItemIndex
+    from scenestream.index import ItemIndex
+    from scenestream.model.checkpoint import CheckpointError, load_checkpoint
+    from scenestream.model.infer import InterestEncoder
     try:
         spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, pq_m=pq_m,
                          device=device)
@@ -49,3 +48,6 @@ def build(checkpoint, kind, nlist, nprobe, hnsw_m, ef_search, pq_m, device, out)
     kinds = {("*" if s is None else s): k for s, k in index.kinds.items()}
     click.echo(json.dumps({"out": str(out), "model_version": encoder.version, "items": len(index),
                            "build_s": round(seconds, 3), "kinds": kinds}))
+
+
+COMMANDS = (index_group,)

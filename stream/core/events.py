@@ -1,7 +1,8 @@
 """The clickstream event and its decoder: raw bytes in, a typed Event or a typed Rejection out, never an exception.
 
 Every consumer of input (live worker, replay, log readers, training) goes through `decode` / `validate_record`, so a
-payload is judged the same way everywhere and a bad one never reaches the state.
+payload is judged the same way everywhere and a bad one never reaches the state. `check_id` is the one id rule, used
+by the catalog and the HTTP API as well.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ REASONS = (
     "oversized",          # payload larger than max_payload_bytes
     "not_utf8",           # bytes are not UTF-8
     "bad_json",           # not parseable JSON
+    "bad_csv",            # a CSV log the csv module cannot read (e.g. a NUL byte)
     "non_finite",         # NaN / Infinity literal anywhere in the payload
     "not_object",         # JSON value is not an object
     "missing_field",      # a required field is absent
@@ -101,10 +103,14 @@ def decode(raw: bytes, config: StreamConfig) -> Decoded:
         return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
 
 
-def _check_id(obj: dict, name: str, config: StreamConfig) -> Union[str, Rejection]:
+def _check_field_id(obj: dict, name: str, config: StreamConfig) -> Union[str, Rejection]:
     if name not in obj:
         return Rejection("missing_field", f"missing field {name!r}")
-    value = obj[name]
+    return check_id(obj[name], name, config)
+
+
+def check_id(value: Any, name: str, config: StreamConfig) -> Union[str, Rejection]:
+    """The one rule for ids (events, catalog items, API paths): a non-empty printable string within the limits."""
     if not isinstance(value, str):
         return Rejection("wrong_type", f"{name} must be a string, got {type(value).__name__}")
     if not value:
@@ -123,7 +129,7 @@ def validate_record(obj: Any, config: StreamConfig) -> Decoded:
             return Rejection("not_object", f"expected a JSON object, got {type(obj).__name__}")
         ids = {}
         for name in ("user_id", "item_id"):
-            checked = _check_id(obj, name, config)
+            checked = _check_field_id(obj, name, config)
             if isinstance(checked, Rejection):
                 return checked
             ids[name] = checked
@@ -159,7 +165,7 @@ def validate_record(obj: Any, config: StreamConfig) -> Decoded:
         if event_id is None:
             event_id = derive_event_id(ids["user_id"], ids["item_id"], scene, action, ts)
         else:
-            checked = _check_id(obj, "event_id", config)
+            checked = _check_field_id(obj, "event_id", config)
             if isinstance(checked, Rejection):
                 return checked
             event_id = checked

@@ -9,12 +9,13 @@ all touched users in one batched forward and builds the record that is published
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
-
-from model.infer import InterestEncoder, Interests
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 from .events import Event
 from .window import UserState, apply_user, group_by_user
+
+if TYPE_CHECKING:  # the encoder is passed in: this layer never loads torch
+    from scenestream.model.infer import InterestEncoder, Interests
 
 
 @dataclass
@@ -34,7 +35,7 @@ def apply_batch(lookup: Callable[[str], Optional[UserState]], events: Sequence[E
     return BatchOutcome(updates, dropped)
 
 
-def interest_record(user: str, state: UserState, vec: Interests, row: int, scenes: Sequence[str],
+def interest_record(user: str, state: UserState, vec: "Interests", row: int, scenes: Sequence[str],
                     version: str) -> dict:
     """The published per-user record (the README documents it): same keys from the worker and from replay."""
     targets = list(scenes) + ["global"]
@@ -54,7 +55,7 @@ def interest_record(user: str, state: UserState, vec: Interests, row: int, scene
     }
 
 
-def interest_records(encoder: InterestEncoder, states: Mapping[str, UserState]) -> list[dict]:
+def interest_records(encoder: "InterestEncoder", states: Mapping[str, UserState]) -> list[dict]:
     vec = encoder.interests(states)
     return [interest_record(u, states[u], vec, r, encoder.scenes, encoder.version) for r, u in enumerate(vec.users)]
 

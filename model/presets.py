@@ -1,0 +1,26 @@
+"""Training defaults per data set. A module of plain data, so `scenestream train --help` can show them without
+loading torch.
+
+Picked from measurements on a 2-core CPU (BENCHMARKS.md, "Recommendation quality"). Keys are TrainConfig fields plus
+the model's attention span; `None` is any other input (e.g. --input LOG).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+PRESETS: dict[Optional[str], dict] = {
+    None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
+    "synthetic": {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
+    "ml-1m": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
+    "ml-100k": {"epochs": 10, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
+}
+
+
+def preset(dataset: Optional[str]) -> dict:
+    """The training defaults for a named data set (a copy, safe to update)."""
+    return dict(PRESETS.get(dataset, PRESETS[None]))
+
+
+def presets_help() -> str:
+    return "\n".join(f"  {name or 'other input'}: " + ", ".join(f"{k} {v}" for k, v in p.items())
+                     for name, p in PRESETS.items())

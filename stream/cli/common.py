@@ -1,0 +1,68 @@
+"""What several commands share: the event source options, the device option, and opening a checkpoint, each
+turning the library's errors into one clear line (click.ClickException) instead of a traceback."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..core.config import StreamConfig
+from ..logs import DATASETS, SourceError
+
+log = logging.getLogger("scenestream")
+
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+def device_option(f):
+    return click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")(f)
+
+
+def source_options(f):
+    f = click.option("--input", "input_path", type=click.Path(dir_okay=False),
+                     help="Event log: JSONL (one event per line) or CSV with a header of event fields.")(f)
+    f = click.option("--dataset", type=click.Choice(DATASETS),
+                     help="A named data set instead of --input. 'synthetic' is exactly what `generate` writes "
+                          "with its defaults; ml-1m / ml-100k are fetched once into the cache.")(f)
+    f = click.option("--scenes", "scenes_mode", type=click.Choice(["genre", "single"]), default="genre",
+                     show_default=True, help="MovieLens only: scenes from each movie's first genre, or one scene.")(f)
+    return f
+
+
+def load(dataset, input_path, scenes_mode, config=None):
+    """The decoded events of --dataset / --input; invalid lines counted and logged, none at all an error."""
+    from ..logs import load_events
+    try:
+        loaded = load_events(dataset, input_path, config=config, scenes_mode=scenes_mode)
+    except SourceError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not loaded.events:
+        raise click.ClickException(f"no valid events in the input ({loaded.n_invalid} invalid: "
+                                   f"{dict(loaded.invalid)})")
+    if loaded.n_invalid:
+        log.warning("skipped %d invalid lines: %s", loaded.n_invalid, dict(loaded.invalid))
+    return loaded
+
+
+def open_model(checkpoint: str, device: str):
+    """An InterestEncoder over the checkpoint, on the device asked for."""
+    from scenestream.model.checkpoint import CheckpointError, load_checkpoint
+    from scenestream.model.infer import InterestEncoder, resolve_device
+    try:
+        dev = resolve_device(device)
+        return InterestEncoder(load_checkpoint(checkpoint, dev), dev)
+    except (CheckpointError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def model_and_events(checkpoint, device, dataset, input_path, scenes_mode):
+    """The checkpoint's model, and the data decoded with the checkpoint's scenes and actions."""
+    encoder = open_model(checkpoint, device)
+    config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
+    loaded = load(dataset, input_path, scenes_mode, config)
+    if tuple(loaded.scenes) != tuple(encoder.scenes):
+        raise click.ClickException(f"the data's scenes {list(loaded.scenes)} differ from the checkpoint's "
+                                   f"{list(encoder.scenes)}")
+    return encoder, loaded

@@ -1,0 +1,90 @@
+"""Serving commands: the live worker, and `run`, the whole system on one machine."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .common import DEVICE, open_model
+
+
+@click.command()
+@click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT of the Kafka cluster. Unset: start the embedded broker.")
+@click.option("--checkpoint", required=True, envvar="SCENESTREAM_CHECKPOINT", type=click.Path(),
+              help="Checkpoint folder from `train`.")
+@click.option("--app-id", default="scenestream", help="Consumer group and topic prefix of the worker.")
+@click.option("--clicks-topic", default="clicks", help="Input topic (key = user_id).")
+@click.option("--dlq-topic", default="clicks-dlq", help="Dead letters: raw bytes, reason, source position.")
+@click.option("--output-topic", default="user-interests", help="Published per-user records (key = user_id).")
+@click.option("--partitions", default=4, help="Partitions of the topics the worker creates.")
+@click.option("--batch-max", default=1000, help="Most events in one micro-batch.")
+@click.option("--batch-wait", default=0.2, help="Seconds a micro-batch waits to fill.")
+@click.option("--web-host", default="127.0.0.1", help="HTTP bind address.")
+@click.option("--web-port", default=6066, help="HTTP port.")
+@click.option("--canonical-url", default="", help="URL other workers use to forward API requests here "
+              "(default: http://WEB_HOST:WEB_PORT, or the hostname when binding 0.0.0.0).")
+@click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
+@click.option("--catalog-topic", default="item-catalog",
+              help="Live catalog updates (add / replace / delete items), read in full by every worker.")
+@click.option("--index-kind", type=click.Choice(["auto", "exact", "ivf-flat", "ivf-pq", "hnsw"]), default="auto",
+              help="Item index built at start (auto: exact up to 100k items, else the measured ANN default).")
+@click.option("--index", "index_path", default="", type=click.Path(),
+              help="Load this saved index (`scenestream index build`) instead of building one; refused unless it "
+                   "was built for the checkpoint's model version.")
+def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
+           batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path):
+    """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
+    from scenestream.index import IndexVersionError
+
+    from ..broker import EmbeddedBroker
+    from ..worker import WorkerConfig, check_reachable, open_index, run_worker
+    encoder = open_model(checkpoint, device)
+    embedded = None
+    if broker_url is None:
+        embedded = EmbeddedBroker().start()
+        broker_url = embedded.url
+        click.echo(f"embedded broker on {broker_url}", err=True)
+    try:
+        try:
+            check_reachable(broker_url)
+        except Exception as exc:
+            raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
+        cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
+                           output_topic=output_topic, partitions=partitions, batch_max=batch_max,
+                           batch_wait=batch_wait, web_host=web_host, web_port=web_port, canonical_url=canonical_url,
+                           catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path)
+        try:
+            index = open_index(cfg, encoder)
+        except (IndexVersionError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        code = run_worker(cfg, encoder, index=index)
+    finally:
+        if embedded:
+            embedded.stop()
+    sys.exit(code)
+
+
+@click.command("run")
+@click.option("--port", default=6066, help="HTTP port of the API.")
+@click.option("--broker-port", default=9092, help="Port of the embedded broker (0 = any free port).")
+@click.option("--rate", default=200.0, help="Synthetic events per second streamed into `clicks`.")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="Model to serve. Default: a small model trained on the synthetic data (cached).")
+@click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT of a real Kafka instead of the embedded broker.")
+@click.option("--log", "log_path", default=None, type=click.Path(dir_okay=False),
+              help="Worker log file. Default: <cache>/run/worker.log.")
+def run_cmd(port, broker_port, rate, checkpoint, broker_url, log_path):
+    """The main job: embedded broker + model + worker + API + a synthetic clickstream. Ctrl-C stops all."""
+    from ..cache import cache_dir
+    from ..run import run_demo
+    path = Path(log_path) if log_path else cache_dir("run", "worker.log")
+    try:
+        sys.exit(run_demo(port, broker_port, rate, checkpoint, broker_url, path))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+COMMANDS = (worker, run_cmd)
