@@ -138,7 +138,7 @@ class SceneFusion(nn.Module):
     def forward(self, h: torch.Tensor, has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, S, d], has [N, S] (each row has at least one True) -> H [N, S+1, d], a [N, S+1, S].
         Row S of H and a is the global vector and its weights."""
-        N, S, d = h.shape
+        _, S, d = h.shape
         keys = self.key(h + self.scene_key.weight[None])                                   # [N, S, d]
         scores = torch.einsum("td,nsd->nts", self.query, keys) / math.sqrt(d)              # [N, S+1, S]
         scores = scores.masked_fill(~has[:, None, :], float("-inf"))

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .processes import free_port, spawn, stop, wait_for_port
+from .processes import free_port, spawn, stop_process, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        stop(proc)
+        stop_process(proc)
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start() if self.proc is None else self

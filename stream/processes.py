@@ -50,7 +50,7 @@ def spawn(command: Sequence[str], log_path: Optional[str | Path] = None) -> subp
                                 preexec_fn=die_with_parent, start_new_session=True)
 
 
-def stop(proc: Optional[subprocess.Popen], timeout: float = 5.0) -> None:
+def stop_process(proc: Optional[subprocess.Popen], timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after `timeout` seconds; a child that already exited is left as it is."""
     if proc is None or proc.poll() is not None:
         return

@@ -74,11 +74,11 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
              log_path: Path) -> int:
     stop = {"now": False}
 
-    def on_signal(signum, frame):  # a flag, not an exception: the producer and the event loop wind down cleanly
+    def on_signal(_signum, _frame):  # a flag, not an exception: the producer and the event loop wind down cleanly
         if stop["now"]:
             raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
         stop["now"] = True
-    def interrupt(signum, frame):
+    def interrupt(_signum, _frame):
         raise KeyboardInterrupt
 
     for sig in (signal.SIGTERM, signal.SIGINT):   # SIGINT too: it arrives ignored in a background job

@@ -114,7 +114,3 @@ def worker_factory(broker, checkpoint, tmp_path):
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

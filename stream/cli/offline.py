@@ -71,7 +71,11 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
     chosen = {**preset(dataset), **{k: v for k, v in given.items() if v is not None}}
     span = chosen.pop("span")
     window = window or receptive_field(layers, span)
-    loaded = load(dataset, input_path, scenes_mode, StreamConfig.from_env(window=window))
+    try:
+        config = StreamConfig.from_env(window=window)
+    except ValueError as exc:
+        raise click.UsageError(f"event vocabulary: {exc}") from exc
+    loaded = load(dataset, input_path, scenes_mode, config)
     events = loaded.events
     cutoff_ts = None
     if cutoff is not None:

@@ -9,13 +9,19 @@ all touched users in one batched forward and builds the record that is published
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from .events import Event
 from .window import UserState, apply_user, group_by_user
 
-if TYPE_CHECKING:  # the encoder is passed in: this layer never loads torch
-    from scenestream.model.infer import InterestEncoder, Interests
+
+class Encoder(Protocol):
+    """What the step needs of the model (scenestream.model.infer.InterestEncoder): passed in, so this layer never
+    loads torch."""
+    scenes: tuple[str, ...]
+    version: str
+
+    def interests(self, states: Mapping[str, UserState]) -> Any: ...
 
 
 @dataclass
@@ -35,7 +41,7 @@ def apply_batch(lookup: Callable[[str], Optional[UserState]], events: Sequence[E
     return BatchOutcome(updates, dropped)
 
 
-def interest_record(user: str, state: UserState, vec: "Interests", row: int, scenes: Sequence[str],
+def interest_record(user: str, state: UserState, vec: Any, row: int, scenes: Sequence[str],
                     version: str) -> dict:
     """The published per-user record (the README documents it): same keys from the worker and from replay."""
     targets = list(scenes) + ["global"]
@@ -55,7 +61,7 @@ def interest_record(user: str, state: UserState, vec: "Interests", row: int, sce
     }
 
 
-def interest_records(encoder: "InterestEncoder", states: Mapping[str, UserState]) -> list[dict]:
+def interest_records(encoder: Encoder, states: Mapping[str, UserState]) -> list[dict]:
     vec = encoder.interests(states)
     return [interest_record(u, states[u], vec, r, encoder.scenes, encoder.version) for r, u in enumerate(vec.users)]
 

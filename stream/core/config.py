@@ -25,7 +25,7 @@ ACTIONS_ENV = "SCENESTREAM_ACTIONS"  # comma-separated actions of those logs
 class StreamConfig:
     scenes: tuple[str, ...] = DEFAULT_SCENES
     actions: tuple[str, ...] = DEFAULT_ACTIONS
-    default_action: str = "click"
+    default_action: str = ""          # the action of events that name none: "click" if configured, else the first
     window: int = 50  # L: events kept per (user, scene)
     max_payload_bytes: int = 4096
     max_id_chars: int = 128
@@ -35,8 +35,12 @@ class StreamConfig:
     _action_set: frozenset = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not self.scenes or len(set(self.scenes)) != len(self.scenes):
-            raise ValueError(f"scenes must be non-empty and unique, got {self.scenes!r}")
+        for name in ("scenes", "actions"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"{name} must be non-empty and unique, got {values!r}")
+        if not self.default_action:
+            object.__setattr__(self, "default_action", "click" if "click" in self.actions else self.actions[0])
         if self.default_action not in self.actions:
             raise ValueError(f"default action {self.default_action!r} is not one of {self.actions!r}")
         if self.window < 1:

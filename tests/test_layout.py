@@ -1,0 +1,160 @@
+"""The house: one installed namespace, layers that import bottom-up, a CLI that loads nothing heavy to show its help,
+generated configuration docs, and documentation that cites only files the repository has."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"stream": "scenestream.stream", "model": "scenestream.model", "index": "scenestream.index"}
+HEAVY = ("torch", "faiss", "faust", "aiokafka", "aiohttp")
+
+
+def test_the_wheel_installs_only_the_scenestream_namespace(tmp_path):
+    """pip builds the wheel from pyproject.toml; every file in it lives under scenestream/ (or its dist-info)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("scenestream-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    assert tops == {"scenestream", next(t for t in tops if t.endswith(".dist-info"))}, tops
+    for folder, package in PACKAGES.items():   # every module of the three folders is in the wheel
+        for path in (ROOT / folder).rglob("*.py"):
+            assert f"{package.replace('.', '/')}/{path.relative_to(ROOT / folder).as_posix()}" in names, path
+
+
+def test_the_namespace_imports_and_no_generic_name_does(tmp_path):
+    run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)  # noqa: E731
+    ok = run("import scenestream.stream, scenestream.model, scenestream.index")
+    assert ok.returncode == 0, ok.stderr
+    for name in PACKAGES:
+        assert run(f"import {name}").returncode != 0, name
+        # not even from the checkout itself, where the folders are on sys.path
+        inside = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
+        assert inside.returncode != 0 and "scenestream." in inside.stderr, name
+
+
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import in the file, relative ones resolved against its package."""
+    rel = path.relative_to(root).parts
+    package = PACKAGES[rel[0]].split(".") + list(rel[1:-1])
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append((node.module, node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1])
+            out += [(f"{base}.{node.module}", node.lineno)] if node.module else \
+                [(f"{base}.{a.name}", node.lineno) for a in node.names]
+    return out
+
+
+def layer_violations(paths: list[Path], root: Path = ROOT) -> list[str]:
+    """The pure core imports no Kafka, Faust, HTTP, torch or CLI, and nothing of stream/ outside itself; model/ and
+    index/ import nothing else of the project; nothing imports the old top-level names; only the CLI imports it."""
+    bad = []
+    for path in paths:
+        where = path.relative_to(root).as_posix()
+        for module, line in _imports(path, root):
+            top = module.split(".")[0]
+            if top in PACKAGES:
+                bad.append(f"{where}:{line} imports the generic name {module}")
+            if where.startswith("stream/core/") and (top in HEAVY or (module.startswith("scenestream.")
+                                                     and not module.startswith("scenestream.stream.core"))):
+                bad.append(f"{where}:{line} (pure core) imports {module}")
+            for leaf in ("model", "index"):
+                if where.startswith(leaf + "/") and module.startswith("scenestream.") \
+                        and not module.startswith(PACKAGES[leaf]):
+                    bad.append(f"{where}:{line} ({leaf}/ is a leaf) imports {module}")
+            if not where.startswith("stream/cli/") and module.startswith("scenestream.stream.cli"):
+                bad.append(f"{where}:{line} imports the CLI")
+    return bad
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_layers_import_bottom_up():
+    bad = layer_violations(_modules("stream") + _modules("model") + _modules("index"))
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_check_sees_violations(tmp_path):
+    """The walk above must be able to fail."""
+    files = {"model/bad.py": "from ..stream.core import events\n",
+             "index/bad.py": "import scenestream.model.infer\n",
+             "stream/core/bad.py": "from ..worker import make_app\nimport faust\nfrom .. import cli\n",
+             "stream/old.py": "from model.infer import InterestEncoder\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    bad = layer_violations([tmp_path / name for name in files], tmp_path)
+    assert len(bad) == 7, bad   # the CLI import in the core breaks two rules
+
+
+def _all_commands(group: click.Group, path=()):
+    for name, cmd in sorted(group.commands.items()):
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _all_commands(cmd, (*path, name))
+
+
+def test_every_command_explains_itself():
+    from scenestream.stream.cli import main
+    paths = [p for p, _ in _all_commands(main)]
+    assert {"generate", "train", "evaluate", "export", "replay", "broker", "produce", "catalog", "worker", "run",
+            "index", ("index", "build")} <= {p[0] if len(p) == 1 else p for p in paths}
+    for path in [(), *paths]:
+        result = CliRunner().invoke(main, [*path, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 150, (path, result.output)
+
+
+def test_the_cli_loads_nothing_heavy_to_show_help():
+    code = ("import sys\nfrom scenestream.stream.cli import main\n"
+            "for args in (['--help'], ['train', '--help'], ['worker', '--help'], ['index', 'build', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_configuration_docs_are_generated_from_the_commands():
+    from scenestream.stream.cli.reference import OUT, configuration_markdown
+    assert OUT.read_text() == configuration_markdown(), "stale: run python -m scenestream.stream.cli.reference"
+    text = OUT.read_text()
+    assert "| train | `--window` |" in text and "`SCENESTREAM_WINDOW`" in text
+    assert "`SCENESTREAM_BROKER`" in text and "`SCENESTREAM_SCENES`" in text
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) < 12_000
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = re.search(r"(python3 -m venv .venv && .venv/bin/pip install .+ && .venv/bin/python -m pytest)",
+                             ci).group(1)
+    blocks = re.findall(r"```sh\n(.+?)\n```", readme)
+    assert blocks[0].endswith("scenestream run") and blocks[1] == test_command, blocks[:2]
+
+
+def test_every_cited_document_exists():
+    """Code, tests and docs cite documents by path; each must be in the repository."""
+    files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if ".venv" not in p.parts and p.is_file()]
+    cited = []
+    for path in [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), *_modules("stream"), *_modules("model"),
+                 *_modules("index"), *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]:
+        for name in re.findall(r"[\w./-]*[\w-]+\.(?:md|yaml)\b", path.read_text()):
+            if not any(f == name or f.endswith("/" + name.lstrip("./")) for f in files):
+                cited.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not cited, cited
