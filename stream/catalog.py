@@ -42,13 +42,27 @@ class CatalogUpdate:
     delete: bool = False
 
 
+# Compacted by item id: each item's latest record is all a worker needs (deletes are records, never tombstones).
+CATALOG_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, str]:
-    """A CatalogUpdate, or a string saying why the record was rejected (never an exception). Item ids follow the
-    events' id rule (core/events.py `check_id`): an item whose clicks would be rejected is never indexed."""
+    """A CatalogUpdate, or a string saying why the record was refused. Total: never raises, whatever the bytes
+    (every worker replays the whole topic at start, so one record that raised would stop them all, forever). Item
+    ids follow the events' id rule (core/events.py `check_id`): an item whose clicks would be refused is never
+    indexed; vectors must be finite as float32, what the index stores."""
+    try:
+        return _decode_update(raw, config, dim)
+    except Exception as exc:  # a bug here must refuse one record, never stop the follower
+        return f"decoder_error: {type(exc).__name__}: {exc}"[:200]
+
+
+def _decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, str]:
     try:
         obj = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError) as exc:
-        return f"bad_json: {exc}"
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return f"bad_json: {str(exc)[:100]}"
     if not isinstance(obj, dict):
         return "not_object"
     item = check_id(obj.get("item_id"), "item_id", config)
@@ -58,17 +72,25 @@ def decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union
     if op == "delete":
         return CatalogUpdate(item, delete=True)
     if op != "upsert":
-        return f"unknown op {op!r}"
+        return f"unknown op {str(op)[:32]!r}"
     scene = obj.get("scene")
     if not isinstance(scene, str) or scene not in config.scenes:
-        return f"unknown_scene {scene!r}"
+        return f"unknown_scene {str(scene)[:64]!r}"
     vector = obj.get("vector")
     if vector is None:
         return CatalogUpdate(item, scene)
-    if not isinstance(vector, list) or len(vector) != dim or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vector):
-        return f"vector must be {dim} finite numbers"
+    if not isinstance(vector, list) or len(vector) != dim or not all(_float32(x) for x in vector):
+        return f"vector must be {dim} numbers, finite as float32"
     return CatalogUpdate(item, scene, tuple(float(x) for x in vector))
+
+
+def _float32(x) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x) and abs(float(x)) <= FLOAT32_MAX
+    except OverflowError:   # an int beyond float64 (10**400)
+        return False
 
 
 def collapse(updates: Sequence[CatalogUpdate]) -> tuple[list[CatalogUpdate], list[str]]:
@@ -115,6 +137,29 @@ class CatalogFollower:
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def _reject(self, where: str, why: str) -> None:
+        self.counts["rejected"] += 1
+        self.count("rejected", 1)
+        log.warning("catalog record %s refused: %s", where, why)
+
+    async def _apply(self, updates: list[CatalogUpdate]) -> None:
+        """Apply a batch off the event loop; should the index refuse it, apply its records one by one, so only
+        the record it refuses is lost, never the follower."""
+        run = asyncio.get_running_loop().run_in_executor
+        try:
+            done = [await run(self.pool, apply_updates, self.index, updates)]
+        except ValueError:
+            done = []
+            for u in updates:
+                try:
+                    done.append(await run(self.pool, apply_updates, self.index, [u]))
+                except ValueError as exc:
+                    self._reject(f"item {u.item_id[:64]!r}", str(exc))
+        for d in done:
+            for k, v in d.items():
+                self.counts[k] += v
+                self.count(k, v)
+
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer
         # no group_id: the consumer is assigned every partition of the topic (and new ones), commits nothing
@@ -133,17 +178,11 @@ class CatalogFollower:
                     for m in fetched[tp]:
                         u = decode_update(m.value, self.config, self.dim)
                         if isinstance(u, str):
-                            self.counts["rejected"] += 1
-                            self.count("rejected", 1)
-                            log.warning("catalog record %s[%d]@%d rejected: %s", tp.topic, tp.partition, m.offset, u)
+                            self._reject(f"{tp.topic}[{tp.partition}]@{m.offset}", u)
                         else:
                             updates.append(u)
                 if updates:
-                    done = await asyncio.get_running_loop().run_in_executor(self.pool, apply_updates, self.index,
-                                                                            updates)
-                    for k, v in done.items():
-                        self.counts[k] += v
-                        self.count(k, v)
+                    await self._apply(updates)
                 tps = consumer.assignment()
                 if not self.caught_up and tps:
                     if ends is None:

@@ -1,20 +1,34 @@
-"""The micro-batch service: what the live worker does with one batch of Kafka messages, outside Faust.
+"""The micro-batch service: what the live worker does with one batch of Kafka records, outside Faust.
 
-    messages --decode--> events (bad -> dead letters) --apply_batch--> windows (changelog) --encode--> records
+    records --decode, key check--> events (bad -> dead letters) --apply_batch--> windows --encode--> output records
 
-A batch counts as done (so Faust may commit its offsets) only after its changelog writes, dead letters and output
-records are acknowledged by the broker: nothing a commit covers can be lost, and whatever is re-delivered after a
-crash joins into the windows without effect (the lattice, docs/design.md). The service also keeps what serving
-reads: each owned user's newest record and the popularity of items in the windows it holds.
+Order of durability, per batch: output records and dead letters first, then the new windows and the partition's
+"applied up to" offset marker in the changelog, and only then may Faust commit the batch's offsets. A crash anywhere
+leaves either nothing durable (the batch is redone from the marker) or the outputs without the state (the batch is
+redone, its outputs published again: at-least-once outputs, exactly-once state); never state that says "done" for
+outputs that were lost. Whatever is re-delivered joins into the windows without effect (the lattice,
+docs/design.md).
+
+A partition can be revoked, and given back, at any await. Each assignment gets a new epoch; a batch writes only if
+its partition's epoch is still the one it started under, else the new owner (maybe this worker again) redoes it.
+
+The durable marker, not the group's committed offset, says where durable state ends (Faust was seen committing
+offsets of events it had buffered but not processed when stopped). Whatever lies between the two is re-read: at
+assignment (nothing new may ever arrive to reveal the gap) and before a batch that starts past the marker.
+
+The service also keeps what serving reads: each owned user's newest record, and the popularity of the items in the
+windows it holds (so a re-delivery or a recovery never counts an event twice).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -22,7 +36,7 @@ from scenestream.model.infer import InterestEncoder
 
 from .core.batch import apply_batch, interest_records
 from .core.config import StreamConfig
-from .core.events import Event, Rejection, decode
+from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import Popularity
 from .core.window import UserState
 from .metrics import WorkerMetrics
@@ -30,89 +44,272 @@ from .state import ChangelogStore
 
 log = logging.getLogger(__name__)
 
+DEAD_LETTER_RAW_BYTES = 4096   # a dead letter keeps this much of the payload (all of any payload the decoder reads)
+DEAD_LETTER_KEY_BYTES = 256    # a longer key is replaced by its SHA-256
+GAP_PAGE = 1000                # events per page of a gap re-read
+GAP_DEADLINE_S = 120.0         # a gap not read by then: crash, and let the restart try again
+
+
+@dataclass(frozen=True)
+class Record:
+    """One Kafka record, whichever client read it (Faust gives seconds, aiokafka milliseconds)."""
+    topic: str
+    partition: int
+    offset: int
+    key: Optional[bytes]
+    value: Optional[bytes]
+    timestamp_ms: int            # the broker's (or producer's) timestamp; <= 0 when unknown
+
+    @classmethod
+    def from_faust(cls, m) -> "Record":
+        return cls(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
+
+    @classmethod
+    def from_aiokafka(cls, m) -> "Record":
+        return cls(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp or 0)
+
+
+async def committed_offset(bootstrap: str, group: str, topic: str, partition: int) -> Optional[int]:
+    """The consumer group's committed offset of a partition (None: nothing committed), read without joining the
+    group: a manually assigned consumer does not take part in its rebalances."""
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+def dead_letter(record: Record, rejection: Rejection) -> tuple[Optional[bytes], bytes]:
+    """(key, value) of the dead letter for a rejected record: bounded whatever the payload (a prefix of the raw
+    bytes, their size and hash), so sending it can never fail for size."""
+    raw = record.value or b""
+    key = record.key
+    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+        key = hashlib.sha256(key).hexdigest().encode()
+    value = json.dumps({"reason": rejection.reason, "detail": rejection.detail[:500], "topic": record.topic,
+                        "partition": record.partition, "offset": record.offset,
+                        "raw": raw[:DEAD_LETTER_RAW_BYTES].decode("latin-1"), "raw_size": len(raw),
+                        "raw_truncated": len(raw) > DEAD_LETTER_RAW_BYTES,
+                        "raw_sha256": hashlib.sha256(raw).hexdigest()})
+    return key, value.encode()
+
+
+async def read_range(bootstrap: str, topic: str, partition: int, first: int, last: int, page: int = GAP_PAGE,
+                     deadline_s: float = GAP_DEADLINE_S) -> AsyncIterator[list[Record]]:
+    """Records first..last of one partition (read directly, not through the consumer group), in pages of at most
+    `page`. Reads until the position passes `last`, through empty fetches; raises TimeoutError after `deadline_s`
+    seconds without getting there (the caller crashes; a restart tries again)."""
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, first)
+        deadline = time.monotonic() + deadline_s
+        while await consumer.position(tp) <= last:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}[{partition}]: re-reading {first}..{last} did not reach offset {last} "
+                                   f"within {deadline_s:g} s (at {await consumer.position(tp)})")
+            got = (await consumer.getmany(tp, timeout_ms=1000, max_records=page)).get(tp, [])
+            chunk = [Record.from_aiokafka(m) for m in got if first <= m.offset <= last]
+            if chunk:
+                yield chunk
+    finally:
+        await consumer.stop()
+
 
 class MicroBatchService:
     def __init__(self, encoder: InterestEncoder, store: ChangelogStore, output_topic: str, dlq_topic: str,
-                 bootstrap: str, metrics: Optional[WorkerMetrics] = None):
+                 bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0,
+                 clicks_topic: str = "", group_id: Optional[str] = None):
         self.encoder, self.store = encoder, store
         self.output_topic, self.dlq_topic, self.bootstrap = output_topic, dlq_topic, bootstrap
+        self.clicks_topic, self.group_id = clicks_topic, group_id   # for the catch-up at assignment
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.metrics = metrics or WorkerMetrics()
+        self.max_clock_skew_ms = int(max_clock_skew_s * 1000)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # keeps the loop responsive
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
-        self.popularity = Popularity()                              # events seen per item, for the fallback
+        self.popularity = Popularity()                              # items in the windows this worker holds
         self.latest: dict[str, tuple[dict, float]] = {}             # user -> (newest published record, applied at)
         self.assigned: set[int] = set()
+        self.epoch: dict[int, int] = {}                             # partition -> assignment number
+        self._epochs = 0
+        self._locks: dict[int, asyncio.Lock] = {}                   # one writer per partition: batch or catch-up
+
+    def _lock(self, partition: int) -> asyncio.Lock:
+        return self._locks.setdefault(partition, asyncio.Lock())
+
+    # ---- ownership ----------------------------------------------------------------------------------------------
+
+    async def assign(self, partitions: set[int]) -> None:
+        """The group gave us these partitions: new epochs for the ones that are new, their state recovered, and
+        what the group committed past their durable markers applied."""
+        new = {}
+        for p in partitions - self.assigned:
+            self._epochs += 1
+            self.epoch[p] = new[p] = self._epochs
+        self.assigned = set(partitions)
+        await self.store.start()
+        for p in sorted(partitions):
+            if p in self.epoch:
+                await self.ensure(p, self.epoch[p])
+        for p, epoch in sorted(new.items()):
+            await self.catch_up(p, epoch)
+
+    async def catch_up(self, partition: int, epoch: int) -> None:
+        if not self.group_id:
+            return
+        committed = await committed_offset(self.bootstrap, self.group_id, self.clicks_topic, partition)
+        async with self._lock(partition):
+            if committed is not None and self.owns(partition, epoch) and committed > self.store.applied[partition] + 1:
+                await self._reread(partition, epoch, self.clicks_topic, committed)
+
+    def revoke(self, partitions: set[int]) -> None:
+        for p in partitions:
+            state = self.store.partitions.get(p, {})
+            for user, windows in state.items():
+                self.latest.pop(user, None)
+                for w in windows.values():
+                    self.popularity.remove(w)
+            self.epoch.pop(p, None)
+        self.assigned -= partitions
+        self.store.forget(partitions)
+
+    def owns(self, partition: int, epoch: int) -> bool:
+        return self.epoch.get(partition) == epoch and partition in self.store.partitions
+
+    async def ensure(self, partition: int, epoch: int) -> bool:
+        """Recover the partition's state unless it is in memory; whether we still own it (under this epoch)."""
+        if await self.store.ensure(partition):
+            if self.epoch.get(partition) != epoch:   # revoked while recovering: what we read may change elsewhere
+                self.store.forget({partition})
+                return False
+            for windows in self.store.partitions[partition].values():   # popularity follows the windows held
+                for w in windows.values():
+                    self.popularity.add(w)
+        return self.owns(partition, epoch)
+
+    @property
+    def recovered(self) -> bool:
+        return bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
 
     async def stop(self) -> None:
+        """After the batch in flight (if any) is durable: called once the consumer has stopped."""
+        for lock in list(self._locks.values()):
+            async with lock:
+                pass
         self.pool.shutdown(wait=False, cancel_futures=True)
         await self.store.stop()
 
-    async def handle(self, messages) -> None:
-        """messages: one micro-batch of Kafka messages (.topic .partition .offset .key .value .timestamp)."""
+    # ---- one micro-batch ----------------------------------------------------------------------------------------
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        """One micro-batch; returns once everything it changed is durable (or was left to a partition's new owner)."""
         if self.store.producer is None:
             await self.store.start()
-        by_partition: dict[int, list] = {}
-        for m in messages:
-            by_partition.setdefault(m.partition, []).append(m)
-        sends, published = [], []
-        loop = asyncio.get_running_loop()
-        for partition, msgs in sorted(by_partition.items()):
-            await self.ensure(partition)
-            msgs.sort(key=lambda m: m.offset)
-            applied = self.store.applied[partition]
-            if msgs[0].offset > applied + 1:   # committed by the group but never durably applied: read it again
-                gap = await self.read_range(msgs[0].topic, partition, applied + 1, msgs[0].offset - 1)
-                log.info("partition %d: re-reading %d events between the durable marker %d and offset %d",
-                         partition, len(gap), applied, msgs[0].offset)
-                self.counts["reread"] += len(gap)
-                msgs = gap + msgs
-            events: list[Event] = []
-            rejected: list = []
-            for m in msgs:
-                got = decode(m.value, self.config)
-                if isinstance(got, Rejection):
-                    rejected.append((m, got))
-                else:
-                    events.append(got)
-            # A rebalance may revoke the partition at any await above or below; its new owner redoes this work
-            # from the changelog marker, so we drop it rather than apply to (or write) state we no longer own.
-            if partition not in self.store.partitions:
-                log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
+        by_partition: dict[int, list[Record]] = {}
+        for r in records:
+            by_partition.setdefault(r.partition, []).append(r)
+        for partition, recs in sorted(by_partition.items()):
+            if partition not in self.epoch:          # delivered before the assignment callback ran (first batch)
+                await self.assign(self.assigned | {partition})
+            epoch = self.epoch.get(partition)
+            if epoch is None or not await self.ensure(partition, epoch):
+                log.info("partition %d was revoked before its batch was applied; leaving it to its new owner",
+                         partition)
                 continue
-            outcome = apply_batch(lambda u: self.store.get(partition, u), events, self.encoder.window)
-            records = []
-            if outcome.updates:
-                t0 = time.perf_counter()
-                records = await loop.run_in_executor(self.pool, interest_records, self.encoder, outcome.updates)
-                self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-            if partition not in self.store.partitions:
-                log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
-                continue
-            sends += await self.store.write(partition, outcome.updates, msgs[-1].offset)
-            for m, rejection in rejected:
-                sends.append(await self.dead_letter(m, rejection))
-            self.counts["late_dropped"] += outcome.late_dropped
-            self.counts["events"] += len(events)
-            self.metrics.events.inc(len(events))
-            self.metrics.late.inc(outcome.late_dropped)
-            self.popularity.add(events)
-            producer = self.store.producer
-            for rec in records:
-                sends.append(await producer.send(self.output_topic, json.dumps(rec).encode(),
-                                                 key=rec["user_id"].encode()))
-            self.counts["published"] += len(records)
-            published.extend(records)
-        if sends:
-            await asyncio.gather(*sends)   # durable before this batch counts as done
-        now = time.time()
-        for rec in published:
-            self.latest[rec["user_id"]] = (rec, now)
-        for m in messages:
-            if m.timestamp and m.timestamp > 0:
-                self.metrics.latency.observe(max(0.0, now - m.timestamp / 1000.0))
-        self.metrics.batch_size.observe(len(messages))
+            async with self._lock(partition):
+                if not self.owns(partition, epoch):
+                    continue
+                recs.sort(key=lambda r: r.offset)
+                if recs[0].offset > self.store.applied[partition] + 1:
+                    if not await self._reread(partition, epoch, recs[0].topic, recs[0].offset):
+                        continue
+                recs = [r for r in recs if r.offset > self.store.applied[partition]]   # a catch-up did these
+                if recs:
+                    await self._step(partition, epoch, recs)
+        self.metrics.batch_size.observe(len(records))
         self.counts["batches"] += 1
+        now_ms = time.time() * 1000
+        for r in records:
+            if r.timestamp_ms > 0:
+                self.metrics.latency.observe(max(0.0, (now_ms - r.timestamp_ms) / 1000.0))
+
+    async def _reread(self, partition: int, epoch: int, topic: str, before: int) -> bool:
+        """Apply the records between the durable marker and offset `before`: committed by the group (or skipped
+        over) but never durably applied. Page by page, each made durable before the next is read."""
+        first = self.store.applied[partition] + 1
+        log.info("partition %d: re-reading offsets %d..%d past the durable marker", partition, first, before - 1)
+        async for page in read_range(self.bootstrap, topic, partition, first, before - 1):
+            self.counts["reread"] += len(page)
+            if not await self._step(partition, epoch, page):
+                return False
+        return True
+
+    async def _step(self, partition: int, epoch: int, recs: Sequence[Record]) -> bool:
+        """Apply one partition's records and make the effects durable; False when the partition changed owner."""
+        events: list[Event] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        for r in recs:
+            got = decode(r.value, self.config, not_after_ms=self._not_after(r))
+            if isinstance(got, Event):
+                got = check_key(r.key, got) or got
+            if isinstance(got, Rejection):
+                rejected.append((r, got))
+            else:
+                events.append(got)
+        if not self.owns(partition, epoch):
+            log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
+            return False
+        before = {u: self.store.get(partition, u) for u in {e.user_id for e in events}}
+        outcome = apply_batch(before.get, events, self.encoder.window)
+        records = []
+        if outcome.updates:
+            t0 = time.perf_counter()
+            records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, self.encoder,
+                                                                       outcome.updates)
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        # outputs and dead letters first: state that says "done" must never outlive outputs that were lost
+        producer = self.store.producer
+        sends = [await producer.send(self.output_topic, json.dumps(rec).encode(), key=rec["user_id"].encode())
+                 for rec in records]
+        for r, rejection in rejected:
+            key, value = dead_letter(r, rejection)
+            sends.append(await producer.send(self.dlq_topic, value, key=key))
+        await asyncio.gather(*sends)
+        if not self.owns(partition, epoch):
+            log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
+            return False
+        for user, state in outcome.updates.items():   # popularity follows the windows held: added minus evicted
+            old = before.get(user) or {}
+            for scene, window in state.items():
+                kept = set(old.get(scene, ()))
+                self.popularity.add(e for e in window if e not in kept)
+                self.popularity.remove(kept - set(window))
+        await asyncio.gather(*await self.store.write(partition, outcome.updates, recs[-1].offset))
+        now = time.time()
+        for rec in records:
+            self.latest[rec["user_id"]] = (rec, now)
+        for _, rejection in rejected:
+            self.metrics.invalid.labels(rejection.reason).inc()
+        self.counts["invalid"] += len(rejected)
+        self.counts["late_dropped"] += outcome.late_dropped
+        self.counts["events"] += len(events)
+        self.counts["published"] += len(records)
+        self.metrics.events.inc(len(events))
+        self.metrics.late.inc(outcome.late_dropped)
+        return True
+
+    def _not_after(self, record: Record) -> int:
+        """The newest event time a record may carry: its broker timestamp (else now) plus the allowed clock skew."""
+        base = record.timestamp_ms if record.timestamp_ms > 0 else int(time.time() * 1000)
+        return base + self.max_clock_skew_ms
+
+    # ---- what serving reads -------------------------------------------------------------------------------------
 
     def partition_of(self, user: str) -> Optional[int]:
         for p, users in self.store.partitions.items():
@@ -135,52 +332,3 @@ class MicroBatchService:
         records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, self.encoder,
                                                                    {user: state})
         return records[0], None
-
-    async def recover(self, partitions) -> None:
-        await self.store.start()
-        for p in sorted(partitions):
-            await self.ensure(p)
-
-    async def ensure(self, partition: int) -> None:
-        if await self.store.ensure(partition):   # recovered windows seed the popularity fallback
-            for state in self.store.partitions[partition].values():
-                for w in state.values():
-                    self.popularity.add(w)
-
-    def revoke(self, partitions: set[int]) -> None:
-        for p in partitions:
-            for user in self.store.partitions.get(p, {}):
-                self.latest.pop(user, None)
-        self.assigned -= partitions
-        self.store.forget(partitions)
-
-    @property
-    def recovered(self) -> bool:
-        return bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
-
-    async def read_range(self, topic: str, partition: int, first: int, last: int) -> list:
-        """Messages first..last of one partition, read directly (not through the consumer group)."""
-        tp = TopicPartition(topic, partition)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
-        await consumer.start()
-        out = []
-        try:
-            consumer.assign([tp])
-            consumer.seek(tp, first)
-            while not out or out[-1].offset < last:
-                got = (await consumer.getmany(tp, timeout_ms=2000)).get(tp, [])
-                if not got:
-                    break
-                out.extend(m for m in got if first <= m.offset <= last)
-        finally:
-            await consumer.stop()
-        return out
-
-    async def dead_letter(self, m, rejection: Rejection):
-        self.counts["invalid"] += 1
-        self.metrics.invalid.labels(rejection.reason).inc()
-        value = json.dumps({"reason": rejection.reason, "detail": rejection.detail,
-                            "topic": m.topic, "partition": m.partition, "offset": m.offset,
-                            "raw": (m.value or b"").decode("latin-1")}).encode()
-        return await self.store.producer.send(self.dlq_topic, value, key=m.key)

@@ -37,13 +37,19 @@ MARKER_KEY = b"\x00applied"
 RECOVERY_DEADLINE_S = 300
 
 
+# The changelog topic keeps every user's newest record forever: compacted by key, never deleted by age (a user idle
+# for a week must not lose their windows, nor an offset marker expire). Created so by `ensure_topic`.
+CHANGELOG_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
+
+
 def encode_state(state: UserState) -> bytes:
+    """The changelog value: JSON without ASCII escapes, whose size StreamConfig.state_record_bound bounds."""
     return json.dumps({s: [[e.ts, e.event_id, e.item_id, e.action] for e in w] for s, w in state.items()},
-                      separators=(",", ":")).encode()
+                      separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def decode_state(user: str, raw: bytes) -> UserState:
-    data = json.loads(raw)
+    data = json.loads(raw.decode("utf-8", "surrogatepass"))
     return {s: tuple(Event(eid, user, item, s, action, ts) for ts, eid, item, action in rows)
             for s, rows in data.items()}
 
@@ -52,6 +58,55 @@ def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
     """Lattice join of two states of one user (what recovery does with every changelog record)."""
     merged, _, _ = apply_user(a or {}, [e for w in b.values() for e in w], length)
     return merged
+
+
+async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int,
+                       config: dict[str, str]) -> list[str]:
+    """Create the topic with these partitions, replication factor and configs. If it exists already, change
+    nothing and return what differs, one sentence each, for the operator (checked with DescribeTopics and
+    DescribeConfigs, which the embedded Tansu answers too)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        created = await admin.create_topics([NewTopic(topic, partitions, replication_factor, topic_configs=config)])
+        code = created.topic_errors[0][1]
+        if code == 0:
+            log.info("created topic %s: %d partitions, replication factor %d, %s", topic, partitions,
+                     replication_factor, config)
+            return []
+        if code != 36:   # TOPIC_ALREADY_EXISTS
+            raise RuntimeError(f"could not create topic {topic}: {created.topic_errors[0]}")
+        problems = []
+        (meta,) = await admin.describe_topics([topic])
+        have = len(meta["partitions"])
+        if have < partitions:
+            problems.append(f"topic {topic} has {have} partitions, fewer than the {partitions} it needs")
+        replicas = min((len(p["replicas"]) for p in meta["partitions"]), default=0)
+        if replicas < replication_factor:
+            problems.append(f"topic {topic} has replication factor {replicas}, below {replication_factor}")
+        (described,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        current = {entry[0]: entry[1] for entry in described.resources[0][4]}
+        for name, want in config.items():
+            if current.get(name) != want:
+                problems.append(f"topic {topic} has {name}={current.get(name, '(broker default)')}, "
+                                f"it should be {want}")
+        return problems
+    finally:
+        await admin.close()
+
+
+async def partition_count(bootstrap: str, topic: str) -> Optional[int]:
+    """Partitions of an existing topic; None when it does not exist (yet)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (meta,) = await admin.describe_topics([topic])
+        return len(meta["partitions"]) if meta["error_code"] == 0 and meta["partitions"] else None
+    finally:
+        await admin.close()
 
 
 class ChangelogStore:

@@ -1,6 +1,6 @@
 """The live worker: a thin Faust shell around the micro-batch service (service.py) that replay's step also runs.
 
-    clicks --take_events--> MicroBatchService.handle --> changelog, user-interests, clicks-dlq
+    clicks --take_events--> MicroBatchService.handle --> user-interests, clicks-dlq, then the changelog
     item-catalog --CatalogFollower--> the item index          HTTP views (web.py) --> recommend.py
 
 Faust gives the consumer group, batching, rebalances, the web server and routing requests to a user's owner; the
@@ -23,10 +23,10 @@ from scenestream.index import IndexSpec, ItemIndex
 from scenestream.model.infer import InterestEncoder
 
 from .broker import bootstrap_servers
-from .catalog import CatalogFollower
+from .catalog import CATALOG_CONFIG, CatalogFollower
 from .metrics import WorkerMetrics
-from .service import MicroBatchService
-from .state import ChangelogStore
+from .service import MicroBatchService, Record
+from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
 from .web import register as register_web
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class WorkerConfig:
     catalog_topic: str = "item-catalog"  # live catalog updates (stream/catalog.py), read in full by every worker
     index_kind: str = "auto"             # index/spec.py: exact up to 100k items, else the measured ANN default
     index_path: str = ""                 # load a saved index (`scenestream index build`) instead of building one
+    replication_factor: int = 1          # of the topics the worker creates (changelog, catalog, outputs)
+    max_clock_skew: float = 3600.0       # seconds an event's ts may be ahead of its record's broker timestamp
 
     @property
     def url(self) -> str:
@@ -90,13 +92,15 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     metrics = WorkerMetrics()
     index = index if index is not None else open_index(cfg, encoder)
     service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window),
-                                cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics)
+                                cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
+                                max_clock_skew_s=cfg.max_clock_skew, clicks_topic=cfg.clicks_topic,
+                                group_id=app.conf.id)
     catalog = CatalogFollower(cfg.bootstrap, cfg.catalog_topic, index, service.config, index.dim,
                               count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n))
     clicks = app.topic(cfg.clicks_topic, key_serializer="raw", value_serializer="raw",
                        partitions=cfg.partitions)
-    app.topic(cfg.dlq_topic, partitions=cfg.partitions)
-    app.topic(cfg.output_topic, partitions=cfg.partitions)
+    app.topic(cfg.dlq_topic, partitions=cfg.partitions, replicas=cfg.replication_factor)
+    app.topic(cfg.output_topic, partitions=cfg.partitions, replicas=cfg.replication_factor)
 
     @app.agent(clicks, name="interests")
     async def interests(stream):
@@ -104,12 +108,8 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
         # handle() has made the batch's effects durable. State is not a Faust Table, so no table write happens
         # "outside of stream iteration".
         async for batch in stream.take_events(cfg.batch_max, within=cfg.batch_wait):
-            try:
-                await service.handle([ev.message for ev in batch])
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # crash-only: nothing of this batch is acked; a restart re-reads it
-                crash("micro-batch failed; exiting so that a restart recovers from durable state")
+            # crash-only: on failure nothing of this batch is acked; a restart re-reads it
+            await or_crash(service.handle([Record.from_faust(ev.message) for ev in batch]), "micro-batch")
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
@@ -117,12 +117,13 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app, assigned, **kwargs):
-        # recover eagerly so /readyz can say "recovered" before the first event arrives (the agent would anyway)
-        service.assigned = {tp.partition for tp in assigned if tp.topic == cfg.clicks_topic}
-        app.add_future(service.recover(service.assigned))
+        # recover (and catch up) eagerly: /readyz says "recovered" before the first event arrives, and a gap the
+        # group committed past the durable marker is applied even if no event ever arrives again
+        app.add_future(or_crash(service.assign({tp.partition for tp in assigned if tp.topic == cfg.clicks_topic}),
+                                "recovery of the assigned partitions"))
 
     @app.on_before_shutdown.connect
-    async def on_shutdown(app, **kwargs):
+    async def on_shutdown(app, **kwargs):   # the consumer has stopped: finish the batch in flight, then close
         catalog.stop()
         await service.stop()
 
@@ -130,18 +131,13 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
 
     @app.task
     async def declare_topics():
-        for topic in (cfg.changelog, cfg.output_topic, cfg.dlq_topic, cfg.catalog_topic):
-            await app.topic(topic, partitions=cfg.partitions).maybe_declare()
+        for topic in (cfg.output_topic, cfg.dlq_topic):
+            await app.topic(topic, partitions=cfg.partitions, replicas=cfg.replication_factor).maybe_declare()
         log.info("worker %s consuming %s on %s", cfg.app_id, cfg.clicks_topic, cfg.broker)
 
     @app.task
-    async def follow_catalog():
-        try:
-            await catalog.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # crash-only, as the agent: a restart rebuilds the index from the catalog topic
-            crash("catalog follower failed; exiting so that a restart rebuilds the index")
+    async def follow_catalog():   # a restart rebuilds the index from the catalog topic
+        await or_crash(catalog.run(), "the catalog follower")
 
     @app.timer(interval=5.0)
     async def report():
@@ -158,10 +154,16 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     return app, service
 
 
-def crash(message: str) -> None:
-    log.exception(message)
-    logging.shutdown()
-    os._exit(70)
+async def or_crash(work, what: str) -> None:
+    """Await work; on any failure log it and exit, so that a restart recovers from durable state (crash-only)."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("%s failed; exiting so that a restart recovers from durable state", what)
+        logging.shutdown()
+        os._exit(70)
 
 
 def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "info",
@@ -169,6 +171,22 @@ def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "inf
     app, _ = make_app(cfg, encoder, index)
     faust.Worker(app, loglevel=loglevel, console_port=0).execute_from_commandline()
     return 0
+
+
+async def prepare_topics(cfg: WorkerConfig) -> None:
+    """Before the app starts: the changelog created compacted with infinite retention, with a partition for every
+    clicks partition (state partition p holds source partition p), and the catalog topic compacted. An existing
+    topic is never changed: wrong settings are logged as warnings; too few changelog partitions stop the worker
+    (its writes would fail on every start)."""
+    clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic) or cfg.partitions
+    for topic, partitions, config in ((cfg.changelog, clicks, CHANGELOG_CONFIG),
+                                      (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG)):
+        for problem in await ensure_topic(cfg.bootstrap, topic, partitions, cfg.replication_factor, config):
+            log.warning("%s", problem)
+    have = await partition_count(cfg.bootstrap, cfg.changelog) or 0
+    if have < clicks:
+        raise RuntimeError(f"the changelog {cfg.changelog} has {have} partitions but {cfg.clicks_topic} has {clicks}: "
+                           f"add partitions to the changelog (kafka-topics --alter --partitions {clicks})")
 
 
 def check_reachable(broker: str, timeout: float = 10.0) -> None:

@@ -24,7 +24,30 @@ def drop_last_state_record() -> None:
     state.ChangelogStore._read_changelog = dropping
 
 
-FAULTS = {"drop_last_state_record": drop_last_state_record}
+def outputs_lost_in_flight() -> None:
+    """The broker never acknowledges an output record (user-interests), and the worker dies the moment the
+    changelog acknowledges a state write: a crash that lands after the state is durable and before the outputs
+    are, if the worker ever lets the state go first."""
+    import asyncio
+    import os
+
+    from aiokafka import AIOKafkaProducer
+
+    from scenestream.stream import state
+    send = AIOKafkaProducer.send
+
+    async def faulty(self, topic, value=None, key=None, *args, **kwargs):
+        if topic.endswith("-out"):
+            return asyncio.get_running_loop().create_future()   # in flight forever
+        future = await send(self, topic, value, key, *args, **kwargs)
+        if topic.endswith("-state-changelog") and key != state.FENCE_KEY:
+            future.add_done_callback(lambda _: os._exit(1))
+        return future
+
+    AIOKafkaProducer.send = faulty
+
+
+FAULTS = {"drop_last_state_record": drop_last_state_record, "outputs_lost_in_flight": outputs_lost_in_flight}
 
 
 def boot_command(fault: str) -> list[str]:

@@ -20,7 +20,8 @@ from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import REASONS, Event, Rejection, decode, derive_event_id, encode
 
 CFG = StreamConfig()
-PAYLOAD_REASONS = set(REASONS) - {"decoder_error", "bad_csv"}   # bad_csv: CSV logs only (test_one_place.py)
+# bad_csv: CSV logs only (test_one_place.py); key_mismatch, ts_in_future: live records only (test_nothing_lost.py)
+PAYLOAD_REASONS = set(REASONS) - {"decoder_error", "bad_csv", "key_mismatch", "ts_in_future"}
 BIG = CFG.with_(max_payload_bytes=10_000_000)   # no size limit in practice: reaches the JSON parser's limits
 TS = 1_767_225_600_000
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "scene": "video", "action": "like", "ts": TS}
@@ -49,6 +50,7 @@ _NONPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"}
 
 def _good_id(value, cfg) -> bool:
     return (isinstance(value, str) and 0 < len(value) <= cfg.max_id_chars
+            and len(value.encode("utf-8", "surrogatepass")) <= cfg.max_id_bytes
             and all(c == " " or unicodedata.category(c) not in _NONPRINTABLE for c in value))
 
 
@@ -155,7 +157,8 @@ def test_derived_event_id_is_deterministic_and_content_addressed():
 
 
 printable_id = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"))
-                       | st.just(" "), min_size=1, max_size=CFG.max_id_chars)
+                       | st.just(" "), min_size=1, max_size=CFG.max_id_chars).filter(
+    lambda s: len(s.encode("utf-8", "surrogatepass")) <= CFG.max_id_bytes)
 content_st = st.fixed_dictionaries({
     "user_id": printable_id, "item_id": printable_id, "scene": st.sampled_from(CFG.scenes),
     "ts": st.integers(CFG.ts_min_ms, CFG.ts_max_ms),
@@ -210,7 +213,8 @@ REASON_EXAMPLES = {
                    enc({**GOOD, "user_id": 17}), enc({**GOOD, "scene": ["video"]}), enc({**GOOD, "action": 1}),
                    enc({**GOOD, "event_id": {"id": "e1"}})],
     "empty_field": [enc({**GOOD, f: ""}) for f in ID_FIELDS],
-    "too_long": [enc({**GOOD, f: "i" * (CFG.max_id_chars + 1)}) for f in ID_FIELDS],
+    "too_long": [enc({**GOOD, f: "i" * (CFG.max_id_chars + 1)}) for f in ID_FIELDS] +
+                [enc({**GOOD, f: "😀" * (CFG.max_id_bytes // 4 + 1)}) for f in ID_FIELDS],   # few chars, many bytes
     "bad_chars": [enc({**GOOD, "user_id": "u\x001"}), enc({**GOOD, "item_id": "i\u2028"}),
                   enc({**GOOD, "event_id": "e\ud800"}), enc({**GOOD, "user_id": "u\t1"})],
     "unknown_scene": [enc({**GOOD, "scene": "podcast"}), enc({**GOOD, "scene": "Video"}), enc({**GOOD, "scene": ""})],

@@ -10,8 +10,9 @@ from .common import DEVICE, open_model
 
 
 @click.command()
-@click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
-              help="kafka://HOST:PORT of the Kafka cluster. Unset: start the embedded broker.")
+@click.option("--broker", "broker_url", required=True, envvar="SCENESTREAM_BROKER",
+              help="kafka://HOST:PORT[,HOST:PORT] of the Kafka cluster (`scenestream broker` runs an embedded one; "
+                   "`scenestream run` starts one for you).")
 @click.option("--checkpoint", required=True, envvar="SCENESTREAM_CHECKPOINT", type=click.Path(),
               help="Checkpoint folder from `train`.")
 @click.option("--app-id", default="scenestream", help="Consumer group and topic prefix of the worker.")
@@ -33,37 +34,36 @@ from .common import DEVICE, open_model
 @click.option("--index", "index_path", default="", type=click.Path(),
               help="Load this saved index (`scenestream index build`) instead of building one; refused unless it "
                    "was built for the checkpoint's model version.")
+@click.option("--replication-factor", default=1, type=click.IntRange(min=1),
+              help="Replication factor of the topics the worker creates (use 3 on a production cluster).")
+@click.option("--max-clock-skew", default=3600.0, type=click.FloatRange(min=0),
+              help="Seconds an event's ts may be ahead of its record's broker timestamp; later ones are dead "
+                   "letters (ts_in_future): a window of future events would make every real event late.")
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
-           batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path):
+           batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path,
+           replication_factor, max_clock_skew):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
+    import asyncio
+
     from scenestream.index import IndexVersionError
 
-    from ..broker import EmbeddedBroker
-    from ..worker import WorkerConfig, check_reachable, open_index, run_worker
+    from ..worker import WorkerConfig, check_reachable, open_index, prepare_topics, run_worker
     encoder = open_model(checkpoint, device)
-    embedded = None
-    if broker_url is None:
-        embedded = EmbeddedBroker().start()
-        broker_url = embedded.url
-        click.echo(f"embedded broker on {broker_url}", err=True)
     try:
-        try:
-            check_reachable(broker_url)
-        except Exception as exc:
-            raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
-        cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
-                           output_topic=output_topic, partitions=partitions, batch_max=batch_max,
-                           batch_wait=batch_wait, web_host=web_host, web_port=web_port, canonical_url=canonical_url,
-                           catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path)
-        try:
-            index = open_index(cfg, encoder)
-        except (IndexVersionError, FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        code = run_worker(cfg, encoder, index=index)
-    finally:
-        if embedded:
-            embedded.stop()
-    sys.exit(code)
+        check_reachable(broker_url)
+    except Exception as exc:
+        raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
+    cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
+                       output_topic=output_topic, partitions=partitions, batch_max=batch_max, batch_wait=batch_wait,
+                       web_host=web_host, web_port=web_port, canonical_url=canonical_url,
+                       catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
+                       replication_factor=replication_factor, max_clock_skew=max_clock_skew)
+    try:
+        index = open_index(cfg, encoder)
+        asyncio.run(prepare_topics(cfg))
+    except (IndexVersionError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(run_worker(cfg, encoder, index=index))
 
 
 @click.command("run")

@@ -6,6 +6,7 @@ onto it (docs/configuration.md).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +29,9 @@ class StreamConfig:
     default_action: str = ""          # the action of events that name none: "click" if configured, else the first
     window: int = 50  # L: events kept per (user, scene)
     max_payload_bytes: int = 4096
-    max_id_chars: int = 128
+    max_id_chars: int = 128           # ids: at most this many characters ...
+    max_id_bytes: int = 256           # ... and this many bytes of UTF-8 (so state records have a size bound)
+    max_state_bytes: int = 900_000    # a user's changelog record may not exceed this (Kafka's default limit: 1 MiB)
     ts_min_ms: int = TS_MIN_MS
     ts_max_ms: int = TS_MAX_MS
     _scene_set: frozenset = field(init=False, repr=False, compare=False)
@@ -45,8 +48,21 @@ class StreamConfig:
             raise ValueError(f"default action {self.default_action!r} is not one of {self.actions!r}")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.state_record_bound() > self.max_state_bytes:
+            raise ValueError(f"{len(self.scenes)} scenes x window {self.window} could make a user's state record "
+                             f"{self.state_record_bound():,} bytes, over the changelog's {self.max_state_bytes:,}: "
+                             "use fewer scenes or a shorter window")
         object.__setattr__(self, "_scene_set", frozenset(self.scenes))
         object.__setattr__(self, "_action_set", frozenset(self.actions))
+
+    def state_record_bound(self) -> int:
+        """The most bytes a user's changelog record can take (state.py's encoding: JSON without ASCII escapes, each
+        event [ts, "event_id", "item_id", "action"]): every id at its byte limit, every byte a quote that JSON
+        doubles. The config is refused when this passes max_state_bytes, so no state ever fails to be written."""
+        id_json = 2 * self.max_id_bytes + 2
+        action_json = max(len(json.dumps(a, ensure_ascii=False).encode()) for a in self.actions)
+        event = 2 + len(str(self.ts_max_ms)) + 3 + 2 * id_json + action_json + 1
+        return 2 + sum(len(json.dumps(s, ensure_ascii=False).encode()) + 4 + self.window * event for s in self.scenes)
 
     def with_(self, **changes) -> "StreamConfig":
         return replace(self, **changes)

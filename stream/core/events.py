@@ -11,7 +11,7 @@ import json
 import math
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .config import StreamConfig
 
@@ -26,11 +26,13 @@ REASONS = (
     "missing_field",      # a required field is absent
     "wrong_type",         # a field has the wrong JSON type
     "empty_field",        # an id is the empty string
-    "too_long",           # an id is longer than max_id_chars
+    "too_long",           # an id is longer than max_id_chars characters or max_id_bytes bytes of UTF-8
     "bad_chars",          # an id contains control characters
     "unknown_scene",      # scene not configured
     "unknown_action",     # action not configured
     "ts_out_of_range",    # ts outside [ts_min_ms, ts_max_ms]
+    "ts_in_future",       # ts later than the record's broker timestamp plus the allowed clock skew (live only)
+    "key_mismatch",       # the Kafka key is not the event's user_id (live only): the user's state would split
     "decoder_error",      # a bug in this module; counted, never raised
 )
 
@@ -80,8 +82,9 @@ def _refuse_constant(name: str):
     raise _NonFinite(name)
 
 
-def decode(raw: bytes, config: StreamConfig) -> Decoded:
-    """bytes -> Event | Rejection. Total: any input yields one of the two."""
+def decode(raw: bytes, config: StreamConfig, not_after_ms: Optional[int] = None) -> Decoded:
+    """bytes -> Event | Rejection. Total: any input yields one of the two. `not_after_ms`: the latest event time
+    accepted (live input: the record's broker timestamp plus the allowed skew); None for logs."""
     try:
         if raw is None or not isinstance(raw, (bytes, bytearray, memoryview)):
             return Rejection("wrong_type", f"payload is {type(raw).__name__}, not bytes")
@@ -98,7 +101,7 @@ def decode(raw: bytes, config: StreamConfig) -> Decoded:
             return Rejection("non_finite", f"non-finite number {exc}")
         except (ValueError, RecursionError) as exc:
             return Rejection("bad_json", str(exc)[:200])
-        return validate_record(obj, config)
+        return validate_record(obj, config, not_after_ms)
     except Exception as exc:  # pragma: no cover - a bug here must not stop the stream
         return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
 
@@ -117,12 +120,15 @@ def check_id(value: Any, name: str, config: StreamConfig) -> Union[str, Rejectio
         return Rejection("empty_field", f"{name} is empty")
     if len(value) > config.max_id_chars:
         return Rejection("too_long", f"{name} has {len(value)} characters > {config.max_id_chars}")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > config.max_id_bytes:
+        return Rejection("too_long", f"{name} has {size} bytes of UTF-8 > {config.max_id_bytes}")
     if not value.isprintable() or any(unicodedata.category(c) in ("Cs", "Co", "Cn") for c in value):
         return Rejection("bad_chars", f"{name} contains control, surrogate or unassigned characters")
     return value
 
 
-def validate_record(obj: Any, config: StreamConfig) -> Decoded:
+def validate_record(obj: Any, config: StreamConfig, not_after_ms: Optional[int] = None) -> Decoded:
     """A parsed JSON value (or a CSV row with ts already an int) -> Event | Rejection."""
     try:
         if not isinstance(obj, dict):
@@ -160,6 +166,10 @@ def validate_record(obj: Any, config: StreamConfig) -> Decoded:
         if not (config.ts_min_ms <= ts <= config.ts_max_ms):
             shown = ts if abs(ts) < 10**30 else f"with {ts.bit_length()} bits"
             return Rejection("ts_out_of_range", f"ts {shown} outside [{config.ts_min_ms}, {config.ts_max_ms}]")
+        if not_after_ms is not None and ts > not_after_ms:
+            # L such events would hold a window forever: every real event after them would be late
+            return Rejection("ts_in_future", f"ts {ts} is {ts - not_after_ms} ms past the record's time plus the "
+                                             "allowed clock skew")
 
         event_id = obj.get("event_id")
         if event_id is None:
@@ -172,6 +182,15 @@ def validate_record(obj: Any, config: StreamConfig) -> Decoded:
         return Event(event_id, ids["user_id"], ids["item_id"], scene, action, ts)
     except Exception as exc:  # pragma: no cover
         return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
+
+
+def check_key(key: Optional[bytes], event: Event) -> Optional[Rejection]:
+    """The Kafka key must be the user_id (UTF-8): a user's events then share one partition, so one worker holds the
+    user's whole state. A record keyed otherwise (null, another user, another encoding) is refused, not moved."""
+    if key != event.user_id.encode("utf-8", "surrogatepass"):
+        shown = "null" if key is None else repr(key[:64])
+        return Rejection("key_mismatch", f"key {shown} is not the user_id {event.user_id[:64]!r}")
+    return None
 
 
 def encode(event: Event) -> bytes:

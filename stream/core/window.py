@@ -1,6 +1,7 @@
 """Per-(user, scene) state as a lattice: the last L events, ordered by (ts, event_id), deduplicated by event_id.
 
-join(window, events) = top-L of the union. It is associative, commutative and idempotent, so at-least-once
+join(window, events) = top-L of the union, where two copies of one event_id count once (the preferred one, see
+`_preference`). It is associative, commutative and idempotent, so at-least-once
 delivery, any arrival order and any micro-batch boundaries give the window that top-L over the deduplicated set of
 all events gives: the state is exactly-once even though delivery is not. The state is raw events only; vectors are
 derived from it and may be dropped and recomputed at any time.
@@ -17,26 +18,27 @@ UserState = dict[str, Window]       # scene -> window; only scenes with at least
 
 
 def _preference(e: Event) -> tuple:
-    """Which copy wins when two payloads share an event_id (never happens with well-behaved producers)."""
-    return (e.ts, e.item_id, e.action, e.scene)
+    """Which copy wins when two payloads share an event_id in one window (well-behaved producers never do this):
+    the later one, then the larger item_id and action. A total order on the copies, so the winner is the same
+    whatever order and batches the copies arrive in; and since the later copy wins, a copy that lost to an
+    evicted one is older than the window too."""
+    return (e.ts, e.item_id, e.action)
 
 
 def apply_window(window: Window, events: Iterable[Event], length: int) -> tuple[Window, int]:
     """Join events into a window. Returns the new window and how many new events did not make it into it
     (older than the L newest: a late event behind a full window, or pushed out within the same batch)."""
-    present = {e.event_id for e in window}
+    current = {e.event_id: e for e in window}
     fresh: dict[str, Event] = {}
     for e in events:
-        if e.event_id in present:
-            continue
-        seen = fresh.get(e.event_id)
-        if seen is None or _preference(e) > _preference(seen):
+        best = fresh.get(e.event_id) or current.get(e.event_id)
+        if best is None or _preference(e) > _preference(best):
             fresh[e.event_id] = e
     if not fresh:
         return window, 0
-    merged = sorted((*window, *fresh.values()), key=Event.order_key.fget)
+    merged = sorted((*(e for e in window if e.event_id not in fresh), *fresh.values()), key=Event.order_key.fget)
     kept = tuple(merged[-length:])
-    dropped = sum(1 for e in merged[:-length] if e.event_id in fresh) if len(merged) > length else 0
+    dropped = sum(1 for e in merged[:-length] if fresh.get(e.event_id) is e) if len(merged) > length else 0
     return kept, dropped
 
 
