@@ -22,7 +22,7 @@ log = logging.getLogger("scenestream")
 @click.option("--clean", is_flag=True, help="Write no malformed lines (by default ~3% are, on purpose).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL path.")
 def generate(users, seed, items_per_scene, clean, out):
-    """Write a seeded synthetic multi-scene clickstream (JSONL, the event schema of the README)."""
+    """Write a seeded synthetic multi-scene clickstream (JSONL, the event schema of docs/design.md)."""
     from ..logs import synthetic_lines, write_jsonl
     from ..synthetic import SyntheticSpec
     lines = synthetic_lines(SyntheticSpec(users=users, seed=seed, items_per_scene=items_per_scene), clean=clean)

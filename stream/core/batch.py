@@ -43,7 +43,7 @@ def apply_batch(lookup: Callable[[str], Optional[UserState]], events: Sequence[E
 
 def interest_record(user: str, state: UserState, vec: Any, row: int, scenes: Sequence[str],
                     version: str) -> dict:
-    """The published per-user record (the README documents it): same keys from the worker and from replay."""
+    """The published per-user record (docs/operations.md, "Output record"): the same from the worker and replay."""
     targets = list(scenes) + ["global"]
     has = vec.has[row]
     sources = [s for i, s in enumerate(scenes) if has[i]]
