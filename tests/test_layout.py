@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import click
-import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
