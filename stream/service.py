@@ -22,6 +22,7 @@ windows it holds (so a re-delivery or a recovery never counts an event twice).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from scenestream.model.infer import InterestEncoder
 
-from .core.batch import apply_batch, interest_records
+from .core.batch import BatchOutcome, apply_batch, interest_records
 from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import Popularity
@@ -119,6 +120,18 @@ async def read_range(bootstrap: str, topic: str, partition: int, first: int, las
                 yield chunk
     finally:
         await consumer.stop()
+
+
+@dataclass
+class _Part:
+    """One partition's share of a micro-batch, between being applied in memory and being made durable."""
+    partition: int
+    epoch: int
+    last_offset: int                              # the offset marker to write
+    events: int                                   # valid events
+    rejected: list[tuple[Record, Rejection]]      # -> dead letters
+    before: dict[str, Optional[UserState]]        # touched users' windows before the batch
+    outcome: BatchOutcome
 
 
 class MicroBatchService:
@@ -208,21 +221,25 @@ class MicroBatchService:
     # ---- one micro-batch ----------------------------------------------------------------------------------------
 
     async def handle(self, records: Sequence[Record]) -> None:
-        """One micro-batch; returns once everything it changed is durable (or was left to a partition's new owner)."""
+        """One micro-batch; returns once everything it changed is durable (or was left to a partition's new owner).
+        Every partition's part is encoded in one forward and acknowledged in one round per phase (outputs, then
+        state): the batch waits on the broker twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
         by_partition: dict[int, list[Record]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(r)
-        for partition, recs in sorted(by_partition.items()):
-            if partition not in self.epoch:          # delivered before the assignment callback ran (first batch)
-                await self.assign(self.assigned | {partition})
-            epoch = self.epoch.get(partition)
-            if epoch is None or not await self.ensure(partition, epoch):
-                log.info("partition %d was revoked before its batch was applied; leaving it to its new owner",
-                         partition)
-                continue
-            async with self._lock(partition):
+        async with contextlib.AsyncExitStack() as held:
+            parts = []
+            for partition, recs in sorted(by_partition.items()):
+                if partition not in self.epoch:          # delivered before the assignment callback ran
+                    await self.assign(self.assigned | {partition})
+                epoch = self.epoch.get(partition)
+                if epoch is None or not await self.ensure(partition, epoch):
+                    log.info("partition %d was revoked before its batch was applied; leaving it to its new owner",
+                             partition)
+                    continue
+                await held.enter_async_context(self._lock(partition))
                 if not self.owns(partition, epoch):
                     continue
                 recs.sort(key=lambda r: r.offset)
@@ -230,8 +247,9 @@ class MicroBatchService:
                     if not await self._reread(partition, epoch, recs[0].topic, recs[0].offset):
                         continue
                 recs = [r for r in recs if r.offset > self.store.applied[partition]]   # a catch-up did these
-                if recs:
-                    await self._step(partition, epoch, recs)
+                if recs and self.owns(partition, epoch):
+                    parts.append(self._apply(partition, epoch, recs))
+            await self._make_durable(parts)
         self.metrics.batch_size.observe(len(records))
         self.counts["batches"] += 1
         now_ms = time.time() * 1000
@@ -246,12 +264,13 @@ class MicroBatchService:
         log.info("partition %d: re-reading offsets %d..%d past the durable marker", partition, first, before - 1)
         async for page in read_range(self.bootstrap, topic, partition, first, before - 1):
             self.counts["reread"] += len(page)
-            if not await self._step(partition, epoch, page):
+            if not self.owns(partition, epoch) or not await self._make_durable([self._apply(partition, epoch, page)]):
                 return False
         return True
 
-    async def _step(self, partition: int, epoch: int, recs: Sequence[Record]) -> bool:
-        """Apply one partition's records and make the effects durable; False when the partition changed owner."""
+    def _apply(self, partition: int, epoch: int, recs: Sequence[Record]) -> "_Part":
+        """Decode one partition's records and join them into its windows (in memory, nothing written yet); the
+        caller has checked that it owns the partition, and nothing here awaits."""
         events: list[Event] = []
         rejected: list[tuple[Record, Rejection]] = []
         for r in recs:
@@ -262,47 +281,61 @@ class MicroBatchService:
                 rejected.append((r, got))
             else:
                 events.append(got)
-        if not self.owns(partition, epoch):
-            log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
-            return False
         before = {u: self.store.get(partition, u) for u in {e.user_id for e in events}}
-        outcome = apply_batch(before.get, events, self.encoder.window)
+        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, before,
+                     apply_batch(before.get, events, self.encoder.window))
+
+    async def _make_durable(self, parts: list["_Part"]) -> list["_Part"]:
+        """Encode every part's touched users in one forward; publish the records and dead letters and wait for the
+        broker; then, for the parts whose partition is still owned under the same epoch, write the windows and
+        offset markers and wait again. Outputs first: state that says "done" must never outlive outputs that were
+        lost. Returns the parts whose state was written."""
+        updates = {u: st for p in parts for u, st in p.outcome.updates.items()}
         records = []
-        if outcome.updates:
+        if updates:
             t0 = time.perf_counter()
             records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, self.encoder,
-                                                                       outcome.updates)
+                                                                       updates)
             self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-        # outputs and dead letters first: state that says "done" must never outlive outputs that were lost
         producer = self.store.producer
         sends = [await producer.send(self.output_topic, json.dumps(rec).encode(), key=rec["user_id"].encode())
                  for rec in records]
-        for r, rejection in rejected:
-            key, value = dead_letter(r, rejection)
-            sends.append(await producer.send(self.dlq_topic, value, key=key))
+        for p in parts:
+            for r, rejection in p.rejected:
+                key, value = dead_letter(r, rejection)
+                sends.append(await producer.send(self.dlq_topic, value, key=key))
         await asyncio.gather(*sends)
-        if not self.owns(partition, epoch):
-            log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", partition)
-            return False
-        for user, state in outcome.updates.items():   # popularity follows the windows held: added minus evicted
-            old = before.get(user) or {}
-            for scene, window in state.items():
-                kept = set(old.get(scene, ()))
-                self.popularity.add(e for e in window if e not in kept)
-                self.popularity.remove(kept - set(window))
-        await asyncio.gather(*await self.store.write(partition, outcome.updates, recs[-1].offset))
+        owned = []
+        for p in parts:
+            if self.owns(p.partition, p.epoch):
+                owned.append(p)
+            else:
+                log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", p.partition)
+        writes = []
+        for p in owned:
+            for user, state in p.outcome.updates.items():   # popularity follows the windows held: in minus out
+                old = p.before.get(user) or {}
+                for scene, window in state.items():
+                    kept = set(old.get(scene, ()))
+                    self.popularity.add(e for e in window if e not in kept)
+                    self.popularity.remove(kept - set(window))
+            writes += await self.store.write(p.partition, p.outcome.updates, p.last_offset)
+        await asyncio.gather(*writes)
         now = time.time()
+        written = {u for p in owned for u in p.outcome.updates}
         for rec in records:
-            self.latest[rec["user_id"]] = (rec, now)
-        for _, rejection in rejected:
-            self.metrics.invalid.labels(rejection.reason).inc()
-        self.counts["invalid"] += len(rejected)
-        self.counts["late_dropped"] += outcome.late_dropped
-        self.counts["events"] += len(events)
-        self.counts["published"] += len(records)
-        self.metrics.events.inc(len(events))
-        self.metrics.late.inc(outcome.late_dropped)
-        return True
+            if rec["user_id"] in written:
+                self.latest[rec["user_id"]] = (rec, now)
+        for p in owned:
+            for _, rejection in p.rejected:
+                self.metrics.invalid.labels(rejection.reason).inc()
+            self.counts["invalid"] += len(p.rejected)
+            self.counts["late_dropped"] += p.outcome.late_dropped
+            self.counts["events"] += p.events
+            self.counts["published"] += len(p.outcome.updates)
+            self.metrics.events.inc(p.events)
+            self.metrics.late.inc(p.outcome.late_dropped)
+        return owned
 
     def _not_after(self, record: Record) -> int:
         """The newest event time a record may carry: its broker timestamp (else now) plus the allowed clock skew."""

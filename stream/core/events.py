@@ -20,7 +20,7 @@ REASONS = (
     "oversized",          # payload larger than max_payload_bytes
     "not_utf8",           # bytes are not UTF-8
     "bad_json",           # not parseable JSON
-    "bad_csv",            # a CSV log the csv module cannot read (e.g. a NUL byte)
+    "bad_csv",            # a CSV log the csv module cannot read (e.g. a field over its size limit)
     "non_finite",         # NaN / Infinity literal anywhere in the payload
     "not_object",         # JSON value is not an object
     "missing_field",      # a required field is absent
