@@ -22,6 +22,7 @@ from scenestream.stream.broker import EmbeddedBroker
 from scenestream.stream.core.events import Event, encode
 from scenestream.stream.processes import free_port
 from scenestream.stream.produce import produce_lines
+from tiny_checkpoint import tiny_checkpoint  # bench/ is on sys.path: scripts run as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,14 +106,7 @@ def main() -> None:
                     help="Also time the bare agent with only topic_disable_leader and with only the timeouts.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = tempfile.mkdtemp()
-        log = Path(ckpt) / "log.jsonl"
-        subprocess.run([sys.executable, "-m", "scenestream.stream.cli", "generate", "--users", "200", "--out", str(log)],
-                       cwd=ROOT, check=True, capture_output=True)
-        subprocess.run([sys.executable, "-m", "scenestream.stream.cli", "train", "--input", str(log), "--epochs", "1",
-                        "--out", ckpt], cwd=ROOT, check=True, capture_output=True)
+    ckpt = args.checkpoint or tiny_checkpoint()
     result = {"faust_defaults_s": [bare_faust("defaults") for _ in range(args.runs)],
               "faust_scenestream_settings_s": [bare_faust("scenestream") for _ in range(args.runs)],
               "worker_start_to_first_record_s": [worker_start(ckpt) for _ in range(args.runs)]}
