@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -60,6 +61,18 @@ def gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
     return b.clamp(max=buckets - 1)
 
 
+@dataclass
+class Past:
+    """One layer's keys and values of positions already encoded, for the incremental path: row b's P slots hold up
+    to `span` positions before its new ones, left-padded. Positions are numbered per row, so rows with different
+    numbers of past and new positions share a batch."""
+    k: torch.Tensor          # [B, H, P, hd]
+    v: torch.Tensor          # [B, H, P, hd]
+    valid: torch.Tensor      # [B, P] bool
+    pos: torch.Tensor        # [B, P] long
+    new_pos: torch.Tensor    # [B, T] long: positions of the new slots
+
+
 class LocalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,23 +82,36 @@ class LocalSelfAttention(nn.Module):
         self.rel_bias = nn.Parameter(torch.zeros(cfg.n_heads, cfg.span + 1))
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False,
+                past: Optional[Past] = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, T, C]: new positions, attending to themselves and to `past` (the keys and values of up to `span`
+        positions before them). Returns (outputs, the new positions' keys and values)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
         q, k, v = heads(q), heads(k), heads(v)
-        qpos = torch.arange(T, device=x.device)
+        present = (k, v)
+        if past is None:     # positions are slots: one offset matrix for the whole batch
+            qpos = kpos = torch.arange(T, device=x.device)[None]
+            kvalid = valid
+        else:                # each row has its own number of past positions: offsets from explicit positions
+            k, v = torch.cat([past.k, k], 2), torch.cat([past.v, v], 2)
+            kvalid = torch.cat([past.valid, valid], 1)
+            kpos = torch.cat([past.pos, past.new_pos], 1)
+            qpos = kpos[:, -T:]
+        P = k.shape[2] - T
+        qslot = torch.arange(P, P + T, device=x.device)
         if last_only:  # only the last position is read downstream: skip the other queries
-            q, qpos = q[:, :, -1:], qpos[-1:]
-        offset = qpos[:, None] - torch.arange(T, device=x.device)[None, :]               # [Tq, T]
-        band = (offset >= 0) & (offset <= self.span)
-        allowed = band[None] & valid[:, None, :] | (offset == 0)[None]                 # [B, Tq, T]
-        bias = self.rel_bias[:, offset.clamp(0, self.span)]                            # [H, Tq, T]
-        mask = torch.where(allowed[:, None], bias[None], float("-inf"))                # [B, H, Tq, T]
+            q, qpos, qslot = q[:, :, -1:], qpos[:, -1:], qslot[-1:]
+        offset = qpos[:, :, None] - kpos[:, None, :]                                   # [B or 1, Tq, Tk]
+        own = qslot[:, None] == torch.arange(P + T, device=x.device)[None]             # padded queries see themselves
+        allowed = (offset >= 0) & (offset <= self.span) & kvalid[:, None, :] | own[None]  # [B, Tq, Tk]
+        bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [B or 1, H, Tq, Tk]
+        mask = torch.where(allowed[:, None], bias, float("-inf"))                      # [B, H, Tq, Tk]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
         y = y.transpose(1, 2).contiguous().view(B, -1, C)
-        return self.proj(y)
+        return self.proj(y), present
 
 
 class Block(nn.Module):
@@ -97,10 +123,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, valid, last_only=False):
-        y = self.attn(self.ln1(x), valid, last_only)
+    def forward(self, x, valid, last_only=False, past=None):
+        y, present = self.attn(self.ln1(x), valid, last_only, past)
         x = (x[:, -1:] if last_only else x) + y
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(self.ln2(x)), present
 
 
 class SceneEncoder(nn.Module):
@@ -117,12 +143,21 @@ class SceneEncoder(nn.Module):
 
     def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False) -> torch.Tensor:
         """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only)."""
+        return self.extend(items, actions, scenes, gaps, valid, None, last_only)[0]
+
+    def extend(self, items, actions, scenes, gaps, valid, past: Optional[list[Past]], last_only: bool = True
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """New positions [B, T] given each layer's `past` (None: the windows start here) -> (outputs as forward,
+        each layer's keys and values of the new positions). Because attention is local, appending k events to a
+        window costs k positions per layer instead of the whole window."""
         x = self.item(items) * math.sqrt(self.cfg.d_model) + self.action(actions) + self.scene(scenes) + self.gap(gaps)
         x = self.drop(x)
+        presents = []
         for i, block in enumerate(self.blocks):
-            x = block(x, valid, last_only and i == len(self.blocks) - 1)
+            x, kv = block(x, valid, last_only and i == len(self.blocks) - 1, past[i] if past else None)
+            presents.append(kv)
         x = self.ln_f(x)
-        return x[:, -1] if last_only else x
+        return (x[:, -1] if last_only else x), presents
 
 
 class SceneFusion(nn.Module):

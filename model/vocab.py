@@ -70,9 +70,10 @@ class WindowBatch:
 
 
 def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]], width: int,
-         gap_buckets: int) -> WindowBatch:
+         gap_buckets: int, prev_ts: Sequence[int] | None = None) -> WindowBatch:
     """(item rows, action ids, scene ids, ts) per sequence -> left-padded tensors of `width`; the newest `width`
-    entries of a longer sequence are kept. Gap bucket 0 marks the first event (no predecessor inside)."""
+    entries of a longer sequence are kept. Gap bucket 0 marks the first event (no predecessor inside), unless
+    prev_ts gives the sequence's predecessor (< 0: none), as when encoding the newest rows of a window."""
     B, T = len(seqs), width
     arrays = np.zeros((4, B, T), dtype=np.int64)
     valid = np.zeros((B, T), dtype=bool)
@@ -86,18 +87,30 @@ def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int], Seque
     valid_t = torch.from_numpy(valid)
     has_prev = valid_t & torch.roll(valid_t, 1, dims=1)
     has_prev[:, 0] = False
-    gaps = torch.where(has_prev, gap_bucket(ts - torch.roll(ts, 1, dims=1), gap_buckets), torch.zeros_like(ts))
+    prev = torch.roll(ts, 1, dims=1)
+    if prev_ts is not None:   # the first valid slot's predecessor lies outside the sequence
+        first = T - valid_t.sum(1).clamp(min=1)
+        rows = torch.arange(B)
+        given = torch.as_tensor(np.asarray(prev_ts, dtype=np.int64))
+        has_prev[rows, first] |= (given >= 0) & valid_t[rows, first]
+        prev[rows, first] = given
+    gaps = torch.where(has_prev, gap_bucket(ts - prev, gap_buckets), torch.zeros_like(ts))
     return WindowBatch(items, actions, scenes, gaps, valid_t)
 
 
 def tensorize(windows: Sequence[Sequence], vocab: ItemVocab, scene_index: dict[str, int],
-              action_index: dict[str, int], gap_buckets: int, length: int | None = None) -> WindowBatch:
-    """Event windows (each ascending by time) -> left-padded tensors of width `length` (default: longest)."""
-    T = length or max((len(w) for w in windows), default=1)
+              action_index: dict[str, int], gap_buckets: int, length: int | None = None,
+              starts: Sequence[int] | None = None) -> WindowBatch:
+    """Event windows (each ascending by time) -> left-padded tensors of width `length` (default: longest). With
+    `starts`, only each window's events from its start on, their time gaps still measured to the event before."""
     get_row = vocab._index.get
+    if starts is not None:
+        prev_ts = [w[s - 1].ts if s > 0 else -1 for w, s in zip(windows, starts)]
+        windows = [w[s:] for w, s in zip(windows, starts)]
+    T = length or max((len(w) for w in windows), default=1)
     seqs = [([get_row(e.item_id, OOV) for e in w], [action_index.get(e.action, 0) for e in w],
              [scene_index[e.scene] for e in w], [e.ts for e in w]) for w in windows]
-    return pack(seqs, T, gap_buckets)
+    return pack(seqs, T, gap_buckets, prev_ts if starts is not None else None)
 
 
 __all__ = ["ItemVocab", "WindowBatch", "tensorize", "PAD", "OOV", "FIRST_ITEM"]

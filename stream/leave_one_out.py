@@ -59,7 +59,7 @@ def fit(events: Sequence[Event], scenes: Sequence[str], actions: Sequence[str], 
     val_cases = loo_cases({u: tls[u][:-1] for u in val_users}, holdout=1)
 
     def validate(ckpt: Checkpoint) -> dict:
-        return evaluate_loo(InterestEncoder(ckpt, device, cache_size=0), val_cases)
+        return evaluate_loo(InterestEncoder(ckpt, device, cache_mb=0), val_cases)
 
     ckpt, history = train_model(train_tls, vocab, scenes, actions, window, validate, model_cfg=model_cfg, cfg=cfg,
                                 device=device, progress=progress)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.window_cache import WindowCache
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.batch import apply_batch, interest_records
@@ -21,7 +22,7 @@ ITEMS = [f"i{n}" for n in range(12)]
 WINDOW = 10  # = n_layers * span + 2 for the model below
 
 
-def _encoder(cache_size: int) -> InterestEncoder:
+def _encoder(cache_mb: float) -> InterestEncoder:
     torch.manual_seed(1)
     vocab = ItemVocab(ITEMS[:10], [SCENES[n % 3] for n in range(10)])  # i10, i11 are out of vocabulary
     cfg = ModelConfig(n_items=len(vocab), n_scenes=3, n_actions=4, d_model=32, n_heads=2, n_layers=2, span=4,
@@ -30,11 +31,11 @@ def _encoder(cache_size: int) -> InterestEncoder:
     with torch.no_grad():  # random but not tiny weights, so differences would show
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    return InterestEncoder(Checkpoint(model.eval(), vocab, SCENES, ACTIONS, WINDOW, "test"), cache_size=cache_size)
+    return InterestEncoder(Checkpoint(model.eval(), vocab, SCENES, ACTIONS, WINDOW, "test"), cache_mb=cache_mb)
 
 
-STREAMED = _encoder(cache_size=1000)
-OFFLINE = _encoder(cache_size=0)
+STREAMED = _encoder(cache_mb=64)
+OFFLINE = _encoder(cache_mb=0)
 
 event_st = st.builds(
     lambda n, u, i, s, a, t: Event(f"e{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], 1_700_000_000_000 + t),
@@ -117,10 +118,72 @@ def test_output_ignores_events_beyond_the_receptive_field():
     rng = random.Random(1)
     evs = sorted((Event(f"r{k}", "u", ITEMS[rng.randrange(12)], "shop", "click", 1_700_000_000_000 + 1000 * k)
                   for k in range(WINDOW + 5)), key=Event.order_key.fget)
-    long_enc = _encoder(cache_size=0)
+    long_enc = _encoder(cache_mb=0)
     long_enc.ckpt.window = WINDOW + 5
     a = OFFLINE.encode_windows([tuple(evs[-WINDOW:])])[0]
     b = long_enc.encode_windows([tuple(evs)])[0]
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     c = OFFLINE.encode_windows([tuple(evs[-WINDOW + 3:])])[0]  # fewer than the receptive field: must differ
     assert np.abs(a - c).max() > 1e-4
+
+
+def _tiny_cache_encoder(entries: int) -> InterestEncoder:
+    """The streamed encoder with room for only `entries` cached windows: evictions all the time."""
+    enc = _encoder(cache_mb=0)
+    cache = enc.cache
+    enc.cache = WindowCache(enc.model.cfg, WINDOW, entries * cache.entry_bytes, enc.device)
+    assert enc.cache.capacity == entries
+    return enc
+
+
+TINY = _tiny_cache_encoder(2)
+
+# mostly in time order, as a live stream is: a late event now and then, a duplicate now and then; two users in two
+# scenes, so windows fill up and slide
+seconds_st = st.one_of(st.integers(0, 40), st.integers(0, 40), st.integers(0, 40), st.integers(-120, -1))
+stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integers(0, 1), st.integers(0, 3),
+                               seconds_st), min_size=30, max_size=80)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream_st, st.data(), st.sampled_from(["big", "tiny"]))
+def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget):
+    """Every micro-batch's scene vectors, from cached rows plus the new positions, equal a full encode of the same
+    windows; with a budget of two windows the cache evicts on nearly every step."""
+    enc = STREAMED if budget == "big" else TINY
+    enc.cache.clear()
+    ts, events = 1_700_000_000_000, []
+    for n, (u, i, s, a, dt) in enumerate(steps):
+        ts += dt * 1000                     # dt < 0: a late event
+        e = Event(f"s{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts)
+        events.append(e)
+        if dt == 0 and n % 5 == 0:
+            events.append(e)                # a duplicate delivery
+    state, pos = {}, 0
+    while pos < len(events):
+        size = data.draw(st.integers(1, 6), label="batch")
+        outcome = apply_batch(state.get, events[pos:pos + size], WINDOW)
+        pos += size
+        state.update(outcome.updates)
+        got = enc.interests(outcome.updates)
+        for r, user in enumerate(got.users):
+            for scene, window in outcome.updates[user].items():
+                want = OFFLINE.encode_windows([window])[0]
+                np.testing.assert_allclose(got.h[r, SCENES.index(scene)], want, atol=1e-5, rtol=0)
+
+
+def test_appending_to_a_window_encodes_only_the_new_positions():
+    """An in-order stream extends cached windows instead of re-encoding them: the cache is really used."""
+    enc = _encoder(cache_mb=64)
+    rng = random.Random(3)
+    state = {}
+    for n in range(120):
+        e = Event(f"a{n}", f"u{n % 2}", ITEMS[rng.randrange(12)], SCENES[rng.randrange(3)], "view",
+                  1_700_000_000_000 + 1000 * n)
+        outcome = apply_batch(state.get, [e], WINDOW)
+        state.update(outcome.updates)
+        got = enc.interests(outcome.updates)
+        np.testing.assert_allclose(got.h[0, SCENES.index(e.scene)],
+                                   OFFLINE.encode_windows([state[e.user_id][e.scene]])[0], atol=1e-5, rtol=0)
+    stats = enc.cache.stats
+    assert stats["misses"] == 6 and stats["extends"] == 114, stats   # one miss per (user, scene): the first event

@@ -64,7 +64,7 @@ def newest_records(msgs) -> dict[str, dict]:
 
 def offline_records(checkpoint, events) -> dict[str, dict]:
     """`scenestream replay` over the same valid events: its final records."""
-    encoder = InterestEncoder(load_checkpoint(checkpoint), "cpu", cache_size=0)
+    encoder = InterestEncoder(load_checkpoint(checkpoint), "cpu", cache_mb=0)
     index = ItemIndex.build(*encoder.item_vectors())
     result = replay(LoadedEvents(list(events), encoder.scenes), encoder, index, progress=False,
                     checkpoint_cutoff_ts=0)
