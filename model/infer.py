@@ -12,10 +12,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import Checkpoint
-from .model import FIRST_ITEM, Past
+from .model import FIRST_ITEM
 from .vocab import tensorize
 from .window_cache import WindowCache
 
@@ -64,45 +63,37 @@ class InterestEncoder:
     @torch.inference_mode()
     def encode_windows(self, windows: Sequence[Sequence]) -> np.ndarray:
         """[N] windows -> [N, d] last-position outputs of a full encode (no cache)."""
-        return self._encode(windows, rows=False)[0].float().cpu().numpy()
+        return self._encode(windows).float().cpu().numpy()
 
-    def _encode(self, windows: Sequence[Sequence], past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                starts: Sequence[int] | None = None, rows: bool = True):
-        """Outputs [N, d] of whole windows, or of windows from `starts` on given `past` (their cached rows:
-        keys/values [N, layers, 2, H, span, hd] and valid [N, span]); with `rows`, also each window's rows to
-        cache (as past) and their valid counts. In chunks of batch_size, sorted by length so a chunk pads little:
-        results do not depend on the chunking."""
+    def _encode(self, windows: Sequence[Sequence], entries: Sequence | None = None,
+                starts: Sequence[int] | None = None) -> torch.Tensor:
+        """Outputs [N, d] of whole windows, or, with `starts`, of the windows from there on against their cache
+        entries' rows. Whatever was encoded is written to `entries` (None ones skipped). In chunks of batch_size,
+        sorted by length so that a chunk pads little: results do not depend on the chunking."""
         cfg = self.model.cfg
         n = len(windows)
         new = [len(w) - (starts[i] if starts else 0) for i, w in enumerate(windows)]
         out = torch.zeros(n, cfg.d_model, device=self.device)
-        kv = torch.zeros(n, *self.cache.kv.shape[1:], device=self.device) if rows else None
-        counts = torch.zeros(n, dtype=torch.long, device=self.device)
         order = sorted(range(n), key=new.__getitem__)
         for lo in range(0, n, self.batch_size):
             idx = order[lo:lo + self.batch_size]
             width = min(max(new[i] for i in idx), self.window)
             batch = tensorize([windows[i] for i in idx], self.ckpt.vocab, self.scene_index, self.action_index,
                               cfg.gap_buckets, width, [starts[i] for i in idx] if starts else None).to(self.device)
+            past = None
+            if starts:
+                counts = torch.tensor([new[i] for i in idx], device=self.device)
+                new_pos = torch.arange(width, device=self.device)[None] - (width - counts)[:, None]
+                past = self.cache.past([entries[i] for i in idx], new_pos)
+            h, presents = self.model.encoder.extend(*batch.inputs(), past, last_only=True)
             at = torch.tensor(idx, device=self.device)
-            layers = None
-            valid = batch.valid
-            if past is not None:
-                past_kv, past_valid = past[0][at], past[1][at]
-                span = past_valid.shape[1]
-                pos = torch.arange(-span, 0, device=self.device).expand(len(idx), span)
-                new_pos = torch.arange(width, device=self.device)[None] - (width - batch.valid.sum(1))[:, None]
-                layers = [Past(past_kv[:, l, 0], past_kv[:, l, 1], past_valid, pos, new_pos)
-                          for l in range(cfg.n_layers)]
-                valid = torch.cat([past_valid, batch.valid], 1)
-            h, presents = self.model.encoder.extend(*batch.inputs(), layers, last_only=True)
             out[at] = h
-            if rows:
-                if layers is not None:
-                    presents = [(torch.cat([p.k, k], 2), torch.cat([p.v, v], 2)) for p, (k, v) in zip(layers, presents)]
-                kv[at], counts[at] = _last_rows(presents, valid, cfg.span)
-        return out, kv, counts
+            if entries is not None:
+                self.cache.append([entries[i] for i in idx], [windows[i] for i in idx], presents,
+                                  [new[i] for i in idx], h)
+        return out
 
+    @torch.inference_mode()
     def _scene_vectors(self, states: Sequence[Mapping[str, Sequence]], users: Sequence[str]) -> np.ndarray:
         S, d = len(self.scenes), self.model.cfg.d_model
         h = torch.zeros(len(users), S, d, device=self.device)
@@ -117,18 +108,12 @@ class InterestEncoder:
                 todo.append((u, s, (user, scene), window, entry, start))
         if hits:
             h[[t[0] for t in hits], [t[1] for t in hits]] = self.cache.vectors([t[4] for t in hits])
-        caching = self.cache.capacity > 0
-        done = []
-        for todo in (grown, whole):   # every cached row is gathered before any is stored: a store may evict
-            if todo:
-                past = self.cache.past([t[4] for t in todo]) if todo is grown else None
-                starts = [t[5] for t in todo] if todo is grown else None
-                vec, kv, counts = self._encode([t[3] for t in todo], past, starts, rows=caching)
-                h[[t[0] for t in todo], [t[1] for t in todo]] = vec
-                done.append((todo, vec, kv, counts))
-        if caching:
-            for todo, vec, kv, counts in done:
-                self.cache.store([t[2] for t in todo], [t[3] for t in todo], kv, counts, vec)
+        if grown:
+            h[[t[0] for t in grown], [t[1] for t in grown]] = self._encode(
+                [t[3] for t in grown], [t[4] for t in grown], [t[5] for t in grown])
+        if whole:
+            entries = self.cache.reserve([t[2] for t in whole], touched=len(hits) + len(grown))
+            h[[t[0] for t in whole], [t[1] for t in whole]] = self._encode([t[3] for t in whole], entries)
         return h.float().cpu().numpy()
 
     @torch.inference_mode()
@@ -155,18 +140,3 @@ class InterestEncoder:
             E = self.model.item_vectors()[FIRST_ITEM:].float().cpu().numpy()
         return self.ckpt.vocab.item_ids, self.ckpt.vocab.item_scenes, np.ascontiguousarray(E)
 
-
-def _last_rows(layers: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor, span: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each window's last `span` valid positions, right-aligned, from per-layer keys/values [B, H, P, hd] whose
-    valid slots [B, P] may have padding in between (cached rows, then left-padded new ones)
-    -> ([B, layers, 2, H, span, hd], valid counts [B])."""
-    P = valid.shape[1]
-    if P < span:
-        layers = [(F.pad(k, (0, 0, span - P, 0)), F.pad(v, (0, 0, span - P, 0))) for k, v in layers]
-        valid = F.pad(valid, (span - P, 0), value=False)
-    order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, -span:]   # padding first, then in order
-    k0 = layers[0][0]
-    at = order[:, None, :, None].expand(-1, k0.shape[1], -1, k0.shape[3])
-    kv = torch.stack([torch.stack([k.gather(2, at), v.gather(2, at)], 1) for k, v in layers], 1)
-    return kv, valid.sum(1).clamp(max=span)

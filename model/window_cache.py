@@ -22,43 +22,42 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
+import numpy as np
 import torch
 
-from .model import ModelConfig
+from .model import ModelConfig, Past
 
 ENTRY_OVERHEAD_BYTES = 600   # the entry object, its key and the tuple of event references (events are shared)
 
 
 @dataclass
-class _Entry:
+class Entry:
     slot: int
-    events: tuple      # the window's last `cone` events
-    whole: bool        # shorter than the cone and than a full window: events are the (user, scene)'s whole history
-    rows: int          # valid rows in the slot, right-aligned
+    events: tuple = ()   # the window's last `cone` events
+    whole: bool = False  # shorter than the cone and than a full window: events are the (user, scene)'s whole history
+    rows: int = 0        # valid rows in the slot's ring
+    head: int = 0        # ring index the next row goes to
 
 
 class WindowCache:
     def __init__(self, cfg: ModelConfig, window: int, max_bytes: int, device: torch.device):
-        self.span, self.window = cfg.span, window
+        self.span, self.window, self.n_layers = cfg.span, window, cfg.n_layers
         self.cone = cfg.receptive_field
         self.extendable = window >= self.cone
         hd = cfg.d_model // cfg.n_heads
         self.entry_bytes = 4 * (cfg.n_layers * 2 * cfg.span * cfg.d_model + cfg.d_model) + ENTRY_OVERHEAD_BYTES
         self.capacity = max(0, max_bytes // self.entry_bytes)
-        self.kv = torch.zeros(self.capacity, cfg.n_layers, 2, cfg.n_heads, cfg.span, hd, device=device)
+        # slot, ring row, layer, key/value, head, head dim: a row is contiguous, so appending writes one block
+        self.kv = torch.zeros(self.capacity, cfg.span, cfg.n_layers, 2, cfg.n_heads, hd, device=device)
         self.vec = torch.zeros(self.capacity, cfg.d_model, device=device)
-        self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self.entries: OrderedDict[Hashable, Entry] = OrderedDict()
         self.free = list(range(self.capacity - 1, -1, -1))
         self.stats = {"hits": 0, "extends": 0, "misses": 0, "evictions": 0}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    @property
-    def bytes_used(self) -> int:
-        return len(self.entries) * self.entry_bytes
-
-    def lookup(self, key: Hashable, window: Sequence) -> tuple[Optional[_Entry], int]:
+    def lookup(self, key: Hashable, window: Sequence) -> tuple[Optional[Entry], int]:
         """(entry, start): encode the window's positions from `start` on against the entry's rows; start ==
         len(window) means the cached vector is the window's. (None, 0): encode the window whole."""
         entry = self.entries.get(key)
@@ -70,49 +69,79 @@ class WindowCache:
         self.stats["hits" if start == len(window) else "extends"] += 1
         return entry, start
 
-    def past(self, entries: Sequence[_Entry]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The entries' rows: keys and values [B, n_layers, 2, H, span, hd] and valid [B, span]."""
-        slots = torch.tensor([e.slot for e in entries], device=self.kv.device)
-        rows = torch.tensor([e.rows for e in entries], device=self.kv.device)
-        valid = torch.arange(self.span, device=self.kv.device)[None] >= (self.span - rows)[:, None]
-        return self.kv[slots], valid
+    def reserve(self, keys: Sequence[Hashable], touched: int) -> list[Optional[Entry]]:
+        """Empty entries for windows to be encoded whole; evicts least recently used ones, never any of the
+        `touched` most recent (this micro-batch's hits and extensions), so a key may get None: not cached."""
+        out: list[Optional[Entry]] = []
+        reserved = 0
+        for key in keys:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                slot = old.slot
+            elif self.free:
+                slot = self.free.pop()
+            elif len(self.entries) > touched + reserved:   # never one reserved here
+                _, evicted = self.entries.popitem(last=False)
+                self.stats["evictions"] += 1
+                slot = evicted.slot
+            else:
+                out.append(None)
+                continue
+            self.entries[key] = entry = Entry(slot)
+            out.append(entry)
+            reserved += 1
+        return out
 
-    def vectors(self, entries: Sequence[_Entry]) -> torch.Tensor:
+    def past(self, entries: Sequence[Entry], new_pos: torch.Tensor) -> list[Past]:
+        """Each layer's cached keys and values of the entries' windows, ring order, with their positions (the
+        newest row at -1)."""
+        dev = self.kv.device
+        rows = self.kv[torch.tensor([e.slot for e in entries], device=dev)]          # [B, span, L, 2, H, hd]
+        head = torch.tensor([e.head for e in entries], device=dev)[:, None]
+        count = torch.tensor([e.rows for e in entries], device=dev)[:, None]
+        pos = (torch.arange(self.span, device=dev)[None] - head) % self.span - self.span
+        valid = pos >= -count
+        return [Past(rows[:, :, layer, 0].transpose(1, 2), rows[:, :, layer, 1].transpose(1, 2), valid, pos,
+                     new_pos) for layer in range(self.n_layers)]
+
+    def vectors(self, entries: Sequence[Entry]) -> torch.Tensor:
         return self.vec[torch.tensor([e.slot for e in entries], device=self.vec.device)]
 
-    def store(self, keys: Sequence[Hashable], windows: Sequence[Sequence], kv: torch.Tensor, rows: torch.Tensor,
-              vec: torch.Tensor) -> None:
-        """Entries for freshly encoded windows: kv [B, n_layers, 2, H, span, hd] right-aligned, rows [B] valid
-        counts, vec [B, d]. With fewer slots than windows, only the last ones are kept."""
-        if not self.capacity:
+    def append(self, entries: Sequence[Optional[Entry]], windows: Sequence[Sequence],
+               presents: list[tuple[torch.Tensor, torch.Tensor]], counts: Sequence[int], vec: torch.Tensor) -> None:
+        """The windows' newest positions were just encoded: presents are each layer's keys and values [B, H, T, hd]
+        with each window's counts[b] new positions at the right. Writes only those rows (at most span of them) into
+        the entries' rings, and the output vectors; None entries are skipped."""
+        span, T = self.span, presents[0][0].shape[2]
+        b_idx, t_idx, slot_idx, ring_idx, live = [], [], [], [], []
+        for b, (e, k) in enumerate(zip(entries, counts)):
+            if e is None:
+                continue
+            w = min(k, span)
+            b_idx.append(np.full(w, b))
+            t_idx.append(np.arange(T - w, T))
+            slot_idx.append(np.full(w, e.slot))
+            ring_idx.append((e.head + k - w + np.arange(w)) % span)
+            e.head, e.rows = (e.head + k) % span, min(span, e.rows + k)
+            window = windows[b]
+            e.events = tuple(window[-self.cone:])
+            e.whole = len(window) < min(self.cone, self.window)
+            live.append(b)
+        if not live:
             return
-        keep = range(max(0, len(keys) - self.capacity), len(keys))
-        counts = rows.tolist()
-        slots = []
-        for i in keep:
-            entry = self.entries.pop(keys[i], None)
-            if entry is None:
-                if not self.free:
-                    _, old = self.entries.popitem(last=False)
-                    self.free.append(old.slot)
-                    self.stats["evictions"] += 1
-                slot = self.free.pop()
-            else:
-                slot = entry.slot
-            window = windows[i]
-            whole = len(window) < min(self.cone, self.window)   # so events holds all of it
-            self.entries[keys[i]] = _Entry(slot, tuple(window[-self.cone:]), whole, counts[i])
-            slots.append(slot)
-        index = torch.tensor(slots, device=self.kv.device)
-        self.kv[index] = kv[keep.start:].to(self.kv.dtype)
-        self.vec[index] = vec[keep.start:].to(self.vec.dtype)
+        dev = self.kv.device
+        as_t = lambda parts: torch.from_numpy(np.concatenate(parts)).to(dev)  # noqa: E731
+        stacked = torch.stack([torch.stack([k, v]) for k, v in presents])          # [L, 2, B, H, T, hd]
+        self.kv[as_t(slot_idx), as_t(ring_idx)] = stacked[:, :, as_t(b_idx), :, as_t(t_idx)].to(self.kv.dtype)
+        live_t = torch.tensor(live, device=dev)
+        self.vec[torch.tensor([entries[b].slot for b in live], device=dev)] = vec[live_t].to(self.vec.dtype)
 
     def clear(self) -> None:
         self.entries.clear()
         self.free = list(range(self.capacity - 1, -1, -1))
 
 
-def _reusable(entry: _Entry, window: Sequence, cone: int, extendable: bool) -> Optional[int]:
+def _reusable(entry: Entry, window: Sequence, cone: int, extendable: bool) -> Optional[int]:
     """Where the window's new positions start if the entry's rows are still exactly what a full encode of the
     window would compute for the positions before them; None if they may not be."""
     cached = entry.events

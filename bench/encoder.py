@@ -1,0 +1,121 @@
+"""Incremental vs full re-encode: the cost of one appended event per window, as the live worker pays it.
+
+For each window length (50: the synthetic preset, span 24; 98: the MovieLens preset, span 48) and batch size B,
+B full windows are encoded once (filling the cache), then each gets one more event and is encoded again, twice:
+  full         -- the new windows from scratch (what the worker did before: every touched window re-encoded)
+  incremental  -- the same windows through the cache: one position per layer against the cached rows
+Both go through InterestEncoder._scene_vectors (lookups, tensorizing and the copy back included), with untrained
+weights (speed does not depend on them); the vectors of both are checked equal within 1e-5. Times are the median
+of --repeats, per appended event.
+
+    python bench/encoder.py [--device cpu|cuda] [--batches 1 64 1024] [--windows 50 98] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from scenestream.model.checkpoint import Checkpoint
+from scenestream.model.infer import InterestEncoder
+from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.vocab import ItemVocab
+from scenestream.stream.core.events import Event
+
+SCENES = ("video", "article", "shop")
+ACTIONS = ("view", "click", "like", "buy")
+
+
+def encoder(window: int, cache_mb: float, device: str, dtype: torch.dtype) -> InterestEncoder:
+    torch.manual_seed(0)
+    items = [f"i{n}" for n in range(3000)]
+    vocab = ItemVocab(items, [SCENES[n % 3] for n in range(len(items))])
+    span = (window - 2) // 2
+    cfg = ModelConfig(n_items=len(vocab), n_scenes=3, n_actions=4, span=span, dropout=0.0)
+    model = InterestModel(cfg).to(dtype)
+    return InterestEncoder(Checkpoint(model.eval(), vocab, SCENES, ACTIONS, window, f"bench-{window}"), device,
+                           cache_mb=cache_mb)
+
+
+def windows(n_users: int, length: int, extra: int, seed: int) -> list[list[Event]]:
+    rng = random.Random(seed)
+    out = []
+    for u in range(n_users):
+        evs = [Event(f"u{u}-{k}", f"u{u}", f"i{rng.randrange(3000)}", "video", rng.choice(ACTIONS),
+                     1_700_000_000_000 + 1000 * k + rng.randrange(900)) for k in range(length + extra)]
+        out.append(evs)
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(window: int, batch: int, device: str, repeats: int, dtype: torch.dtype) -> dict:
+    """Median seconds per appended event, full and incremental, for `batch` windows growing by one event."""
+    streams = windows(batch, window, repeats + 1, seed=window + batch)
+    full_enc = encoder(window, 0, device, dtype)
+    inc_enc = encoder(window, max(64, batch * 0.05 * window / 50), device, dtype)
+    users = [f"u{u}" for u in range(batch)]
+
+    def states(step: int) -> list[dict]:
+        return [{"video": tuple(s[step:step + window])} for s in streams]
+
+    inc_enc._scene_vectors(states(0), users)          # fill the cache (a miss per window)
+    full_t, inc_t, worst = [], [], 0.0
+    for step in range(1, repeats + 1):
+        st = states(step)
+        _sync(device)
+        t0 = time.perf_counter()
+        a = full_enc._scene_vectors(st, users)
+        _sync(device)
+        t1 = time.perf_counter()
+        b = inc_enc._scene_vectors(st, users)
+        _sync(device)
+        t2 = time.perf_counter()
+        full_t.append(t1 - t0)
+        inc_t.append(t2 - t1)
+        worst = max(worst, float(np.abs(a - b).max()))
+    stats = inc_enc.cache.stats
+    assert stats["extends"] == batch * repeats, stats
+    full_s, inc_s = statistics.median(full_t) / batch, statistics.median(inc_t) / batch
+    return {"window": window, "batch": batch, "full_us_per_event": round(full_s * 1e6, 2),
+            "incremental_us_per_event": round(inc_s * 1e6, 2), "speedup": round(full_s / inc_s, 2),
+            "max_abs_diff": worst, "exact_1e-5": worst <= 1e-5,
+            "cache_bytes_per_window": inc_enc.cache.entry_bytes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="Model weights' dtype (bfloat16: to see whether it stays within the 1e-5 contract).")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
+    ap.add_argument("--windows", type=int, nargs="+", default=[50, 98])
+    ap.add_argument("--repeats", type=int, default=7, help="Appends per window (the median is reported).")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    ap.add_argument("--json", action="store_true", help="Print the rows as one JSON object on the last line.")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    rows = [measure(w, b, args.device, args.repeats, dtype) for w in args.windows for b in args.batches]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    for r in rows:
+        print(f"window {r['window']:3d} batch {r['batch']:5d}: full {r['full_us_per_event']:9.1f} us/event, "
+              f"incremental {r['incremental_us_per_event']:8.1f} us/event, {r['speedup']:5.1f}x, "
+              f"max diff {r['max_abs_diff']:.1e}, cache {r['cache_bytes_per_window']} B per (user, scene)")
+    if args.json:
+        print(json.dumps({"device": device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+                          "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
