@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from scenestream.model.infer import InterestEncoder
 
-from .core.batch import BatchOutcome, apply_batch, interest_records
+from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
 from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import Popularity
@@ -298,7 +298,7 @@ class MicroBatchService:
                                                                        updates)
             self.metrics.encode_seconds.observe(time.perf_counter() - t0)
         producer = self.store.producer
-        sends = [await producer.send(self.output_topic, json.dumps(rec).encode(), key=rec["user_id"].encode())
+        sends = [await producer.send(self.output_topic, record_json(rec), key=rec["user_id"].encode())
                  for rec in records]
         for p in parts:
             for r, rejection in p.rejected:

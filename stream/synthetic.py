@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core.config import DEFAULT_ACTIONS, DEFAULT_SCENES
-from .core.events import Event
+from .core.events import Event, encode
 
 BASE_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -132,5 +132,5 @@ def log_lines(events: list[Event], fraction: float, seed: int) -> list[bytes]:
     for e in events:
         if fraction > 0 and rng.random() < fraction:
             lines.append(malformed_line(rng, e))
-        lines.append(json.dumps(e.to_json(), separators=(",", ":")).encode())
+        lines.append(encode(e))
     return lines

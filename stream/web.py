@@ -12,6 +12,7 @@ from typing import Optional
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .core.batch import record_json
 from .core.config import StreamConfig
 from .core.events import Rejection, check_id
 from .recommend import recommendation
@@ -89,7 +90,7 @@ def register(app, service, clicks_topic, index, catalog_caught_up) -> None:
             found = await service.user_record(user)
             if found is None:
                 return error(self, 404, f"no interests for user {user!r}")
-            return self.json(found[0])
+            return self.bytes(record_json(found[0]), content_type="application/json")
 
     @app.page("/healthz")
     class Health(View):

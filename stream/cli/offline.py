@@ -167,6 +167,7 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
     and most-popular recommendations."""
     from scenestream.index import ItemIndex
 
+    from ..core.batch import record_json
     from ..replay import replay as run_replay
     encoder, loaded = model_and_events(checkpoint, device, dataset, input_path, scenes_mode)
     index = ItemIndex.build(*encoder.item_vectors())
@@ -174,9 +175,9 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
                         checkpoint_cutoff_ts=encoder.ckpt.meta.get("cutoff_ts"), batch_wait_ms=round(batch_wait * 1000))
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        with open(Path(out) / "users.jsonl", "w") as f:
+        with open(Path(out) / "users.jsonl", "wb") as f:
             for user in sorted(result.records):
-                f.write(json.dumps(result.records[user]) + "\n")
+                f.write(record_json(result.records[user]) + b"\n")
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary))

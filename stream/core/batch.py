@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
+import orjson
+
 from .events import Event
 from .window import UserState, apply_user, group_by_user
 
@@ -43,25 +45,31 @@ def apply_batch(lookup: Callable[[str], Optional[UserState]], events: Sequence[E
 
 def interest_record(user: str, state: UserState, vec: Any, row: int, scenes: Sequence[str],
                     version: str) -> dict:
-    """The published per-user record (docs/operations.md, "Output record"): the same from the worker and replay."""
+    """The published per-user record (docs/operations.md, "Output record"): the same from the worker and replay.
+    Vectors stay float32 arrays (views of the batch's arrays): `record_json` writes them without a Python float
+    per element."""
     targets = list(scenes) + ["global"]
     has = vec.has[row]
-    sources = [s for i, s in enumerate(scenes) if has[i]]
     src_idx = [i for i in range(len(scenes)) if has[i]]
+    weights = vec.weights[row].tolist()
     return {
         "user_id": user,
         "model_version": version,
-        "scenes": {scenes[i]: vec.h[row, i].tolist() for i in src_idx},
-        "fused": {s: vec.fused[row, j].tolist() for j, s in enumerate(scenes)},
-        "global": vec.fused[row, len(scenes)].tolist(),
-        "weights": {t: {s: float(vec.weights[row, j, i]) for s, i in zip(sources, src_idx)}
-                    for j, t in enumerate(targets)},
+        "scenes": {scenes[i]: vec.h[row, i] for i in src_idx},
+        "fused": {s: vec.fused[row, j] for j, s in enumerate(scenes)},
+        "global": vec.fused[row, len(scenes)],
+        "weights": {t: {scenes[i]: weights[j][i] for i in src_idx} for j, t in enumerate(targets)},
         "newest_ts": max(w[-1].ts for w in state.values() if w),
         "events": sum(len(w) for w in state.values()),
     }
 
 
+def record_json(record: dict) -> bytes:
+    """A record as JSON bytes: float32 vectors as lists of the shortest decimals that read back to the same
+    float32 values."""
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def interest_records(encoder: Encoder, states: Mapping[str, UserState]) -> list[dict]:
     vec = encoder.interests(states)
     return [interest_record(u, states[u], vec, r, encoder.scenes, encoder.version) for r, u in enumerate(vec.users)]
-

@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import orjson
+
 from .config import StreamConfig
 
 # Rejection reasons: a small closed set, so they can label metrics and dead letters.
@@ -91,19 +93,36 @@ def decode(raw: bytes, config: StreamConfig, not_after_ms: Optional[int] = None)
         size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
         if size > config.max_payload_bytes:
             return Rejection("oversized", f"{size} bytes > {config.max_payload_bytes}")
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return Rejection("not_utf8", str(exc)[:200])
-        try:
-            obj = json.loads(text, parse_constant=_refuse_constant)
-        except _NonFinite as exc:
-            return Rejection("non_finite", f"non-finite number {exc}")
-        except (ValueError, RecursionError) as exc:
-            return Rejection("bad_json", str(exc)[:200])
+        try:   # the fast path: orjson reads strict JSON in valid UTF-8 only
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = _SLOW
+        if obj is _SLOW or isinstance(obj, dict) and any(type(v) is float for v in obj.values()):
+            # the stdlib says precisely what is wrong, and reads integers beyond 64 bits (orjson: floats) exactly
+            obj = _slow_loads(raw)
+            if isinstance(obj, Rejection):
+                return obj
         return validate_record(obj, config, not_after_ms)
     except Exception as exc:  # pragma: no cover - a bug here must not stop the stream
         return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
+
+
+_SLOW = object()
+
+
+def _slow_loads(raw) -> Any:
+    """JSON the stdlib way: a Rejection naming what is wrong, or the value (numbers orjson refuses, such as
+    integers beyond 64 bits, parse here and are judged by validate_record)."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection("not_utf8", str(exc)[:200])
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except _NonFinite as exc:
+        return Rejection("non_finite", f"non-finite number {exc}")
+    except (ValueError, RecursionError) as exc:
+        return Rejection("bad_json", str(exc)[:200])
 
 
 def _check_field_id(obj: dict, name: str, config: StreamConfig) -> Union[str, Rejection]:
@@ -123,6 +142,8 @@ def check_id(value: Any, name: str, config: StreamConfig) -> Union[str, Rejectio
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > config.max_id_bytes:
         return Rejection("too_long", f"{name} has {size} bytes of UTF-8 > {config.max_id_bytes}")
+    if value.isascii() and value.isprintable():   # the common case: printable ASCII is all assigned
+        return value
     if not value.isprintable() or any(unicodedata.category(c) in ("Cs", "Co", "Cn") for c in value):
         return Rejection("bad_chars", f"{name} contains control, surrogate or unassigned characters")
     return value
@@ -195,4 +216,4 @@ def check_key(key: Optional[bytes], event: Event) -> Optional[Rejection]:
 
 def encode(event: Event) -> bytes:
     """The canonical JSON bytes of an event (what `generate` and `produce` write)."""
-    return json.dumps(event.to_json(), separators=(",", ":")).encode()
+    return orjson.dumps(event.to_json())
