@@ -15,11 +15,9 @@ import torch
 
 from .checkpoint import Checkpoint
 from .model import FIRST_ITEM
+from .presets import ENCODER_CACHE_MB
 from .vocab import tensorize
 from .window_cache import WindowCache
-
-DEFAULT_CACHE_MB = 256   # ~10,000 (user, scene) windows at d=64, span 24
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     """auto: CUDA when present, else CPU. Asking for cuda without one is an error, not a silent fallback."""
@@ -42,7 +40,7 @@ class Interests:
 
 class InterestEncoder:
     def __init__(self, ckpt: Checkpoint, device: str | torch.device = "cpu", batch_size: int = 2048,
-                 cache_mb: float = DEFAULT_CACHE_MB):
+                 cache_mb: float = ENCODER_CACHE_MB):
         self.ckpt = ckpt
         self.device = torch.device(device)
         self.model = ckpt.model.to(self.device).eval()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class WorkerMetrics:
@@ -23,3 +24,26 @@ class WorkerMetrics:
                                registry=r)
         self.requests = Counter("scenestream_http_requests", "HTTP requests, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+
+    def watch_cache(self, cache) -> None:
+        """Export the incremental encoder's cache (model/window_cache.py) as it is at each scrape."""
+        self.registry.register(_CacheCollector(cache))
+
+
+class _CacheCollector:
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        looked = CounterMetricFamily("scenestream_encoder_cache_lookups", "Windows looked up in the encoder's cache, "
+                                     "by outcome: hit (unchanged), extend (only new events encoded), miss (encoded "
+                                     "whole)", labels=["outcome"])
+        for outcome, stat in (("hit", "hits"), ("extend", "extends"), ("miss", "misses")):
+            looked.add_metric([outcome], self.cache.stats[stat])
+        yield looked
+        yield CounterMetricFamily("scenestream_encoder_cache_evictions", "Cached windows dropped for room",
+                                  value=self.cache.stats["evictions"])
+        yield GaugeMetricFamily("scenestream_encoder_cache_bytes", "Bytes the cache's entries hold (its budget is "
+                                "preallocated)", value=len(self.cache) * self.cache.entry_bytes)
+        yield GaugeMetricFamily("scenestream_encoder_cache_windows", "(user, scene) windows cached",
+                                value=len(self.cache))

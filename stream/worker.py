@@ -75,21 +75,27 @@ def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
     return ItemIndex.build(*encoder.item_vectors(), spec=IndexSpec(kind=cfg.index_kind))
 
 
-def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIndex] = None
-             ) -> tuple[faust.App, MicroBatchService]:
+def faust_settings(cfg: WorkerConfig) -> dict:
+    """The worker's faust.App keyword settings (also what bench/live.py's no-op agent runs with)."""
     # Settings found by measurement (BENCHMARKS.md, bench/startup.py): with Faust's default session (60 s) and
     # rebalance (60 s) timeouts the first group join on the embedded broker took ~32 s; with 6 s / 10 s and a 1 s
     # heartbeat it takes ~4.7 s, and a restarted worker does not wait a minute for its dead predecessor's session.
     # topic_disable_leader only saves a topic (it does not change the join time).
-    app = faust.App(
-        cfg.app_id, broker=cfg.broker, store="memory://", autodiscover=False,
+    return dict(
+        broker=cfg.broker, store="memory://", autodiscover=False,
         topic_partitions=cfg.partitions, topic_disable_leader=True,
         consumer_auto_offset_reset="earliest", producer_acks=-1,
         broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
         broker_commit_interval=1.0, stream_wait_empty=False,
         web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host, canonical_url=cfg.url,
     )
+
+
+def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIndex] = None
+             ) -> tuple[faust.App, MicroBatchService]:
+    app = faust.App(cfg.app_id, **faust_settings(cfg))
     metrics = WorkerMetrics()
+    metrics.watch_cache(encoder.cache)
     index = index if index is not None else open_index(cfg, encoder)
     service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,

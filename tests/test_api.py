@@ -145,16 +145,36 @@ def test_exclude_seen_and_interests(served):
     assert status == 200 and rec["user_id"] == user and set(rec["fused"]) == {"video", "article", "shop"}
 
 
+async def _send_aged(bootstrap: str, topic: str, key: bytes, value: bytes, age_s: float) -> None:
+    """One record whose broker timestamp is age_s seconds ago, as if it had waited that long upstream."""
+    from aiokafka import AIOKafkaProducer
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key, timestamp_ms=int((time.time() - age_s) * 1000))
+    finally:
+        await producer.stop()
+
+
 def test_metrics_parse_and_move_with_traffic(served, broker):
     w, events = served
     before = metric_values(get(w.api + "/metrics")[1].decode())
     recs(w, events[0].user_id, k=3)
     recs(w, events[0].user_id, k=0)
+    user, newest = events[0].user_id, max(e.ts for e in events)
+    run(_send_aged(broker.bootstrap, w.topics["clicks"], user.encode(),
+                   encode(Event("m-0", user, events[0].item_id, events[0].scene, "view", newest + 99_000)), 30.0))
     run(produce_lines(broker.bootstrap, w.topics["clicks"],
-                      [encode(Event("m-1", events[0].user_id, events[0].item_id, events[0].scene, "view",
-                                    max(e.ts for e in events) + 99_999)), b"not json"], progress=False))
+                      [encode(Event("m-1", user, events[0].item_id, events[0].scene, "view", newest + 99_999)),
+                       b"not json"], progress=False))
     time.sleep(2.0)
     after = metric_values(get(w.api + "/metrics")[1].decode())
+    # the latency histogram is in seconds: the aged record adds its 30 s, the two fresh ones a second or two
+    added = after["scenestream_event_to_publish_seconds_sum"] - before["scenestream_event_to_publish_seconds_sum"]
+    assert 30.0 <= added <= 40.0, added
+    # the user's window grew by new events only: encoded against the cached rows, not whole
+    assert after["scenestream_encoder_cache_lookups_total{outcome=extend}"] > \
+        before.get("scenestream_encoder_cache_lookups_total{outcome=extend}", 0)
     assert after["scenestream_events_consumed_total"] > before["scenestream_events_consumed_total"]
     assert after["scenestream_events_invalid_total{reason=bad_json}"] > \
         before.get("scenestream_events_invalid_total{reason=bad_json}", 0)

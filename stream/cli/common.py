@@ -18,6 +18,16 @@ def device_option(f):
     return click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")(f)
 
 
+def encoder_cache_option(f):
+    from scenestream.model.presets import ENCODER_CACHE_MB
+    return click.option("--encoder-cache-mb", type=click.FloatRange(min=0), default=ENCODER_CACHE_MB,
+                        envvar="SCENESTREAM_ENCODER_CACHE_MB", show_default=True,
+                        help="Memory for the incremental encoder's cache: per (user, scene), the keys and values "
+                             "of its window's newest positions (~25 KB at the default model size), so that new "
+                             "events encode only themselves. Least recently used windows are dropped first; 0 "
+                             "encodes every touched window whole.")(f)
+
+
 def source_options(f):
     f = click.option("--input", "input_path", type=click.Path(dir_okay=False),
                      help="Event log: JSONL (one event per line) or CSV with a header of event fields.")(f)
@@ -46,20 +56,21 @@ def load(dataset, input_path, scenes_mode, config=None):
     return loaded
 
 
-def open_model(checkpoint: str, device: str):
-    """An InterestEncoder over the checkpoint, on the device asked for."""
+def open_model(checkpoint: str, device: str, cache_mb: float | None = None):
+    """An InterestEncoder over the checkpoint, on the device asked for (cache_mb None: the default cache)."""
     from scenestream.model.checkpoint import CheckpointError, load_checkpoint
     from scenestream.model.infer import InterestEncoder, resolve_device
     try:
         dev = resolve_device(device)
-        return InterestEncoder(load_checkpoint(checkpoint, dev), dev)
+        extra = {} if cache_mb is None else {"cache_mb": cache_mb}
+        return InterestEncoder(load_checkpoint(checkpoint, dev), dev, **extra)
     except (CheckpointError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def model_and_events(checkpoint, device, dataset, input_path, scenes_mode):
+def model_and_events(checkpoint, device, dataset, input_path, scenes_mode, cache_mb=None):
     """The checkpoint's model, and the data decoded with the checkpoint's scenes and actions."""
-    encoder = open_model(checkpoint, device)
+    encoder = open_model(checkpoint, device, cache_mb)
     config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
     loaded = load(dataset, input_path, scenes_mode, config)
     if tuple(loaded.scenes) != tuple(encoder.scenes):

@@ -10,7 +10,7 @@ import click
 from scenestream.model.presets import presets_help
 
 from ..core.config import StreamConfig
-from .common import device_option, load, model_and_events, source_options
+from .common import device_option, encoder_cache_option, load, model_and_events, source_options
 
 log = logging.getLogger("scenestream")
 
@@ -160,16 +160,17 @@ def export(dataset, input_path, scenes_mode, checkpoint, out, device):
               "pace; 0 = cut by --batch-size only (fastest; fresh state then lags a batch behind).")
 @click.option("--k", default=10, help="K of the prequential Recall@K.")
 @device_option
+@encoder_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on the last line.")
 def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch_size, batch_wait, k, device,
-           as_json):
+           encoder_cache_mb, as_json):
     """Replay an event log through the live worker's code path; report prequential Recall@K for live, stale
     and most-popular recommendations."""
     from scenestream.index import ItemIndex
 
     from ..core.batch import record_json
     from ..replay import replay as run_replay
-    encoder, loaded = model_and_events(checkpoint, device, dataset, input_path, scenes_mode)
+    encoder, loaded = model_and_events(checkpoint, device, dataset, input_path, scenes_mode, encoder_cache_mb)
     index = ItemIndex.build(*encoder.item_vectors())
     result = run_replay(loaded, encoder, index, batch_size=batch_size, eval_cutoff=eval_cutoff, k=k,
                         checkpoint_cutoff_ts=encoder.ckpt.meta.get("cutoff_ts"), batch_wait_ms=round(batch_wait * 1000))

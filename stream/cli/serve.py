@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import DEVICE, open_model
+from .common import DEVICE, encoder_cache_option, open_model
 
 
 @click.command()
@@ -39,16 +39,17 @@ from .common import DEVICE, open_model
 @click.option("--max-clock-skew", default=3600.0, type=click.FloatRange(min=0),
               help="Seconds an event's ts may be ahead of its record's broker timestamp; later ones are dead "
                    "letters (ts_in_future): a window of future events would make every real event late.")
+@encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path,
-           replication_factor, max_clock_skew):
+           replication_factor, max_clock_skew, encoder_cache_mb):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
     from scenestream.index import IndexVersionError
 
     from ..worker import WorkerConfig, check_reachable, open_index, prepare_topics, run_worker
-    encoder = open_model(checkpoint, device)
+    encoder = open_model(checkpoint, device, encoder_cache_mb)
     try:
         check_reachable(broker_url)
     except Exception as exc:
