@@ -12,9 +12,8 @@ docs/design.md).
 A partition can be revoked, and given back, at any await. Each assignment gets a new epoch; a batch writes only if
 its partition's epoch is still the one it started under, else the new owner (maybe this worker again) redoes it.
 
-The durable marker, not the group's committed offset, says where durable state ends (Faust was seen committing
-offsets of events it had buffered but not processed when stopped). Whatever lies between the two is re-read: at
-assignment (nothing new may ever arrive to reveal the gap) and before a batch that starts past the marker.
+The durable marker, not the group's committed offset, says where durable state ends: at assignment the consumer
+is positioned right after it (stream/feeder.py), and a batch that starts past it first re-reads the gap.
 
 The service also keeps what serving reads: each owned user's newest record, and the popularity of the items in the
 windows it holds (so a re-delivery or a recovery never counts an event twice).
@@ -53,7 +52,7 @@ GAP_DEADLINE_S = 120.0         # a gap not read by then: crash, and let the rest
 
 @dataclass(frozen=True)
 class Record:
-    """One Kafka record, whichever client read it (Faust gives seconds, aiokafka milliseconds)."""
+    """One Kafka record, as the service needs it."""
     topic: str
     partition: int
     offset: int
@@ -62,25 +61,8 @@ class Record:
     timestamp_ms: int            # the broker's (or producer's) timestamp; <= 0 when unknown
 
     @classmethod
-    def from_faust(cls, m) -> "Record":
-        return cls(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
-
-    @classmethod
     def from_aiokafka(cls, m) -> "Record":
         return cls(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp or 0)
-
-
-async def committed_offset(bootstrap: str, group: str, topic: str, partition: int) -> Optional[int]:
-    """The consumer group's committed offset of a partition (None: nothing committed), read without joining the
-    group: a manually assigned consumer does not take part in its rebalances."""
-    tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign([tp])
-        return await consumer.committed(tp)
-    finally:
-        await consumer.stop()
 
 
 def dead_letter(record: Record, rejection: Rejection) -> tuple[Optional[bytes], bytes]:
@@ -136,11 +118,9 @@ class _Part:
 
 class MicroBatchService:
     def __init__(self, encoder: InterestEncoder, store: ChangelogStore, output_topic: str, dlq_topic: str,
-                 bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0,
-                 clicks_topic: str = "", group_id: Optional[str] = None):
+                 bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0):
         self.encoder, self.store = encoder, store
         self.output_topic, self.dlq_topic, self.bootstrap = output_topic, dlq_topic, bootstrap
-        self.clicks_topic, self.group_id = clicks_topic, group_id   # for the catch-up at assignment
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.metrics = metrics or WorkerMetrics()
         self.max_clock_skew_ms = int(max_clock_skew_s * 1000)
@@ -159,27 +139,16 @@ class MicroBatchService:
     # ---- ownership ----------------------------------------------------------------------------------------------
 
     async def assign(self, partitions: set[int]) -> None:
-        """The group gave us these partitions: new epochs for the ones that are new, their state recovered, and
-        what the group committed past their durable markers applied."""
-        new = {}
+        """The group gave us these partitions: new epochs for the ones that are new, and their state recovered
+        (the consumer then reads each from right after its durable marker)."""
         for p in partitions - self.assigned:
             self._epochs += 1
-            self.epoch[p] = new[p] = self._epochs
+            self.epoch[p] = self._epochs
         self.assigned = set(partitions)
         await self.store.start()
         for p in sorted(partitions):
             if p in self.epoch:
                 await self.ensure(p, self.epoch[p])
-        for p, epoch in sorted(new.items()):
-            await self.catch_up(p, epoch)
-
-    async def catch_up(self, partition: int, epoch: int) -> None:
-        if not self.group_id:
-            return
-        committed = await committed_offset(self.bootstrap, self.group_id, self.clicks_topic, partition)
-        async with self._lock(partition):
-            if committed is not None and self.owns(partition, epoch) and committed > self.store.applied[partition] + 1:
-                await self._reread(partition, epoch, self.clicks_topic, committed)
 
     def revoke(self, partitions: set[int]) -> None:
         for p in partitions:

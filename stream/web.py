@@ -1,13 +1,13 @@
 """HTTP views of the worker (Faust web): recommendations with explanations, interests, health, metrics.
 
 Views parse and validate a request, then call recommend.py and the micro-batch service; no recommendation logic
-lives here. Requests for a user are routed to the worker that owns the user's partition of the clicks topic
-(`app.topic_route`), so any worker answers for any user. Bad parameters get a 4xx with a JSON error, never a 5xx.
+lives here. Requests for a user are forwarded to the worker that owns the user's partition of the clicks topic
+(the group's partition -> URL table, stream/feeder.py), so any worker answers for any user. Bad parameters get a 4xx with a JSON error, never a 5xx.
 The API is described in openapi.yaml.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,6 +18,7 @@ from .core.events import Rejection, check_id
 from .recommend import recommendation
 
 MAX_K = 1000
+FORWARDED = "X-SceneStream-Forwarded-By"   # a forwarded request is answered where it lands: never forwarded twice
 TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -49,12 +50,29 @@ def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
     return scene, k, raw_ex in TRUE
 
 
-def register(app, service, clicks_topic, index, catalog_caught_up) -> None:
-    """service: the MicroBatchService; index: the live ItemIndex; catalog_caught_up(): readiness of the catalog."""
+def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, index,
+             catalog_caught_up) -> None:
+    """service: the MicroBatchService; owner_url(key): the API URL of the worker owning that clicks key; index: the
+    live ItemIndex; catalog_caught_up(): readiness of the catalog."""
     config = service.config
 
     def error(view: View, status: int, message: str) -> Response:
         return view.json({"error": message, "status": status}, status=status)
+
+    def routed(fun):
+        """Answer here if this worker owns the user's partition, else forward to the owner and relay its answer."""
+        async def handler(self, request: Request, user_id: str) -> Response:
+            if request.headers.get(FORWARDED) is None:
+                owner = owner_url(user_id.encode("utf-8", "surrogatepass"))
+                if owner is None:
+                    return error(self, 503, "the user's partition has no owner right now (a rebalance); retry")
+                if owner != self_url:
+                    async with app.http_client.get(owner.rstrip("/") + request.path_qs,
+                                                   headers={FORWARDED: self_url}) as r:
+                        return self.bytes(await r.read(), content_type=r.content_type, status=r.status)
+            return await fun(self, request, user_id)
+        handler.__name__ = fun.__name__
+        return handler
 
     def counted(endpoint: str):
         def wrap(fun):
@@ -71,7 +89,7 @@ def register(app, service, clicks_topic, index, catalog_caught_up) -> None:
 
     @app.page("/users/{user_id}/recommendations")
     class Recommendations(View):
-        @app.topic_route(topic=clicks_topic, match_info="user_id")
+        @routed
         @counted("recommendations")
         async def get(self, request: Request, user_id: str) -> Response:
             user = parse_user(user_id, config)
@@ -83,7 +101,7 @@ def register(app, service, clicks_topic, index, catalog_caught_up) -> None:
 
     @app.page("/users/{user_id}/interests")
     class Interests(View):
-        @app.topic_route(topic=clicks_topic, match_info="user_id")
+        @routed
         @counted("interests")
         async def get(self, request: Request, user_id: str) -> Response:
             user = parse_user(user_id, config)

@@ -1,11 +1,11 @@
-"""The live worker: a thin Faust shell around the micro-batch service (service.py) that replay's step also runs.
+"""The live worker: a thin Faust shell around the clicks feeder and the micro-batch service that replay's step also runs.
 
-    clicks --take_events--> MicroBatchService.handle --> user-interests, clicks-dlq, then the changelog
+    clicks --ClicksFeeder (getmany)--> MicroBatchService.handle --> user-interests, clicks-dlq, then the changelog
     item-catalog --CatalogFollower--> the item index          HTTP views (web.py) --> recommend.py
 
-Faust gives the consumer group, batching, rebalances, the web server and routing requests to a user's owner; the
-service does the work, so this module only wires them together and says what a crash does (exit, so a restart
-recovers from durable state: the design is crash-only).
+The feeder (feeder.py) is the consumer group member; Faust gives the web server, timers, the producer of declared
+topics and the lifecycle; the service does the work. This module only wires them together and says what a crash
+does (exit, so a restart recovers from durable state: the design is crash-only).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import faust
-from faust.types import TP as TP_
+from faust.app.base import BootStrategy
 
 from scenestream.index import IndexSpec, ItemIndex
 from scenestream.model.infer import InterestEncoder
@@ -25,7 +25,8 @@ from scenestream.model.infer import InterestEncoder
 from .broker import bootstrap_servers
 from .catalog import CATALOG_CONFIG, CatalogFollower
 from .metrics import WorkerMetrics
-from .service import MicroBatchService, Record
+from .feeder import ClicksFeeder
+from .service import MicroBatchService
 from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
 from .web import register as register_web
 
@@ -91,49 +92,39 @@ def faust_settings(cfg: WorkerConfig) -> dict:
     )
 
 
+class _Boot(BootStrategy):
+    enable_kafka_consumer = False   # clicks come through the feeder; Faust gives the web server, timers, producer
+
+
+class _App(faust.App):
+    BootStrategy = _Boot
+
+
 def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIndex] = None
              ) -> tuple[faust.App, MicroBatchService]:
-    app = faust.App(cfg.app_id, **faust_settings(cfg))
+    app = _App(cfg.app_id, **faust_settings(cfg))
     metrics = WorkerMetrics()
     metrics.watch_cache(encoder.cache)
     index = index if index is not None else open_index(cfg, encoder)
     service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
-                                max_clock_skew_s=cfg.max_clock_skew, clicks_topic=cfg.clicks_topic,
-                                group_id=app.conf.id)
+                                max_clock_skew_s=cfg.max_clock_skew)
+    feeder = ClicksFeeder(service, cfg.bootstrap, cfg.clicks_topic, cfg.app_id, cfg.url, cfg.batch_max,
+                          cfg.batch_wait)
     catalog = CatalogFollower(cfg.bootstrap, cfg.catalog_topic, index, service.config, index.dim,
                               count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n))
-    clicks = app.topic(cfg.clicks_topic, key_serializer="raw", value_serializer="raw",
-                       partitions=cfg.partitions)
-    app.topic(cfg.dlq_topic, partitions=cfg.partitions, replicas=cfg.replication_factor)
-    app.topic(cfg.output_topic, partitions=cfg.partitions, replicas=cfg.replication_factor)
 
-    @app.agent(clicks, name="interests")
-    async def interests(stream):
-        # take_events (not take): Faust acks these events only when this loop asks for the next batch, i.e. after
-        # handle() has made the batch's effects durable. State is not a Faust Table, so no table write happens
-        # "outside of stream iteration".
-        async for batch in stream.take_events(cfg.batch_max, within=cfg.batch_wait):
-            # crash-only: on failure nothing of this batch is acked; a restart re-reads it
-            await or_crash(service.handle([Record.from_faust(ev.message) for ev in batch]), "micro-batch")
-
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app, revoked, **kwargs):
-        service.revoke({tp.partition for tp in revoked if tp.topic == cfg.clicks_topic})
-
-    @app.on_partitions_assigned.connect
-    async def on_assigned(app, assigned, **kwargs):
-        # recover (and catch up) eagerly: /readyz says "recovered" before the first event arrives, and a gap the
-        # group committed past the durable marker is applied even if no event ever arrives again
-        app.add_future(or_crash(service.assign({tp.partition for tp in assigned if tp.topic == cfg.clicks_topic}),
-                                "recovery of the assigned partitions"))
+    @app.task
+    async def feed():   # crash-only: a failed batch is neither durable nor committed; a restart redoes it
+        await or_crash(feeder.run(), "the clicks feeder")
 
     @app.on_before_shutdown.connect
-    async def on_shutdown(app, **kwargs):   # the consumer has stopped: finish the batch in flight, then close
+    async def on_shutdown(app, **kwargs):   # finish the batch in flight, leave the group, then close
         catalog.stop()
+        await feeder.stop()
         await service.stop()
 
-    register_web(app, service, clicks, index, lambda: catalog.caught_up)
+    register_web(app, service, feeder.owner_url, cfg.url, index, lambda: catalog.caught_up)
 
     @app.task
     async def declare_topics():
@@ -148,10 +139,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     @app.timer(interval=5.0)
     async def report():
         for p in service.assigned:
-            try:
-                end = app.consumer.highwater(TP_(cfg.clicks_topic, p))
-            except Exception:
-                continue
+            end = feeder.highwater(p)
             if end is not None:
                 metrics.lag.labels(str(p)).set(max(0, end - 1 - service.store.applied.get(p, -1)))
         log.info("events %(events)d invalid %(invalid)d late %(late_dropped)d published %(published)d "
@@ -184,7 +172,10 @@ async def prepare_topics(cfg: WorkerConfig) -> None:
     clicks partition (state partition p holds source partition p), and the catalog topic compacted. An existing
     topic is never changed: wrong settings are logged as warnings; too few changelog partitions stop the worker
     (its writes would fail on every start)."""
-    clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic) or cfg.partitions
+    clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic)
+    if clicks is None:   # created as producers would find it; an existing one is theirs and never changed
+        await ensure_topic(cfg.bootstrap, cfg.clicks_topic, cfg.partitions, cfg.replication_factor, {})
+        clicks = cfg.partitions
     for topic, partitions, config in ((cfg.changelog, clicks, CHANGELOG_CONFIG),
                                       (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG)):
         for problem in await ensure_topic(cfg.bootstrap, topic, partitions, cfg.replication_factor, config):

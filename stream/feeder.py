@@ -1,0 +1,144 @@
+"""The clicks feeder: micro-batches straight from an aiokafka consumer in the worker's consumer group.
+
+Faust hands a stream its records one at a time (~190 µs each on 2 cores, a ceiling of ~5,000-7,000 events/s before
+any work: BENCHMARKS.md), and its take_events waits out --batch-wait whenever fewer than --batch-max events are
+buffered. The feeder asks the consumer for whatever it has fetched (getmany), so a micro-batch closes as soon as the
+consumer has nothing more buffered, waiting at most --batch-wait for the first record; and it costs nothing per
+record beyond decoding. Everything else is unchanged: the same MicroBatchService.handle, the same durability order
+(outputs, then state and offset marker, then the group's committed offset), recovery at assignment, the Faust app
+around it for the web server, timers and lifecycle.
+
+Group semantics are Kafka's own: a member of group --app-id, partitions spread round-robin over the members,
+offsets committed after each batch is durable. Each member also sends its API URL in its group metadata and the
+group leader hands every member the partition -> URL table (`OwnersAssignor`), so any worker can forward an API
+request to the owner of the user's partition, as Faust's own assignor did.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.partitioner import DefaultPartitioner
+
+from .service import MicroBatchService, Record
+
+log = logging.getLogger(__name__)
+
+
+class OwnersAssignor(RoundRobinPartitionAssignor):
+    """aiokafka's round-robin assignment, plus the partition -> API URL table for every member."""
+    name = "scenestream-roundrobin"
+
+    def __init__(self, url: str):
+        self.url = url
+        self.owners: dict[tuple[str, int], str] = {}
+
+    def metadata(self, topics) -> ConsumerProtocolMemberMetadata:
+        return ConsumerProtocolMemberMetadata(self.version, list(topics), self.url.encode())
+
+    def assign(self, cluster, members) -> dict[str, ConsumerProtocolMemberAssignment]:
+        plain = super().assign(cluster, members)
+        table = [[topic, p, members[m].user_data.decode()] for m, a in plain.items() for topic, ps in a.assignment
+                 for p in ps]
+        blob = orjson.dumps(table)
+        return {m: ConsumerProtocolMemberAssignment(self.version, a.assignment, blob) for m, a in plain.items()}
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        self.owners = {(t, p): url for t, p, url in orjson.loads(assignment.user_data or b"[]")}
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """aiokafka awaits these during a rebalance: revoked partitions are dropped before anyone else may own them;
+    assigned ones are recovered and the consumer positioned at their durable markers before the first fetch."""
+
+    def __init__(self, feeder: "ClicksFeeder"):
+        self.feeder = feeder
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        self.feeder.service.revoke({tp.partition for tp in revoked if tp.topic == self.feeder.topic})
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.feeder.on_assigned({tp.partition for tp in assigned if tp.topic == self.feeder.topic})
+
+
+class ClicksFeeder:
+    def __init__(self, service: MicroBatchService, bootstrap: str, topic: str, group: str, url: str,
+                 batch_max: int, batch_wait: float, session_timeout: float = 6.0, heartbeat_interval: float = 1.0,
+                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.01):
+        self.service, self.topic, self.group = service, topic, group
+        self.batch_max, self.batch_wait = batch_max, batch_wait
+        self.assignor = OwnersAssignor(url)
+        # fetch_wait: how long the broker may hold an empty fetch; short, so a record that arrives while the
+        # consumer waits is seen at once (Kafka answers a fetch as soon as there is data; some brokers wait it out)
+        self._settings = dict(
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
+            partition_assignment_strategy=(self.assignor,), session_timeout_ms=int(session_timeout * 1000),
+            heartbeat_interval_ms=int(heartbeat_interval * 1000), rebalance_timeout_ms=int(rebalance_timeout * 1000),
+            fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max)
+        self.consumer: Optional[AIOKafkaConsumer] = None   # made in run(): aiokafka wants the running loop
+        self._partitioner = DefaultPartitioner()
+        self._stopping = asyncio.Event()
+        self._done = asyncio.Event()
+        self._done.set()   # nothing in flight until run() starts
+
+    async def on_assigned(self, partitions: set[int]) -> None:
+        await self.service.assign(partitions)
+        for p in partitions:
+            if p in self.service.store.applied:   # recovered: resume right after the durable marker
+                self.consumer.seek(TopicPartition(self.topic, p), self.service.store.applied[p] + 1)
+
+    async def run(self) -> None:
+        """Consume until stop(): one micro-batch per getmany, committed once durable."""
+        self._done.clear()
+        self.consumer = AIOKafkaConsumer(**self._settings)
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        try:
+            await self.consumer.start()
+            while not self._stopping.is_set():
+                got = await self.consumer.getmany(timeout_ms=int(self.batch_wait * 1000), max_records=self.batch_max)
+                records = [Record.from_aiokafka(m) for msgs in got.values() for m in msgs]
+                if not records:
+                    continue
+                await self.service.handle(records)
+                await self._commit({tp: msgs[-1].offset + 1 for tp, msgs in got.items() if msgs})
+        finally:
+            self._done.set()
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """The group's committed offsets follow the durable markers (for lag tools and a later owner's first
+        fetch; recovery itself starts from the marker). A rebalance may have taken a partition meanwhile: its new
+        owner commits from there, so a refused commit is no error."""
+        owned = {tp: o for tp, o in offsets.items() if tp in self.consumer.assignment()}
+        if not owned:
+            return
+        try:
+            await self.consumer.commit(owned)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.info("offsets not committed (a rebalance is under way): %s", exc)
+
+    async def stop(self) -> None:
+        """After the batch in flight is durable and committed; leaves the group."""
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout=self.batch_wait + 60)
+        except asyncio.TimeoutError:
+            log.warning("the clicks feeder did not finish its batch within a minute; stopping anyway")
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+    def highwater(self, partition: int) -> Optional[int]:
+        return self.consumer.highwater(TopicPartition(self.topic, partition)) if self.consumer else None
+
+    def owner_url(self, key: bytes) -> Optional[str]:
+        """The API URL of the worker that owns the key's partition (None: unknown, e.g. during a rebalance)."""
+        partitions = self.consumer.partitions_for_topic(self.topic) if self.consumer else None
+        if not partitions:
+            return None
+        p = self._partitioner(key, sorted(partitions), sorted(partitions))
+        return self.assignor.owners.get((self.topic, p))
