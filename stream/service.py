@@ -285,9 +285,10 @@ class MicroBatchService:
             for user, state in p.outcome.updates.items():   # popularity follows the windows held: in minus out
                 old = p.before.get(user) or {}
                 for scene, window in state.items():
-                    kept = set(old.get(scene, ()))
-                    self.popularity.add(e for e in window if e not in kept)
-                    self.popularity.remove(kept - set(window))
+                    # by identity: a window keeps its events' objects, and a copy that wins a duplicate is a new one
+                    before, after = {id(e): e for e in old.get(scene, ())}, {id(e) for e in window}
+                    self.popularity.add(e for e in window if id(e) not in before)
+                    self.popularity.remove(e for i, e in before.items() if i not in after)
             writes += await self.store.write(p.partition, p.outcome.updates, p.last_offset)
         await asyncio.gather(*writes)
         now = time.time()

@@ -6,8 +6,14 @@ arrived in, so replay, the API's fallback and the MostPop baseline of the evalua
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, insort
 from collections import Counter, defaultdict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Collection, Iterable, Optional
+
+
+def rank_key(pair: tuple[str, int]) -> tuple[int, str]:
+    """The ranking rule: (item_id, count) pairs sort best first by this key (count desc, then item id asc)."""
+    return (-pair[1], pair[0])
 
 
 class Popularity:
@@ -16,14 +22,22 @@ class Popularity:
     def __init__(self) -> None:
         self.counts: dict[str, Counter] = defaultdict(Counter)
 
-    def add(self, events: Iterable, sign: int = 1) -> None:
+    def add(self, events: Iterable) -> None:
         for e in events:
-            self.counts[e.scene][e.item_id] += sign
+            self.counts[e.scene][e.item_id] += 1
 
     def remove(self, events: Iterable) -> None:
-        self.add(events, -1)
-        for scene in [s for s, c in self.counts.items() if not +c]:
-            del self.counts[scene]
+        """Uncount events (each counted before): an item, or a scene, that reaches zero goes, so a removal costs
+        the same however many items are counted."""
+        for e in events:
+            counts = self.counts[e.scene]
+            left = counts[e.item_id] - 1
+            if left:
+                counts[e.item_id] = left
+            else:
+                del counts[e.item_id]
+                if not counts:
+                    del self.counts[e.scene]
 
     def count_of(self, scene: Optional[str] = None) -> Counter:
         """Counts of one scene, or of all scenes summed (an item clicked in two scenes counts in both)."""
@@ -38,5 +52,52 @@ class Popularity:
                keep: Callable[[str], bool] = lambda item: True) -> list[tuple[str, int]]:
         """The n most popular (item_id, count) of `scene` (None: all scenes) that `keep` accepts, best first."""
         pairs = ((item, c) for item, c in self.count_of(scene).items() if c > 0 and keep(item))
-        key = lambda ic: (-ic[1], ic[0])  # noqa: E731 - the ranking rule
-        return heapq.nsmallest(n, pairs, key=key) if n is not None else sorted(pairs, key=key)
+        return heapq.nsmallest(n, pairs, key=rank_key) if n is not None else sorted(pairs, key=rank_key)
+
+
+class RunningTop:
+    """Counts that only grow, per scene, with each scene's `depth` best items kept in ranking order as they grow:
+    the ranking of `Popularity.ranked`, read without re-ranking every count (offline replay asks for it before
+    every micro-batch). An increment moves at most one key within a `depth`-long sorted list."""
+
+    def __init__(self, depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self._top: dict[str, list[tuple[int, str]]] = defaultdict(list)   # rank keys (-count, item), best first
+
+    def add(self, events: Iterable) -> None:
+        for e in events:
+            self.increment(e.scene, e.item_id)
+
+    def increment(self, scene: str, item: str) -> None:
+        counts, top = self.counts[scene], self._top[scene]
+        old = counts[item]
+        counts[item] = old + 1
+        key = (-old - 1, item)
+        # invariant: top holds the best min(depth, items counted) keys, sorted
+        if old and (at := bisect_left(top, (-old, item))) < len(top) and top[at] == (-old, item):
+            del top[at]              # in the top: it moves up, nothing else changes
+        elif len(top) >= self.depth and key > top[-1]:
+            return                   # still outside the best depth
+        insort(top, key)
+        if len(top) > self.depth:
+            top.pop()
+
+    def first(self, scene: str, k: int, skip: Collection[str] = ()) -> list[str]:
+        """The k best items of `scene` not in `skip`, best first: the first k of Popularity.ranked(scene) that
+        are not in `skip`, from the kept top when it holds them (always when len(skip) + k <= depth)."""
+        out: list[str] = []
+        if k <= 0:
+            return out
+        top = self._top.get(scene, ())
+        for _, item in top:
+            if item not in skip:
+                out.append(item)
+                if len(out) == k:
+                    return out
+        if len(top) < self.depth:    # the top holds every counted item
+            return out
+        ranked = sorted(self.counts[scene].items(), key=rank_key)
+        return [i for i, _ in ranked if i not in skip][:k]
