@@ -1,9 +1,10 @@
 """The clicks feeder: micro-batches straight from an aiokafka consumer in the worker's consumer group.
 
 Faust hands a stream its records one at a time: ~65 µs of CPU each on this 2-core machine before any work (four
-tasks and eleven loop callbacks per message, hard-coded in its consumer; no setting removes them: bench/
-faust_ceiling.md), and its take_events waits out --batch-wait whenever fewer than --batch-max events are buffered. The feeder asks the consumer for whatever it has fetched (getmany), so a micro-batch closes as soon as the
-consumer has nothing more buffered, waiting at most --batch-wait for the first record; and it costs nothing per
+tasks and eleven loop callbacks per message, hard-coded in its consumer; no setting removes them:
+bench/faust_ceiling.md), and its take_events waits out --batch-wait whenever fewer than --batch-max events are
+buffered. The feeder asks the consumer for whatever it has fetched (getmany), so a micro-batch closes as soon as
+the consumer has nothing more buffered, waiting at most --batch-wait for the first record; and it costs nothing per
 record beyond decoding. Everything else is unchanged: the same MicroBatchService.handle, the same durability order
 (outputs, then state and offset marker, then the group's committed offset), recovery at assignment, the Faust app
 around it for the web server, timers and lifecycle.

@@ -42,7 +42,7 @@ class WorkerConfig:
     output_topic: str = "user-interests"
     changelog_topic: str = ""            # default: <app_id>-state-changelog
     partitions: int = 4                  # used when the worker creates the topics
-    batch_max: int = 1000                # events per micro-batch
+    batch_max: int = 5000                # events per micro-batch (a cap: a batch is what the consumer has buffered)
     batch_wait: float = 0.2              # seconds to wait for a micro-batch to fill
     web_host: str = "127.0.0.1"
     web_port: int = 6066

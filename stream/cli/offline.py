@@ -154,7 +154,8 @@ def export(dataset, input_path, scenes_mode, checkpoint, out, device):
               help="Prequential evaluation starts after this fraction of events by time.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write the final per-user records to OUT/users.jsonl (the worker's output schema).")
-@click.option("--batch-size", default=1000, help="Most events in one micro-batch (as the worker's --batch-max).")
+@click.option("--batch-size", default=1000, help="Most events in one micro-batch (the worker's --batch-max is the "
+              "same kind of cap).")
 @click.option("--batch-wait", default=0.2, type=click.FloatRange(min=0), help="After the cutoff, a micro-batch "
               "spans less than this many seconds of event time, as the worker's --batch-wait at the log's own "
               "pace; 0 = cut by --batch-size only (fastest; fresh state then lags a batch behind).")

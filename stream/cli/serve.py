@@ -20,7 +20,9 @@ from .common import DEVICE, encoder_cache_option, open_model
 @click.option("--dlq-topic", default="clicks-dlq", help="Dead letters: raw bytes, reason, source position.")
 @click.option("--output-topic", default="user-interests", help="Published per-user records (key = user_id).")
 @click.option("--partitions", default=4, help="Partitions of the topics the worker creates.")
-@click.option("--batch-max", default=1000, help="Most events in one micro-batch.")
+@click.option("--batch-max", default=5000, help="Most events in one micro-batch. A batch is whatever the consumer "
+              "has buffered, so this cap only bites on a backlog, where larger batches cost less per event "
+              "(BENCHMARKS.md, live path) but each takes longer.")
 @click.option("--batch-wait", default=0.2, help="Seconds a micro-batch waits to fill.")
 @click.option("--web-host", default="127.0.0.1", help="HTTP bind address.")
 @click.option("--web-port", default=6066, help="HTTP port.")
