@@ -4,8 +4,9 @@ Attention is local (model.py): layer l's keys and values at a position depend on
 So an entry holds, per layer, the keys and values of the window's last `span` positions, the window's output
 vector, and the events those depend on: the window's last `receptive_field` events (the first for its timestamp
 only; the rows need one event fewer). A new window that still holds those events, in place and unchanged, is the
-cached one plus positions after it; those are encoded against the cached rows and give what a full encode of the new window gives (within float
-rounding), because a full window's output never depends on more than its last receptive_field events. Anything
+cached one plus positions after it; those are encoded against the cached rows and give what a full encode of the
+new window gives (within float rounding), because a full window's output never depends on more than its last
+receptive_field events. Anything
 else (a late event among the cached ones, a winning duplicate, more new events than the window keeps) is a miss:
 the window is encoded whole and its entry replaced.
 

@@ -2,8 +2,8 @@
 
 Views parse and validate a request, then call recommend.py and the micro-batch service; no recommendation logic
 lives here. Requests for a user are forwarded to the worker that owns the user's partition of the clicks topic
-(the group's partition -> URL table, stream/feeder.py), so any worker answers for any user. Bad parameters get a 4xx with a JSON error, never a 5xx.
-The API is described in openapi.yaml.
+(the group's partition -> URL table, stream/feeder.py), so any worker answers for any user. Bad parameters get a
+4xx with a JSON error, never a 5xx. The API is described in openapi.yaml.
 """
 from __future__ import annotations
 
