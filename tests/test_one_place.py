@@ -121,7 +121,7 @@ def test_train_keeps_the_configured_actions_and_reads_the_documented_window(tmp_
 
 def test_no_fault_hooks_in_production_code():
     """Faults are injected from the tests (tests/faults.py), not switched on by variables the product reads."""
-    assert source_matches(r"\bFAULT|SCENESTREAM_FAULT|\"highwater\"|strategy") == []
+    assert source_matches(r"\bFAULT|SCENESTREAM_FAULT|\"highwater\"|\bstrategy\b") == []
 
 
 def _defs_and_imports(tree: ast.Module) -> tuple[set[str], list[tuple[str, int]]]:
