@@ -23,7 +23,8 @@ from .common import DEVICE, encoder_cache_option, open_model
 @click.option("--batch-max", default=5000, help="Most events in one micro-batch. A batch is whatever the consumer "
               "has buffered, so this cap only bites on a backlog, where larger batches cost less per event "
               "(BENCHMARKS.md, live path) but each takes longer.")
-@click.option("--batch-wait", default=0.2, help="Seconds a micro-batch waits to fill.")
+@click.option("--batch-wait", default=0.2, help="Longest wait, in seconds, for a first record when nothing is "
+              "buffered; a micro-batch is whatever the consumer has buffered then, so it never waits to fill.")
 @click.option("--web-host", default="127.0.0.1", help="HTTP bind address.")
 @click.option("--web-port", default=6066, help="HTTP port.")
 @click.option("--canonical-url", default="", help="URL other workers use to forward API requests here "
