@@ -191,7 +191,7 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
     records: dict[str, dict] = {}
     # a user's seen items are at most a window, so the best k + window items of a scene hold every popular list
     popularity = RunningTop(k + encoder.window)
-    fallback = {m: 0 for m in METHODS}       # hits of the popular list, for users without a vector
+    fallback = {m: 0 for m in METHODS}   # hits of the popular list: all of popular; live, stale without a vector
     searches = {m: _Searches(index, k) for m in ("live", "stale")}
     evaluated = 0
     late = 0
