@@ -66,16 +66,15 @@ class InterestEncoder:
     def _encode(self, windows: Sequence[Sequence], entries: Sequence | None = None,
                 starts: Sequence[int] | None = None) -> torch.Tensor:
         """Outputs [N, d] of whole windows, or, with `starts`, of the windows from there on against their cache
-        entries' rows. Whatever was encoded is written to `entries` (None ones skipped). In chunks of batch_size,
-        sorted by length so that a chunk pads little: results do not depend on the chunking."""
+        entries' rows. Whatever was encoded is written to `entries` (None ones skipped). Sorted by length and cut
+        into chunks (`_chunks`) that pad little: results do not depend on the chunking."""
         cfg = self.model.cfg
         n = len(windows)
         new = [len(w) - (starts[i] if starts else 0) for i, w in enumerate(windows)]
         out = torch.zeros(n, cfg.d_model, device=self.device)
         order = sorted(range(n), key=new.__getitem__)
-        for lo in range(0, n, self.batch_size):
-            idx = order[lo:lo + self.batch_size]
-            width = min(max(new[i] for i in idx), self.window)
+        for idx in _chunks(order, new, self.batch_size):
+            width = min(new[idx[-1]], self.window)
             batch = tensorize([windows[i] for i in idx], self.ckpt.vocab, self.scene_index, self.action_index,
                               cfg.gap_buckets, width, [starts[i] for i in idx] if starts else None).to(self.device)
             past = None
@@ -138,3 +137,19 @@ class InterestEncoder:
             E = self.model.item_vectors()[FIRST_ITEM:].float().cpu().numpy()
         return self.ckpt.vocab.item_ids, self.ckpt.vocab.item_scenes, np.ascontiguousarray(E)
 
+
+
+def _chunks(order: Sequence[int], sizes: Sequence[int], batch_size: int, min_rows: int = 32) -> list[list[int]]:
+    """`order` (ascending by size) cut into runs encoded together: at most batch_size rows, and a new run where the
+    size passes 1.5x the run's smallest once it has min_rows, so that few rows pad far (a batch of 1-event appends
+    with a few 4-event ones must not cost 4 positions a row) and small runs do not each pay a forward's fixed cost."""
+    runs: list[list[int]] = []
+    run: list[int] = []
+    for i in order:
+        if run and (len(run) >= batch_size or (len(run) >= min_rows and sizes[i] > 1.5 * sizes[run[0]])):
+            runs.append(run)
+            run = []
+        run.append(i)
+    if run:
+        runs.append(run)
+    return runs

@@ -114,28 +114,28 @@ class WindowCache:
         with each window's counts[b] new positions at the right. Writes only those rows (at most span of them) into
         the entries' rings, and the output vectors; None entries are skipped."""
         span, T = self.span, presents[0][0].shape[2]
-        b_idx, t_idx, slot_idx, ring_idx, live = [], [], [], [], []
-        for b, (e, k) in enumerate(zip(entries, counts)):
-            if e is None:
-                continue
-            w = min(k, span)
-            b_idx.append(np.full(w, b))
-            t_idx.append(np.arange(T - w, T))
-            slot_idx.append(np.full(w, e.slot))
-            ring_idx.append((e.head + k - w + np.arange(w)) % span)
-            e.head, e.rows = (e.head + k) % span, min(span, e.rows + k)
-            window = windows[b]
-            e.events = tuple(window[-self.cone:])
-            e.whole = len(window) < min(self.cone, self.window)
-            live.append(b)
+        live = [b for b, e in enumerate(entries) if e is not None]
         if not live:
             return
+        slots = np.array([entries[b].slot for b in live])
+        heads = np.array([entries[b].head for b in live])
+        ks = np.array([counts[b] for b in live])                  # new positions per entry
+        w = np.minimum(ks, span)                                   # rows written per entry
+        within = np.arange(w.sum()) - np.repeat(np.cumsum(w) - w, w)
+        b_idx = np.repeat(np.array(live), w)
+        t_idx = T - np.repeat(w, w) + within
+        slot_idx = np.repeat(slots, w)
+        ring_idx = (np.repeat(heads + ks - w, w) + within) % span
+        for b, k in zip(live, ks.tolist()):
+            e, window = entries[b], windows[b]
+            e.head, e.rows = (e.head + k) % span, min(span, e.rows + k)
+            e.events = tuple(window[-self.cone:])
+            e.whole = len(window) < min(self.cone, self.window)
         dev = self.kv.device
-        as_t = lambda parts: torch.from_numpy(np.concatenate(parts)).to(dev)  # noqa: E731
+        as_t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         stacked = torch.stack([torch.stack([k, v]) for k, v in presents])          # [L, 2, B, H, T, hd]
         self.kv[as_t(slot_idx), as_t(ring_idx)] = stacked[:, :, as_t(b_idx), :, as_t(t_idx)].to(self.kv.dtype)
-        live_t = torch.tensor(live, device=dev)
-        self.vec[torch.tensor([entries[b].slot for b in live], device=dev)] = vec[live_t].to(self.vec.dtype)
+        self.vec[as_t(slots)] = vec[as_t(np.array(live))].to(self.vec.dtype)
 
     def clear(self) -> None:
         self.entries.clear()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Optional
 
 import orjson
@@ -71,8 +72,12 @@ class _Rebalance(ConsumerRebalanceListener):
 class ClicksFeeder:
     def __init__(self, service: MicroBatchService, bootstrap: str, topic: str, group: str, url: str,
                  batch_max: int, batch_wait: float, session_timeout: float = 6.0, heartbeat_interval: float = 1.0,
-                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.01):
+                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.01, depth: int = 2):
         self.service, self.topic, self.group = service, topic, group
+        # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read and applied
+        # while one encodes and the one before waits on the broker; more would only queue in the encode thread,
+        # while the consumer's buffer makes the next batch bigger and cheaper per event
+        self.depth = depth
         self.batch_max, self.batch_wait = batch_max, batch_wait
         self.assignor = OwnersAssignor(url)
         # fetch_wait: how long the broker may hold an empty fetch; short, so a record that arrives while the
@@ -87,6 +92,8 @@ class ClicksFeeder:
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._done.set()   # nothing in flight until run() starts
+        self._to_commit: dict[TopicPartition, int] = {}
+        self._committer: Optional[asyncio.Future] = None
 
     async def on_assigned(self, partitions: set[int]) -> None:
         await self.service.assign(partitions)
@@ -95,21 +102,48 @@ class ClicksFeeder:
                 self.consumer.seek(TopicPartition(self.topic, p), self.service.store.applied[p] + 1)
 
     async def run(self) -> None:
-        """Consume until stop(): one micro-batch per getmany, committed once durable."""
+        """Consume until stop(): one micro-batch per getmany, submitted to the service while earlier ones are still
+        becoming durable (at most `depth` in flight), its offsets committed once it is durable."""
         self._done.clear()
         self.consumer = AIOKafkaConsumer(**self._settings)
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        in_flight: deque[tuple[asyncio.Future, dict[TopicPartition, int]]] = deque()
         try:
             await self.consumer.start()
             while not self._stopping.is_set():
+                while in_flight and (in_flight[0][0].done() or len(in_flight) >= self.depth):
+                    durable, offsets = in_flight.popleft()
+                    await durable
+                    self._commit_soon(offsets)
                 got = await self.consumer.getmany(timeout_ms=int(self.batch_wait * 1000), max_records=self.batch_max)
                 records = [Record.from_aiokafka(m) for msgs in got.values() for m in msgs]
-                if not records:
-                    continue
-                await self.service.handle(records)
-                await self._commit({tp: msgs[-1].offset + 1 for tp, msgs in got.items() if msgs})
+                if records:
+                    offsets = {tp: msgs[-1].offset + 1 for tp, msgs in got.items() if msgs}
+                    in_flight.append((await self.service.submit(records), offsets))
+            while in_flight:
+                durable, offsets = in_flight.popleft()
+                await durable
+                self._commit_soon(offsets)
+            if self._committer is not None:
+                await self._committer
         finally:
             self._done.set()
+
+    def _commit_soon(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit in the background, one request at a time with the newest offsets of every batch durable by then:
+        the committed offset is for lag tools and a new owner's first fetch (recovery starts from the marker), so
+        it need not hold up the next batch."""
+        self._to_commit.update(offsets)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_pending())
+
+    async def _commit_pending(self) -> None:
+        while self._to_commit:
+            offsets, self._to_commit = self._to_commit, {}
+            try:
+                await self._commit(offsets)
+            except Exception:   # noqa: BLE001 - the next durable batch commits again; never worth a crash
+                log.warning("offsets not committed", exc_info=True)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         """The group's committed offsets follow the durable markers (for lag tools and a later owner's first

@@ -21,7 +21,6 @@ windows it holds (so a re-delivery or a recovery never counts an event twice).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +37,7 @@ from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
 from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import Popularity
-from .core.window import UserState
+from .core.window import UserState, window_diff
 from .metrics import WorkerMetrics
 from .state import ChangelogStore
 
@@ -112,8 +111,15 @@ class _Part:
     last_offset: int                              # the offset marker to write
     events: int                                   # valid events
     rejected: list[tuple[Record, Rejection]]      # -> dead letters
-    before: dict[str, Optional[UserState]]        # touched users' windows before the batch
     outcome: BatchOutcome
+
+
+@dataclass
+class _Batch:
+    """A micro-batch applied in memory, its output records being computed in the encode thread."""
+    records: Sequence[Record]
+    parts: list[_Part]
+    encoded: "Optional[asyncio.Future[list[dict]]]"   # None: nothing to encode
 
 
 class MicroBatchService:
@@ -131,10 +137,7 @@ class MicroBatchService:
         self.assigned: set[int] = set()
         self.epoch: dict[int, int] = {}                             # partition -> assignment number
         self._epochs = 0
-        self._locks: dict[int, asyncio.Lock] = {}                   # one writer per partition: batch or catch-up
-
-    def _lock(self, partition: int) -> asyncio.Lock:
-        return self._locks.setdefault(partition, asyncio.Lock())
+        self._tail: Optional[asyncio.Future[None]] = None          # the last batch submitted, until durable
 
     # ---- ownership ----------------------------------------------------------------------------------------------
 
@@ -180,49 +183,69 @@ class MicroBatchService:
         return bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
 
     async def stop(self) -> None:
-        """After the batch in flight (if any) is durable: called once the consumer has stopped."""
-        for lock in list(self._locks.values()):
-            async with lock:
-                pass
+        """After the batches in flight (if any) are durable: called once the consumer has stopped."""
+        try:
+            await self.drain()
+        except Exception:   # noqa: BLE001 - the batch's own task has raised it to whoever awaited it
+            log.warning("the last micro-batch failed before the worker stopped", exc_info=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         await self.store.stop()
 
     # ---- one micro-batch ----------------------------------------------------------------------------------------
 
     async def handle(self, records: Sequence[Record]) -> None:
-        """One micro-batch; returns once everything it changed is durable (or was left to a partition's new owner).
-        Every partition's part is encoded in one forward and acknowledged in one round per phase (outputs, then
-        state): the batch waits on the broker twice, however many partitions it spans."""
+        """One micro-batch; returns once everything it changed is durable (or was left to a partition's new owner)."""
+        await (await self.submit(records))
+
+    async def submit(self, records: Sequence[Record]) -> "asyncio.Future[None]":
+        """Apply a micro-batch in memory and start encoding it; returns a future that is done once the batch is
+        durable. Batches become durable in the order they were submitted, each after the one before: so the next
+        batch is decoded and applied while this one encodes, and encodes while this one's sends are in flight,
+        and still no output, changelog record or offset marker of a batch is sent before the previous batch is
+        durable. Every partition's part is encoded in one forward and acknowledged in one round per phase
+        (outputs, then state): the batch waits on the broker twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
+        batch = await self._begin(records)
+        self._tail = asyncio.ensure_future(self._complete(self._tail, batch))
+        return self._tail
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch is durable (raises what a failed one raised)."""
+        if self._tail is not None:
+            await self._tail
+
+    async def _begin(self, records: Sequence[Record]) -> "_Batch":
         by_partition: dict[int, list[Record]] = {}
         for r in records:
             by_partition.setdefault(r.partition, []).append(r)
-        async with contextlib.AsyncExitStack() as held:
-            parts = []
-            for partition, recs in sorted(by_partition.items()):
-                if partition not in self.epoch:          # delivered before the assignment callback ran
-                    await self.assign(self.assigned | {partition})
-                epoch = self.epoch.get(partition)
-                if epoch is None or not await self.ensure(partition, epoch):
-                    log.info("partition %d was revoked before its batch was applied; leaving it to its new owner",
-                             partition)
+        parts = []
+        for partition, recs in sorted(by_partition.items()):
+            if partition not in self.epoch:          # delivered before the assignment callback ran
+                await self.assign(self.assigned | {partition})
+            epoch = self.epoch.get(partition)
+            if epoch is None or not await self.ensure(partition, epoch):
+                log.info("partition %d was revoked before its batch was applied; leaving it to its new owner",
+                         partition)
+                continue
+            recs.sort(key=lambda r: r.offset)
+            if recs[0].offset > self.store.applied[partition] + 1:
+                await self.drain()                   # the re-read pages go after the batches before them
+                if not await self._reread(partition, epoch, recs[0].topic, recs[0].offset):
                     continue
-                await held.enter_async_context(self._lock(partition))
-                if not self.owns(partition, epoch):
-                    continue
-                recs.sort(key=lambda r: r.offset)
-                if recs[0].offset > self.store.applied[partition] + 1:
-                    if not await self._reread(partition, epoch, recs[0].topic, recs[0].offset):
-                        continue
-                recs = [r for r in recs if r.offset > self.store.applied[partition]]   # a catch-up did these
-                if recs and self.owns(partition, epoch):
-                    parts.append(self._apply(partition, epoch, recs))
-            await self._make_durable(parts)
-        self.metrics.batch_size.observe(len(records))
+            recs = [r for r in recs if r.offset > self.store.applied[partition]]   # a re-read did these
+            if recs and self.owns(partition, epoch):
+                parts.append(self._apply(partition, epoch, recs))
+        return self._encode(parts, records)
+
+    async def _complete(self, before: "Optional[asyncio.Future[None]]", batch: "_Batch") -> None:
+        if before is not None:
+            await before
+        await self._make_durable(batch)
+        self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
         now_ms = time.time() * 1000
-        for r in records:
+        for r in batch.records:
             if r.timestamp_ms > 0:
                 self.metrics.latency.observe(max(0.0, (now_ms - r.timestamp_ms) / 1000.0))
 
@@ -233,13 +256,16 @@ class MicroBatchService:
         log.info("partition %d: re-reading offsets %d..%d past the durable marker", partition, first, before - 1)
         async for page in read_range(self.bootstrap, topic, partition, first, before - 1):
             self.counts["reread"] += len(page)
-            if not self.owns(partition, epoch) or not await self._make_durable([self._apply(partition, epoch, page)]):
+            if not self.owns(partition, epoch):
+                return False
+            if not await self._make_durable(self._encode([self._apply(partition, epoch, page)], page)):
                 return False
         return True
 
     def _apply(self, partition: int, epoch: int, recs: Sequence[Record]) -> "_Part":
-        """Decode one partition's records and join them into its windows (in memory, nothing written yet); the
-        caller has checked that it owns the partition, and nothing here awaits."""
+        """Decode one partition's records and join them into its windows in memory (nothing written yet), with
+        popularity following the windows held; the caller has checked that it owns the partition, and nothing here
+        awaits."""
         events: list[Event] = []
         rejected: list[tuple[Record, Rejection]] = []
         for r in recs:
@@ -250,46 +276,55 @@ class MicroBatchService:
                 rejected.append((r, got))
             else:
                 events.append(got)
-        before = {u: self.store.get(partition, u) for u in {e.user_id for e in events}}
-        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, before,
-                     apply_batch(before.get, events, self.encoder.window))
+        lookup = self.store.partitions[partition].get
+        outcome = apply_batch(lookup, events, self.encoder.window)
+        for user, state in outcome.updates.items():
+            old = lookup(user) or {}
+            for scene, window in state.items():
+                added, removed = window_diff(old.get(scene, ()), window)
+                self.popularity.add(added)
+                self.popularity.remove(removed)
+        self.store.put(partition, outcome.updates, recs[-1].offset)
+        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome)
 
-    async def _make_durable(self, parts: list["_Part"]) -> list["_Part"]:
-        """Encode every part's touched users in one forward; publish the records and dead letters and wait for the
-        broker; then, for the parts whose partition is still owned under the same epoch, write the windows and
-        offset markers and wait again. Outputs first: state that says "done" must never outlive outputs that were
-        lost. Returns the parts whose state was written."""
+    def _encode(self, parts: list["_Part"], records: Sequence[Record]) -> "_Batch":
+        """Start encoding every part's touched users in one forward, in the encode thread (batches queue there in
+        order)."""
         updates = {u: st for p in parts for u, st in p.outcome.updates.items()}
-        records = []
+        encoded = None
         if updates:
-            t0 = time.perf_counter()
-            records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, self.encoder,
-                                                                       updates)
-            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            encoded = asyncio.get_running_loop().run_in_executor(self.pool, self._timed_records, updates)
+        return _Batch(records, parts, encoded)
+
+    def _timed_records(self, updates: dict[str, UserState]) -> list[dict]:
+        t0 = time.perf_counter()
+        records = interest_records(self.encoder, updates)
+        self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        return records
+
+    async def _make_durable(self, batch: "_Batch") -> list["_Part"]:
+        """Publish the batch's records and dead letters and wait for the broker; then, for the parts whose partition
+        is still owned under the same epoch, send the windows and offset markers and wait again. Outputs first:
+        state that says "done" must never outlive outputs that were lost. Returns the parts whose state was
+        written."""
+        records = await batch.encoded if batch.encoded is not None else []
         producer = self.store.producer
         sends = [await producer.send(self.output_topic, record_json(rec), key=rec["user_id"].encode())
                  for rec in records]
-        for p in parts:
+        for p in batch.parts:
             for r, rejection in p.rejected:
                 key, value = dead_letter(r, rejection)
                 sends.append(await producer.send(self.dlq_topic, value, key=key))
         await asyncio.gather(*sends)
         owned = []
-        for p in parts:
+        for p in batch.parts:
             if self.owns(p.partition, p.epoch):
                 owned.append(p)
             else:
                 log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", p.partition)
         writes = []
         for p in owned:
-            for user, state in p.outcome.updates.items():   # popularity follows the windows held: in minus out
-                old = p.before.get(user) or {}
-                for scene, window in state.items():
-                    # by identity: a window keeps its events' objects, and a copy that wins a duplicate is a new one
-                    before, after = {id(e): e for e in old.get(scene, ())}, {id(e) for e in window}
-                    self.popularity.add(e for e in window if id(e) not in before)
-                    self.popularity.remove(e for i, e in before.items() if i not in after)
-            writes += await self.store.write(p.partition, p.outcome.updates, p.last_offset)
+            writes += await self.store.send(p.partition, p.outcome.updates, p.last_offset)
         await asyncio.gather(*writes)
         now = time.time()
         written = {u for p in owned for u in p.outcome.updates}

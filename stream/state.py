@@ -115,7 +115,8 @@ class ChangelogStore:
     def __init__(self, bootstrap: str, topic: str, window: int):
         self.bootstrap, self.topic, self.window = bootstrap, topic, window
         self.partitions: dict[int, dict[str, UserState]] = {}
-        self.applied: dict[int, int] = {}   # source partition -> highest source offset durably applied (-1: none)
+        self.applied: dict[int, int] = {}   # source partition -> highest source offset applied in memory (-1: none)
+        self.durable: dict[int, int] = {}   # source partition -> highest source offset whose marker was sent
         self.producer: Optional[AIOKafkaProducer] = None
         self._locks: dict[int, asyncio.Lock] = {}
 
@@ -138,6 +139,7 @@ class ChangelogStore:
         for p in partitions:
             self.partitions.pop(p, None)
             self.applied.pop(p, None)
+            self.durable.pop(p, None)
 
     def get(self, partition: int, user: str) -> Optional[UserState]:
         return self.partitions[partition].get(user)
@@ -148,7 +150,8 @@ class ChangelogStore:
         async with lock:
             if partition in self.partitions:
                 return False
-            self.partitions[partition], self.applied[partition] = await self.recover(partition)
+            self.partitions[partition], marker = await self.recover(partition)
+            self.applied[partition] = self.durable[partition] = marker
             return True
 
     async def recover(self, partition: int) -> tuple[dict[str, UserState], int]:
@@ -188,14 +191,24 @@ class ChangelogStore:
         finally:
             await consumer.stop()
 
-    async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
-        """Apply updates in memory and send them, then the offset marker, to the changelog partition; returns
-        futures the caller awaits before the batch counts as done."""
-        self.partitions[partition].update(updates)   # before any await: the caller checked we own it
+    def put(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> None:
+        """Apply updates in memory (the caller checked that it owns the partition): memory may run ahead of the
+        changelog, never the other way round; a crash in between loses only what the marker says to redo."""
+        self.partitions[partition].update(updates)
+        self.applied[partition] = max(applied_offset, self.applied.get(partition, -1))
+
+    async def send(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
+        """Send the updates, then the offset marker, to the changelog partition; returns futures the caller awaits
+        before the batch counts as done."""
         futures = [await self.producer.send(self.topic, encode_state(s), key=u.encode(), partition=partition)
                    for u, s in updates.items()]
-        if applied_offset > self.applied.get(partition, -1):
-            self.applied[partition] = applied_offset
+        if applied_offset > self.durable.get(partition, -1):
+            self.durable[partition] = applied_offset
             futures.append(await self.producer.send(self.topic, str(applied_offset).encode(), key=MARKER_KEY,
                                                     partition=partition))
         return futures
+
+    async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
+        """put, then send."""
+        self.put(partition, updates, applied_offset)
+        return await self.send(partition, updates, applied_offset)

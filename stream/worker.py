@@ -141,7 +141,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
         for p in service.assigned:
             end = feeder.highwater(p)
             if end is not None:
-                metrics.lag.labels(str(p)).set(max(0, end - 1 - service.store.applied.get(p, -1)))
+                metrics.lag.labels(str(p)).set(max(0, end - 1 - service.store.durable.get(p, -1)))
         log.info("events %(events)d invalid %(invalid)d late %(late_dropped)d published %(published)d "
                  "batches %(batches)d re-read %(reread)d", service.counts)
 

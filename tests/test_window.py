@@ -7,13 +7,15 @@ commutative and associative; dropped counts, changed scenes and late events beha
 from __future__ import annotations
 
 import copy
+from collections import Counter
+from dataclasses import replace
 from types import MappingProxyType
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import apply_user, apply_window, group_by_user
+from scenestream.stream.core.window import apply_user, apply_window, group_by_user, window_diff
 
 TS0 = 1_700_000_000_000
 SCENES = ("video", "article", "shop")
@@ -144,6 +146,22 @@ def test_apply_window_is_top_l_of_the_union(old, batch, length):
     window = reference_top_l(old, length).get(("u0", "video"), ())
     new, _ = apply_window(window, batch + batch[:2], length)
     assert new == reference_top_l(old + batch, length).get(("u0", "video"), ())
+
+
+@settings(max_examples=300, deadline=None)
+@given(one_window_events, st.integers(0, 14), st.integers(1, 4), st.booleans())
+def test_window_diff_is_what_went_in_and_out(events, split, length, newer):
+    """Popularity follows window_diff: the old window less what went out plus what came in is the new window, as a
+    multiset; for events newer than the window (the append path that skips the window's sort) and any other."""
+    base, batch = events[:split], events[split:]
+    if newer:
+        batch = [replace(e, ts=e.ts + 100) for e in batch]
+    old, _ = apply_window((), base, length)
+    new, _ = apply_window(old, batch + batch[:1], length)
+    assert new == reference_top_l(base + batch, length).get(("u0", "video"), ())
+    added, removed = window_diff(old, new)
+    assert Counter(added) <= Counter(new) and Counter(removed) <= Counter(old)
+    assert Counter(old) - Counter(removed) + Counter(added) == Counter(new)
 
 
 @settings(max_examples=300, deadline=None)

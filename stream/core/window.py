@@ -9,12 +9,15 @@ derived from it and may be dropped and recomputed at any time.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from .events import Event
 
 Window = tuple[Event, ...]          # ascending by Event.order_key, unique event_ids, len <= L
 UserState = dict[str, Window]       # scene -> window; only scenes with at least one event
+
+
+_order = Event.order_key.fget
 
 
 def _preference(e: Event) -> tuple:
@@ -36,10 +39,30 @@ def apply_window(window: Window, events: Iterable[Event], length: int) -> tuple[
             fresh[e.event_id] = e
     if not fresh:
         return window, 0
-    merged = sorted((*(e for e in window if e.event_id not in fresh), *fresh.values()), key=Event.order_key.fget)
+    new = sorted(fresh.values(), key=_order)
+    if (not window or _order(new[0]) > _order(window[-1])) and current.keys().isdisjoint(fresh):
+        merged = window + tuple(new)   # the common case, events newer than the window: no sort of the window
+        return (merged, 0) if len(merged) <= length else (merged[-length:], max(0, len(new) - length))
+    merged = sorted((*(e for e in window if e.event_id not in fresh), *new), key=_order)
     kept = tuple(merged[-length:])
     dropped = sum(1 for e in merged[:-length] if fresh.get(e.event_id) is e) if len(merged) > length else 0
     return kept, dropped
+
+
+def window_diff(old: Window, new: Window) -> tuple[Sequence[Event], Sequence[Event]]:
+    """(events in `new` but not in `old`, events in `old` but not in `new`): what the owner of the windows counts in
+    and out of popularity. An event and an equal copy of it count the same, so either may stand for the other.
+    Cheap in the common case, a window that lost its oldest events and gained newer ones."""
+    if old and new:
+        last = old[-1]
+        for p in range(len(new) - 1, -1, -1):
+            if new[p] is last:
+                k = len(old) - (p + 1)                 # events dropped from the front
+                if k >= 0 and new[:p + 1] == old[k:]:
+                    return new[p + 1:], old[:k]
+                break
+    before, after = {id(e): e for e in old}, {id(e) for e in new}
+    return [e for e in new if id(e) not in before], [e for i, e in before.items() if i not in after]
 
 
 def apply_user(state: Mapping[str, Window], events: Iterable[Event], length: int
