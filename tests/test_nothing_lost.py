@@ -224,6 +224,44 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
     assert theirs in state["video"]
 
 
+def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
+    """The next micro-batch is applied (and queued for encoding) while the one before is still in flight; yet every
+    send of a batch (outputs, then state and marker) comes after the previous batch is durable. The producer is
+    the real one, watched (and slow for the first send): the order of its sends, by topic and batch."""
+    first = [Event(f"a{n}", f"u{n % 3}", f"v0-0000{n % 4}", "video", "click", TS + n) for n in range(6)]
+    second = [Event(f"b{n}", f"u{n % 4}", f"v0-0000{n % 3}", "video", "click", TS + 100 + n) for n in range(6)]
+
+    async def scenario():
+        service, topics = await _service(broker, checkpoint)
+        await service.store.start()
+        sent = []
+        real_send = service.store.producer.send
+
+        async def watched(topic, value=None, key=None, **kw):
+            if not sent:
+                await asyncio.sleep(1.0)   # the first batch's first send is slow: the second batch is ready by then
+            sent.append((topic, key, time.monotonic()))
+            return await real_send(topic, value, key=key, **kw)
+        service.store.producer.send = watched
+        records = _records(topics["clicks"], first + second)
+        one = await service.submit(records[:6])
+        stamps = []
+        one.add_done_callback(lambda _: stamps.append(time.monotonic()))   # runs before anything awaiting it
+        two = await service.submit(records[6:])
+        applied_early = service.store.applied[0]          # both applied in memory, neither durable yet
+        durable_early = one.done() or two.done()
+        await two
+        await service.stop()
+        return topics, sent, applied_early, durable_early, stamps[0]
+    topics, sent, applied_early, durable_early, one_done = run(scenario())
+    assert applied_early == 11 and not durable_early
+    phases = [("out" if t == topics["out"] else "state" if key != b"\x00applied" else "marker", at)
+              for t, key, at in sent]
+    assert [p for p, _ in phases] == ["out"] * 3 + ["state"] * 3 + ["marker"] + ["out"] * 4 + ["state"] * 4 + \
+        ["marker"]
+    assert all(at >= one_done for _, at in phases[7:])     # the second batch sends only once the first is durable
+
+
 def test_redelivery_and_recovery_do_not_inflate_popularity(broker, checkpoint):
     """Popularity counts the events in the windows a worker holds. Before: every re-delivery and every recovery of
     a partition added its events again."""
