@@ -2,13 +2,14 @@
 
 Attention is local (model.py): layer l's keys and values at a position depend on the events at most l * span back.
 So an entry holds, per layer, the keys and values of the window's last `span` positions, the window's output
-vector, and the events those depend on: the window's last `receptive_field` events (the first for its timestamp
-only; the rows need one event fewer). A new window that still holds those events, in place and unchanged, is the
-cached one plus positions after it; those are encoded against the cached rows and give what a full encode of the
-new window gives (within float rounding), because a full window's output never depends on more than its last
-receptive_field events. Anything
-else (a late event among the cached ones, a winning duplicate, more new events than the window keeps) is a miss:
-the window is encoded whole and its entry replaced.
+vector, and the events those depend on: the window's last `receptive_field` (cone) events, the first for its
+timestamp only. When k events are appended, only the newest position's output is read and only the newest `span`
+rows of each layer are kept, and both depend on the new window's last cone events alone: so if the cone - k of them
+before the new positions are the cached ones, unchanged and in place, the new positions are encoded against the
+cached rows and give what a full encode of the new window gives (within float rounding), even when a full window
+dropped its k oldest events (rows computed from those are never read again). Anything else (a late event among
+those events, a winning duplicate, no cached event left in the window) is a miss: the window is encoded whole and
+its entry replaced.
 
 Windows shorter than the receptive field (a checkpoint served with a small --window) cut off what the model would
 see, so there an entry is reused only for an unchanged window or one that has never dropped an event.
@@ -144,20 +145,24 @@ class WindowCache:
 
 def _reusable(entry: Entry, window: Sequence, cone: int, extendable: bool) -> Optional[int]:
     """Where the window's new positions start if the entry's rows are still exactly what a full encode of the
-    window would compute for the positions before them; None if they may not be."""
+    window would compute for the positions before them that the new ones read; None if they may not be."""
     cached = entry.events
     c = len(cached)
-    if entry.whole:                      # the cached events were the whole history: they must still start it
-        return c if tuple(window[:c]) == cached else None
+    if entry.whole and tuple(window[:c]) == cached:   # the whole history, still the start of the window
+        return c
     if not extendable:                   # a cut-off window: only the same window again
         return len(window) if tuple(window) == cached else None
-    # the cached events must sit, unchanged and together, right before the new positions: all `cone` of them for
-    # the cached output (an unchanged window), the newest cone - 1 for the cached rows (the oldest may be evicted)
+    # the cached events must sit, unchanged and together, right before the k new positions: the cone - k that the
+    # output and the rows still in use depend on (all `cone` for the cached output of an unchanged window).
+    # Only the newest position's output is read, and the newest `span` rows of each layer kept: both depend on
+    # the window's last `cone` events only, so rows computed from older ones (a full window that dropped its k
+    # oldest events for k new ones; a whole history that filled the window) are never read.
     last = cached[-1]
     for p in range(len(window), 0, -1):
         if window[p - 1] == last:
-            need = c if p == len(window) else min(c, cone - 1)
-            return p if p >= need and tuple(window[p - need:p]) == cached[c - need:] else None
+            k = len(window) - p
+            need = cone - k
+            return p if need <= min(p, c) and tuple(window[p - need:p]) == cached[c - need:] else None
         if window[p - 1].order_key < last.order_key:
             return None
     return None

@@ -187,3 +187,32 @@ def test_appending_to_a_window_encodes_only_the_new_positions():
                                    OFFLINE.encode_windows([state[e.user_id][e.scene]])[0], atol=1e-5, rtol=0)
     stats = enc.cache.stats
     assert stats["misses"] == 6 and stats["extends"] == 114, stats   # one miss per (user, scene): the first event
+
+
+def test_the_reuse_rule_at_its_boundary_for_every_append_and_late_event():
+    """Exhaustive where the rule that decides what cached rows may be read is tight: a cached window (full, or a
+    whole history one or two events short of full), then k newer events, with or without one late event slipped
+    in between any two of its events. Whatever the rule decides (extend or encode whole), the vectors equal a full
+    encode; and a full window extends for every k that leaves a cached event in it (what is read depends on the
+    window's last `cone` events only), a whole history also once it has dropped events."""
+    enc = _encoder(cache_mb=64)
+    t0 = 1_700_000_000_000
+    for length in (WINDOW, WINDOW - 1, WINDOW - 2):
+        old = tuple(Event(f"o{n}", "u", ITEMS[n % 12], "video", ACTIONS[n % 4], t0 + 1000 * n) for n in range(length))
+        extended = set()
+        for k in range(1, WINDOW + 1):
+            for late_at in [None, *range(length + 1)]:
+                enc.cache.clear()
+                enc.interests({"u": {"video": old}})
+                new = [Event(f"n{i}", "u", ITEMS[(3 * i) % 12], "video", "click", t0 + 1000 * (length + i))
+                       for i in range(k)]
+                if late_at is not None:
+                    new.append(Event("late", "u", ITEMS[7], "video", "buy", t0 + 1000 * late_at - 500))
+                window = apply_user({"video": old}, new, WINDOW)[0]["video"]
+                before = enc.cache.stats["extends"]
+                got = enc.interests({"u": {"video": window}}).h[0, 0]
+                np.testing.assert_allclose(got, OFFLINE.encode_windows([window])[0], atol=1e-5, rtol=0,
+                                           err_msg=f"length={length} k={k} late_at={late_at}")
+                if enc.cache.stats["extends"] > before:
+                    extended.add(k)
+        assert extended == set(range(1, WINDOW)), (length, extended)
