@@ -37,7 +37,7 @@ from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
 from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import Popularity
-from .core.window import UserState, window_diff
+from .core.window import UserState, Window, window_diff
 from .metrics import WorkerMetrics
 from .state import ChangelogStore
 
@@ -112,6 +112,7 @@ class _Part:
     events: int                                   # valid events
     rejected: list[tuple[Record, Rejection]]      # -> dead letters
     outcome: BatchOutcome
+    changed: list[tuple[str, str, Window]]        # (user, scene, new window) of every window that changed
 
 
 @dataclass
@@ -278,14 +279,18 @@ class MicroBatchService:
                 events.append(got)
         lookup = self.store.partitions[partition].get
         outcome = apply_batch(lookup, events, self.encoder.window)
+        changed = []
         for user, state in outcome.updates.items():
             old = lookup(user) or {}
             for scene, window in state.items():
-                added, removed = window_diff(old.get(scene, ()), window)
-                self.popularity.add(added)
-                self.popularity.remove(removed)
+                before = old.get(scene, ())
+                if window is not before:
+                    changed.append((user, scene, window))
+                    added, removed = window_diff(before, window)
+                    self.popularity.add(added)
+                    self.popularity.remove(removed)
         self.store.put(partition, outcome.updates, recs[-1].offset)
-        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome)
+        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed)
 
     def _encode(self, parts: list["_Part"], records: Sequence[Record]) -> "_Batch":
         """Start encoding every part's touched users in one forward, in the encode thread (batches queue there in
@@ -324,7 +329,7 @@ class MicroBatchService:
                 log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", p.partition)
         writes = []
         for p in owned:
-            writes += await self.store.send(p.partition, p.outcome.updates, p.last_offset)
+            writes += await self.store.send(p.partition, p.changed, p.last_offset)
         await asyncio.gather(*writes)
         now = time.time()
         written = {u for p in owned for u in p.outcome.updates}

@@ -28,7 +28,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from .core.events import Event
-from .core.window import UserState, apply_user
+from .core.window import UserState, Window, apply_user
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,18 @@ RECOVERY_DEADLINE_S = 300
 CHANGELOG_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
 
 
+SCENE_SEPARATOR = b"\x1f"   # a control character: never part of a valid id (core/events.py: check_id)
+
+
+def state_key(user: str, scene: str) -> bytes:
+    """The changelog key of one (user, scene) window: a micro-batch rewrites only the windows it changed, and
+    compaction keeps each window's newest record."""
+    return user.encode() + SCENE_SEPARATOR + scene.encode()
+
+
 def encode_state(state: UserState) -> bytes:
-    """The changelog value: compact JSON in UTF-8 (no ASCII escapes), whose size StreamConfig.state_record_bound
-    bounds."""
+    """A changelog value, {scene: rows} (one window, as the worker writes it; whole states read back the same):
+    compact JSON in UTF-8 (no ASCII escapes), whose size StreamConfig.state_record_bound bounds."""
     return orjson.dumps({s: [[e.ts, e.event_id, e.item_id, e.action] for e in w] for s, w in state.items()})
 
 
@@ -162,7 +171,7 @@ class ChangelogStore:
             if m.key == MARKER_KEY:
                 applied = max(applied, int(m.value))
             elif m.key and m.key != FENCE_KEY and m.value:
-                user = m.key.decode()
+                user = m.key.split(SCENE_SEPARATOR, 1)[0].decode()   # or by user alone (whole states)
                 state[user] = join_states(state.get(user), decode_state(user, m.value), self.window)
                 n += 1
         log.info("recovered partition %d of %s: %d records, %d users, applied up to offset %d", partition,
@@ -197,11 +206,11 @@ class ChangelogStore:
         self.partitions[partition].update(updates)
         self.applied[partition] = max(applied_offset, self.applied.get(partition, -1))
 
-    async def send(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
-        """Send the updates, then the offset marker, to the changelog partition; returns futures the caller awaits
-        before the batch counts as done."""
-        futures = [await self.producer.send(self.topic, encode_state(s), key=u.encode(), partition=partition)
-                   for u, s in updates.items()]
+    async def send(self, partition: int, windows: Iterable[tuple[str, str, Window]], applied_offset: int) -> list:
+        """Send the changed (user, scene, window)s, then the offset marker, to the changelog partition; returns
+        futures the caller awaits before the batch counts as done."""
+        futures = [await self.producer.send(self.topic, encode_state({scene: w}), key=state_key(user, scene),
+                                            partition=partition) for user, scene, w in windows]
         if applied_offset > self.durable.get(partition, -1):
             self.durable[partition] = applied_offset
             futures.append(await self.producer.send(self.topic, str(applied_offset).encode(), key=MARKER_KEY,
@@ -209,6 +218,7 @@ class ChangelogStore:
         return futures
 
     async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
-        """put, then send."""
+        """put, then send every window of the updated users."""
         self.put(partition, updates, applied_offset)
-        return await self.send(partition, updates, applied_offset)
+        return await self.send(partition, [(u, s, w) for u, st in updates.items() for s, w in st.items()],
+                               applied_offset)

@@ -53,3 +53,31 @@ def test_state_codec_and_join_are_a_lattice():
     assert join_states(a, b, 50) == join_states(b, a, 50) == b
     assert join_states(b, b, 50) == b
     assert join_states(None, b, 2) == {"video": b["video"][-2:]}
+
+
+def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
+    """The worker writes one record per changed (user, scene) window; a changelog written keyed by user alone
+    (whole states) is read the same, and recovery joins both kinds into each user's state."""
+    async def scenario():
+        topic = f"cl-{uuid.uuid4().hex[:8]}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+        await admin.close()
+        store = ChangelogStore(broker.bootstrap, topic, window=50)
+        await store.start()
+        await store.ensure(0)
+        video = _state("u", 4)["video"]
+        shop = tuple(Event(f"s{k}", "u", f"i{k}", "shop", "view", 1_700_000_000_000 + k) for k in range(2))
+        await store.producer.send_and_wait(topic, encode_state({"video": video[:2]}), key=b"u", partition=0)
+        await asyncio.gather(*await store.send(0, [("u", "video", video), ("u", "shop", shop)], applied_offset=7))
+        await store.stop()
+        reader = ChangelogStore(broker.bootstrap, topic, window=50)
+        await reader.start()
+        try:
+            got = await reader.recover(0)
+        finally:
+            await reader.stop()
+        return got, {"video": video, "shop": shop}
+    (state, applied), want = run(scenario())
+    assert applied == 7 and state == {"u": want}
