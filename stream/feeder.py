@@ -5,9 +5,10 @@ tasks and eleven loop callbacks per message, hard-coded in its consumer; no sett
 bench/faust_ceiling.md), and its take_events waits out --batch-wait whenever fewer than --batch-max events are
 buffered. The feeder asks the consumer for whatever it has fetched (getmany), so a micro-batch closes as soon as
 the consumer has nothing more buffered, waiting at most --batch-wait for the first record; and it costs nothing per
-record beyond decoding. Everything else is unchanged: the same MicroBatchService.handle, the same durability order
-(outputs, then state and offset marker, then the group's committed offset), recovery at assignment, the Faust app
-around it for the web server, timers and lifecycle.
+record beyond decoding. It submits the next batch while the one before is still becoming durable (at most `depth`
+in flight; MicroBatchService.submit keeps them in order). Everything else is as under Faust: the same service, the
+same durability order (outputs, then state and offset marker, then the group's committed offset), recovery at
+assignment, the Faust app around it for the web server, timers and lifecycle.
 
 Group semantics are Kafka's own: a member of group --app-id, partitions spread round-robin over the members,
 offsets committed after each batch is durable. Each member also sends its API URL in its group metadata and the

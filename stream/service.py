@@ -9,6 +9,10 @@ redone, its outputs published again: at-least-once outputs, exactly-once state);
 outputs that were lost. Whatever is re-delivered joins into the windows without effect (the lattice,
 docs/design.md).
 
+Batches are pipelined (`submit`): the next one is decoded and applied in memory while one encodes and the one
+before waits on the broker, but each sends nothing before the one before it is durable. Memory may run ahead of
+the changelog, never the other way round.
+
 A partition can be revoked, and given back, at any await. Each assignment gets a new epoch; a batch writes only if
 its partition's epoch is still the one it started under, else the new owner (maybe this worker again) redoes it.
 
