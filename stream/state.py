@@ -6,9 +6,9 @@ watermark of a partition as (base offset of the last record batch + 1), so every
 last batch is silently skipped -- the "1 of 2000 updates missing" seen here (docs/design.md, "Durability").
 
 What we do instead:
-- The changelog value for a user is their whole state (all scene windows). Windows form a lattice, so recovery
-  joins every record it reads: order, duplicates and stale records cannot make the result wrong, and compaction
-  (keep the newest per key) keeps the join.
+- One changelog record per changed (user, scene) window, keyed `user \x1f scene`. Windows form a lattice, so
+  recovery joins every record it reads into its user's state: order, duplicates and stale records cannot make the
+  result wrong, and compaction (keep the newest per key) keeps the join.
 - Recovery writes a fence record into the changelog partition and reads until it has seen the fence's offset, as
   the broker acknowledged it on produce. No high watermark is trusted.
 - Each micro-batch also writes, per source partition, the highest source offset it applied (an offset marker,
