@@ -2,7 +2,7 @@
 live versus stale (prequential), and cross-scene transfer. Writes the "Recommendation quality" section of
 BENCHMARKS.md.
 
-    python bench/quality.py [--datasets ml-100k ml-1m] [--seeds 0 1 2] [--genre-seeds 0 1 2] [--no-prequential]
+    python bench/quality.py [--datasets ml-100k ml-1m ml-1m-5core] [--seeds 0 1 2] [--genre-seeds 0 1 2] [--no-prequential]
 
 Every model is trained with the `scenestream train` command a user runs (its per-data-set defaults), one process per
 run so each training time is a clean wall-clock figure. Checkpoints go to --workdir and are reused when present (a
@@ -194,7 +194,7 @@ def write_section(path: Path, section: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"], choices=["ml-100k", "ml-1m"])
+    ap.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"], choices=["ml-100k", "ml-1m", "ml-1m-5core"])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="Seeds of the one-scene model.")
     ap.add_argument("--genre-seeds", nargs="*", type=int, default=[0, 1, 2], help="Seeds of the genre-scene model.")
     ap.add_argument("--no-prequential", dest="prequential", action="store_false",

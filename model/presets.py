@@ -14,6 +14,7 @@ PRESETS: dict[Optional[str], dict] = {
     None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
     "synthetic": {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24},
     "ml-1m": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
+    "ml-1m-5core": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
     "ml-100k": {"epochs": 10, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48},
 }
 

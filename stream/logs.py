@@ -17,7 +17,7 @@ from .core.events import Decoded, Event, Rejection, decode, encode, validate_rec
 if TYPE_CHECKING:
     from .synthetic import SyntheticSpec
 
-DATASETS = ("synthetic", "ml-1m", "ml-100k")
+DATASETS = ("synthetic", "ml-1m", "ml-1m-5core", "ml-100k")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] 
         spec = spec or SyntheticSpec()
         config = StreamConfig(scenes=spec.scenes)
         return collect((decode(line, config) for line in synthetic_lines(spec)), config)
-    if dataset in ("ml-1m", "ml-100k"):
+    if dataset in ("ml-1m", "ml-1m-5core", "ml-100k"):
         from .movielens import dataset_scenes, load_movielens
         # The files are sorted by user, not an arrival log: give them in the order they happened (ties: file
         # order, which event_id encodes), so replay and produce stream them as a live system would see them.

@@ -2,10 +2,14 @@
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scenestream.stream.core.config import StreamConfig
-from scenestream.stream.core.events import validate_record
-from scenestream.stream.movielens import FALLBACK_SCENE, GENRE_TO_SCENE, dataset_scenes, ensure_files, load_movielens
+from scenestream.stream.core.events import Event, validate_record
+from scenestream.stream.logs import DATASETS
+from scenestream.stream.movielens import (FALLBACK_SCENE, GENRE_TO_SCENE, dataset_scenes, ensure_files, k_core,
+                                          load_movielens)
 
 ALL_GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
               "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -95,3 +99,45 @@ def test_the_data_set_source_gives_events_in_time_order(synthetic, monkeypatch):
     monkeypatch.setenv("SCENESTREAM_ML1M_DIR", str(synthetic / "ml-1m"))
     loaded = load_events("ml-1m")
     assert [e.item_id for e in loaded.events] == ["10", "40", "50", "60", "20", "30"]
+
+
+def _ratings(pairs):
+    return [Event(f"r{n}", f"u{u}", f"i{i}", "movie", "view", 1_000 + n) for n, (u, i) in enumerate(pairs)]
+
+
+def _peel_one_at_a_time(events, k):
+    """An independent k-core: remove one user or item below k at a time (users first), until none is left."""
+    events = list(events)
+    while True:
+        users, items = Counter(e.user_id for e in events), Counter(e.item_id for e in events)
+        low_user = next((u for u, n in users.items() if n < k), None)
+        low_item = next((i for i, n in items.items() if n < k), None)
+        if low_user is None and low_item is None:
+            return events
+        events = [e for e in events if e.user_id != low_user] if low_user is not None else \
+            [e for e in events if e.item_id != low_item]
+
+
+def test_k_core_cascades_until_stable():
+    """i3 has one rating: dropping it leaves u2 with one, dropping u2 leaves i2 with one: all three go; the rest
+    (u0, u1 x i0, i1) is a 2-core and stays, in order."""
+    events = _ratings([(0, 0), (0, 1), (1, 0), (1, 1), (2, 2), (2, 3), (3, 2)])
+    kept = k_core(events, 2)
+    assert [(e.user_id, e.item_id) for e in kept] == [("u0", "i0"), ("u0", "i1"), ("u1", "i0"), ("u1", "i1")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), unique=True, max_size=50), st.integers(1, 4))
+def test_k_core_is_the_unique_k_core(pairs, k):
+    events = _ratings(pairs)
+    kept = k_core(events, k)
+    assert kept == _peel_one_at_a_time(events, k)
+    assert all(n >= k for n in Counter(e.user_id for e in kept).values())
+    assert all(n >= k for n in Counter(e.item_id for e in kept).values())
+    assert k_core(kept, k) == kept
+
+
+def test_ml_1m_5core_is_a_data_set(synthetic):
+    assert "ml-1m-5core" in DATASETS
+    assert load_movielens("ml-1m-5core", cache_dir=synthetic) == k_core(load_movielens("ml-1m", cache_dir=synthetic), 5)
+    assert load_movielens("ml-1m-5core", cache_dir=synthetic) == []   # the six ratings there are no 5-core
