@@ -19,6 +19,15 @@ PRESETS: dict[Optional[str], dict] = {
 }
 
 
+# How long a run of the defaults took on the 2-core development machine (BENCHMARKS.md, "Recommendation quality";
+# training logs a budget for the run at hand after its first steps)
+TIME_HERE: dict[Optional[str], str] = {
+    "ml-1m": "one scene (--scenes single) ~22 min, the stronger model today; genre scenes ~7-11 min an epoch",
+    "ml-1m-5core": "not measured; about as ml-1m (999,611 of its 1,000,209 ratings)",
+    "ml-100k": "one scene ~1.5 min; genre scenes ~15-25 s an epoch",
+}
+
+
 def preset(dataset: Optional[str]) -> dict:
     """The training defaults for a named data set (a copy, safe to update)."""
     return dict(PRESETS.get(dataset, PRESETS[None]))
@@ -26,4 +35,5 @@ def preset(dataset: Optional[str]) -> dict:
 
 def presets_help() -> str:
     return "\n".join(f"  {name or 'other input'}: " + ", ".join(f"{k} {v}" for k, v in p.items())
+                     + (f"\n    here: {TIME_HERE[name]}" if name in TIME_HERE else "")
                      for name, p in PRESETS.items())
