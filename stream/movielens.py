@@ -74,7 +74,6 @@ _SOURCES = {
 }
 DIR_ENVS = {name: env for name, (_, _, env) in _SOURCES.items()}
 CORES = {"ml-1m-5core": ("ml-1m", 5)}   # name -> (the data set it filters, k)
-NAMES = (*_SOURCES, *CORES)
 
 
 def k_core(events: list[Event], k: int) -> list[Event]:
