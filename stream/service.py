@@ -251,8 +251,8 @@ class MicroBatchService:
         # The state is millions of small long-lived objects without reference cycles (events, window tuples,
         # dicts): the cycle collector re-walked all of them again and again for nothing, ~25% of the worker's CPU
         # (BENCHMARKS.md). Whatever is alive once a batch is durable goes to the permanent generation: refcounting
-        # still frees it, the collector no longer walks it. What it leaves behind is cyclic garbage that was alive
-        # at that moment, which asyncio and this code do not make in a batch's normal course.
+        # still frees it, the collector no longer walks it. What it would leak is cyclic garbage alive at that
+        # moment; a batch leaves none (tests/test_nothing_lost.py: test_batches_leave_no_cyclic_garbage_behind).
         gc.freeze()
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
