@@ -52,6 +52,7 @@ DEAD_LETTER_RAW_BYTES = 4096   # a dead letter keeps this much of the payload (a
 DEAD_LETTER_KEY_BYTES = 256    # a longer key is replaced by its SHA-256
 GAP_PAGE = 1000                # events per page of a gap re-read
 GAP_DEADLINE_S = 120.0         # a gap not read by then: crash, and let the restart try again
+FULL_GC_EVERY_S = 600.0        # a full collection of the frozen heap this often (see _complete)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class MicroBatchService:
         self.epoch: dict[int, int] = {}                             # partition -> assignment number
         self._epochs = 0
         self._tail: Optional[asyncio.Future[None]] = None          # the last batch submitted, until durable
+        self._full_gc_at = time.monotonic()
 
     # ---- ownership ----------------------------------------------------------------------------------------------
 
@@ -251,8 +253,14 @@ class MicroBatchService:
         # The state is millions of small long-lived objects without reference cycles (events, window tuples,
         # dicts): the cycle collector re-walked all of them again and again for nothing, ~25% of the worker's CPU
         # (BENCHMARKS.md). Whatever is alive once a batch is durable goes to the permanent generation: refcounting
-        # still frees it, the collector no longer walks it. What it would leak is cyclic garbage alive at that
-        # moment; a batch leaves none (tests/test_nothing_lost.py: test_batches_leave_no_cyclic_garbage_behind).
+        # still frees it, the collector no longer walks it. What that would leak is cyclic garbage alive at that
+        # moment: a batch leaves none (tests/test_nothing_lost.py), but the rest of the process (web requests,
+        # client libraries) may, so every FULL_GC_EVERY_S the whole heap is collected once, as Python's own
+        # schedule would have done far more often.
+        if time.monotonic() - self._full_gc_at > FULL_GC_EVERY_S:
+            gc.unfreeze()
+            gc.collect()
+            self._full_gc_at = time.monotonic()
         gc.freeze()
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
