@@ -138,7 +138,6 @@ class InterestEncoder:
         return self.ckpt.vocab.item_ids, self.ckpt.vocab.item_scenes, np.ascontiguousarray(E)
 
 
-
 def _chunks(order: Sequence[int], sizes: Sequence[int], batch_size: int, min_rows: int = 32) -> list[list[int]]:
     """`order` (ascending by size) cut into runs encoded together: at most batch_size rows, and a new run where the
     size passes 1.5x the run's smallest once it has min_rows, so that few rows pad far (a batch of 1-event appends

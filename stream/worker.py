@@ -43,7 +43,7 @@ class WorkerConfig:
     changelog_topic: str = ""            # default: <app_id>-state-changelog
     partitions: int = 4                  # used when the worker creates the topics
     batch_max: int = 5000                # events per micro-batch (a cap: a batch is what the consumer has buffered)
-    batch_wait: float = 0.2              # seconds to wait for a micro-batch to fill
+    batch_wait: float = 0.2              # longest wait, in seconds, for a first record when none is buffered
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     canonical_url: str = ""              # how other workers reach this one's API (forwarding); default from host
