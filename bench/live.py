@@ -529,9 +529,17 @@ def fmt(x: Optional[float], nd: int = 0) -> str:
 
 
 def main() -> None:
+    from scenestream.stream.synthetic import SyntheticSpec, generate
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=0,
                     help="Use only the first N synthetic events (default: all of SyntheticSpec(), ~119k).")
+    ap.add_argument("--users", type=int, default=SyntheticSpec.users,
+                    help=f"Users of the synthetic world (default {SyntheticSpec.users}). More users with fewer events "
+                         "each (--events-per-user) make a backlog micro-batch hold ~1 event per user, as a fresh "
+                         "one does: see BENCHMARKS.md on why that decides the freshness check.")
+    ap.add_argument("--events-per-user", type=float, default=SyntheticSpec.events_per_user,
+                    help=f"Mean events per synthetic user (default {SyntheticSpec.events_per_user:g}).")
     ap.add_argument("--checkpoint", default=None, help="Checkpoint the worker serves (default: train a tiny one, "
                                                        "~20 s: bench/tiny_checkpoint.py).")
     ap.add_argument("--phases", default="raw,noop,worker,fresh",
@@ -574,8 +582,6 @@ def main() -> None:
     from scenestream.stream.broker import EmbeddedBroker
     from scenestream.stream.core.events import encode
     from scenestream.stream.processes import free_port, spawn, stop_process
-    from scenestream.stream.synthetic import SyntheticSpec, generate
-
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     unknown = phases - {"raw", "noop", "worker", "fresh"}
     if unknown:
@@ -601,7 +607,7 @@ def main() -> None:
             from tiny_checkpoint import tiny_checkpoint
             ckpt = tiny_checkpoint()
 
-    events, _ = generate(SyntheticSpec())
+    events, _ = generate(SyntheticSpec(users=args.users, events_per_user=args.events_per_user))
     if args.events:
         events = events[: args.events]
     lines = [encode(e) for e in events]
