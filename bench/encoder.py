@@ -4,7 +4,7 @@ For each window length (50: the synthetic preset, span 24; 98: the MovieLens pre
 B full windows are encoded once (filling the cache), then each gets one more event and is encoded again, twice:
   full         -- the new windows from scratch (what the worker did before: every touched window re-encoded)
   incremental  -- the same windows through the cache: one position per layer against the cached rows
-Both go through InterestEncoder._scene_vectors (lookups, tensorizing and the copy back included), with untrained
+Both go through InterestEncoder._sources (lookups, tensorizing and the copy back included), with untrained
 weights (speed does not depend on them); the vectors of both are checked equal within 1e-5. Times are the median
 of --repeats, per appended event.
 
@@ -68,16 +68,16 @@ def measure(window: int, batch: int, device: str, repeats: int, dtype: torch.dty
     def states(step: int) -> list[dict]:
         return [{"video": tuple(s[step:step + window])} for s in streams]
 
-    inc_enc._scene_vectors(states(0), users)          # fill the cache (a miss per window)
+    inc_enc._sources(states(0), users)          # fill the cache (a miss per window)
     full_t, inc_t, worst = [], [], 0.0
     for step in range(1, repeats + 1):
         st = states(step)
         _sync(device)
         t0 = time.perf_counter()
-        a = full_enc._scene_vectors(st, users)
+        a = full_enc._sources(st, users)[2]
         _sync(device)
         t1 = time.perf_counter()
-        b = inc_enc._scene_vectors(st, users)
+        b = inc_enc._sources(st, users)[2]
         _sync(device)
         t2 = time.perf_counter()
         full_t.append(t1 - t0)

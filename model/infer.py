@@ -34,8 +34,22 @@ class Interests:
     users: list[str]
     h: np.ndarray        # [U, S, d] per-scene interest (zeros where no history)
     has: np.ndarray      # [U, S] bool
+    recent: np.ndarray   # [U, d] the merged window's last output: interest as of the newest event
     fused: np.ndarray    # [U, S + 1, d] H_j per scene, then the global vector
     weights: np.ndarray  # [U, S + 1, S] a_ij (rows as fused)
+
+
+_order = lambda e: (e.ts, e.event_id)   # noqa: E731 - Event.order_key without the property call
+
+
+def merged_window(state: Mapping[str, Sequence], length: int) -> tuple:
+    """The newest `length` events over all of a user's scene windows, ascending by (ts, event_id). Every one of the
+    newest `length` events of the user is among the newest `length` of its own scene, so this is the window of all
+    scenes' events that a single window of length L would hold: derived from the state, never stored."""
+    windows = [w for w in state.values() if w]
+    if len(windows) == 1:
+        return tuple(windows[0][-length:])
+    return tuple(sorted((e for w in windows for e in w[-length:]), key=_order)[-length:])
 
 
 class InterestEncoder:
@@ -91,45 +105,67 @@ class InterestEncoder:
         return out
 
     @torch.inference_mode()
-    def _scene_vectors(self, states: Sequence[Mapping[str, Sequence]], users: Sequence[str]) -> np.ndarray:
+    def _sources(self, states: Sequence[Mapping[str, Sequence]], users: Sequence[str]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(h [U, S, d], has [U, S], recent [U, d]): each scene window's last output, cached under (user, scene),
+        and the merged window's, cached under (user, None) (model.py, "Sources"); a user seen in one scene only has
+        one window, whose output is both."""
         S, d = len(self.scenes), self.model.cfg.d_model
-        h = torch.zeros(len(users), S, d, device=self.device)
-        hits, grown, whole = [], [], []   # (u, s, key, window, entry, start)
+        tasks = []   # (user row, scene index or -1 for recent, cache key, window)
+        alias = []   # user rows whose recent vector is their only scene's h_s
         for u, (user, state) in enumerate(zip(users, states)):
-            for scene, window in state.items():
-                s = self.scene_index.get(scene)
-                if s is None or not window:
-                    continue
-                entry, start = self.cache.lookup((user, scene), window)
-                todo = whole if entry is None else hits if start == len(window) else grown
-                todo.append((u, s, (user, scene), window, entry, start))
+            present = [(self.scene_index[scene], w) for scene, w in state.items() if w and scene in self.scene_index]
+            for s, w in present:
+                tasks.append((u, s, (user, self.scenes[s]), w))
+            if len(present) == 1:
+                alias.append((u, len(tasks) - 1))
+            elif present:
+                tasks.append((u, -1, (user, None), merged_window({self.scenes[s]: w for s, w in present},
+                                                                  self.window)))
+        out = self._windows([t[2] for t in tasks], [t[3] for t in tasks]).float().cpu().numpy()
+        h = np.zeros((len(users), S, d), dtype=np.float32)
+        has = np.zeros((len(users), S), dtype=bool)
+        recent = np.zeros((len(users), d), dtype=np.float32)
+        for n, (u, s, _, _) in enumerate(tasks):
+            if s < 0:
+                recent[u] = out[n]
+            else:
+                h[u, s], has[u, s] = out[n], True
+        for u, n in alias:
+            recent[u] = out[n]
+        return h, has, recent
+
+    def _windows(self, keys: Sequence, windows: Sequence[Sequence]) -> torch.Tensor:
+        """[N, d] last-position outputs of the windows: cached ones read, grown ones extended, the rest encoded
+        whole (and cached under their keys)."""
+        out = torch.zeros(len(windows), self.model.cfg.d_model, device=self.device)
+        hits, grown, whole = [], [], []   # (n, key, window, entry, start)
+        for n, (key, window) in enumerate(zip(keys, windows)):
+            entry, start = self.cache.lookup(key, window)
+            todo = whole if entry is None else hits if start == len(window) else grown
+            todo.append((n, key, window, entry, start))
         if hits:
-            h[[t[0] for t in hits], [t[1] for t in hits]] = self.cache.vectors([t[4] for t in hits])
+            out[[t[0] for t in hits]] = self.cache.vectors([t[3] for t in hits])
         if grown:
-            h[[t[0] for t in grown], [t[1] for t in grown]] = self._encode(
-                [t[3] for t in grown], [t[4] for t in grown], [t[5] for t in grown])
+            out[[t[0] for t in grown]] = self._encode([t[2] for t in grown], [t[3] for t in grown],
+                                                      [t[4] for t in grown])
         if whole:
-            entries = self.cache.reserve([t[2] for t in whole], touched=len(hits) + len(grown))
-            h[[t[0] for t in whole], [t[1] for t in whole]] = self._encode([t[3] for t in whole], entries)
-        return h.float().cpu().numpy()
+            entries = self.cache.reserve([t[1] for t in whole], touched=len(hits) + len(grown))
+            out[[t[0] for t in whole]] = self._encode([t[2] for t in whole], entries)
+        return out
 
     @torch.inference_mode()
     def interests(self, states: Mapping[str, Mapping[str, Sequence]]) -> Interests:
         """user -> {scene: window} for users with at least one event -> their vectors."""
         users = list(states)
-        h = self._scene_vectors([states[u] for u in users], users)
-        has = np.zeros((len(users), len(self.scenes)), dtype=bool)
-        for u, user in enumerate(users):
-            for scene, window in states[user].items():
-                if window and scene in self.scene_index:
-                    has[u, self.scene_index[scene]] = True
+        h, has, recent = self._sources([states[u] for u in users], users)
+        S = len(self.scenes)
         if not users:
-            d = self.model.cfg.d_model
-            S = len(self.scenes)
-            return Interests(users, h, has, np.zeros((0, S + 1, d), np.float32), np.zeros((0, S + 1, S), np.float32))
-        ht = torch.from_numpy(h).to(self.device)
-        H, a = self.model.fusion(ht, torch.from_numpy(has).to(self.device))
-        return Interests(users, h, has, H.float().cpu().numpy(), a.float().cpu().numpy())
+            return Interests(users, h, has, recent, np.zeros((0, S + 1, h.shape[-1]), np.float32),
+                             np.zeros((0, S + 1, S), np.float32))
+        as_t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        H, a = self.model.fusion(as_t(h), as_t(has), as_t(recent))
+        return Interests(users, h, has, recent, H.float().cpu().numpy(), a.float().cpu().numpy())
 
     def item_vectors(self) -> tuple[list[str], list[str], np.ndarray]:
         """The catalog the index serves: item ids, their scenes, and their embedding rows."""

@@ -7,10 +7,17 @@ the last n_layers * span + 2 events (the +1 is the time gap to the event before)
 windows of length L >= n_layers * span + 2 encode the same at any batch size and padding, and per-position
 activations could be cached and extended without ever changing (the incremental-encoding path).
 
+Sources. Each (user, scene) window is encoded alone: its last output is h_s, the user's interest in scene s. The
+user's events of all scenes, merged by time into one window (the newest L of them: a function of the per-scene
+windows, so no new state), are encoded too: its last output is `recent`, the user's interest as of their newest
+event in any scene, which sees the order of their recent events across scenes (what next-item prediction depends
+on, and what the per-scene windows alone never show).
+
 SceneFusion ("interest transfer"): for target scene j, a_ij = softmax_i(q_j . k(h_i + e_i) / sqrt(d)) over the
-scenes i where the user has history, H_j = sum_i a_ij v(h_i) + h_j (the residual only when j has history). A user
-with no history in j still gets H_j from the other scenes. A learned global query gives the global vector, whose
-residual is the attention-weighted sum of the h_i (so with one scene it equals H_j).
+scenes i where the user has history, H_j = sum_i a_ij v(h_i) + recent. A user with no history in j still gets H_j
+from the other scenes and their recent sequence: that is the transfer. A learned global query gives the global
+vector the same way; with one scene h_s is `recent`, and the global vector is the plain sequence model's output mixed
+once with itself.
 
 Scores are inner products with the (tied) item embeddings: <H_j, E_item>.
 """
@@ -170,8 +177,8 @@ class SceneFusion(nn.Module):
         self.value = nn.Linear(d, d)
         self.out = nn.LayerNorm(d)
 
-    def forward(self, h: torch.Tensor, has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [N, S, d], has [N, S] (each row has at least one True) -> H [N, S+1, d], a [N, S+1, S].
+    def forward(self, h: torch.Tensor, has: torch.Tensor, recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, S, d], has [N, S] (each row has at least one True), recent [N, d] -> H [N, S+1, d], a [N, S+1, S].
         Row S of H and a is the global vector and its weights."""
         _, S, d = h.shape
         keys = self.key(h + self.scene_key.weight[None])                                   # [N, S, d]
@@ -179,10 +186,9 @@ class SceneFusion(nn.Module):
         scores = scores.masked_fill(~has[:, None, :], float("-inf"))
         a = torch.softmax(scores, dim=-1)
         H = torch.einsum("nts,nsd->ntd", a, self.value(h))
-        # residual: h_j for scene j (when present); the attention-weighted mix of the h_i for the global vector, so
-        # with a single scene the global vector is exactly H_j
-        residual = torch.cat([h * has[..., None], torch.einsum("ns,nsd->nd", a[:, -1], h)[:, None]], dim=1)
-        return self.out(H + residual), a
+        # residual: the user's interest as of their newest event, for every target: the scene mix adds to what the
+        # plain sequence model would say, never replaces it
+        return self.out(H + recent[:, None]), a
 
 
 class InterestModel(nn.Module):

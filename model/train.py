@@ -11,12 +11,15 @@ as BERT4Rec and SASRec trained with CE, "SASRec+", do). Reasons:
     that are actually ranked high, which sampled negatives rarely are.
   - It is affordable: with a few thousand items one [targets x items] matmul per step is most of the step's cost,
     and it stays exact. A catalog of millions would need sampled softmax with a logQ correction instead.
-The context of event k is, per scene i, the encoder output at the user's last event in scene i before k. Terms:
+The context of event k (model.py, "Sources"): per scene i, the encoder output at the user's last event in scene i
+before k (h_i, from that scene's own sequence), and the output at event k-1 of the user's timeline of all scenes
+(`recent`). Terms:
   fused  : CE of H_j (j = scene of event k) over the items of scene j     -- what per-scene serving ranks with
   global : CE of the global fused vector over all items                   -- the scene-free vector
   scene  : CE of h_j alone over the items of scene j, where j has history -- keeps h_j a usable interest
-With one scene the global vector equals H_j (model.py), so only the global term is computed: the other two would
-repeat it (fused) or train a vector nothing serves (scene).
+The two in-scene terms take their softmax over the scene's own items only (one small matmul per scene): with S
+scenes they cost about 2/S of the global term instead of twice it. With one scene the global vector equals H_j and
+h_j is `recent`, so only the global term is computed.
 With probability `scene_dropout` the target scene's own history is hidden from the fusion (when another scene has
 history), so the fusion learns to transfer interest from other scenes: the case of a user new to a scene.
 Long users are cut into segments of `segment` targets, each with the receptive field's worth of earlier events as
@@ -42,8 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .model import FIRST_ITEM, InterestModel, ModelConfig
-from .vocab import ItemVocab, pack
+from .model import FIRST_ITEM, InterestModel, ModelConfig, gap_bucket
+from .vocab import ItemVocab
 
 log = logging.getLogger(__name__)
 
@@ -74,81 +77,109 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 @dataclass
-class _UserExample:
-    seqs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]  # (scene, items, actions, ts) per scene with events
-    slot: np.ndarray        # [S] index into seqs per scene, -1 if none
-    ctx: np.ndarray         # [n-1, S] position inside that scene's seq of the last event before the target, -1
-    target_item: np.ndarray  # [n-1]
-    target_scene: np.ndarray  # [n-1]
+class _Segment:
+    """A run of one user's events, tensorised once (before the first epoch): the model's inputs per sequence (the
+    timeline of all scenes first, then one per scene with events) and, per target, where its context sits."""
+    seqs: list[np.ndarray]  # [4, n_i] item rows, action ids, scene ids, gap buckets
+    ctx: np.ndarray         # [m, S] (sequence, position) of the last event of scene s before the target, flattened
+                            # as sequence * n + position (n: the timeline's length); -1 where none
+    target: np.ndarray      # [m] position of each target in the timeline (`recent` reads the one before it)
+    target_item: np.ndarray  # [m]
+    target_scene: np.ndarray  # [m]
 
 
-def _example(tl: Sequence, vocab: ItemVocab, scene_index, action_index, skip: int = 1
-             ) -> Optional[_UserExample]:
+def _inputs(items, actions, scenes, ts, gap_buckets: int) -> np.ndarray:
+    t = torch.from_numpy(ts)
+    gaps = torch.zeros(len(ts), dtype=torch.int64)
+    gaps[1:] = gap_bucket(t[1:] - t[:-1], gap_buckets)
+    return np.stack([items, actions, scenes, gaps.numpy()]).astype(np.int64)
+
+
+def _segment(tl: Sequence, vocab: ItemVocab, scene_index, action_index, gap_buckets: int,
+             skip: int = 1) -> Optional[_Segment]:
     """Targets are tl[skip:]; the events before `skip` are context only."""
-    S = len(scene_index)
-    if len(tl) <= skip:
+    S, n = len(scene_index), len(tl)
+    if n <= skip:
         return None
-    scene_of = np.array([scene_index[e.scene] for e in tl])
+    scenes = np.array([scene_index[e.scene] for e in tl])
     items = np.array(vocab.rows(e.item_id for e in tl))
     actions = np.array([action_index.get(e.action, 0) for e in tl])
     ts = np.array([e.ts for e in tl], dtype=np.int64)
-    seqs, slot = [], np.full(S, -1)
-    pos_in_seq = np.zeros(len(tl), dtype=np.int64)
-    for s in range(S):
-        idx = np.flatnonzero(scene_of == s)
-        if idx.size:
-            slot[s] = len(seqs)
-            seqs.append((s, items[idx], actions[idx], ts[idx]))
-            pos_in_seq[idx] = np.arange(idx.size)
-    ctx = np.full((len(tl), S), -1, dtype=np.int64)
+    seqs = [_inputs(items, actions, scenes, ts, gap_buckets)]
+    flat_pos = np.zeros(n, dtype=np.int64)     # each event's place in its scene's sequence, flattened
+    if S > 1:
+        for s in range(S):
+            idx = np.flatnonzero(scenes == s)
+            if idx.size:
+                flat_pos[idx] = len(seqs) * n + np.arange(idx.size)
+                seqs.append(_inputs(items[idx], actions[idx], scenes[idx], ts[idx], gap_buckets))
+    else:
+        flat_pos = np.arange(n)                # one scene: its sequence is the timeline
+    ctx = np.full((n, S), -1, dtype=np.int64)
     last = np.full(S, -1, dtype=np.int64)
-    for k in range(len(tl)):
+    for k in range(n):
         ctx[k] = last
-        last[scene_of[k]] = pos_in_seq[k]
-    return _UserExample(seqs, slot, ctx[skip:], items[skip:], scene_of[skip:])
+        last[scenes[k]] = flat_pos[k]
+    return _Segment(seqs, ctx[skip:], np.arange(skip, n), items[skip:], scenes[skip:])
 
 
 PAD_TO = 32   # batch widths are rounded up to a multiple of this (see _collate)
 
 
-def _collate(examples: list[_UserExample], n_scenes: int, gap_buckets: int):
-    """Users -> one padded batch of all their per-scene sequences + flat indices of each target's context. The
-    width is rounded up to a multiple of PAD_TO: with a new width at every step, glibc's heap kept the freed
-    blocks of every size apart and the process grew by ~300 MB an epoch on ML-100k (~2.4 GB after five); with a
-    few widths it stays flat after the first epoch (BENCHMARKS.md). Padding is masked, so it changes nothing but
-    float rounding."""
-    seqs = [s for ex in examples for s in ex.seqs]
-    lengths = np.array([len(s[1]) for s in seqs])
-    T = -(-int(lengths.max()) // PAD_TO) * PAD_TO
-    batch = pack([(it, ac, np.full(len(it), s), t) for s, it, ac, t in seqs], T, gap_buckets)
+def _collate(segments: list[_Segment]):
+    """Segments -> their sequences packed in groups of one width each (lengths rounded up to a multiple of PAD_TO),
+    and flat indices (into the groups' outputs, concatenated) of each target's contexts. Attention costs a row its
+    width squared, so a scene's short sequence must not pad to the timeline's width; and with a few widths only,
+    glibc's heap stays flat (a new width at every step kept freed blocks of every size apart: the process grew by
+    ~300 MB an epoch on ML-100k; BENCHMARKS.md). Padding is masked, so it changes nothing but float rounding."""
+    seqs = [q for g in segments for q in g.seqs]
+    widths = np.array([-(-q.shape[1] // PAD_TO) * PAD_TO for q in seqs])
+    start = np.zeros(len(seqs), dtype=np.int64)   # flat index of each sequence's first event
+    groups, base = [], 0
+    for width in np.unique(widths):
+        members = np.flatnonzero(widths == width)
+        arrays = np.zeros((4, len(members), width), dtype=np.int64)
+        valid = np.zeros((len(members), width), dtype=bool)
+        for b, i in enumerate(members):
+            n = seqs[i].shape[1]
+            arrays[:, b, width - n:] = seqs[i]
+            valid[b, width - n:] = True
+            start[i] = base + b * width + width - n
+        groups.append([torch.from_numpy(a) for a in arrays] + [torch.from_numpy(valid)])
+        base += len(members) * width
+    ctx, recent = [], []
+    first = 0
+    for g in segments:
+        n = g.seqs[0].shape[1]
+        seq, pos = g.ctx // n, g.ctx % n                     # which of the segment's sequences, where in it
+        ctx.append(np.where(g.ctx >= 0, start[first + seq] + pos, -1))
+        recent.append(start[first] + g.target - 1)
+        first += len(g.seqs)
+    cat = lambda parts: torch.from_numpy(np.concatenate(parts))  # noqa: E731
+    return groups, cat(ctx), cat(recent), cat([g.target_item for g in segments]), \
+        cat([g.target_scene for g in segments])
 
-    flat_ctx, t_items, t_scenes = [], [], []
-    base = 0
-    for ex in examples:
-        f = np.full(ex.ctx.shape, -1, dtype=np.int64)
-        for s in range(n_scenes):
-            if ex.slot[s] < 0:
-                continue
-            seq = base + ex.slot[s]
-            ok = ex.ctx[:, s] >= 0
-            f[ok, s] = seq * T + (T - lengths[seq]) + ex.ctx[ok, s]
-        flat_ctx.append(f)
-        t_items.append(ex.target_item)
-        t_scenes.append(ex.target_scene)
-        base += len(ex.seqs)
-    return list(batch.inputs()), torch.from_numpy(np.concatenate(flat_ctx)), torch.from_numpy(np.concatenate(t_items)), \
-        torch.from_numpy(np.concatenate(t_scenes))
+
+def _in_scene_ce(V: torch.Tensor, scene: torch.Tensor, target: torch.Tensor, E: torch.Tensor,
+                 scene_items: list[torch.Tensor], scene_pos: torch.Tensor) -> torch.Tensor:
+    """Mean CE of each row of V against the items of its scene only (target: item positions in the catalog)."""
+    total = V.new_zeros(())
+    for s, items in enumerate(scene_items):
+        rows = (scene == s).nonzero().squeeze(1)
+        if len(rows):
+            total = total + F.cross_entropy(V[rows] @ E[items].T, scene_pos[target[rows]], reduction="sum")
+    return total / max(1, len(V))
 
 
-def _loss(model: InterestModel, batch, scene_bias: Optional[torch.Tensor], scene_dropout: float,
-          gen: torch.Generator):
-    """Sum of the three mean CEs (module docstring). All logits come from one matmul against the real items
-    (PAD and OOV columns are dropped rather than masked): the softmax over the catalog is most of a step's cost."""
-    tensors, ctx, t_item, t_scene = batch
-    out = model.encoder(*tensors)                                     # [N, T, d]
-    flat = out.reshape(-1, out.shape[-1])
+def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]], scene_pos: Optional[torch.Tensor],
+          scene_dropout: float, gen: torch.Generator):
+    """Sum of the three mean CEs (module docstring). Logits are taken against the real items only (PAD and OOV
+    columns dropped rather than masked): the softmax over the catalog is most of a step's cost."""
+    groups, ctx, recent_at, t_item, t_scene = batch
+    flat = torch.cat([model.encoder(*g).reshape(-1, model.cfg.d_model) for g in groups])   # every position
     has = ctx >= 0
     h = flat[ctx.clamp(min=0)] * has[..., None]                       # [n, S, d]
+    recent = flat[recent_at]                                          # [n, d]
     n = len(t_item)
     rows = torch.arange(n, device=ctx.device)
     had_own = has[rows, t_scene]
@@ -157,21 +188,16 @@ def _loss(model: InterestModel, batch, scene_bias: Optional[torch.Tensor], scene
         others = has.sum(1) - had_own.long() > 0
         drop = (torch.rand(n, generator=gen, device="cpu").to(ctx.device) < scene_dropout) & others
         fuse_has[rows[drop], t_scene[drop]] = False
-    H, _ = model.fusion(h, fuse_has)
-    if has.shape[1] == 1:   # one scene: the global vector is H_j (model.py) and h_j is never served alone
-        target = t_item - FIRST_ITEM
-        return F.cross_entropy(H[:, -1] @ model.item_vectors()[FIRST_ITEM:].T, target)
-    own = rows[had_own]
-    V = torch.cat([H[rows, t_scene], H[:, -1], h[own, t_scene[own]]])  # fused, global, scene-only
-    logits = V @ model.item_vectors()[FIRST_ITEM:].T                  # [2n + m, items]
-    if scene_bias is not None:                                        # fused and scene-only rank within the scene
-        logits = torch.cat([logits[:n] + scene_bias[t_scene], logits[n:2 * n],
-                            logits[2 * n:] + scene_bias[t_scene[own]]])
+    H, _ = model.fusion(h, fuse_has, recent)
+    E = model.item_vectors()[FIRST_ITEM:]
     target = t_item - FIRST_ITEM
-    ce = F.cross_entropy(logits, torch.cat([target, target, target[own]]), reduction="none")
-    loss = ce[:n].mean() + ce[n:2 * n].mean()
+    loss = F.cross_entropy(H[:, -1] @ E.T, target)                   # global
+    if scene_items is None:   # one scene: the global vector is H_j (model.py) and h_j is `recent`
+        return loss
+    loss = loss + _in_scene_ce(H[rows, t_scene], t_scene, target, E, scene_items, scene_pos)
+    own = rows[had_own]
     if len(own):
-        loss = loss + ce[2 * n:].mean()
+        loss = loss + _in_scene_ce(h[own, t_scene[own]], t_scene[own], target[own], E, scene_items, scene_pos)
     return loss
 
 
@@ -210,18 +236,21 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
 
     train_tls = [tl[-cfg.max_events:] for tl in timelines.values()]
     examples = []
-    for tl in train_tls:
+    for tl in tqdm(train_tls, desc="segments", unit="user", disable=not progress):
         for start in range(1, len(tl), cfg.segment):
             lo = max(0, start - mc.receptive_field)   # context: encoded, not trained on
-            ex = _example(tl[lo:start + cfg.segment], vocab, scene_index, action_index, skip=start - lo)
-            if ex:
-                examples.append(ex)
-    scene_bias = None   # [S, items]: 0 for the scene's items, -inf elsewhere; not needed with one scene
+            seg = _segment(tl[lo:start + cfg.segment], vocab, scene_index, action_index, mc.gap_buckets,
+                           skip=start - lo)
+            if seg:
+                examples.append(seg)
+    scene_items, scene_pos = None, None   # per scene: its items' catalog positions; catalog position -> in-scene
     if len(scenes) > 1:
-        scene_bias = torch.full((len(scenes), len(vocab.item_ids)), float("-inf"))
-        for i, s in enumerate(vocab.item_scenes):
-            scene_bias[scene_index[s], i] = 0.0
-        scene_bias = scene_bias.to(dev)
+        of_scene = np.array([scene_index[s] for s in vocab.item_scenes])
+        scene_items = [torch.from_numpy(np.flatnonzero(of_scene == s)).to(dev) for s in range(len(scenes))]
+        pos = np.zeros(len(of_scene), dtype=np.int64)
+        for items in scene_items:
+            pos[items.cpu().numpy()] = np.arange(len(items))
+        scene_pos = torch.from_numpy(pos).to(dev)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * -(-len(examples) // cfg.batch_users)
@@ -244,9 +273,9 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
             if epoch == 0 and len(losses) == timed:
                 _say_budget(time.time() - t_epoch, timed, per_epoch, cfg.epochs)
             chunk = [examples[i] for i in order[lo:lo + cfg.batch_users]]
-            tensors, ctx, t_item, t_scene = _collate(chunk, len(scenes), mc.gap_buckets)
-            batch = ([t.to(dev) for t in tensors], ctx.to(dev), t_item.to(dev), t_scene.to(dev))
-            loss = _loss(model, batch, scene_bias, cfg.scene_dropout, gen)
+            groups, *rest = _collate(chunk)
+            batch = ([[t.to(dev) for t in g] for g in groups], *(t.to(dev) for t in rest))
+            loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -148,8 +148,9 @@ stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integer
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream_st, st.data(), st.sampled_from(["big", "tiny"]))
 def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget):
-    """Every micro-batch's scene vectors, from cached rows plus the new positions, equal a full encode of the same
-    windows; with a budget of two windows the cache evicts on nearly every step."""
+    """Every micro-batch's source vectors, from cached rows plus the new positions, equal a full encode of the same
+    windows (each scene's and the merged one); with a budget of two windows the cache evicts on nearly
+    every step."""
     enc = STREAMED if budget == "big" else TINY
     enc.cache.clear()
     ts, events = 1_700_000_000_000, []
@@ -167,9 +168,13 @@ def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget
         state.update(outcome.updates)
         got = enc.interests(outcome.updates)
         for r, user in enumerate(got.users):
-            for scene, window in outcome.updates[user].items():
+            state = outcome.updates[user]
+            for scene, window in state.items():
                 want = OFFLINE.encode_windows([window])[0]
                 np.testing.assert_allclose(got.h[r, SCENES.index(scene)], want, atol=1e-5, rtol=0)
+            # the merged window (model.py, "Sources"), written out: the newest WINDOW of all the user's events
+            merged = sorted((e for w in state.values() for e in w), key=Event.order_key.fget)[-WINDOW:]
+            np.testing.assert_allclose(got.recent[r], OFFLINE.encode_windows([tuple(merged)])[0], atol=1e-5, rtol=0)
 
 
 def test_appending_to_a_window_encodes_only_the_new_positions():
@@ -177,16 +182,20 @@ def test_appending_to_a_window_encodes_only_the_new_positions():
     enc = _encoder(cache_mb=64)
     rng = random.Random(3)
     state = {}
+    merged_extends = 0
     for n in range(120):
         e = Event(f"a{n}", f"u{n % 2}", ITEMS[rng.randrange(12)], SCENES[rng.randrange(3)], "view",
                   1_700_000_000_000 + 1000 * n)
+        multi = len(state.get(e.user_id, {}).keys() | {e.scene}) > 1
+        merged_extends += multi and len(state.get(e.user_id, {})) > 1   # a merged window existed before
         outcome = apply_batch(state.get, [e], WINDOW)
         state.update(outcome.updates)
         got = enc.interests(outcome.updates)
         np.testing.assert_allclose(got.h[0, SCENES.index(e.scene)],
                                    OFFLINE.encode_windows([state[e.user_id][e.scene]])[0], atol=1e-5, rtol=0)
     stats = enc.cache.stats
-    assert stats["misses"] == 6 and stats["extends"] == 114, stats   # one miss per (user, scene): the first event
+    # one miss per (user, scene) window and per user's merged window, at their first event; then only extensions
+    assert stats["misses"] == 6 + 2 and stats["extends"] == 114 + merged_extends, stats
 
 
 def test_the_reuse_rule_at_its_boundary_for_every_append_and_late_event():

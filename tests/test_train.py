@@ -1,38 +1,83 @@
-"""Training's batches: rounding a batch's width up (model/train.py, PAD_TO) keeps the allocator's block sizes few;
-it must not change what is trained: the loss of a batch is the same at any padding, within float rounding."""
+"""Training's batches. Rounding a batch's width up (model/train.py, PAD_TO) keeps the allocator's block sizes few;
+it must not change what is trained. And what training reads as a target's context must be what serving reads from
+the user's windows (model/infer.py), or the model trained is not the model served."""
 import random
 
+import numpy as np
 import torch
 
 from scenestream.model import train
+from scenestream.model.checkpoint import Checkpoint
+from scenestream.model.infer import InterestEncoder
 from scenestream.model.model import InterestModel, ModelConfig
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
+from scenestream.stream.core.window import apply_user
 
-SCENES = ("video", "article")
-ITEMS = [f"i{n}" for n in range(20)]
+SCENES = ("video", "article", "shop")
+ITEMS = [f"i{n}" for n in range(30)]
+SCENE_INDEX = {s: i for i, s in enumerate(SCENES)}
 
 
-def _batch(pad_to, monkeypatch, examples):
-    monkeypatch.setattr(train, "PAD_TO", pad_to)
-    return train._collate(examples, len(SCENES), 32)
+def _timelines(n_users, rng):
+    """Time-ordered, with gaps of many sizes; one scene rare."""
+    out = []
+    for u in range(n_users):
+        ts, tl = 1_700_000_000_000, []
+        for k in range(rng.randrange(3, 60)):
+            ts += rng.choice((0, 1, 1_000, 60_000, 86_400_000))
+            tl.append(Event(f"e{u}-{k:02d}", f"u{u}", ITEMS[rng.randrange(30)],
+                            rng.choices(SCENES, (0.6, 0.33, 0.07))[0], "view", ts))
+        out.append(tl)
+    return out
+
+
+def _model(vocab):
+    torch.manual_seed(0)
+    return InterestModel(ModelConfig(n_items=len(vocab), n_scenes=3, n_actions=1, d_model=16, n_heads=2,
+                                     n_layers=2, span=4, dropout=0.0)).eval()
 
 
 def test_padding_a_batch_changes_nothing_but_rounding(monkeypatch):
     rng = random.Random(5)
-    vocab = ItemVocab(ITEMS, [SCENES[n % 2] for n in range(20)])
-    examples = []
-    for u in range(6):
-        tl = [Event(f"e{u}-{k}", f"u{u}", ITEMS[rng.randrange(20)], SCENES[rng.randrange(2)], "view",
-                    1_700_000_000_000 + 60_000 * k) for k in range(rng.randrange(3, 40))]
-        examples.append(train._example(tl, vocab, {s: i for i, s in enumerate(SCENES)}, {"view": 0}))
-    torch.manual_seed(0)
-    model = InterestModel(ModelConfig(n_items=len(vocab), n_scenes=2, n_actions=1, d_model=16, n_heads=2,
-                                      n_layers=2, span=4, dropout=0.0)).eval()
-    tight, padded = _batch(1, monkeypatch, examples), _batch(32, monkeypatch, examples)
-    assert padded[0][0].shape[1] % 32 == 0 and padded[0][0].shape[1] > tight[0][0].shape[1]
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        a = train._loss(model, tight, None, 0.0, gen)
-        b = train._loss(model, padded, None, 0.0, gen)
-    assert torch.isfinite(a) and abs(a.item() - b.item()) < 1e-5
+    vocab = ItemVocab(ITEMS, [SCENES[n % 3] for n in range(30)])
+    segments = [train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, 32) for tl in _timelines(6, rng)]
+    model = _model(vocab)
+    scene_items = [torch.arange(s, 30, 3) for s in range(3)]
+    scene_pos = torch.arange(30) // 3
+    losses = []
+    for pad_to in (1, 32):
+        monkeypatch.setattr(train, "PAD_TO", pad_to)
+        batch = train._collate(segments)
+        losses.append(max(g[0].shape[1] for g in batch[0]))
+        with torch.no_grad():
+            losses.append(train._loss(model, batch, scene_items, scene_pos, 0.0, torch.Generator()).item())
+    (w1, a), (w32, b) = losses[:2], losses[2:]
+    assert w32 % 32 == 0 and w32 > w1
+    assert np.isfinite(a) and abs(a - b) < 1e-5
+
+
+def test_training_reads_the_context_serving_reads():
+    """For every target, `recent` and every h_s that training reads equal what InterestEncoder computes from the
+    user's state just before the target (window >= receptive field: then where a window starts changes nothing).
+    Fails on an off-by-one in positions, gaps, sequences or scene contexts."""
+    rng = random.Random(11)
+    vocab = ItemVocab(ITEMS, [SCENES[n % 3] for n in range(30)])
+    model = _model(vocab)
+    window = model.cfg.receptive_field
+    enc = InterestEncoder(Checkpoint(model, vocab, SCENES, ("view",), window, "t"), cache_mb=0)
+    checked = 0
+    for tl in _timelines(12, rng):
+        seg = train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, model.cfg.gap_buckets)
+        groups, ctx, recent_at, _, _ = train._collate([seg])
+        with torch.no_grad():
+            flat = torch.cat([model.encoder(*g).reshape(-1, model.cfg.d_model) for g in groups])
+        for m, k in enumerate(seg.target):
+            vec = enc.interests({"u": apply_user({}, tl[:k], window)[0]})
+            np.testing.assert_allclose(flat[recent_at[m]].numpy(), vec.recent[0], atol=1e-5)
+            for s in range(3):
+                assert (ctx[m, s] >= 0) == bool(vec.has[0, s])
+                if ctx[m, s] >= 0:
+                    np.testing.assert_allclose(flat[ctx[m, s]].numpy(), vec.h[0, s], atol=1e-5)
+                    checked += 1
+    assert checked > 200

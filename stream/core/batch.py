@@ -58,6 +58,7 @@ def interest_record(user: str, state: UserState, vec: Any, row: int, scenes: Seq
         "scenes": {scenes[i]: vec.h[row, i] for i in src_idx},
         "fused": {s: vec.fused[row, j] for j, s in enumerate(scenes)},
         "global": vec.fused[row, len(scenes)],
+        "recent": vec.recent[row],
         "weights": {t: {scenes[i]: weights[j][i] for i in src_idx} for j, t in enumerate(targets)},
         "newest_ts": max(w[-1].ts for w in state.values() if w),
         "events": sum(len(w) for w in state.values()),
