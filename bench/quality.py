@@ -167,6 +167,11 @@ def table(results: dict, command: str) -> str:
                       f"{n('sparse_fused')} | {n('sparse_scene_only')} |",
                       f"| no earlier event in the test scene | {u('new_scene_fused')} | {n('new_scene_fused')} | "
                       f"(MostPop in scene) {n('new_scene_popular')} |", ""]
+            mean = lambda key: statistics.mean(r[key]["ndcg@10"] for r in runs)  # noqa: E731
+            lines += [f"Transfer, pooled over the {len(runs)} seed(s): {u('sparse_fused') * len(runs)} evaluations "
+                      f"({u('sparse_fused')} test events x {len(runs)} models) of test events whose scene the user "
+                      f"has 1-2 earlier events in: fused H_j / scene-only h_j = "
+                      f"{mean('sparse_fused') / mean('sparse_scene_only'):.2f}x.", ""]
         p = res.get("prequential")
         if p:
             k = "recall@10"

@@ -8,6 +8,7 @@ others. The cache is derived, bounded and may be dropped at any time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ class Interests:
     weights: np.ndarray  # [U, S + 1, S] a_ij (rows as fused)
 
 
-_order = lambda e: (e.ts, e.event_id)   # noqa: E731 - Event.order_key without the property call
+_order = attrgetter("ts", "event_id")   # Event.order_key, without a Python call per event
 
 
 def merged_window(state: Mapping[str, Sequence], length: int) -> tuple:

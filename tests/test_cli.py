@@ -76,9 +76,10 @@ def test_users_jsonl_has_one_record_per_user_with_the_published_schema(loop):
     config = json.loads((ckpt / "config.json").read_text())
     scenes, d = config["scenes"], config["model"]["d_model"]
     for r in records[:50]:
-        assert set(r) == {"user_id", "model_version", "scenes", "fused", "global", "weights", "newest_ts", "events"}
+        assert set(r) == {"user_id", "model_version", "scenes", "fused", "global", "recent", "weights", "newest_ts",
+                          "events"}
         assert r["model_version"] == config["version"]
-        assert set(r["fused"]) == set(scenes) and len(r["global"]) == d
+        assert set(r["fused"]) == set(scenes) and len(r["global"]) == len(r["recent"]) == d
         assert set(r["scenes"]) <= set(scenes) and all(len(v) == d for v in r["scenes"].values())
         for target, w in r["weights"].items():
             assert set(w) == set(r["scenes"]) and abs(sum(w.values()) - 1) < 1e-5
