@@ -214,7 +214,8 @@ def _say_budget(seconds: float, steps: int, per_epoch: int, epochs: int) -> None
 
 def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Sequence[str], actions: Sequence[str],
                 window: int, validate: Callable[[Checkpoint], dict], model_cfg: dict | None = None,
-                cfg: TrainConfig = TrainConfig(), device: str = "cpu", progress: bool = True) -> tuple[Checkpoint, dict]:
+                cfg: TrainConfig = TrainConfig(), device: str = "cpu", progress: bool = True
+                ) -> tuple[Checkpoint, dict]:
     """Train on each user's time-ordered events (objects with item_id, scene, action and ts; what is held out for
     validation and test already removed). `vocab` holds every item the model may score, the held-out ones too.
     `validate(checkpoint)` returns metrics with "ndcg@10", computed after each epoch. Returns a Checkpoint with the

@@ -1,4 +1,5 @@
-"""What the encoder keeps of each (user, scene) window, so that appending events encodes only the new positions.
+"""What the encoder keeps of each window it encodes (each (user, scene) window, and each user's merged window of all
+scenes), so that appending events encodes only the new positions.
 
 Attention is local (model.py): layer l's keys and values at a position depend on the events at most l * span back.
 So an entry holds, per layer, the keys and values of the window's last `span` positions, the window's output

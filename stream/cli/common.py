@@ -22,8 +22,9 @@ def encoder_cache_option(f):
     from scenestream.model.presets import ENCODER_CACHE_MB
     return click.option("--encoder-cache-mb", type=click.FloatRange(min=0), default=ENCODER_CACHE_MB,
                         envvar="SCENESTREAM_ENCODER_CACHE_MB", show_default=True,
-                        help="Memory for the incremental encoder's cache: per (user, scene), the keys and values "
-                             "of its window's newest positions (~25 KB at the default model size), so that new "
+                        help="Memory for the incremental encoder's cache: per window (each (user, scene) window "
+                             "and each user's merged window of all scenes), the keys and values of its newest "
+                             "positions (~25 KB at the default model size), so that new "
                              "events encode only themselves. Least recently used windows are dropped first; 0 "
                              "encodes every touched window whole.")(f)
 
