@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Mapping, Sequence
+from collections import OrderedDict
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,64 @@ def merged_window(state: Mapping[str, Sequence], length: int) -> tuple:
     return tuple(sorted((e for w in windows for e in w[-length:]), key=_order)[-length:])
 
 
+def _appended(old: Sequence, new: Sequence) -> Optional[Sequence]:
+    """The events `new` holds after `old`'s last one, if `new` is `old` that lost only its oldest events and gained
+    only newer ones (the common case, a window joined with newer events); None otherwise."""
+    if not old:
+        return new
+    last = old[-1]
+    for p in range(len(new) - 1, -1, -1):
+        if new[p] is last:
+            k = len(old) - (p + 1)
+            return new[p + 1:] if k >= 0 and tuple(new[:p + 1]) == tuple(old[k:]) else None
+    return None
+
+
+class MergedWindows:
+    """Each recently touched user's merged window, with the scene windows it was built from, so that a user whose
+    windows only gained newer events merges those few instead of sorting all S x L events again (the live worker's
+    common case). Exact: with old scene windows w_s and merged M (the newest L of their union), and new windows that
+    are the old ones joined with events A all newer than M's last, the newest L of the new union are the newest L of
+    M + A (an event pushed out of its scene window has L newer events in it, all in M + A; one that was not in M stays
+    out, every event newer than it being in M). Anything else is merged whole. Bounded: least recently used first."""
+
+    def __init__(self, length: int, capacity: int):
+        self.length, self.capacity = length, capacity
+        self.memo: OrderedDict[str, tuple[dict, tuple]] = OrderedDict()
+
+    def get(self, user: str, state: Mapping[str, Sequence]) -> tuple:
+        merged = self._extend(self.memo.get(user), state)
+        if merged is None:
+            merged = merged_window(state, self.length)
+        if self.capacity:
+            self.memo[user] = (dict(state), merged)
+            self.memo.move_to_end(user)
+            while len(self.memo) > self.capacity:
+                self.memo.popitem(last=False)
+        return merged
+
+    def _extend(self, memo, state: Mapping[str, Sequence]) -> Optional[tuple]:
+        if memo is None:
+            return None
+        windows, merged = memo
+        if not merged or not windows.keys() <= state.keys():
+            return None
+        added = []
+        for scene, window in state.items():
+            old = windows.get(scene, ())
+            if window is not old:
+                new = _appended(old, window)
+                if new is None:
+                    return None
+                added.extend(new)
+        if not added:
+            return merged
+        newest = _order(merged[-1])
+        if any(_order(e) <= newest for e in added):
+            return None
+        return (merged + tuple(sorted(added, key=_order)))[-self.length:]
+
+
 class InterestEncoder:
     def __init__(self, ckpt: Checkpoint, device: str | torch.device = "cpu", batch_size: int = 2048,
                  cache_mb: float = ENCODER_CACHE_MB):
@@ -64,6 +123,7 @@ class InterestEncoder:
         self.action_index = {a: i for i, a in enumerate(ckpt.actions)}
         self.batch_size = batch_size
         self.cache = WindowCache(self.model.cfg, ckpt.window, int(cache_mb * 2**20), self.device)
+        self.merged = MergedWindows(ckpt.window, self.cache.capacity)
 
     @property
     def version(self) -> str:
@@ -121,8 +181,7 @@ class InterestEncoder:
             if len(present) == 1:
                 alias.append((u, len(tasks) - 1))
             elif present:
-                tasks.append((u, -1, (user, None), merged_window({self.scenes[s]: w for s, w in present},
-                                                                  self.window)))
+                tasks.append((u, -1, (user, None), self.merged.get(user, {self.scenes[s]: w for s, w in present})))
         out = self._windows([t[2] for t in tasks], [t[3] for t in tasks]).float().cpu().numpy()
         h = np.zeros((len(users), S, d), dtype=np.float32)
         has = np.zeros((len(users), S), dtype=bool)

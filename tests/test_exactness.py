@@ -225,3 +225,44 @@ def test_the_reuse_rule_at_its_boundary_for_every_append_and_late_event():
                 if enc.cache.stats["extends"] > before:
                     extended.add(k)
         assert extended == set(range(1, WINDOW)), (length, extended)
+
+
+# mostly in order (1 event in ~20 late), so that merged windows are often extended, full ones included
+merged_stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integers(0, 2), st.integers(0, 3),
+                                      st.integers(-2, 40)), min_size=30, max_size=80)
+
+
+@settings(max_examples=60, deadline=None)
+@given(merged_stream_st, st.data())
+def test_merged_windows_kept_up_to_date_equal_the_merge_from_scratch(steps, data):
+    """MergedWindows extends a user's merged window by the events their windows gained; whatever the stream (late
+    events, any batches, evictions from its memo), it equals the newest WINDOW of the union built from scratch,
+    event for event. (The vectors alone would not show an over-long merged window: events past the receptive field
+    change nothing.)"""
+    from scenestream.model.infer import MergedWindows, merged_window
+    memo = MergedWindows(WINDOW, capacity=data.draw(st.sampled_from([1, 8]), label="capacity"))
+    ts, events = 1_700_000_000_000, []
+    for n, (u, i, s, a, dt) in enumerate(steps):
+        ts += dt * 30_000                   # dt < 0: a late event
+        events.append(Event(f"m{n:03d}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
+    state, pos = {}, 0
+    while pos < len(events):
+        size = data.draw(st.integers(1, 6), label="batch")
+        outcome = apply_batch(state.get, events[pos:pos + size], WINDOW)
+        pos += size
+        state.update(outcome.updates)
+        for user, windows in outcome.updates.items():
+            assert memo.get(user, windows) == merged_window(windows, WINDOW)
+
+
+def test_merged_windows_extend_an_in_order_stream():
+    """The memo is really used: an in-order stream extends every merged window after a user's first event."""
+    from scenestream.model.infer import MergedWindows, merged_window
+    memo = MergedWindows(WINDOW, capacity=4)
+    state = {}
+    for n in range(60):
+        e = Event(f"o{n:03d}", f"u{n % 2}", ITEMS[n % 12], SCENES[n % 3], "view", 1_700_000_000_000 + 1000 * n)
+        windows = apply_batch(state.get, [e], WINDOW).updates[e.user_id]
+        state[e.user_id] = windows
+        assert (memo._extend(memo.memo.get(e.user_id), windows) is not None) == (n >= 2)
+        assert memo.get(e.user_id, windows) == merged_window(windows, WINDOW)
