@@ -145,6 +145,17 @@ stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integer
                                seconds_st), min_size=30, max_size=80)
 
 
+def _micro_batches(events, data):
+    """Join the events into windows in micro-batches of 1-6 events (sizes drawn); each batch's outcome in turn."""
+    state, pos = {}, 0
+    while pos < len(events):
+        size = data.draw(st.integers(1, 6), label="batch")
+        outcome = apply_batch(state.get, events[pos:pos + size], WINDOW)
+        pos += size
+        state.update(outcome.updates)
+        yield outcome
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream_st, st.data(), st.sampled_from(["big", "tiny"]))
 def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget):
@@ -160,20 +171,15 @@ def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget
         events.append(e)
         if dt == 0 and n % 5 == 0:
             events.append(e)                # a duplicate delivery
-    state, pos = {}, 0
-    while pos < len(events):
-        size = data.draw(st.integers(1, 6), label="batch")
-        outcome = apply_batch(state.get, events[pos:pos + size], WINDOW)
-        pos += size
-        state.update(outcome.updates)
+    for outcome in _micro_batches(events, data):
         got = enc.interests(outcome.updates)
         for r, user in enumerate(got.users):
-            state = outcome.updates[user]
-            for scene, window in state.items():
+            windows = outcome.updates[user]
+            for scene, window in windows.items():
                 want = OFFLINE.encode_windows([window])[0]
                 np.testing.assert_allclose(got.h[r, SCENES.index(scene)], want, atol=1e-5, rtol=0)
             # the merged window (model.py, "Sources"), written out: the newest WINDOW of all the user's events
-            merged = sorted((e for w in state.values() for e in w), key=Event.order_key.fget)[-WINDOW:]
+            merged = sorted((e for w in windows.values() for e in w), key=Event.order_key.fget)[-WINDOW:]
             np.testing.assert_allclose(got.recent[r], OFFLINE.encode_windows([tuple(merged)])[0], atol=1e-5, rtol=0)
 
 
@@ -245,12 +251,7 @@ def test_merged_windows_kept_up_to_date_equal_the_merge_from_scratch(steps, data
     for n, (u, i, s, a, dt) in enumerate(steps):
         ts += dt * 30_000                   # dt < 0: a late event
         events.append(Event(f"m{n:03d}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
-    state, pos = {}, 0
-    while pos < len(events):
-        size = data.draw(st.integers(1, 6), label="batch")
-        outcome = apply_batch(state.get, events[pos:pos + size], WINDOW)
-        pos += size
-        state.update(outcome.updates)
+    for outcome in _micro_batches(events, data):
         for user, windows in outcome.updates.items():
             assert memo.get(user, windows) == merged_window(windows, WINDOW)
 
