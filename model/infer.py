@@ -122,8 +122,16 @@ class InterestEncoder:
         self.scene_index = {s: i for i, s in enumerate(ckpt.scenes)}
         self.action_index = {a: i for i, a in enumerate(ckpt.actions)}
         self.batch_size = batch_size
-        self.cache = WindowCache(self.model.cfg, ckpt.window, int(cache_mb * 2**20), self.device)
-        self.merged = MergedWindows(ckpt.window, self.cache.capacity)
+        cfg, budget = self.model.cfg, int(cache_mb * 2**20)
+        if cfg.own_scene_stack:
+            # per user up to S scene windows and one merged window: the budget is split in that proportion
+            probe = [WindowCache(cfg, ckpt.window, 0, self.device, scene) for scene in (True, False)]
+            share = probe[1].entry_bytes / (cfg.n_scenes * probe[0].entry_bytes + probe[1].entry_bytes)
+            self.cache = WindowCache(cfg, ckpt.window, budget - int(budget * share), self.device, scene=True)
+            self.timeline_cache = WindowCache(cfg, ckpt.window, int(budget * share), self.device)
+        else:
+            self.cache = self.timeline_cache = WindowCache(cfg, ckpt.window, budget, self.device)
+        self.merged = MergedWindows(ckpt.window, self.timeline_cache.capacity)
 
     @property
     def version(self) -> str:
@@ -133,16 +141,27 @@ class InterestEncoder:
     def window(self) -> int:
         return self.ckpt.window
 
+    @property
+    def caches(self) -> list[WindowCache]:
+        return [self.cache] if self.cache is self.timeline_cache else [self.cache, self.timeline_cache]
+
+    def clear_caches(self) -> None:
+        for cache in self.caches:
+            cache.clear()
+
     @torch.inference_mode()
-    def encode_windows(self, windows: Sequence[Sequence]) -> np.ndarray:
-        """[N] windows -> [N, d] last-position outputs of a full encode (no cache)."""
-        return self._encode(windows).float().cpu().numpy()
+    def encode_windows(self, windows: Sequence[Sequence], scene: bool = False) -> np.ndarray:
+        """[N] windows -> [N, d] last-position outputs of a full encode (no cache); scene: per-scene windows (their
+        own stack, if the model has one), else merged timelines."""
+        return self._encode(windows, scene=scene).float().cpu().numpy()
 
     def _encode(self, windows: Sequence[Sequence], entries: Sequence | None = None,
-                starts: Sequence[int] | None = None) -> torch.Tensor:
+                starts: Sequence[int] | None = None, scene: bool = False) -> torch.Tensor:
         """Outputs [N, d] of whole windows, or, with `starts`, of the windows from there on against their cache
         entries' rows. Whatever was encoded is written to `entries` (None ones skipped). Sorted by length and cut
-        into chunks (`_chunks`) that pad little: results do not depend on the chunking."""
+        into chunks (`_chunks`) that pad little: results do not depend on the chunking. scene: per-scene windows
+        (their stack and cache), else merged ones."""
+        cache = self.cache if scene else self.timeline_cache
         cfg = self.model.cfg
         n = len(windows)
         new = [len(w) - (starts[i] if starts else 0) for i, w in enumerate(windows)]
@@ -156,62 +175,65 @@ class InterestEncoder:
             if starts:
                 counts = torch.tensor([new[i] for i in idx], device=self.device)
                 new_pos = torch.arange(width, device=self.device)[None] - (width - counts)[:, None]
-                past = self.cache.past([entries[i] for i in idx], new_pos)
-            h, presents = self.model.encoder.extend(*batch.inputs(), past, last_only=True)
+                past = cache.past([entries[i] for i in idx], new_pos)
+            h, presents = self.model.encoder.extend(*batch.inputs(), past, last_only=True, scene=scene)
             at = torch.tensor(idx, device=self.device)
             out[at] = h
             if entries is not None:
-                self.cache.append([entries[i] for i in idx], [windows[i] for i in idx], presents,
-                                  [new[i] for i in idx], h)
+                cache.append([entries[i] for i in idx], [windows[i] for i in idx], presents,
+                             [new[i] for i in idx], h)
         return out
 
     @torch.inference_mode()
     def _sources(self, states: Sequence[Mapping[str, Sequence]], users: Sequence[str]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(h [U, S, d], has [U, S], recent [U, d]): each scene window's last output, cached under (user, scene),
-        and the merged window's, cached under (user, None) (model.py, "Sources"); a user seen in one scene only has
-        one window, whose output is both."""
+        and the merged window's, cached under (user, None) (model.py, "Sources"). When scene windows share the
+        timeline's blocks, a user seen in one scene has one window, whose output is both."""
         S, d = len(self.scenes), self.model.cfg.d_model
-        tasks = []   # (user row, scene index or -1 for recent, cache key, window)
-        alias = []   # user rows whose recent vector is their only scene's h_s
+        shared = not self.model.cfg.own_scene_stack
+        scene_tasks, merged_tasks = [], []   # (user row, scene index, cache key, window); merged ones: (u, key, w)
+        alias = []   # (user row, scene task) whose recent vector is that scene's h_s
         for u, (user, state) in enumerate(zip(users, states)):
             present = [(self.scene_index[scene], w) for scene, w in state.items() if w and scene in self.scene_index]
             for s, w in present:
-                tasks.append((u, s, (user, self.scenes[s]), w))
-            if len(present) == 1:
-                alias.append((u, len(tasks) - 1))
+                scene_tasks.append((u, s, (user, self.scenes[s]), w))
+            if shared and len(present) == 1:
+                alias.append((u, len(scene_tasks) - 1))
             elif present:
-                tasks.append((u, -1, (user, None), self.merged.get(user, {self.scenes[s]: w for s, w in present})))
-        out = self._windows([t[2] for t in tasks], [t[3] for t in tasks]).float().cpu().numpy()
+                merged_tasks.append((u, (user, None), self.merged.get(user, {self.scenes[s]: w for s, w in present})))
         h = np.zeros((len(users), S, d), dtype=np.float32)
         has = np.zeros((len(users), S), dtype=bool)
         recent = np.zeros((len(users), d), dtype=np.float32)
-        for n, (u, s, _, _) in enumerate(tasks):
-            if s < 0:
-                recent[u] = out[n]
-            else:
-                h[u, s], has[u, s] = out[n], True
+        out = self._windows([t[2] for t in scene_tasks], [t[3] for t in scene_tasks], scene=True)
+        out = out.float().cpu().numpy()
+        for n, (u, s, _, _) in enumerate(scene_tasks):
+            h[u, s], has[u, s] = out[n], True
         for u, n in alias:
             recent[u] = out[n]
+        if merged_tasks:
+            rows = [t[0] for t in merged_tasks]
+            recent[rows] = self._windows([t[1] for t in merged_tasks], [t[2] for t in merged_tasks]).float().cpu().numpy()
         return h, has, recent
 
-    def _windows(self, keys: Sequence, windows: Sequence[Sequence]) -> torch.Tensor:
+    def _windows(self, keys: Sequence, windows: Sequence[Sequence], scene: bool = False) -> torch.Tensor:
         """[N, d] last-position outputs of the windows: cached ones read, grown ones extended, the rest encoded
         whole (and cached under their keys)."""
+        cache = self.cache if scene else self.timeline_cache
         out = torch.zeros(len(windows), self.model.cfg.d_model, device=self.device)
         hits, grown, whole = [], [], []   # (n, key, window, entry, start)
         for n, (key, window) in enumerate(zip(keys, windows)):
-            entry, start = self.cache.lookup(key, window)
+            entry, start = cache.lookup(key, window)
             todo = whole if entry is None else hits if start == len(window) else grown
             todo.append((n, key, window, entry, start))
         if hits:
-            out[[t[0] for t in hits]] = self.cache.vectors([t[3] for t in hits])
+            out[[t[0] for t in hits]] = cache.vectors([t[3] for t in hits])
         if grown:
             out[[t[0] for t in grown]] = self._encode([t[2] for t in grown], [t[3] for t in grown],
-                                                      [t[4] for t in grown])
+                                                      [t[4] for t in grown], scene)
         if whole:
-            entries = self.cache.reserve([t[1] for t in whole], touched=len(hits) + len(grown))
-            out[[t[0] for t in whole]] = self._encode([t[2] for t in whole], entries)
+            entries = cache.reserve([t[1] for t in whole], touched=len(hits) + len(grown))
+            out[[t[0] for t in whole]] = self._encode([t[2] for t in whole], entries, scene=scene)
         return out
 
     @torch.inference_mode()

@@ -52,10 +52,21 @@ class ModelConfig:
     span: int = 24                # attention look-back per layer
     gap_buckets: int = 32         # log2-second buckets of the time since the previous event in the window
     dropout: float = 0.2
+    scene_layers: int = 0         # blocks of the per-scene windows' own stack; 0: they share the timeline's blocks
 
     @property
     def receptive_field(self) -> int:
-        return receptive_field(self.n_layers, self.span)
+        """Of the deeper stack: what a window must hold for every vector to see all the model would."""
+        return receptive_field(max(self.layers(False), self.layers(True)), self.span)
+
+    @property
+    def own_scene_stack(self) -> bool:
+        """Per-scene windows go through blocks of their own (with one scene there are none: h_s is `recent`)."""
+        return self.scene_layers > 0 and self.n_scenes > 1
+
+    def layers(self, scene: bool) -> int:
+        """Blocks a window goes through: a scene window's stack, or the merged timeline's."""
+        return self.scene_layers if scene and self.own_scene_stack else self.n_layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,23 +158,30 @@ class SceneEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        if cfg.own_scene_stack:   # the embeddings stay shared: one item table, tied to the scores
+            self.scene_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.scene_layers))
+            self.scene_ln_f = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False) -> torch.Tensor:
-        """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only)."""
-        return self.extend(items, actions, scenes, gaps, valid, None, last_only)[0]
+    def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False, scene: bool = False
+                ) -> torch.Tensor:
+        """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only). scene: the
+        windows are per-scene ones (their own stack, if the model has one), else merged timelines."""
+        return self.extend(items, actions, scenes, gaps, valid, None, last_only, scene)[0]
 
-    def extend(self, items, actions, scenes, gaps, valid, past: Optional[list[Past]], last_only: bool = True
-               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def extend(self, items, actions, scenes, gaps, valid, past: Optional[list[Past]], last_only: bool = True,
+               scene: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """New positions [B, T] given each layer's `past` (None: the windows start here) -> (outputs as forward,
         each layer's keys and values of the new positions). Because attention is local, appending k events to a
         window costs k positions per layer instead of the whole window."""
+        blocks, ln_f = (self.scene_blocks, self.scene_ln_f) if scene and self.cfg.own_scene_stack else \
+            (self.blocks, self.ln_f)
         x = self.item(items) * math.sqrt(self.cfg.d_model) + self.action(actions) + self.scene(scenes) + self.gap(gaps)
         x = self.drop(x)
         presents = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, valid, last_only and i == len(self.blocks) - 1, past[i] if past else None)
+        for i, block in enumerate(blocks):
+            x, kv = block(x, valid, last_only and i == len(blocks) - 1, past[i] if past else None)
             presents.append(kv)
-        x = self.ln_f(x)
+        x = ln_f(x)
         return (x[:, -1] if last_only else x), presents
 
 

@@ -134,10 +134,11 @@ def _collate(segments: list[_Segment]):
     ~300 MB an epoch on ML-100k; BENCHMARKS.md). Padding is masked, so it changes nothing but float rounding."""
     seqs = [q for g in segments for q in g.seqs]
     widths = np.array([-(-q.shape[1] // PAD_TO) * PAD_TO for q in seqs])
+    scene = np.array([i > 0 for g in segments for i in range(len(g.seqs))])   # the timeline comes first
     start = np.zeros(len(seqs), dtype=np.int64)   # flat index of each sequence's first event
     groups, base = [], 0
-    for width in np.unique(widths):
-        members = np.flatnonzero(widths == width)
+    for kind, width in sorted({(bool(k), int(w)) for k, w in zip(scene, widths)}):
+        members = np.flatnonzero((widths == width) & (scene == kind))
         arrays = np.zeros((4, len(members), width), dtype=np.int64)
         valid = np.zeros((len(members), width), dtype=bool)
         for b, i in enumerate(members):
@@ -145,7 +146,7 @@ def _collate(segments: list[_Segment]):
             arrays[:, b, width - n:] = seqs[i]
             valid[b, width - n:] = True
             start[i] = base + b * width + width - n
-        groups.append([torch.from_numpy(a) for a in arrays] + [torch.from_numpy(valid)])
+        groups.append((kind, [torch.from_numpy(a) for a in arrays] + [torch.from_numpy(valid)]))
         base += len(members) * width
     ctx, recent = [], []
     first = 0
@@ -176,7 +177,8 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     """Sum of the three mean CEs (module docstring). Logits are taken against the real items only (PAD and OOV
     columns dropped rather than masked): the softmax over the catalog is most of a step's cost."""
     groups, ctx, recent_at, t_item, t_scene = batch
-    flat = torch.cat([model.encoder(*g).reshape(-1, model.cfg.d_model) for g in groups])   # every position
+    flat = torch.cat([model.encoder(*g, scene=kind).reshape(-1, model.cfg.d_model)
+                      for kind, g in groups])   # every position
     has = ctx >= 0
     h = flat[ctx.clamp(min=0)] * has[..., None]                       # [n, S, d]
     recent = flat[recent_at]                                          # [n, d]
@@ -275,7 +277,7 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
                 _say_budget(time.time() - t_epoch, timed, per_epoch, cfg.epochs)
             chunk = [examples[i] for i in order[lo:lo + cfg.batch_users]]
             groups, *rest = _collate(chunk)
-            batch = ([[t.to(dev) for t in g] for g in groups], *(t.to(dev) for t in rest))
+            batch = ([(kind, [t.to(dev) for t in g]) for kind, g in groups], *(t.to(dev) for t in rest))
             loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -28,7 +28,7 @@ from typing import Hashable, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import ModelConfig, Past
+from .model import ModelConfig, Past, receptive_field
 
 ENTRY_OVERHEAD_BYTES = 600   # the entry object, its key and the tuple of event references (events are shared)
 
@@ -43,15 +43,17 @@ class Entry:
 
 
 class WindowCache:
-    def __init__(self, cfg: ModelConfig, window: int, max_bytes: int, device: torch.device):
-        self.span, self.window, self.n_layers = cfg.span, window, cfg.n_layers
-        self.cone = cfg.receptive_field
+    def __init__(self, cfg: ModelConfig, window: int, max_bytes: int, device: torch.device, scene: bool = False):
+        """scene: entries of per-scene windows (their stack's layers), else of merged timelines."""
+        layers = cfg.layers(scene)
+        self.span, self.window, self.n_layers = cfg.span, window, layers
+        self.cone = receptive_field(layers, cfg.span)
         self.extendable = window >= self.cone
         hd = cfg.d_model // cfg.n_heads
-        self.entry_bytes = 4 * (cfg.n_layers * 2 * cfg.span * cfg.d_model + cfg.d_model) + ENTRY_OVERHEAD_BYTES
+        self.entry_bytes = 4 * (layers * 2 * cfg.span * cfg.d_model + cfg.d_model) + ENTRY_OVERHEAD_BYTES
         self.capacity = max(0, max_bytes // self.entry_bytes)
         # slot, ring row, layer, key/value, head, head dim: a row is contiguous, so appending writes one block
-        self.kv = torch.zeros(self.capacity, cfg.span, cfg.n_layers, 2, cfg.n_heads, hd, device=device)
+        self.kv = torch.zeros(self.capacity, cfg.span, layers, 2, cfg.n_heads, hd, device=device)
         self.vec = torch.zeros(self.capacity, cfg.d_model, device=device)
         self.entries: OrderedDict[Hashable, Entry] = OrderedDict()
         self.free = list(range(self.capacity - 1, -1, -1))

@@ -25,25 +25,28 @@ class WorkerMetrics:
         self.requests = Counter("scenestream_http_requests", "HTTP requests, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
 
-    def watch_cache(self, cache) -> None:
-        """Export the incremental encoder's cache (model/window_cache.py) as it is at each scrape."""
-        self.registry.register(_CacheCollector(cache))
+    def watch_cache(self, caches) -> None:
+        """Export the incremental encoder's caches (model/window_cache.py), summed, as they are at each scrape."""
+        self.registry.register(_CacheCollector(caches))
 
 
 class _CacheCollector:
-    def __init__(self, cache) -> None:
-        self.cache = cache
+    def __init__(self, caches) -> None:
+        self.caches = list(caches)
+
+    def _sum(self, stat: str) -> int:
+        return sum(c.stats[stat] for c in self.caches)
 
     def collect(self):
         looked = CounterMetricFamily("scenestream_encoder_cache_lookups", "Windows looked up in the encoder's cache, "
                                      "by outcome: hit (unchanged), extend (only new events encoded), miss (encoded "
                                      "whole)", labels=["outcome"])
         for outcome, stat in (("hit", "hits"), ("extend", "extends"), ("miss", "misses")):
-            looked.add_metric([outcome], self.cache.stats[stat])
+            looked.add_metric([outcome], self._sum(stat))
         yield looked
         yield CounterMetricFamily("scenestream_encoder_cache_evictions", "Cached windows dropped for room",
-                                  value=self.cache.stats["evictions"])
+                                  value=self._sum("evictions"))
         yield GaugeMetricFamily("scenestream_encoder_cache_bytes", "Bytes the cache's entries hold (its budget is "
-                                "preallocated)", value=len(self.cache) * self.cache.entry_bytes)
-        yield GaugeMetricFamily("scenestream_encoder_cache_windows", "(user, scene) windows cached",
-                                value=len(self.cache))
+                                "preallocated)", value=sum(len(c) * c.entry_bytes for c in self.caches))
+        yield GaugeMetricFamily("scenestream_encoder_cache_windows", "Windows cached ((user, scene) and merged)",
+                                value=sum(len(c) for c in self.caches))

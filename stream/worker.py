@@ -104,7 +104,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
              ) -> tuple[faust.App, MicroBatchService]:
     app = _App(cfg.app_id, **faust_settings(cfg))
     metrics = WorkerMetrics()
-    metrics.watch_cache(encoder.cache)
+    metrics.watch_cache(encoder.caches)
     index = index if index is not None else open_index(cfg, encoder)
     service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,

@@ -22,11 +22,12 @@ ITEMS = [f"i{n}" for n in range(12)]
 WINDOW = 10  # = n_layers * span + 2 for the model below
 
 
-def _encoder(cache_mb: float) -> InterestEncoder:
+def _encoder(cache_mb: float, scene_layers: int = 0) -> InterestEncoder:
+    """scene_layers 1: scene windows go through a stack of their own, shallower than the timeline's (model.py)."""
     torch.manual_seed(1)
     vocab = ItemVocab(ITEMS[:10], [SCENES[n % 3] for n in range(10)])  # i10, i11 are out of vocabulary
     cfg = ModelConfig(n_items=len(vocab), n_scenes=3, n_actions=4, d_model=32, n_heads=2, n_layers=2, span=4,
-                      dropout=0.0)
+                      dropout=0.0, scene_layers=scene_layers)
     model = InterestModel(cfg)
     with torch.no_grad():  # random but not tiny weights, so differences would show
         for p in model.parameters():
@@ -36,6 +37,7 @@ def _encoder(cache_mb: float) -> InterestEncoder:
 
 STREAMED = _encoder(cache_mb=64)
 OFFLINE = _encoder(cache_mb=0)
+OWN_STACK = {"streamed": _encoder(cache_mb=64, scene_layers=1), "offline": _encoder(cache_mb=0, scene_layers=1)}
 
 event_st = st.builds(
     lambda n, u, i, s, a, t: Event(f"e{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], 1_700_000_000_000 + t),
@@ -43,14 +45,14 @@ event_st = st.builds(
     st.integers(0, 5_000_000))
 
 
-def offline(events):
+def offline(events, encoder=OFFLINE):
     """From scratch: deduplicate, window each user's events at once, encode with no cache."""
     unique = {e.event_id: e for e in events}
     states = {u: apply_user({}, evs, WINDOW)[0] for u, evs in group_by_user(unique.values()).items()}
-    return {r["user_id"]: r for r in interest_records(OFFLINE, states)}
+    return {r["user_id"]: r for r in interest_records(encoder, states)}
 
 
-def stream(deliveries, batch_sizes):
+def stream(deliveries, batch_sizes, encoder=STREAMED):
     state, latest = {}, {}
     pos = 0
     for size in batch_sizes:
@@ -58,7 +60,7 @@ def stream(deliveries, batch_sizes):
         pos += size
         outcome = apply_batch(state.get, batch, WINDOW)
         state.update(outcome.updates)
-        for rec in interest_records(STREAMED, outcome.updates):
+        for rec in interest_records(encoder, outcome.updates):
             latest[rec["user_id"]] = rec
     return latest
 
@@ -97,7 +99,10 @@ def test_streamed_vectors_equal_offline_encode(events, rnd: random.Random, data)
     while left > 0:
         sizes.append(data.draw(st.integers(1, max(1, left)), label="batch"))
         left -= sizes[-1]
-    assert_same(stream(deliveries, sizes), offline(events))
+    if data.draw(st.booleans(), label="own scene stack"):
+        assert_same(stream(deliveries, sizes, OWN_STACK["streamed"]), offline(events, OWN_STACK["offline"]))
+    else:
+        assert_same(stream(deliveries, sizes), offline(events))
 
 
 def test_a_window_encodes_the_same_alone_and_in_a_padded_batch():
@@ -127,16 +132,19 @@ def test_output_ignores_events_beyond_the_receptive_field():
     assert np.abs(a - c).max() > 1e-4
 
 
-def _tiny_cache_encoder(entries: int) -> InterestEncoder:
-    """The streamed encoder with room for only `entries` cached windows: evictions all the time."""
-    enc = _encoder(cache_mb=0)
-    cache = enc.cache
-    enc.cache = WindowCache(enc.model.cfg, WINDOW, entries * cache.entry_bytes, enc.device)
-    assert enc.cache.capacity == entries
+def _tiny_cache_encoder(entries: int, scene_layers: int = 0) -> InterestEncoder:
+    """The streamed encoder with room for only `entries` cached windows of each kind: evictions all the time."""
+    enc = _encoder(cache_mb=0, scene_layers=scene_layers)
+    for name, scene in (("timeline_cache", False), ("cache", True)):
+        cache = WindowCache(enc.model.cfg, WINDOW, entries * getattr(enc, name).entry_bytes, enc.device, scene)
+        assert cache.capacity == entries
+        setattr(enc, name, cache)
+    enc.merged.capacity = entries
     return enc
 
 
-TINY = _tiny_cache_encoder(2)
+ENCODERS = {("shared", "big"): STREAMED, ("shared", "tiny"): _tiny_cache_encoder(2),
+            ("own", "big"): OWN_STACK["streamed"], ("own", "tiny"): _tiny_cache_encoder(2, scene_layers=1)}
 
 # mostly in time order, as a live stream is: a late event now and then, a duplicate now and then; two users in two
 # scenes, so windows fill up and slide
@@ -157,13 +165,14 @@ def _micro_batches(events, data):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stream_st, st.data(), st.sampled_from(["big", "tiny"]))
-def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget):
+@given(stream_st, st.data(), st.sampled_from(sorted(ENCODERS)))
+def test_incremental_encode_equals_full_encode_at_every_step(steps, data, kind):
     """Every micro-batch's source vectors, from cached rows plus the new positions, equal a full encode of the same
-    windows (each scene's and the merged one); with a budget of two windows the cache evicts on nearly
-    every step."""
-    enc = STREAMED if budget == "big" else TINY
-    enc.cache.clear()
+    windows (each scene's and the merged one), with scene windows sharing the timeline's blocks or not; with a
+    budget of two windows the caches evict on nearly every step."""
+    enc = ENCODERS[kind]
+    full = OFFLINE if kind[0] == "shared" else OWN_STACK["offline"]
+    enc.clear_caches()
     ts, events = 1_700_000_000_000, []
     for n, (u, i, s, a, dt) in enumerate(steps):
         ts += dt * 1000                     # dt < 0: a late event
@@ -176,11 +185,11 @@ def test_incremental_encode_equals_full_encode_at_every_step(steps, data, budget
         for r, user in enumerate(got.users):
             windows = outcome.updates[user]
             for scene, window in windows.items():
-                want = OFFLINE.encode_windows([window])[0]
+                want = full.encode_windows([window], scene=True)[0]
                 np.testing.assert_allclose(got.h[r, SCENES.index(scene)], want, atol=1e-5, rtol=0)
             # the merged window (model.py, "Sources"), written out: the newest WINDOW of all the user's events
             merged = sorted((e for w in windows.values() for e in w), key=Event.order_key.fget)[-WINDOW:]
-            np.testing.assert_allclose(got.recent[r], OFFLINE.encode_windows([tuple(merged)])[0], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(got.recent[r], full.encode_windows([tuple(merged)])[0], atol=1e-5, rtol=0)
 
 
 def test_appending_to_a_window_encodes_only_the_new_positions():

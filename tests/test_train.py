@@ -4,6 +4,7 @@ the user's windows (model/infer.py), or the model trained is not the model serve
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from scenestream.model import train
@@ -32,10 +33,10 @@ def _timelines(n_users, rng):
     return out
 
 
-def _model(vocab):
+def _model(vocab, scene_layers=0):
     torch.manual_seed(0)
     return InterestModel(ModelConfig(n_items=len(vocab), n_scenes=3, n_actions=1, d_model=16, n_heads=2,
-                                     n_layers=2, span=4, dropout=0.0)).eval()
+                                     n_layers=2, span=4, dropout=0.0, scene_layers=scene_layers)).eval()
 
 
 def test_padding_a_batch_changes_nothing_but_rounding(monkeypatch):
@@ -49,7 +50,7 @@ def test_padding_a_batch_changes_nothing_but_rounding(monkeypatch):
     for pad_to in (1, 32):
         monkeypatch.setattr(train, "PAD_TO", pad_to)
         batch = train._collate(segments)
-        losses.append(max(g[0].shape[1] for g in batch[0]))
+        losses.append(max(g[0].shape[1] for _, g in batch[0]))
         with torch.no_grad():
             losses.append(train._loss(model, batch, scene_items, scene_pos, 0.0, torch.Generator()).item())
     (w1, a), (w32, b) = losses[:2], losses[2:]
@@ -57,13 +58,15 @@ def test_padding_a_batch_changes_nothing_but_rounding(monkeypatch):
     assert np.isfinite(a) and abs(a - b) < 1e-5
 
 
-def test_training_reads_the_context_serving_reads():
+@pytest.mark.parametrize("scene_layers", [0, 1, 3])
+def test_training_reads_the_context_serving_reads(scene_layers):
     """For every target, `recent` and every h_s that training reads equal what InterestEncoder computes from the
-    user's state just before the target (window >= receptive field: then where a window starts changes nothing).
-    Fails on an off-by-one in positions, gaps, sequences or scene contexts."""
+    user's state just before the target (window >= receptive field: then where a window starts changes nothing),
+    with scene windows sharing the timeline's blocks or going through a stack of their own, shallower or deeper.
+    Fails on an off-by-one in positions, gaps, sequences, scene contexts or a window sent through the wrong stack."""
     rng = random.Random(11)
     vocab = ItemVocab(ITEMS, [SCENES[n % 3] for n in range(30)])
-    model = _model(vocab)
+    model = _model(vocab, scene_layers)
     window = model.cfg.receptive_field
     enc = InterestEncoder(Checkpoint(model, vocab, SCENES, ("view",), window, "t"), cache_mb=0)
     checked = 0
@@ -71,7 +74,7 @@ def test_training_reads_the_context_serving_reads():
         seg = train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, model.cfg.gap_buckets)
         groups, ctx, recent_at, _, _ = train._collate([seg])
         with torch.no_grad():
-            flat = torch.cat([model.encoder(*g).reshape(-1, model.cfg.d_model) for g in groups])
+            flat = torch.cat([model.encoder(*g, scene=kind).reshape(-1, model.cfg.d_model) for kind, g in groups])
         for m, k in enumerate(seg.target):
             vec = enc.interests({"u": apply_user({}, tl[:k], window)[0]})
             np.testing.assert_allclose(flat[recent_at[m]].numpy(), vec.recent[0], atol=1e-5)

@@ -46,7 +46,11 @@ Defaults per data set (any flag overrides them):
 @click.option("--window", type=int, default=None, envvar="SCENESTREAM_WINDOW",
               help="Events kept per (user, scene): L. [default: layers*span+2]")
 @click.option("--dim", default=64, help="Model width d.")
-@click.option("--layers", default=2, help="Attention layers.")
+@click.option("--layers", default=2, help="Attention layers of the merged timeline's stack (and of every window's, "
+                                          "with --scene-layers 0).")
+@click.option("--scene-layers", type=int, default=None, help="Attention layers of a stack of their own for the "
+              "per-scene windows (0: they share the timeline's blocks; ignored with one scene). [default: per data "
+              "set]")
 @click.option("--span", type=int, default=None, help="Attention look-back per layer (window >= layers*span+2 keeps "
                                                      "encoding independent of where the window starts). [default: "
                                                      "per data set]")
@@ -57,8 +61,8 @@ Defaults per data set (any flag overrides them):
 @click.option("--patience", default=3, help="Epochs without improvement before stopping.")
 @click.option("--seed", default=0, help="Training seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
-def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window, dim, layers, span, batch_users,
-          segment, lr, patience, seed, as_json):
+def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window, dim, layers, scene_layers, span,
+          batch_users, segment, lr, patience, seed, as_json):
     from scenestream.model.checkpoint import save_checkpoint
     from scenestream.model.infer import resolve_device
     from scenestream.model.model import receptive_field
@@ -67,10 +71,11 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
 
     from ..leave_one_out import fit
     from ..logs import time_cutoff
-    given = {"epochs": epochs, "batch_users": batch_users, "segment": segment, "lr": lr, "span": span}
+    given = {"epochs": epochs, "batch_users": batch_users, "segment": segment, "lr": lr, "span": span,
+             "scene_layers": scene_layers}
     chosen = {**preset(dataset), **{k: v for k, v in given.items() if v is not None}}
-    span = chosen.pop("span")
-    window = window or receptive_field(layers, span)
+    span, scene_layers = chosen.pop("span"), chosen.pop("scene_layers")
+    window = window or receptive_field(max(layers, scene_layers), span)
     try:
         config = StreamConfig.from_env(window=window)
     except ValueError as exc:
@@ -88,7 +93,7 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     ckpt, history = fit(events, loaded.scenes, loaded.actions, window,
-                        model_cfg={"d_model": dim, "n_layers": layers, "span": span},
+                        model_cfg={"d_model": dim, "n_layers": layers, "span": span, "scene_layers": scene_layers},
                         cfg=TrainConfig(patience=patience, seed=seed, **chosen), device=str(dev), progress=True)
     meta = {"dataset": dataset or str(input_path), "scenes_mode": scenes_mode, "cutoff": cutoff,
             "cutoff_ts": cutoff_ts if cutoff_ts is not None else max(e.ts for e in loaded.events) + 1,
