@@ -33,8 +33,9 @@ BARE_AGENT = textwrap.dedent("""
     timeouts = dict(broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0)
     settings = {"defaults": {}, "scenestream": {**leader, **timeouts}, "leader_only": leader,
                 "timeouts_only": timeouts}[sys.argv[3]]
+    import tempfile
     app = faust.App("bench-" + sys.argv[3], broker=sys.argv[1], store="memory://", web_enabled=False,
-                    consumer_auto_offset_reset="earliest", **settings)
+                    consumer_auto_offset_reset="earliest", datadir=tempfile.mkdtemp(), **settings)
     topic = app.topic("bench", value_serializer="raw")
     @app.agent(topic)
     async def agent(stream):

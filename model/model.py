@@ -101,9 +101,11 @@ class LocalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False,
-                past: Optional[Past] = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                past: Optional[Past] = None, segment: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, T, C]: new positions, attending to themselves and to `past` (the keys and values of up to `span`
-        positions before them). Returns (outputs, the new positions' keys and values)."""
+        positions before them). segment [B, T] (no past): a row packs several sequences, which never attend to each
+        other. Returns (outputs, the new positions' keys and values)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
@@ -123,7 +125,10 @@ class LocalSelfAttention(nn.Module):
             q, qpos, qslot = q[:, :, -1:], qpos[:, -1:], qslot[-1:]
         offset = qpos[:, :, None] - kpos[:, None, :]                                   # [B or 1, Tq, Tk]
         own = qslot[:, None] == torch.arange(P + T, device=x.device)[None]             # padded queries see themselves
-        allowed = (offset >= 0) & (offset <= self.span) & kvalid[:, None, :] | own[None]  # [B, Tq, Tk]
+        allowed = (offset >= 0) & (offset <= self.span) & kvalid[:, None, :]               # [B, Tq, Tk]
+        if segment is not None:
+            allowed = allowed & (segment[:, qslot, None] == segment[:, None, :])
+        allowed = allowed | own[None]
         bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [B or 1, H, Tq, Tk]
         mask = torch.where(allowed[:, None], bias, float("-inf"))                      # [B, H, Tq, Tk]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -141,8 +146,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, valid, last_only=False, past=None):
-        y, present = self.attn(self.ln1(x), valid, last_only, past)
+    def forward(self, x, valid, last_only=False, past=None, segment=None):
+        y, present = self.attn(self.ln1(x), valid, last_only, past, segment)
         x = (x[:, -1:] if last_only else x) + y
         return x + self.mlp(self.ln2(x)), present
 
@@ -162,14 +167,16 @@ class SceneEncoder(nn.Module):
             self.scene_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.scene_layers))
             self.scene_ln_f = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False, scene: bool = False
-                ) -> torch.Tensor:
+    def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False, scene: bool = False,
+                segment: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only). scene: the
-        windows are per-scene ones (their own stack, if the model has one), else merged timelines."""
-        return self.extend(items, actions, scenes, gaps, valid, None, last_only, scene)[0]
+        windows are per-scene ones (their own stack, if the model has one), else merged timelines. segment [B, T]:
+        rows that pack several sequences (training), each sequence's positions one id."""
+        return self.extend(items, actions, scenes, gaps, valid, None, last_only, scene, segment)[0]
 
     def extend(self, items, actions, scenes, gaps, valid, past: Optional[list[Past]], last_only: bool = True,
-               scene: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+               scene: bool = False, segment: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """New positions [B, T] given each layer's `past` (None: the windows start here) -> (outputs as forward,
         each layer's keys and values of the new positions). Because attention is local, appending k events to a
         window costs k positions per layer instead of the whole window."""
@@ -179,7 +186,7 @@ class SceneEncoder(nn.Module):
         x = self.drop(x)
         presents = []
         for i, block in enumerate(blocks):
-            x, kv = block(x, valid, last_only and i == len(blocks) - 1, past[i] if past else None)
+            x, kv = block(x, valid, last_only and i == len(blocks) - 1, past[i] if past else None, segment)
             presents.append(kv)
         x = ln_f(x)
         return (x[:, -1] if last_only else x), presents

@@ -123,31 +123,61 @@ def _segment(tl: Sequence, vocab: ItemVocab, scene_index, action_index, gap_buck
     return _Segment(seqs, ctx[skip:], np.arange(skip, n), items[skip:], scenes[skip:])
 
 
-PAD_TO = 32   # batch widths are rounded up to a multiple of this (see _collate)
+PAD_TO = 32       # batch widths are rounded up to a multiple of this (see _collate)
+PACK_WIDTH = 64   # scene sequences up to this long share rows of this width (see _collate)
 
 
 def _collate(segments: list[_Segment]):
-    """Segments -> their sequences packed in groups of one width each (lengths rounded up to a multiple of PAD_TO),
-    and flat indices (into the groups' outputs, concatenated) of each target's contexts. Attention costs a row its
-    width squared, so a scene's short sequence must not pad to the timeline's width; and with a few widths only,
-    glibc's heap stays flat (a new width at every step kept freed blocks of every size apart: the process grew by
-    ~300 MB an epoch on ML-100k; BENCHMARKS.md). Padding is masked, so it changes nothing but float rounding."""
+    """Segments -> their sequences packed in groups of one width each, and flat indices (into the groups'
+    outputs, concatenated) of each target's contexts. Attention costs a row its width squared, so a scene's short
+    sequence must not pad to the timeline's width; and with a few widths only, glibc's heap stays flat (a new width
+    at every step kept freed blocks of every size apart: the process grew by ~300 MB an epoch on ML-100k;
+    BENCHMARKS.md). Timelines and long scene sequences get a row each, lengths rounded up to a multiple of PAD_TO;
+    scene sequences up to PACK_WIDTH long share rows of that width, several to a row (most of a user's scenes hold
+    a few events: one to a row, their slots were mostly padding), each marked by a segment id that attention
+    keeps apart. Groups are (scene?, [items, actions, scenes, gaps, valid], segment ids or None). Padding is
+    masked, so it changes nothing but float rounding."""
     seqs = [q for g in segments for q in g.seqs]
-    widths = np.array([-(-q.shape[1] // PAD_TO) * PAD_TO for q in seqs])
+    lengths = np.array([q.shape[1] for q in seqs])
+    widths = -(-lengths // PAD_TO) * PAD_TO
     scene = np.array([i > 0 for g in segments for i in range(len(g.seqs))])   # the timeline comes first
+    packed = scene & (lengths <= PACK_WIDTH)
     start = np.zeros(len(seqs), dtype=np.int64)   # flat index of each sequence's first event
     groups, base = [], 0
-    for kind, width in sorted({(bool(k), int(w)) for k, w in zip(scene, widths)}):
-        members = np.flatnonzero((widths == width) & (scene == kind))
+    for kind, width in sorted({(bool(k), int(w)) for k, w in zip(scene[~packed], widths[~packed])}):
+        members = np.flatnonzero((widths == width) & (scene == kind) & ~packed)
         arrays = np.zeros((4, len(members), width), dtype=np.int64)
         valid = np.zeros((len(members), width), dtype=bool)
         for b, i in enumerate(members):
-            n = seqs[i].shape[1]
+            n = lengths[i]
             arrays[:, b, width - n:] = seqs[i]
             valid[b, width - n:] = True
             start[i] = base + b * width + width - n
-        groups.append((kind, [torch.from_numpy(a) for a in arrays] + [torch.from_numpy(valid)]))
+        groups.append((kind, [torch.from_numpy(a) for a in arrays] + [torch.from_numpy(valid)], None))
         base += len(members) * width
+    if packed.any():   # first fit, longest first
+        members = np.flatnonzero(packed)
+        members = members[np.argsort(-lengths[members], kind="stable")]
+        free = np.full(len(members), PACK_WIDTH)
+        row_of = np.zeros(len(members), dtype=np.int64)
+        at = np.zeros(len(members), dtype=np.int64)
+        for m, i in enumerate(members):
+            row = int(np.argmax(free >= lengths[i]))
+            row_of[m], at[m] = row, PACK_WIDTH - free[row]
+            free[row] -= lengths[i]
+        rows = int(row_of.max()) + 1
+        arrays = np.zeros((4, rows, PACK_WIDTH), dtype=np.int64)
+        valid = np.zeros((rows, PACK_WIDTH), dtype=bool)
+        segment = np.full((rows, PACK_WIDTH), -1, dtype=np.int64)
+        for m, i in enumerate(members):
+            row, a, n = row_of[m], at[m], lengths[i]
+            arrays[:, row, a:a + n] = seqs[i]
+            valid[row, a:a + n] = True
+            segment[row, a:a + n] = m
+            start[i] = base + row * PACK_WIDTH + a
+        groups.append((True, [torch.from_numpy(a) for a in arrays] + [torch.from_numpy(valid)],
+                       torch.from_numpy(segment)))
+        base += rows * PACK_WIDTH
     ctx, recent = [], []
     first = 0
     for g in segments:
@@ -177,8 +207,8 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     """Sum of the three mean CEs (module docstring). Logits are taken against the real items only (PAD and OOV
     columns dropped rather than masked): the softmax over the catalog is most of a step's cost."""
     groups, ctx, recent_at, t_item, t_scene = batch
-    flat = torch.cat([model.encoder(*g, scene=kind).reshape(-1, model.cfg.d_model)
-                      for kind, g in groups])   # every position
+    flat = torch.cat([model.encoder(*g, scene=kind, segment=seg).reshape(-1, model.cfg.d_model)
+                      for kind, g, seg in groups])   # every position
     has = ctx >= 0
     h = flat[ctx.clamp(min=0)] * has[..., None]                       # [n, S, d]
     recent = flat[recent_at]                                          # [n, d]
@@ -277,7 +307,8 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
                 _say_budget(time.time() - t_epoch, timed, per_epoch, cfg.epochs)
             chunk = [examples[i] for i in order[lo:lo + cfg.batch_users]]
             groups, *rest = _collate(chunk)
-            batch = ([(kind, [t.to(dev) for t in g]) for kind, g in groups], *(t.to(dev) for t in rest))
+            batch = ([(kind, [t.to(dev) for t in g], None if seg is None else seg.to(dev)) for kind, g, seg in groups],
+                     *(t.to(dev) for t in rest))
             loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,8 +83,11 @@ def faust_settings(cfg: WorkerConfig) -> dict:
     # rebalance (60 s) timeouts the first group join on the embedded broker took ~32 s; with 6 s / 10 s and a 1 s
     # heartbeat it takes ~4.7 s, and a restarted worker does not wait a minute for its dead predecessor's session.
     # topic_disable_leader only saves a topic (it does not change the join time).
+    # Faust makes an (empty, with the memory store) `<app id>-data` folder for its tables; it holds nothing of ours,
+    # so it goes under the system temp folder rather than into whatever folder the worker was started from
     return dict(
         broker=cfg.broker, store="memory://", autodiscover=False,
+        datadir=os.path.join(tempfile.gettempdir(), "scenestream-faust", cfg.app_id),
         topic_partitions=cfg.partitions, topic_disable_leader=True,
         consumer_auto_offset_reset="earliest", producer_acks=-1,
         broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,

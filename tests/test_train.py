@@ -50,7 +50,7 @@ def test_padding_a_batch_changes_nothing_but_rounding(monkeypatch):
     for pad_to in (1, 32):
         monkeypatch.setattr(train, "PAD_TO", pad_to)
         batch = train._collate(segments)
-        losses.append(max(g[0].shape[1] for _, g in batch[0]))
+        losses.append(max(g[0].shape[1] for _, g, seg in batch[0] if seg is None))
         with torch.no_grad():
             losses.append(train._loss(model, batch, scene_items, scene_pos, 0.0, torch.Generator()).item())
     (w1, a), (w32, b) = losses[:2], losses[2:]
@@ -74,7 +74,8 @@ def test_training_reads_the_context_serving_reads(scene_layers):
         seg = train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, model.cfg.gap_buckets)
         groups, ctx, recent_at, _, _ = train._collate([seg])
         with torch.no_grad():
-            flat = torch.cat([model.encoder(*g, scene=kind).reshape(-1, model.cfg.d_model) for kind, g in groups])
+            flat = torch.cat([model.encoder(*g, scene=kind, segment=seg).reshape(-1, model.cfg.d_model)
+                              for kind, g, seg in groups])
         for m, k in enumerate(seg.target):
             vec = enc.interests({"u": apply_user({}, tl[:k], window)[0]})
             np.testing.assert_allclose(flat[recent_at[m]].numpy(), vec.recent[0], atol=1e-5)
