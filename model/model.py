@@ -204,11 +204,12 @@ class SceneFusion(nn.Module):
 
     def forward(self, h: torch.Tensor, has: torch.Tensor, recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, S, d], has [N, S] (each row has at least one True), recent [N, d] -> H [N, S+1, d], a [N, S+1, S].
-        Row S of H and a is the global vector and its weights."""
+        Row S of H and a is the global vector and its weights. has may also be [N, S+1, S]: which scenes each
+        target may read (training hides a target scene's own history from its H_j only)."""
         _, S, d = h.shape
         keys = self.key(h + self.scene_key.weight[None])                                   # [N, S, d]
         scores = torch.einsum("td,nsd->nts", self.query, keys) / math.sqrt(d)              # [N, S+1, S]
-        scores = scores.masked_fill(~has[:, None, :], float("-inf"))
+        scores = scores.masked_fill(~(has if has.dim() == 3 else has[:, None, :]), float("-inf"))
         a = torch.softmax(scores, dim=-1)
         H = torch.einsum("nts,nsd->ntd", a, self.value(h))
         # residual: the user's interest as of their newest event, for every target: the scene mix adds to what the

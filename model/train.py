@@ -17,11 +17,13 @@ before k (h_i, from that scene's own sequence), and the output at event k-1 of t
   fused  : CE of H_j (j = scene of event k) over the items of scene j     -- what per-scene serving ranks with
   global : CE of the global fused vector over all items                   -- the scene-free vector
   scene  : CE of h_j alone over the items of scene j, where j has history -- keeps h_j a usable interest
-The two in-scene terms take their softmax over the scene's own items only (one small matmul per scene): with S
-scenes they cost about 2/S of the global term instead of twice it. With one scene the global vector equals H_j and
-h_j is `recent`, so only the global term is computed.
-With probability `scene_dropout` the target scene's own history is hidden from the fusion (when another scene has
-history), so the fusion learns to transfer interest from other scenes: the case of a user new to a scene.
+The two in-scene terms take their softmax over the scene's own items only (one small matmul per scene): each costs
+the global term times sum_s (share of targets in s) x (share of items in s), about half of it with ML-1M's genres.
+With one scene the global vector equals H_j and h_j is `recent`, so only the global term is computed.
+With probability `scene_dropout` the target scene's own history is hidden from H_j (when another scene has
+history), so the fusion learns to transfer interest from other scenes: the case of a user new to a scene. The global
+vector always reads every scene: hiding the next event's scene from it would train it on a condition it never
+meets when serving, one that tells it where the next event is not.
 Long users are cut into segments of `segment` targets, each with the receptive field's worth of earlier events as
 context, so attention stays short. The learning rate warms up, then decays to 0 over the planned epochs (cosine).
 The caller owns the data protocol: it gives the training timelines (time-ordered, held-out events already removed)
@@ -215,11 +217,11 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     n = len(t_item)
     rows = torch.arange(n, device=ctx.device)
     had_own = has[rows, t_scene]
-    fuse_has = has.clone()
-    if scene_dropout > 0:
+    fuse_has = has[:, None, :].repeat(1, has.shape[1] + 1, 1)       # [n, S+1, S]: what each target row reads
+    if scene_dropout > 0:   # hidden from H_j only: the global vector never knows the next event's scene
         others = has.sum(1) - had_own.long() > 0
         drop = (torch.rand(n, generator=gen, device="cpu").to(ctx.device) < scene_dropout) & others
-        fuse_has[rows[drop], t_scene[drop]] = False
+        fuse_has[rows[drop], t_scene[drop], t_scene[drop]] = False
     H, _ = model.fusion(h, fuse_has, recent)
     E = model.item_vectors()[FIRST_ITEM:]
     target = t_item - FIRST_ITEM
