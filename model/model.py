@@ -207,8 +207,10 @@ class SceneFusion(nn.Module):
         Row S of H and a is the global vector and its weights. has may also be [N, S+1, S]: which scenes each
         target may read (training hides a target scene's own history from its H_j only)."""
         _, S, d = h.shape
-        keys = self.key(h + self.scene_key.weight[None])                                   # [N, S, d]
-        scores = torch.einsum("td,nsd->nts", self.query, keys) / math.sqrt(d)              # [N, S+1, S]
+        # q_t . key(h_s + e_s), with the key map folded into the queries: no key vector per (user, scene) is formed
+        q = self.query @ self.key.weight                                                   # [S+1, d]
+        prior = q @ self.scene_key.weight.T + (self.query @ self.key.bias)[:, None]       # [S+1, S]
+        scores = (torch.einsum("td,nsd->nts", q, h) + prior) / math.sqrt(d)                # [N, S+1, S]
         scores = scores.masked_fill(~(has if has.dim() == 3 else has[:, None, :]), float("-inf"))
         a = torch.softmax(scores, dim=-1)
         H = torch.einsum("nts,nsd->ntd", a, self.value(h))

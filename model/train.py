@@ -212,7 +212,7 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     flat = torch.cat([model.encoder(*g, scene=kind, segment=seg).reshape(-1, model.cfg.d_model)
                       for kind, g, seg in groups])   # every position
     has = ctx >= 0
-    h = flat[ctx.clamp(min=0)] * has[..., None]                       # [n, S, d]
+    h = flat[ctx.clamp(min=0)]   # [n, S, d]; rows of scenes without history are masked in the fusion, never read
     recent = flat[recent_at]                                          # [n, d]
     n = len(t_item)
     rows = torch.arange(n, device=ctx.device)
