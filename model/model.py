@@ -11,7 +11,8 @@ Sources. Each (user, scene) window is encoded alone: its last output is h_s, the
 user's events of all scenes, merged by time into one window (the newest L of them: a function of the per-scene
 windows, so no new state), are encoded too: its last output is `recent`, the user's interest as of their newest
 event in any scene, which sees the order of their recent events across scenes (what next-item prediction depends
-on, and what the per-scene windows alone never show).
+on, and what the per-scene windows alone never show). With `scene_layers` > 0 the scene windows go through blocks
+of their own (sharing the embeddings), so the timeline's blocks serve the timeline alone; 0 shares one stack.
 
 SceneFusion ("interest transfer"): for target scene j, a_ij = softmax_i(q_j . k(h_i + e_i) / sqrt(d)) over the
 scenes i where the user has history, H_j = sum_i a_ij v(h_i) + recent. A user with no history in j still gets H_j
