@@ -11,11 +11,11 @@ from typing import Optional
 ENCODER_CACHE_MB = 256   # the incremental encoder's cache (model/window_cache.py): ~10,000 windows at d=64, span 24
 
 PRESETS: dict[Optional[str], dict] = {
-    None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24, "scene_layers": 0},
-    "synthetic": {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24, "scene_layers": 0},
-    "ml-1m": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48, "scene_layers": 0},
-    "ml-1m-5core": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48, "scene_layers": 0},
-    "ml-100k": {"epochs": 10, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48, "scene_layers": 0},
+    None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24, "scene_layers": 1},
+    "synthetic": {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24, "scene_layers": 1},
+    "ml-1m": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48, "scene_layers": 1},
+    "ml-1m-5core": {"epochs": 8, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48, "scene_layers": 1},
+    "ml-100k": {"epochs": 10, "batch_users": 32, "segment": 64, "lr": 2e-3, "span": 48, "scene_layers": 1},
 }
 
 
