@@ -193,15 +193,24 @@ def _collate(segments: list[_Segment]):
         cat([g.target_scene for g in segments])
 
 
-def _in_scene_ce(V: torch.Tensor, scene: torch.Tensor, target: torch.Tensor, E: torch.Tensor,
+def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], E: torch.Tensor,
                  scene_items: list[torch.Tensor], scene_pos: torch.Tensor) -> torch.Tensor:
-    """Mean CE of each row of V against the items of its scene only (target: item positions in the catalog)."""
-    total = V.new_zeros(())
-    for s, items in enumerate(scene_items):
-        rows = (scene == s).nonzero().squeeze(1)
-        if len(rows):
-            total = total + F.cross_entropy(V[rows] @ E[items].T, scene_pos[target[rows]], reduction="sum")
-    return total / max(1, len(V))
+    """Sum over parts (V [m, d], scene [m], target [m]: item positions in the catalog) of each part's mean CE of its
+    rows against the items of their own scene only. The parts' rows share one matmul per scene."""
+    V = torch.cat([p[0] for p in parts])
+    scene = torch.cat([p[1] for p in parts])
+    target = torch.cat([p[2] for p in parts])
+    weight = torch.cat([V.new_full((len(p[0]),), 1.0 / max(1, len(p[0]))) for p in parts])
+    order = torch.argsort(scene, stable=True)
+    counts = torch.bincount(scene, minlength=len(scene_items)).tolist()
+    total, start = V.new_zeros(()), 0
+    for items, count in zip(scene_items, counts):
+        if count:
+            rows = order[start:start + count]
+            ce = F.cross_entropy(V[rows] @ E[items].T, scene_pos[target[rows]], reduction="none")
+            total = total + (ce * weight[rows]).sum()
+            start += count
+    return total
 
 
 def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]], scene_pos: Optional[torch.Tensor],
@@ -228,11 +237,9 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     loss = F.cross_entropy(H[:, -1] @ E.T, target)                   # global
     if scene_items is None:   # one scene: the global vector is H_j (model.py) and h_j is `recent`
         return loss
-    loss = loss + _in_scene_ce(H[rows, t_scene], t_scene, target, E, scene_items, scene_pos)
     own = rows[had_own]
-    if len(own):
-        loss = loss + _in_scene_ce(h[own, t_scene[own]], t_scene[own], target[own], E, scene_items, scene_pos)
-    return loss
+    parts = [(H[rows, t_scene], t_scene, target), (h[own, t_scene[own]], t_scene[own], target[own])]
+    return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos)
 
 
 BUDGET_STEPS = 20   # steps timed at the start to announce how long the whole run will take

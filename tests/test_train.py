@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scenestream.model import train
 from scenestream.model.checkpoint import Checkpoint
@@ -85,3 +86,26 @@ def test_training_reads_the_context_serving_reads(scene_layers):
                     np.testing.assert_allclose(flat[ctx[m, s]].numpy(), vec.h[0, s], atol=1e-5)
                     checked += 1
     assert checked > 200
+
+
+def test_in_scene_terms_rank_each_row_against_its_scene_only():
+    """Each part's mean CE over the items of the row's own scene, written out with a masked full softmax."""
+    gen = torch.Generator().manual_seed(3)
+    n_items, S, d = 40, 4, 8
+    of_scene = torch.randint(0, S, (n_items,), generator=gen)
+    of_scene[:S] = torch.arange(S)                                   # every scene has items
+    scene_items = [torch.nonzero(of_scene == s).squeeze(1) for s in range(S)]
+    scene_pos = torch.zeros(n_items, dtype=torch.long)
+    for items in scene_items:
+        scene_pos[items] = torch.arange(len(items))
+    E = torch.randn(n_items, d, generator=gen)
+    parts, want = [], 0.0
+    for m in (13, 5):
+        V = torch.randn(m, d, generator=gen)
+        target = torch.randint(0, n_items, (m,), generator=gen)
+        scene = of_scene[target]
+        logits = (V @ E.T).masked_fill(of_scene[None] != scene[:, None], float("-inf"))
+        want += F.cross_entropy(logits, target).item()
+        parts.append((V, scene, target))
+    got = train._in_scene_ce(parts, E, scene_items, scene_pos).item()
+    assert abs(got - want) < 1e-5 and want > 0
