@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scenestream.model.checkpoint import save_checkpoint
+from scenestream.model.presets import preset
 from scenestream.model.train import TrainConfig
 from scenestream.stream.leave_one_out import fit
 from scenestream.stream.broker import EmbeddedBroker
@@ -36,7 +37,7 @@ def checkpoint(tmp_path_factory, small_world):
     """A real (small, briefly trained) model: the worker tests are about plumbing, not quality."""
     events, _ = small_world
     ckpt, history = fit(events, SMALL.scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=1, val_users=200),
-                                progress=False)
+                        model_cfg={"scene_layers": preset(None)["scene_layers"]}, progress=False)
     out = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50, {"cutoff_ts": None})
     return out
