@@ -87,7 +87,7 @@ def faust_settings(cfg: WorkerConfig) -> dict:
     # so it goes under the system temp folder rather than into whatever folder the worker was started from
     return dict(
         broker=cfg.broker, store="memory://", autodiscover=False,
-        datadir=os.path.join(tempfile.gettempdir(), "scenestream-faust", cfg.app_id),
+        datadir=os.path.join(tempfile.gettempdir(), f"scenestream-faust-{cfg.app_id}"),
         topic_partitions=cfg.partitions, topic_disable_leader=True,
         consumer_auto_offset_reset="earliest", producer_acks=-1,
         broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
