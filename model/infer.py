@@ -213,7 +213,8 @@ class InterestEncoder:
             recent[u] = out[n]
         if merged_tasks:
             rows = [t[0] for t in merged_tasks]
-            recent[rows] = self._windows([t[1] for t in merged_tasks], [t[2] for t in merged_tasks]).float().cpu().numpy()
+            merged = self._windows([t[1] for t in merged_tasks], [t[2] for t in merged_tasks])
+            recent[rows] = merged.float().cpu().numpy()
         return h, has, recent
 
     def _windows(self, keys: Sequence, windows: Sequence[Sequence], scene: bool = False) -> torch.Tensor:

@@ -48,7 +48,7 @@ Defaults per data set (any flag overrides them):
 @click.option("--dim", default=64, help="Model width d.")
 @click.option("--layers", default=2, help="Attention layers of the merged timeline's stack (and of every window's, "
                                           "with --scene-layers 0).")
-@click.option("--scene-layers", type=int, default=None, help="Attention layers of a stack of their own for the "
+@click.option("--scene-layers", type=click.IntRange(min=0), default=None, help="Attention layers of a stack of their own for the "
               "per-scene windows (0: they share the timeline's blocks; ignored with one scene). [default: per data "
               "set]")
 @click.option("--span", type=int, default=None, help="Attention look-back per layer (window >= layers*span+2 keeps "
