@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-ENCODER_CACHE_MB = 256   # the incremental encoder's cache (model/window_cache.py): ~10,000 windows at d=64, span 24
+ENCODER_CACHE_MB = 256   # the incremental encoder's cache (model/window_cache.py): ~4,100 users' 3 scene windows
+                         # and merged window at d=64, span 24
 
 PRESETS: dict[Optional[str], dict] = {
     None: {"epochs": 8, "batch_users": 64, "segment": 32, "lr": 2e-3, "span": 24, "scene_layers": 1},
