@@ -203,18 +203,26 @@ class SceneFusion(nn.Module):
         self.value = nn.Linear(d, d)
         self.out = nn.LayerNorm(d)
 
-    def forward(self, h: torch.Tensor, has: torch.Tensor, recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, has: torch.Tensor, recent: torch.Tensor,
+                targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, S, d], has [N, S] (each row has at least one True), recent [N, d] -> H [N, S+1, d], a [N, S+1, S].
-        Row S of H and a is the global vector and its weights. has may also be [N, S+1, S]: which scenes each
-        target may read (training hides a target scene's own history from its H_j only)."""
+        Row S of H and a is the global vector and its weights. targets [N, T] (training): only these rows of H
+        (target scenes, S for the global one), in that order: a step reads two of the S+1, and the rest would cost
+        it a third of the fusion's time. has may also be [N, S+1, S] (or [N, T, S]): which scenes each target may
+        read (training hides a target scene's own history from its H_j only)."""
         _, S, d = h.shape
         # q_t . key(h_s + e_s), with the key map folded into the queries: no key vector per (user, scene) is formed
         q = self.query @ self.key.weight                                                   # [S+1, d]
         prior = q @ self.scene_key.weight.T + (self.query @ self.key.bias)[:, None]       # [S+1, S]
-        scores = (torch.einsum("td,nsd->nts", q, h) + prior) / math.sqrt(d)                # [N, S+1, S]
+        hq = h @ q.T                                                                       # [N, S, S+1]: one mm
+        if targets is None:
+            scores = hq.transpose(1, 2) + prior                                            # [N, S+1, S]
+        else:
+            scores = hq.gather(2, targets[:, None, :].expand(-1, S, -1)).transpose(1, 2) + prior[targets]
+        scores = scores / math.sqrt(d)
         scores = scores.masked_fill(~(has if has.dim() == 3 else has[:, None, :]), float("-inf"))
         a = torch.softmax(scores, dim=-1)
-        H = torch.einsum("nts,nsd->ntd", a, self.value(h))
+        H = a @ self.value(h)                                                              # [N, T, d]
         # residual: the user's interest as of their newest event, for every target: the scene mix adds to what the
         # plain sequence model would say, never replaces it
         return self.out(H + recent[:, None]), a

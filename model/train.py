@@ -226,19 +226,22 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     n = len(t_item)
     rows = torch.arange(n, device=ctx.device)
     had_own = has[rows, t_scene]
-    fuse_has = has[:, None, :].repeat(1, has.shape[1] + 1, 1)       # [n, S+1, S]: what each target row reads
-    if scene_dropout > 0:   # hidden from H_j only: the global vector never knows the next event's scene
+    S = has.shape[1]
+    one_scene = scene_items is None   # the global vector is H_j (model.py) and h_j is `recent`
+    targets = torch.stack([torch.full_like(t_scene, S)] + ([] if one_scene else [t_scene]), 1)   # global, H_j
+    fuse_has = has[:, None, :].repeat(1, targets.shape[1], 1)       # [n, 1 or 2, S]: what each target row reads
+    if scene_dropout > 0 and not one_scene:   # hidden from H_j only: the global vector never knows the next scene
         others = has.sum(1) - had_own.long() > 0
         drop = (torch.rand(n, generator=gen, device="cpu").to(ctx.device) < scene_dropout) & others
-        fuse_has[rows[drop], t_scene[drop], t_scene[drop]] = False
-    H, _ = model.fusion(h, fuse_has, recent)
+        fuse_has[rows[drop], 1, t_scene[drop]] = False
+    H, _ = model.fusion(h, fuse_has, recent, targets)
     E = model.item_vectors()[FIRST_ITEM:]
     target = t_item - FIRST_ITEM
-    loss = F.cross_entropy(H[:, -1] @ E.T, target)                   # global
-    if scene_items is None:   # one scene: the global vector is H_j (model.py) and h_j is `recent`
+    loss = F.cross_entropy(H[:, 0] @ E.T, target)                    # global
+    if one_scene:
         return loss
     own = rows[had_own]
-    parts = [(H[rows, t_scene], t_scene, target), (h[own, t_scene[own]], t_scene[own], target[own])]
+    parts = [(H[:, 1], t_scene, target), (h[own, t_scene[own]], t_scene[own], target[own])]
     return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos)
 
 

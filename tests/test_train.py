@@ -109,3 +109,22 @@ def test_in_scene_terms_rank_each_row_against_its_scene_only():
         parts.append((V, scene, target))
     got = train._in_scene_ce(parts, E, scene_items, scene_pos).item()
     assert abs(got - want) < 1e-5 and want > 0
+
+
+def test_fusion_of_chosen_targets_equals_those_rows_of_all():
+    """Training fuses only the rows it reads (the global vector and the target scene's H_j), each with its own
+    mask: they must be those rows of the full fusion, weights too."""
+    gen = torch.Generator().manual_seed(7)
+    model = _model(ItemVocab(ITEMS, [SCENES[n % 3] for n in range(30)]))
+    N, S, d = 50, 3, model.cfg.d_model
+    h, recent = torch.randn(N, S, d, generator=gen), torch.randn(N, d, generator=gen)
+    has = torch.rand(N, S + 1, S, generator=gen) < 0.6
+    has[:, :, 0] |= ~has.any(2)                                        # every row reads some scene
+    targets = torch.stack([torch.full((N,), S), torch.randint(0, S, (N,), generator=gen)], 1)
+    rows = torch.arange(N)[:, None]
+    with torch.no_grad():
+        H_all, a_all = model.fusion(h, has, recent)
+        H, a = model.fusion(h, has[rows, targets], recent, targets)
+    assert H.shape == (N, 2, d)
+    torch.testing.assert_close(H, H_all[rows, targets], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a, a_all[rows, targets], atol=1e-6, rtol=1e-5)
