@@ -197,17 +197,17 @@ def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
                  scene_items: list[torch.Tensor], scene_pos: torch.Tensor) -> torch.Tensor:
     """Sum over parts (V [m, d], scene [m], target [m]: item positions in the catalog) of each part's mean CE of its
     rows against the items of their own scene only. The parts' rows share one matmul per scene."""
-    V = torch.cat([p[0] for p in parts])
     scene = torch.cat([p[1] for p in parts])
-    target = torch.cat([p[2] for p in parts])
-    weight = torch.cat([V.new_full((len(p[0]),), 1.0 / max(1, len(p[0]))) for p in parts])
-    order = torch.argsort(scene, stable=True)
+    order = torch.argsort(scene, stable=True)   # rows by scene: one gather, then a slice per scene
+    V = torch.cat([p[0] for p in parts])[order]
+    target = scene_pos[torch.cat([p[2] for p in parts])[order]]
+    weight = torch.cat([V.new_full((len(p[0]),), 1.0 / max(1, len(p[0]))) for p in parts])[order]
     counts = torch.bincount(scene, minlength=len(scene_items)).tolist()
     total, start = V.new_zeros(()), 0
     for items, count in zip(scene_items, counts):
         if count:
-            rows = order[start:start + count]
-            ce = F.cross_entropy(V[rows] @ E[items].T, scene_pos[target[rows]], reduction="none")
+            rows = slice(start, start + count)
+            ce = F.cross_entropy(V[rows] @ E.index_select(0, items).T, target[rows], reduction="none")
             total = total + (ce * weight[rows]).sum()
             start += count
     return total
@@ -329,11 +329,14 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
             sched.step()
             losses.append(loss.item())
         model.eval()
+        t_val = time.time()
         val = validate(ckpt)
-        history["epochs"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **val})
+        seconds = {"train_seconds": round(t_val - t_epoch, 1), "validation_seconds": round(time.time() - t_val, 1)}
+        history["epochs"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **seconds, **val})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val['ndcg@10']:.4f}")
-        log.info("epoch %d: loss %.4f, validation NDCG@10 %.4f, %.0f s", epoch + 1, np.mean(losses),
-                 val["ndcg@10"], time.time() - t0)
+        log.info("epoch %d: loss %.4f, validation NDCG@10 %.4f; %.0f s training, %.0f s validation, %.0f s in all",
+                 epoch + 1, np.mean(losses), val["ndcg@10"], seconds["train_seconds"], seconds["validation_seconds"],
+                 time.time() - t0)
         if val["ndcg@10"] > best:
             best, best_state, stale = val["ndcg@10"], copy.deepcopy(model.state_dict()), 0
         else:
