@@ -62,6 +62,7 @@ class TrainConfig:
     max_events: int = 1000      # newest events per user used for training
     segment: int = 32           # targets per training segment: long users are cut so attention stays short
     scene_dropout: float = 0.25
+    in_scene_negatives: int = 0  # > 0: the in-scene terms sample this many of a scene's items (_in_scene_ce)
     warmup_steps: int = 100     # linear warm-up (at most 10% of all steps), then cosine decay to 0 at the last
                                 # planned epoch
     patience: int = 3           # epochs without a better validation NDCG@10 before stopping
@@ -194,9 +195,14 @@ def _collate(segments: list[_Segment]):
 
 
 def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], E: torch.Tensor,
-                 scene_items: list[torch.Tensor], scene_pos: torch.Tensor) -> torch.Tensor:
+                 scene_items: list[torch.Tensor], scene_pos: torch.Tensor, negatives: int = 0,
+                 gen: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sum over parts (V [m, d], scene [m], target [m]: item positions in the catalog) of each part's mean CE of its
-    rows against the items of their own scene only. The parts' rows share one matmul per scene."""
+    rows against the items of their own scene only. The parts' rows share one matmul per scene. negatives > 0: a
+    scene with more items than that ranks each row's target against that many of the scene's items, drawn uniformly
+    (without replacement, shared by the scene's rows in the step; a draw of the row's own target is dropped) and
+    weighted by items / negatives: the sampled softmax whose normaliser is the full one's in expectation. The full scene
+    softmax costs a genre step a quarter of its time (BENCHMARKS.md, issue 14)."""
     scene = torch.cat([p[1] for p in parts])
     order = torch.argsort(scene, stable=True)   # rows by scene: one gather, then a slice per scene
     V = torch.cat([p[0] for p in parts])[order]
@@ -205,16 +211,25 @@ def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     counts = torch.bincount(scene, minlength=len(scene_items)).tolist()
     total, start = V.new_zeros(()), 0
     for items, count in zip(scene_items, counts):
-        if count:
-            rows = slice(start, start + count)
+        if not count:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        if 0 < negatives < len(items) - 1:
+            pick = torch.randperm(len(items), generator=gen)[:negatives].to(V.device)
+            hit = pick[None] == target[rows, None]                            # the target is no negative
+            others = (V[rows] @ E[items[pick]].T).masked_fill(hit, float("-inf")) + \
+                math.log(len(items) / negatives)
+            own = (V[rows] * E[items[target[rows]]]).sum(1, keepdim=True)
+            ce = F.cross_entropy(torch.cat([own, others], 1), torch.zeros_like(target[rows]), reduction="none")
+        else:
             ce = F.cross_entropy(V[rows] @ E.index_select(0, items).T, target[rows], reduction="none")
-            total = total + (ce * weight[rows]).sum()
-            start += count
+        total = total + (ce * weight[rows]).sum()
     return total
 
 
 def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]], scene_pos: Optional[torch.Tensor],
-          scene_dropout: float, gen: torch.Generator):
+          scene_dropout: float, gen: torch.Generator, negatives: int = 0):
     """Sum of the three mean CEs (module docstring). Logits are taken against the real items only (PAD and OOV
     columns dropped rather than masked): the softmax over the catalog is most of a step's cost."""
     groups, ctx, recent_at, t_item, t_scene = batch
@@ -242,7 +257,7 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
         return loss
     own = rows[had_own]
     parts = [(H[:, 1], t_scene, target), (h[own, t_scene[own]], t_scene[own], target[own])]
-    return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos)
+    return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos, negatives, gen)
 
 
 BUDGET_STEPS = 20   # steps timed at the start to announce how long the whole run will take
@@ -321,7 +336,7 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
             groups, *rest = _collate(chunk)
             batch = ([(kind, [t.to(dev) for t in g], None if seg is None else seg.to(dev)) for kind, g, seg in groups],
                      *(t.to(dev) for t in rest))
-            loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen)
+            loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen, cfg.in_scene_negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
