@@ -147,10 +147,16 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, valid, last_only=False, past=None, segment=None):
+    def forward(self, x, valid, last_only=False, past=None, segment=None, read=None):
+        """read [B, T] bool (training, the last block): positions whose output is read; the MLP runs on those
+        alone and the others are left without it."""
         y, present = self.attn(self.ln1(x), valid, last_only, past, segment)
         x = (x[:, -1:] if last_only else x) + y
-        return x + self.mlp(self.ln2(x)), present
+        if read is None:
+            return x + self.mlp(self.ln2(x)), present
+        at = read.nonzero(as_tuple=True)
+        rows = x[at]
+        return x.index_put(at, rows + self.mlp(self.ln2(rows))), present
 
 
 class SceneEncoder(nn.Module):
@@ -169,14 +175,15 @@ class SceneEncoder(nn.Module):
             self.scene_ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, items, actions, scenes, gaps, valid, last_only: bool = False, scene: bool = False,
-                segment: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment: Optional[torch.Tensor] = None, read: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only). scene: the
         windows are per-scene ones (their own stack, if the model has one), else merged timelines. segment [B, T]:
-        rows that pack several sequences (training), each sequence's positions one id."""
-        return self.extend(items, actions, scenes, gaps, valid, None, last_only, scene, segment)[0]
+        rows that pack several sequences (training), each sequence's positions one id. read [B, T] (training):
+        only these positions' outputs are valid; the others are context, wanted for their keys and values only."""
+        return self.extend(items, actions, scenes, gaps, valid, None, last_only, scene, segment, read)[0]
 
     def extend(self, items, actions, scenes, gaps, valid, past: Optional[list[Past]], last_only: bool = True,
-               scene: bool = False, segment: Optional[torch.Tensor] = None
+               scene: bool = False, segment: Optional[torch.Tensor] = None, read: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """New positions [B, T] given each layer's `past` (None: the windows start here) -> (outputs as forward,
         each layer's keys and values of the new positions). Because attention is local, appending k events to a
@@ -187,7 +194,8 @@ class SceneEncoder(nn.Module):
         x = self.drop(x)
         presents = []
         for i, block in enumerate(blocks):
-            x, kv = block(x, valid, last_only and i == len(blocks) - 1, past[i] if past else None, segment)
+            last = i == len(blocks) - 1
+            x, kv = block(x, valid, last_only and last, past[i] if past else None, segment, read if last else None)
             presents.append(kv)
         x = ln_f(x)
         return (x[:, -1] if last_only else x), presents

@@ -34,6 +34,7 @@ NDCG@10 is kept and training stops after `patience` epochs without a better one.
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import logging
 import random
@@ -62,7 +63,6 @@ class TrainConfig:
     max_events: int = 1000      # newest events per user used for training
     segment: int = 32           # targets per training segment: long users are cut so attention stays short
     scene_dropout: float = 0.25
-    in_scene_negatives: int = 0  # > 0: the in-scene terms sample this many of a scene's items (_in_scene_ce)
     warmup_steps: int = 100     # linear warm-up (at most 10% of all steps), then cosine decay to 0 at the last
                                 # planned epoch
     patience: int = 3           # epochs without a better validation NDCG@10 before stopping
@@ -195,14 +195,9 @@ def _collate(segments: list[_Segment]):
 
 
 def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], E: torch.Tensor,
-                 scene_items: list[torch.Tensor], scene_pos: torch.Tensor, negatives: int = 0,
-                 gen: Optional[torch.Generator] = None) -> torch.Tensor:
+                 scene_items: list[torch.Tensor], scene_pos: torch.Tensor) -> torch.Tensor:
     """Sum over parts (V [m, d], scene [m], target [m]: item positions in the catalog) of each part's mean CE of its
-    rows against the items of their own scene only. The parts' rows share one matmul per scene. negatives > 0: a
-    scene with more items than that ranks each row's target against that many of the scene's items, drawn uniformly
-    (without replacement, shared by the scene's rows in the step; a draw of the row's own target is dropped) and
-    weighted by items / negatives: the sampled softmax whose normaliser is the full one's in expectation. The full scene
-    softmax costs a genre step a quarter of its time (BENCHMARKS.md, issue 14)."""
+    rows against the items of their own scene only. The parts' rows share one matmul per scene."""
     scene = torch.cat([p[1] for p in parts])
     order = torch.argsort(scene, stable=True)   # rows by scene: one gather, then a slice per scene
     V = torch.cat([p[0] for p in parts])[order]
@@ -211,30 +206,36 @@ def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     counts = torch.bincount(scene, minlength=len(scene_items)).tolist()
     total, start = V.new_zeros(()), 0
     for items, count in zip(scene_items, counts):
-        if not count:
-            continue
-        rows = slice(start, start + count)
-        start += count
-        if 0 < negatives < len(items) - 1:
-            pick = torch.randperm(len(items), generator=gen)[:negatives].to(V.device)
-            hit = pick[None] == target[rows, None]                            # the target is no negative
-            others = (V[rows] @ E[items[pick]].T).masked_fill(hit, float("-inf")) + \
-                math.log(len(items) / negatives)
-            own = (V[rows] * E[items[target[rows]]]).sum(1, keepdim=True)
-            ce = F.cross_entropy(torch.cat([own, others], 1), torch.zeros_like(target[rows]), reduction="none")
-        else:
+        if count:
+            rows = slice(start, start + count)
             ce = F.cross_entropy(V[rows] @ E.index_select(0, items).T, target[rows], reduction="none")
-        total = total + (ce * weight[rows]).sum()
+            total = total + (ce * weight[rows]).sum()
+            start += count
     return total
 
 
+def _encode(model: InterestModel, groups, ctx: torch.Tensor, recent_at: torch.Tensor) -> torch.Tensor:
+    """The groups' outputs, flat [positions, d], valid where the loss reads them: at ctx and recent_at. Most
+    positions are context (a segment's targets need the receptive field before them, and each scene sequence its own)
+    that only lends keys and values, so each stack's last block runs its MLP on the read positions alone."""
+    read = torch.zeros(sum(g[0].numel() for _, g, _ in groups), dtype=torch.bool, device=ctx.device)
+    read[ctx[ctx >= 0]] = True
+    read[recent_at] = True
+    outs, base = [], 0
+    for kind, g, seg in groups:
+        n = g[0].numel()
+        outs.append(model.encoder(*g, scene=kind, segment=seg,
+                                  read=read[base:base + n].view(g[0].shape)).reshape(-1, model.cfg.d_model))
+        base += n
+    return torch.cat(outs)
+
+
 def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]], scene_pos: Optional[torch.Tensor],
-          scene_dropout: float, gen: torch.Generator, negatives: int = 0):
+          scene_dropout: float, gen: torch.Generator):
     """Sum of the three mean CEs (module docstring). Logits are taken against the real items only (PAD and OOV
     columns dropped rather than masked): the softmax over the catalog is most of a step's cost."""
     groups, ctx, recent_at, t_item, t_scene = batch
-    flat = torch.cat([model.encoder(*g, scene=kind, segment=seg).reshape(-1, model.cfg.d_model)
-                      for kind, g, seg in groups])   # every position
+    flat = _encode(model, groups, ctx, recent_at)
     has = ctx >= 0
     h = flat[ctx.clamp(min=0)]   # [n, S, d]; rows of scenes without history are masked in the fusion, never read
     recent = flat[recent_at]                                          # [n, d]
@@ -257,7 +258,21 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
         return loss
     own = rows[had_own]
     parts = [(H[:, 1], t_scene, target), (h[own, t_scene[own]], t_scene[own], target[own])]
-    return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos, negatives, gen)
+    return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos)
+
+
+def _steady_heap() -> None:
+    """Keep freed tensor memory in glibc's heap rather than unmapping it. Each step allocates and frees the same
+    few tens-of-MB tensors (logits, their gradients); by default glibc returns a large block to the kernel on free
+    and takes page faults to zero it again on the next step, until its adaptive threshold catches up: a genre epoch
+    ran ~8% slower for it, the first epoch most (BENCHMARKS.md, issue 14). Elsewhere than glibc, nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
 
 
 BUDGET_STEPS = 20   # steps timed at the start to announce how long the whole run will take
@@ -282,6 +297,7 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    _steady_heap()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -336,7 +352,7 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
             groups, *rest = _collate(chunk)
             batch = ([(kind, [t.to(dev) for t in g], None if seg is None else seg.to(dev)) for kind, g, seg in groups],
                      *(t.to(dev) for t in rest))
-            loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen, cfg.in_scene_negatives)
+            loss = _loss(model, batch, scene_items, scene_pos, cfg.scene_dropout, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -75,8 +75,7 @@ def test_training_reads_the_context_serving_reads(scene_layers):
         seg = train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, model.cfg.gap_buckets)
         groups, ctx, recent_at, _, _ = train._collate([seg])
         with torch.no_grad():
-            flat = torch.cat([model.encoder(*g, scene=kind, segment=seg).reshape(-1, model.cfg.d_model)
-                              for kind, g, seg in groups])
+            flat = train._encode(model, groups, ctx, recent_at)
         for m, k in enumerate(seg.target):
             vec = enc.interests({"u": apply_user({}, tl[:k], window)[0]})
             np.testing.assert_allclose(flat[recent_at[m]].numpy(), vec.recent[0], atol=1e-5)
@@ -129,23 +128,3 @@ def test_fusion_of_chosen_targets_equals_those_rows_of_all():
     torch.testing.assert_close(H, H_all[rows, targets], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(a, a_all[rows, targets], atol=1e-6, rtol=1e-5)
 
-
-def test_sampled_in_scene_terms_keep_the_full_normaliser_in_expectation():
-    """With sampled negatives a row's CE is -s_t + log Z', Z' = e^s_t + (N / K) * sum of e^s_j over the drawn
-    items other than the target: its mean over draws is the full softmax's Z. Fails on a missing weight, a draw of
-    the target counted as a negative, or negatives taken from outside the scene."""
-    gen = torch.Generator().manual_seed(5)
-    n_items, d, K = 24, 4, 3
-    of_scene = torch.arange(n_items) % 2
-    scene_items = [torch.nonzero(of_scene == s).squeeze(1) for s in range(2)]
-    scene_pos = torch.arange(n_items) // 2
-    E = torch.randn(n_items, d, generator=gen)
-    V = torch.randn(1, d, generator=gen)
-    target = torch.tensor([6])                                          # scene 0, in-scene position 3
-    s = (V @ E.T)[0]
-    full = torch.logsumexp(s[scene_items[0]], 0)
-    Z = [torch.exp(train._in_scene_ce([(V, of_scene[target], target)], E, scene_items, scene_pos, K, gen) + s[6])
-         for _ in range(2000)]
-    assert abs(torch.stack(Z).mean().log() - full) < 0.03
-    unsampled = train._in_scene_ce([(V, of_scene[target], target)], E, scene_items, scene_pos, len(scene_items[0]))
-    assert abs(unsampled + s[6] - full) < 1e-5                         # as many negatives as items: the full softmax
