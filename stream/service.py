@@ -20,7 +20,9 @@ The durable marker, not the group's committed offset, says where durable state e
 is positioned right after it (stream/feeder.py), and a batch that starts past it first re-reads the gap.
 
 The service also keeps what serving reads: each owned user's newest record, and the popularity of the items in the
-windows it holds (so a re-delivery or a recovery never counts an event twice).
+windows it holds, per partition (so a re-delivery or a recovery never counts an event twice). It publishes each
+partition's counts to the shared popularity topic when they changed, and follows that topic: the popular fallback
+ranks the sum of every partition's latest counts, the same on every worker (docs/operations.md, "One popular list").
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence, Union
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from scenestream.model.infer import InterestEncoder
@@ -41,7 +44,7 @@ from scenestream.model.infer import InterestEncoder
 from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
 from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
-from .core.popularity import Popularity
+from .core.popularity import PartitionCounts, Popularity, merge_partitions, top_counts
 from .core.window import UserState, Window, window_diff
 from .metrics import WorkerMetrics
 from .state import ChangelogStore
@@ -53,6 +56,11 @@ DEAD_LETTER_KEY_BYTES = 256    # a longer key is replaced by its SHA-256
 GAP_PAGE = 1000                # events per page of a gap re-read
 GAP_DEADLINE_S = 120.0         # a gap not read by then: crash, and let the restart try again
 FULL_GC_EVERY_S = 600.0        # a full collection of the frozen heap this often (see _complete)
+POPULAR_DEPTH = 2000           # items per scene in a partition's popularity record: twice the API's largest k
+POPULAR_RECORD_BYTES = 900_000  # a popularity record fits Kafka's default 1 MiB: fewer items per scene if need be
+# The shared popularity topic keeps each clicks partition's latest counts (key: the partition number), compacted with
+# infinite retention like the changelog: a partition idle for a week still counts.
+POPULARITY_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,34 @@ class Record:
     @classmethod
     def from_aiokafka(cls, m) -> "Record":
         return cls(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp or 0)
+
+
+def popularity_value(popularity: Popularity, depth: int = POPULAR_DEPTH, limit: int = POPULAR_RECORD_BYTES) -> bytes:
+    """A partition's record in the shared popularity topic, {"counts": {scene: [[item_id, count], ...]}}: the
+    `depth` most counted items of each scene, fewer when that would pass `limit` bytes."""
+    while True:
+        raw = orjson.dumps({"counts": top_counts(popularity, depth)})
+        if len(raw) <= limit or depth <= 1:
+            return raw
+        depth //= 2
+
+
+def decode_popularity(key: Optional[bytes], raw: Optional[bytes], scenes: Sequence[str]
+                      ) -> Union[tuple[int, Optional[PartitionCounts]], str]:
+    """(partition, counts) of a shared popularity record (counts None for a null value: the entry is dropped), or
+    why it is refused. Total: a bad record is skipped, never a reason to stop following."""
+    try:
+        partition = int(key.decode("ascii")) if key else -1
+        if partition < 0:
+            return f"bad key {key[:32]!r}" if key else "no key"
+        if raw is None:
+            return partition, None
+        counts = orjson.loads(raw)["counts"]
+        return partition, {scene: [(item, c) for item, c in pairs
+                                   if isinstance(item, str) and type(c) is int and c > 0]
+                           for scene, pairs in counts.items() if scene in scenes}
+    except Exception as exc:   # noqa: BLE001 - whatever the bytes
+        return f"{type(exc).__name__}: {str(exc)[:100]}"
 
 
 def dead_letter(record: Record, rejection: Rejection) -> tuple[Optional[bytes], bytes]:
@@ -139,7 +175,10 @@ class MicroBatchService:
         self.max_clock_skew_ms = int(max_clock_skew_s * 1000)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # keeps the loop responsive
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
-        self.popularity = Popularity()                              # items in the windows this worker holds
+        self.partition_popularity: dict[int, Popularity] = {}      # items in the windows held, per partition
+        self.unpublished: set[int] = set()                          # partitions whose counts changed since published
+        self.shared_counts: dict[int, PartitionCounts] = {}         # partition -> latest counts in the shared topic
+        self.shared: Optional[Popularity] = None                    # their sum (None: nothing shared yet)
         self.latest: dict[str, tuple[dict, float]] = {}             # user -> (newest published record, applied at)
         self.assigned: set[int] = set()
         self.epoch: dict[int, int] = {}                             # partition -> assignment number
@@ -163,11 +202,10 @@ class MicroBatchService:
 
     def revoke(self, partitions: set[int]) -> None:
         for p in partitions:
-            state = self.store.partitions.get(p, {})
-            for user, windows in state.items():
+            for user in self.store.partitions.get(p, {}):
                 self.latest.pop(user, None)
-                for w in windows.values():
-                    self.popularity.remove(w)
+            self.partition_popularity.pop(p, None)   # its shared entry stays until its new owner publishes
+            self.unpublished.discard(p)
             self.epoch.pop(p, None)
         self.assigned -= partitions
         self.store.forget(partitions)
@@ -181,9 +219,11 @@ class MicroBatchService:
             if self.epoch.get(partition) != epoch:   # revoked while recovering: what we read may change elsewhere
                 self.store.forget({partition})
                 return False
-            for windows in self.store.partitions[partition].values():   # popularity follows the windows held
+            popularity = self.partition_popularity[partition] = Popularity()   # follows the windows held
+            for windows in self.store.partitions[partition].values():
                 for w in windows.values():
-                    self.popularity.add(w)
+                    popularity.add(w)
+            self.unpublished.add(partition)   # a new owner overwrites the old owner's entry
         return self.owns(partition, epoch)
 
     @property
@@ -298,6 +338,7 @@ class MicroBatchService:
                 events.append(got)
         lookup = self.store.partitions[partition].get
         outcome = apply_batch(lookup, events, self.encoder.window)
+        popularity = self.partition_popularity[partition]
         changed = []
         for user, state in outcome.updates.items():
             old = lookup(user) or {}
@@ -306,8 +347,10 @@ class MicroBatchService:
                 if window is not before:
                     changed.append((user, scene, window))
                     added, removed = window_diff(before, window)
-                    self.popularity.add(added)
-                    self.popularity.remove(removed)
+                    popularity.add(added)
+                    popularity.remove(removed)
+        if changed:
+            self.unpublished.add(partition)
         self.store.put(partition, outcome.updates, recs[-1].offset)
         return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed)
 
@@ -370,6 +413,73 @@ class MicroBatchService:
         """The newest event time a record may carry: its broker timestamp (else now) plus the allowed clock skew."""
         base = record.timestamp_ms if record.timestamp_ms > 0 else int(time.time() * 1000)
         return base + self.max_clock_skew_ms
+
+    # ---- shared popularity ---------------------------------------------------------------------------------------
+
+    async def publish_popularity(self, topic: str) -> int:
+        """Send the counts of each held partition that changed since it was last published to the shared topic,
+        keyed by the partition number; returns how many were sent. A failed send is retried at the next call."""
+        producer = self.store.producer
+        due = sorted(p for p in self.unpublished if p in self.partition_popularity)
+        if producer is None or not due:
+            return 0
+        sends = []
+        for p in due:
+            self.unpublished.discard(p)
+            sends.append((p, await producer.send(topic, popularity_value(self.partition_popularity[p]),
+                                                 key=str(p).encode())))
+        for p, sent in sends:
+            try:
+                await sent
+            except Exception:   # noqa: BLE001 - the counts are in memory; the next call sends them again
+                log.warning("popularity of partition %d not published; retrying", p, exc_info=True)
+                self.unpublished.add(p)
+        return len(sends)
+
+    def take_popularity(self, key: Optional[bytes], raw: Optional[bytes]) -> bool:
+        """Apply one record of the shared topic (the partition's latest counts replace its earlier ones); whether
+        it was valid. The caller re-sums (`merge_shared`) after a batch of them."""
+        got = decode_popularity(key, raw, self.config.scenes)
+        if isinstance(got, str):
+            log.warning("popularity record refused: %s", got)
+            return False
+        partition, counts = got
+        if counts is None:
+            self.shared_counts.pop(partition, None)
+        else:
+            self.shared_counts[partition] = counts
+        return True
+
+    def merge_shared(self) -> None:
+        self.shared = merge_partitions(self.shared_counts.values()) if self.shared_counts else None
+
+    async def follow_popularity(self, topic: str) -> None:
+        """Read the shared popularity topic from its start and keep following it (every worker, outside the group)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", metadata_max_age_ms=5000)
+        await consumer.start()
+        try:
+            while topic not in await consumer.topics():   # the worker creates it at start
+                await asyncio.sleep(0.5)
+            consumer.subscribe([topic])
+            while True:
+                fetched = await consumer.getmany(timeout_ms=1000)
+                taken = [self.take_popularity(m.key, m.value) for tp in sorted(fetched, key=lambda t: t.partition)
+                         for m in fetched[tp]]
+                if any(taken):
+                    self.merge_shared()
+        finally:
+            await consumer.stop()
+
+    @property
+    def popularity(self) -> Popularity:
+        """This worker's own counts: the items in the windows of the partitions it holds."""
+        return merge_partitions(p.counts for p in self.partition_popularity.values())
+
+    def popular(self) -> Popularity:
+        """What the popular fallback ranks: every partition's latest shared counts, summed (the same on every
+        worker once they have read the same records); this worker's own counts until anything is shared."""
+        return self.shared if self.shared is not None else self.popularity
 
     # ---- what serving reads -------------------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
             scene, k, exclude_seen = parse_query(request.query, config.scenes)
             state = service.state_of(user)
             found = await service.user_record(user)
-            return self.json(recommendation(user, scene, k, exclude_seen, state, found, index, service.popularity,
+            return self.json(recommendation(user, scene, k, exclude_seen, state, found, index, service.popular(),
                                             service.encoder.version))
 
     @app.page("/users/{user_id}/interests")

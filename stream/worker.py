@@ -2,6 +2,7 @@
 
     clicks --ClicksFeeder (getmany)--> MicroBatchService.handle --> user-interests, clicks-dlq, then the changelog
     item-catalog --CatalogFollower--> the item index          HTTP views (web.py) --> recommend.py
+    each held partition's popularity --> <app-id>-popularity --> every worker's popular fallback
 
 The feeder (feeder.py) is the consumer group member; Faust gives the web server, timers, the producer of declared
 topics and the lifecycle; the service does the work. This module only wires them together and says what a crash
@@ -27,7 +28,7 @@ from .broker import bootstrap_servers
 from .catalog import CATALOG_CONFIG, CatalogFollower
 from .metrics import WorkerMetrics
 from .feeder import ClicksFeeder
-from .service import MicroBatchService
+from .service import POPULARITY_CONFIG, MicroBatchService
 from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
 from .web import register as register_web
 
@@ -53,6 +54,7 @@ class WorkerConfig:
     index_path: str = ""                 # load a saved index (`scenestream index build`) instead of building one
     replication_factor: int = 1          # of the topics the worker creates (changelog, catalog, outputs)
     max_clock_skew: float = 3600.0       # seconds an event's ts may be ahead of its record's broker timestamp
+    popularity_interval: float = 5.0     # seconds between publications of a partition's changed popularity
 
     @property
     def url(self) -> str:
@@ -68,6 +70,10 @@ class WorkerConfig:
     @property
     def changelog(self) -> str:
         return self.changelog_topic or f"{self.app_id}-state-changelog"
+
+    @property
+    def popularity_topic(self) -> str:
+        return f"{self.app_id}-popularity"
 
 
 def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
@@ -140,6 +146,14 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     async def follow_catalog():   # a restart rebuilds the index from the catalog topic
         await or_crash(catalog.run(), "the catalog follower")
 
+    @app.task
+    async def follow_popularity():   # every worker sums the same latest counts per partition
+        await or_crash(service.follow_popularity(cfg.popularity_topic), "the popularity follower")
+
+    @app.timer(interval=cfg.popularity_interval)
+    async def share_popularity():   # each held partition's counts, when they changed
+        await service.publish_popularity(cfg.popularity_topic)
+
     @app.timer(interval=5.0)
     async def report():
         for p in service.assigned:
@@ -173,7 +187,8 @@ def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "inf
 
 async def prepare_topics(cfg: WorkerConfig) -> None:
     """Before the app starts: the changelog created compacted with infinite retention, with a partition for every
-    clicks partition (state partition p holds source partition p), and the catalog topic compacted. An existing
+    clicks partition (state partition p holds source partition p), and the catalog and popularity topics
+    compacted. An existing
     topic is never changed: wrong settings are logged as warnings; too few changelog partitions stop the worker
     (its writes would fail on every start)."""
     clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic)
@@ -181,7 +196,8 @@ async def prepare_topics(cfg: WorkerConfig) -> None:
         await ensure_topic(cfg.bootstrap, cfg.clicks_topic, cfg.partitions, cfg.replication_factor, {})
         clicks = cfg.partitions
     for topic, partitions, config in ((cfg.changelog, clicks, CHANGELOG_CONFIG),
-                                      (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG)):
+                                      (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG),
+                                      (cfg.popularity_topic, 1, POPULARITY_CONFIG)):
         for problem in await ensure_topic(cfg.bootstrap, topic, partitions, cfg.replication_factor, config):
             log.warning("%s", problem)
     have = await partition_count(cfg.bootstrap, cfg.changelog) or 0

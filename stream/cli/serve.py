@@ -42,10 +42,14 @@ from .common import DEVICE, encoder_cache_option, open_model
 @click.option("--max-clock-skew", default=3600.0, type=click.FloatRange(min=0),
               help="Seconds an event's ts may be ahead of its record's broker timestamp; later ones are dead "
                    "letters (ts_in_future): a window of future events would make every real event late.")
+@click.option("--popularity-interval", default=5.0, type=click.FloatRange(min=0.1),
+              help="Seconds between publications of each held partition's item counts (only those that changed) "
+                   "to `<app-id>-popularity`, which every worker follows: the popular fallback of every worker "
+                   "agrees within about this long.")
 @encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path,
-           replication_factor, max_clock_skew, encoder_cache_mb):
+           replication_factor, max_clock_skew, popularity_interval, encoder_cache_mb):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
@@ -61,7 +65,8 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
                        output_topic=output_topic, partitions=partitions, batch_max=batch_max, batch_wait=batch_wait,
                        web_host=web_host, web_port=web_port, canonical_url=canonical_url,
                        catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
-                       replication_factor=replication_factor, max_clock_skew=max_clock_skew)
+                       replication_factor=replication_factor, max_clock_skew=max_clock_skew,
+                       popularity_interval=popularity_interval)
     try:
         index = open_index(cfg, encoder)
         asyncio.run(prepare_topics(cfg))

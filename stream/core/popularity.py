@@ -2,13 +2,20 @@
 
 Ranked by count, ties broken by item id: a rule that depends only on the counts, never on the order events
 arrived in, so replay, the API's fallback and the MostPop baseline of the evaluation rank the same counts the same.
+
+Workers share popularity per partition of `clicks` (docs/operations.md, "One popular list"): each publishes its
+partitions' counts (`top_counts`), and every worker ranks the sum of the latest counts of every partition
+(`merge_partitions`), so the popular fallback does not depend on which worker answers.
 """
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, insort
 from collections import Counter, defaultdict
-from typing import Callable, Collection, Iterable, Optional
+from typing import Callable, Collection, Iterable, Mapping, Optional, Union
+
+# counts of one partition, {scene: [[item_id, count], ...]} (best first) or {scene: {item_id: count}}
+PartitionCounts = Mapping[str, Union[Mapping[str, int], Iterable[tuple[str, int]]]]
 
 
 def rank_key(pair: tuple[str, int]) -> tuple[int, str]:
@@ -53,6 +60,27 @@ class Popularity:
         """The n most popular (item_id, count) of `scene` (None: all scenes) that `keep` accepts, best first."""
         pairs = ((item, c) for item, c in self.count_of(scene).items() if c > 0 and keep(item))
         return heapq.nsmallest(n, pairs, key=rank_key) if n is not None else sorted(pairs, key=rank_key)
+
+
+def top_counts(popularity: Popularity, depth: int) -> dict[str, list[tuple[str, int]]]:
+    """The `depth` most counted (item_id, count) of each scene, best first: what a worker publishes for one
+    partition. Exact for every scene with at most `depth` items counted."""
+    return {scene: popularity.ranked(scene, depth) for scene in sorted(popularity.counts)}
+
+
+def merge_partitions(parts: Iterable[PartitionCounts]) -> Popularity:
+    """The sum of partitions' counts, as one Popularity to rank: the order of `parts` changes nothing, and each
+    partition must be given once (its latest counts), so nothing is counted twice."""
+    merged = Popularity()
+    for part in parts:
+        for scene, pairs in part.items():
+            counts = merged.counts[scene]
+            for item, c in (pairs.items() if isinstance(pairs, Mapping) else pairs):
+                if c > 0:
+                    counts[item] += c
+            if not counts:
+                del merged.counts[scene]
+    return merged
 
 
 class RunningTop:
