@@ -23,8 +23,8 @@ PRESETS: dict[Optional[str], dict] = {
 # How long a run of the defaults took on the 2-core development machine (BENCHMARKS.md, "Recommendation quality";
 # training logs a budget for the run at hand after its first steps)
 TIME_HERE: dict[Optional[str], str] = {
-    "ml-1m": "genre scenes (the default) ~75-90 s an epoch, ~10-12 min for 8; one scene (--scenes single) ~55 s an "
-             "epoch, ~7 min; genre NDCG@10 ~0.194, one scene ~0.192",
+    "ml-1m": "genre scenes (the default) ~65-70 s an epoch, ~9-10 min for 8; one scene (--scenes single) ~45 s an "
+             "epoch, ~6 min; genre NDCG@10 ~0.195, one scene ~0.192",
     "ml-1m-5core": "about as ml-1m (999,611 of its 1,000,209 ratings)",
     "ml-100k": "one scene ~1.5 min; genre scenes ~15-25 s an epoch",
 }
