@@ -121,7 +121,7 @@ class InterestEncoder:
         self.scenes = ckpt.scenes
         self.scene_index = {s: i for i, s in enumerate(ckpt.scenes)}
         self.action_index = {a: i for i, a in enumerate(ckpt.actions)}
-        self.batch_size = batch_size
+        self.batch_size, self.cache_mb = batch_size, cache_mb
         cfg, budget = self.model.cfg, int(cache_mb * 2**20)
         if cfg.own_scene_stack:
             # per user up to S scene windows and one merged window: the budget is split in that proportion

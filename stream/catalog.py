@@ -14,6 +14,10 @@ again from the checkpoint's item table, which the catalog only amends. A new ite
 `cold_start_vector`): it scores like an average item of the scene, so it is recommendable without swamping
 recommendations until a vector from a retrained model arrives.
 
+A model swap (stream/swap.py) brings a new index built from the new checkpoint: `switch` applies to it every catalog
+record applied so far, read again from the topic (what a restart with that checkpoint would do), and hands it over
+while no other record is being applied, so no record reaches only the old index.
+
 `decode_update` and `collapse` are pure; `CatalogFollower` is the thin consumer around them.
 """
 from __future__ import annotations
@@ -133,6 +137,8 @@ class CatalogFollower:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")  # big batches stay off the loop
         self.caught_up = False
         self.counts = {"upserted": 0, "deleted": 0, "rejected": 0}
+        self.lock = asyncio.Lock()          # a batch of records is applied, or the index switched, never both
+        self.applied: dict[int, int] = {}   # partition -> offset of the last record applied (or refused)
 
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -142,23 +148,43 @@ class CatalogFollower:
         self.count("rejected", 1)
         log.warning("catalog record %s refused: %s", where, why)
 
-    async def _apply(self, updates: list[CatalogUpdate]) -> None:
-        """Apply a batch off the event loop; should the index refuse it, apply its records one by one, so only
-        the record it refuses is lost, never the follower."""
+    async def _apply(self, updates: list[CatalogUpdate], index=None, count: bool = True) -> None:
+        """Apply a batch off the event loop (to the index in use, or `index`); should the index refuse it, apply its
+        records one by one, so only the record it refuses is lost, never the follower."""
         run = asyncio.get_running_loop().run_in_executor
+        index = self.index if index is None else index
         try:
-            done = [await run(self.pool, apply_updates, self.index, updates)]
+            done = [await run(self.pool, apply_updates, index, updates)]
         except ValueError:
             done = []
             for u in updates:
                 try:
-                    done.append(await run(self.pool, apply_updates, self.index, [u]))
+                    done.append(await run(self.pool, apply_updates, index, [u]))
                 except ValueError as exc:
-                    self._reject(f"item {u.item_id[:64]!r}", str(exc))
-        for d in done:
+                    if count:
+                        self._reject(f"item {u.item_id[:64]!r}", str(exc))
+        for d in done if count else ():
             for k, v in d.items():
                 self.counts[k] += v
                 self.count(k, v)
+
+    async def switch(self, index, then: Callable[[], None]) -> int:
+        """Apply every record applied so far to `index` (read again from the topic, decoded for its dimension) and
+        make it the index followed from now on, then call `then()` (no await between: nothing is applied to either
+        index in between). Returns the number of records read again."""
+        from .service import read_range
+        async with self.lock:
+            updates, n = [], 0
+            for partition, last in sorted(self.applied.items()):
+                async for page in read_range(self.bootstrap, self.topic, partition, 0, last):
+                    n += len(page)
+                    updates += [u for u in (decode_update(r.value, self.config, index.dim) for r in page)
+                                if not isinstance(u, str)]
+            if updates:
+                await self._apply(updates, index, count=False)
+            self.index, self.dim = index, index.dim
+            then()
+        return n
 
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -173,16 +199,19 @@ class CatalogFollower:
             ends = None
             while True:
                 fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
-                updates = []
-                for tp in sorted(fetched, key=lambda t: t.partition):
-                    for m in fetched[tp]:
-                        u = decode_update(m.value, self.config, self.dim)
-                        if isinstance(u, str):
-                            self._reject(f"{tp.topic}[{tp.partition}]@{m.offset}", u)
-                        else:
-                            updates.append(u)
-                if updates:
-                    await self._apply(updates)
+                async with self.lock:
+                    updates = []
+                    for tp in sorted(fetched, key=lambda t: t.partition):
+                        for m in fetched[tp]:
+                            u = decode_update(m.value, self.config, self.dim)
+                            if isinstance(u, str):
+                                self._reject(f"{tp.topic}[{tp.partition}]@{m.offset}", u)
+                            else:
+                                updates.append(u)
+                        if fetched[tp]:
+                            self.applied[tp.partition] = fetched[tp][-1].offset
+                    if updates:
+                        await self._apply(updates)
                 tps = consumer.assignment()
                 if not self.caught_up and tps:
                     if ends is None:

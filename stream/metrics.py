@@ -1,7 +1,9 @@
 """Prometheus metrics of one worker (served at /metrics)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
@@ -24,18 +26,34 @@ class WorkerMetrics:
                                registry=r)
         self.requests = Counter("scenestream_http_requests", "HTTP requests, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        self.model_swaps = Counter("scenestream_model_swaps", "New checkpoints found by the model poll, by outcome: "
+                                   "swapped (now serving), refused (kept the model in use)", ["outcome"], registry=r)
+        self.model = Info("scenestream_model", "The model version in use", registry=r)
+        self._caches: _CacheCollector | None = None
 
-    def watch_cache(self, caches) -> None:
-        """Export the incremental encoder's caches (model/window_cache.py), summed, as they are at each scrape."""
-        self.registry.register(_CacheCollector(caches))
+    def watch_cache(self, caches: Callable[[], Iterable]) -> None:
+        """Export the incremental encoder's caches (model/window_cache.py), summed, as they are at each scrape;
+        `caches()` gives the caches of the model in use (a model swap brings new ones)."""
+        self._caches = _CacheCollector(caches)
+        self.registry.register(self._caches)
+
+    def retire_cache(self, caches: Iterable) -> None:
+        """A swapped-out model's caches: their counts stay in the counters, so the counters never go down."""
+        if self._caches is not None:
+            for c in caches:
+                for stat in _CacheCollector.COUNTED:
+                    self._caches.retired[stat] += c.stats[stat]
 
 
 class _CacheCollector:
-    def __init__(self, caches) -> None:
-        self.caches = list(caches)
+    COUNTED = ("hits", "extends", "misses", "evictions")
+
+    def __init__(self, caches: Callable[[], Iterable]) -> None:
+        self.caches = caches
+        self.retired = dict.fromkeys(self.COUNTED, 0)
 
     def _sum(self, stat: str) -> int:
-        return sum(c.stats[stat] for c in self.caches)
+        return self.retired[stat] + sum(c.stats[stat] for c in self.caches())
 
     def collect(self):
         looked = CounterMetricFamily("scenestream_encoder_cache_lookups", "Windows looked up in the encoder's cache, "
@@ -47,6 +65,6 @@ class _CacheCollector:
         yield CounterMetricFamily("scenestream_encoder_cache_evictions", "Cached windows dropped for room",
                                   value=self._sum("evictions"))
         yield GaugeMetricFamily("scenestream_encoder_cache_bytes", "Bytes the cache's entries hold (its budget is "
-                                "preallocated)", value=sum(len(c) * c.entry_bytes for c in self.caches))
+                                "preallocated)", value=sum(len(c) * c.entry_bytes for c in self.caches()))
         yield GaugeMetricFamily("scenestream_encoder_cache_windows", "Windows cached ((user, scene) and merged)",
-                                value=sum(len(c) for c in self.caches))
+                                value=sum(len(c) for c in self.caches()))

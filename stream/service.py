@@ -19,6 +19,11 @@ its partition's epoch is still the one it started under, else the new owner (may
 The durable marker, not the group's committed offset, says where durable state ends: at assignment the consumer
 is positioned right after it (stream/feeder.py), and a batch that starts past it first re-reads the gap.
 
+The model in use is one immutable `Serving` bundle (encoder and item index, whose version is the encoder's),
+replaced in one assignment by a model swap (stream/swap.py). A micro-batch takes the bundle once, when it starts
+encoding, and a request once, when it starts, so neither ever mixes two models. Windows are raw events and stay;
+a record published under another model is recomputed under the one in use when a request reads it.
+
 The service also keeps what serving reads: each owned user's newest record, and the popularity of the items in the
 windows it holds, per partition (so a re-delivery or a recovery never counts an event twice). It publishes each
 partition's counts to the shared popularity topic when they changed, and follows that topic: the popular fallback
@@ -39,6 +44,7 @@ from typing import AsyncIterator, Optional, Sequence, Union
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from scenestream.index import ItemIndex
 from scenestream.model.infer import InterestEncoder
 
 from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
@@ -61,6 +67,17 @@ POPULAR_RECORD_BYTES = 900_000  # a popularity record fits Kafka's default 1 MiB
 # The shared popularity topic keeps each clicks partition's latest counts (key: the partition number), compacted with
 # infinite retention like the changelog: a partition idle for a week still counts.
 POPULARITY_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The model in use: an encoder and the item index of its vectors (plus the catalog), swapped as one."""
+    encoder: InterestEncoder
+    index: Optional[ItemIndex] = None
+
+    @property
+    def version(self) -> str:
+        return self.encoder.version
 
 
 @dataclass(frozen=True)
@@ -167,8 +184,10 @@ class _Batch:
 
 class MicroBatchService:
     def __init__(self, encoder: InterestEncoder, store: ChangelogStore, output_topic: str, dlq_topic: str,
-                 bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0):
-        self.encoder, self.store = encoder, store
+                 bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0,
+                 index: Optional[ItemIndex] = None):
+        self.model = Serving(encoder, index)   # replaced whole by a swap (`use`), never changed in place
+        self.store = store
         self.output_topic, self.dlq_topic, self.bootstrap = output_topic, dlq_topic, bootstrap
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.metrics = metrics or WorkerMetrics()
@@ -185,6 +204,16 @@ class MicroBatchService:
         self._epochs = 0
         self._tail: Optional[asyncio.Future[None]] = None          # the last batch submitted, until durable
         self._full_gc_at = time.monotonic()
+
+    @property
+    def encoder(self) -> InterestEncoder:
+        return self.model.encoder
+
+    def use(self, model: Serving) -> Serving:
+        """Serve `model` from now on (one assignment: a batch or request that already took the old bundle finishes
+        with it); returns the old one. The caller has checked that its scenes, actions and window are ours."""
+        old, self.model = self.model, model
+        return old
 
     # ---- ownership ----------------------------------------------------------------------------------------------
 
@@ -337,7 +366,7 @@ class MicroBatchService:
             else:
                 events.append(got)
         lookup = self.store.partitions[partition].get
-        outcome = apply_batch(lookup, events, self.encoder.window)
+        outcome = apply_batch(lookup, events, self.config.window)
         popularity = self.partition_popularity[partition]
         changed = []
         for user, state in outcome.updates.items():
@@ -356,16 +385,17 @@ class MicroBatchService:
 
     def _encode(self, parts: list["_Part"], records: Sequence[Record]) -> "_Batch":
         """Start encoding every part's touched users in one forward, in the encode thread (batches queue there in
-        order)."""
+        order), with the model in use now: the whole batch is encoded by one model."""
         updates = {u: st for p in parts for u, st in p.outcome.updates.items()}
         encoded = None
         if updates:
-            encoded = asyncio.get_running_loop().run_in_executor(self.pool, self._timed_records, updates)
+            encoded = asyncio.get_running_loop().run_in_executor(self.pool, self._timed_records, self.model.encoder,
+                                                                 updates)
         return _Batch(records, parts, encoded)
 
-    def _timed_records(self, updates: dict[str, UserState]) -> list[dict]:
+    def _timed_records(self, encoder: InterestEncoder, updates: dict[str, UserState]) -> list[dict]:
         t0 = time.perf_counter()
-        records = interest_records(self.encoder, updates)
+        records = interest_records(encoder, updates)
         self.metrics.encode_seconds.observe(time.perf_counter() - t0)
         return records
 
@@ -493,14 +523,18 @@ class MicroBatchService:
         p = self.partition_of(user)
         return self.store.get(p, user) if p is not None else None
 
-    async def user_record(self, user: str) -> Optional[tuple[dict, Optional[float]]]:
-        """The user's current record and when it was applied here (None after a restart until touched again)."""
+    async def user_record(self, user: str, model: Optional[Serving] = None
+                          ) -> Optional[tuple[dict, Optional[float]]]:
+        """The user's current record under `model` (default: the one in use) and when it was applied here (None
+        after a restart until touched again). A user not touched since a model swap has a published record of the
+        old model: it is recomputed from the windows, never served against the new model's items."""
+        model = model or self.model
         hit = self.latest.get(user)
-        if hit is not None:
+        if hit is not None and hit[0]["model_version"] == model.version:
             return hit
         state = self.state_of(user)
         if state is None:
             return None
-        records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, self.encoder,
+        records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, model.encoder,
                                                                    {user: state})
-        return records[0], None
+        return records[0], hit[1] if hit is not None else None

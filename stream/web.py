@@ -50,10 +50,10 @@ def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
     return scene, k, raw_ex in TRUE
 
 
-def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, index,
-             catalog_caught_up) -> None:
-    """service: the MicroBatchService; owner_url(key): the API URL of the worker owning that clicks key; index: the
-    live ItemIndex; catalog_caught_up(): readiness of the catalog."""
+def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, catalog_caught_up) -> None:
+    """service: the MicroBatchService (its `model` is the encoder and live item index in use, swapped as one: each
+    request takes it once); owner_url(key): the API URL of the worker owning that clicks key; catalog_caught_up():
+    readiness of the catalog."""
     config = service.config
 
     def error(view: View, status: int, message: str) -> Response:
@@ -94,10 +94,11 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
         async def get(self, request: Request, user_id: str) -> Response:
             user = parse_user(user_id, config)
             scene, k, exclude_seen = parse_query(request.query, config.scenes)
+            model = service.model   # once: the user's vector and the items it ranks come from one model
             state = service.state_of(user)
-            found = await service.user_record(user)
-            return self.json(recommendation(user, scene, k, exclude_seen, state, found, index, service.popular(),
-                                            service.encoder.version))
+            found = await service.user_record(user, model)
+            return self.json(recommendation(user, scene, k, exclude_seen, state, found, model.index,
+                                            service.popular(), model.version))
 
     @app.page("/users/{user_id}/interests")
     class Interests(View):
@@ -121,7 +122,8 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
         @counted("readyz")
         async def get(self, request: Request) -> Response:
             ready = service.recovered and catalog_caught_up()
-            return self.json({"ready": ready, "model_version": service.encoder.version, "items": len(index),
+            model = service.model
+            return self.json({"ready": ready, "model_version": model.version, "items": len(model.index),
                               "assigned_partitions": sorted(service.assigned),
                               "recovered_partitions": sorted(service.store.partitions)},
                              status=200 if ready else 503)

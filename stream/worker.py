@@ -2,6 +2,7 @@
 
     clicks --ClicksFeeder (getmany)--> MicroBatchService.handle --> user-interests, clicks-dlq, then the changelog
     item-catalog --CatalogFollower--> the item index          HTTP views (web.py) --> recommend.py
+    the checkpoint folder --ModelWatcher (swap.py), every --model-poll s--> a new encoder and index, swapped as one
     each held partition's popularity --> <app-id>-popularity --> every worker's popular fallback
 
 The feeder (feeder.py) is the consumer group member; Faust gives the web server, timers, the producer of declared
@@ -30,6 +31,7 @@ from .metrics import WorkerMetrics
 from .feeder import ClicksFeeder
 from .service import POPULARITY_CONFIG, MicroBatchService
 from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
+from .swap import ModelWatcher, load_model
 from .web import register as register_web
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class WorkerConfig:
     replication_factor: int = 1          # of the topics the worker creates (changelog, catalog, outputs)
     max_clock_skew: float = 3600.0       # seconds an event's ts may be ahead of its record's broker timestamp
     popularity_interval: float = 5.0     # seconds between publications of a partition's changed popularity
+    checkpoint: str = ""                 # the checkpoint folder, watched for new models (swap.py); "": not watched
+    model_poll: float = 30.0             # seconds between looks at the checkpoint folder; 0: never swap
 
     @property
     def url(self) -> str:
@@ -114,15 +118,19 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
              ) -> tuple[faust.App, MicroBatchService]:
     app = _App(cfg.app_id, **faust_settings(cfg))
     metrics = WorkerMetrics()
-    metrics.watch_cache(encoder.caches)
     index = index if index is not None else open_index(cfg, encoder)
     service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
-                                max_clock_skew_s=cfg.max_clock_skew)
+                                max_clock_skew_s=cfg.max_clock_skew, index=index)
+    metrics.watch_cache(lambda: service.model.encoder.caches)
+    metrics.model.info({"version": encoder.version})
     feeder = ClicksFeeder(service, cfg.bootstrap, cfg.clicks_topic, cfg.app_id, cfg.url, cfg.batch_max,
                           cfg.batch_wait)
     catalog = CatalogFollower(cfg.bootstrap, cfg.catalog_topic, index, service.config, index.dim,
                               count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n))
+    # a saved --index belongs to the start model: a swapped-in model's index is built with --index-kind
+    watcher = ModelWatcher(cfg.checkpoint, service, catalog, metrics,
+                           lambda path: load_model(path, service.model.encoder, cfg.index_kind))
 
     @app.task
     async def feed():   # crash-only: a failed batch is neither durable nor committed; a restart redoes it
@@ -131,10 +139,16 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     @app.on_before_shutdown.connect
     async def on_shutdown(app, **kwargs):   # finish the batch in flight, leave the group, then close
         catalog.stop()
+        watcher.stop()
         await feeder.stop()
         await service.stop()
 
-    register_web(app, service, feeder.owner_url, cfg.url, index, lambda: catalog.caught_up)
+    register_web(app, service, feeder.owner_url, cfg.url, lambda: catalog.caught_up)
+
+    if cfg.checkpoint and cfg.model_poll > 0:
+        @app.task
+        async def watch_model():   # never crashes: a checkpoint it cannot serve is refused and logged
+            await watcher.run(cfg.model_poll)
 
     @app.task
     async def declare_topics():

@@ -46,10 +46,15 @@ from .common import DEVICE, encoder_cache_option, open_model
               help="Seconds between publications of each held partition's item counts (only those that changed) "
                    "to `<app-id>-popularity`, which every worker follows: the popular fallback of every worker "
                    "agrees within about this long.")
+@click.option("--model-poll", default=30.0, type=click.FloatRange(min=0),
+              help="Seconds between looks at the --checkpoint folder: when a deploy has put a new model there (same "
+                   "scenes, actions and window), the worker loads it and its item index in the background and "
+                   "swaps both at once, keeping every window; records published after carry its model_version. "
+                   "0 = never (a new model needs a restart).")
 @encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path,
-           replication_factor, max_clock_skew, popularity_interval, encoder_cache_mb):
+           replication_factor, max_clock_skew, popularity_interval, model_poll, encoder_cache_mb):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
@@ -66,7 +71,7 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
                        web_host=web_host, web_port=web_port, canonical_url=canonical_url,
                        catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
                        replication_factor=replication_factor, max_clock_skew=max_clock_skew,
-                       popularity_interval=popularity_interval)
+                       popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll)
     try:
         index = open_index(cfg, encoder)
         asyncio.run(prepare_topics(cfg))
