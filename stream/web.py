@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import aiohttp
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -67,9 +68,13 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
                 if owner is None:
                     return error(self, 503, "the user's partition has no owner right now (a rebalance); retry")
                 if owner != self_url:
-                    async with app.http_client.get(owner.rstrip("/") + request.path_qs,
-                                                   headers={FORWARDED: self_url}) as r:
-                        return self.bytes(await r.read(), content_type=r.content_type, status=r.status)
+                    try:
+                        async with app.http_client.get(owner.rstrip("/") + request.path_qs,
+                                                       headers={FORWARDED: self_url}) as r:
+                            return self.bytes(await r.read(), content_type=r.content_type, status=r.status)
+                    except (aiohttp.ClientError, TimeoutError):
+                        # e.g. the owner died and the group has not noticed yet: retryable, like a rebalance
+                        return error(self, 503, "the owner of the user's partition is unreachable; retry")
             return await fun(self, request, user_id)
         handler.__name__ = fun.__name__
         return handler
