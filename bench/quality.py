@@ -59,12 +59,13 @@ def cli(*args: str) -> list[str]:
 
 
 def train(dataset: str, scenes: str, seed: int, out: Path, cutoff: float | None = None,
-          epochs: int | None = None) -> dict:
+          epochs: int | None = None, batch_users: int | None = None) -> dict:
     """Train with the user-facing command unless `out` already holds a checkpoint; return the training summary."""
     if not (out / "config.json").exists():
         cmd = cli("train", "--dataset", dataset, "--scenes", scenes, "--seed", str(seed), "--out", str(out),
                   "--device", "cpu", "--json", *(["--cutoff", str(cutoff)] if cutoff else []),
-                  *(["--epochs", str(epochs)] if epochs else []))
+                  *(["--epochs", str(epochs)] if epochs else []),
+                  *(["--batch-users", str(batch_users)] if batch_users else []))
         print("$", " ".join(cmd[3:]), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     meta = load_checkpoint(out).meta
@@ -119,7 +120,8 @@ def run(args) -> dict:
             for seed in seeds:
                 ckpt = args.workdir / f"{dataset}-{scenes}-s{seed}"
                 epochs = args.genre_epochs if scenes == "genre" else None
-                res.setdefault(scenes, []).append({"seed": seed, "train": train(dataset, scenes, seed, ckpt, epochs=epochs),
+                res.setdefault(scenes, []).append({"seed": seed, "train": train(dataset, scenes, seed, ckpt, epochs=epochs,
+                                                                                 batch_users=args.batch_users),
                                                    **evaluate(ckpt, cases, scenes == "genre")})
                 print(json.dumps({dataset: {scenes: res[scenes][-1]}}), file=sys.stderr, flush=True)
         if args.prequential and dataset == "ml-1m":
@@ -207,6 +209,8 @@ def main() -> None:
     ap.add_argument("--cutoff", type=float, default=0.8, help="Prequential time cutoff.")
     ap.add_argument("--genre-epochs", type=int, default=None, help="Epochs of the genre-scene models (default: the "
                     "data set's training default).")
+    ap.add_argument("--batch-users", type=int, default=None, help="User segments per training step of the one-scene "
+                                                                   "and genre models (default: the data set's preset).")
     ap.add_argument("--prequential-epochs", type=int, default=None, help="Epochs of the prequential model.")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "quality",
                     help="Checkpoints (reused when present) and results.json.")
