@@ -34,6 +34,7 @@ import numpy as np
 
 from .core.config import StreamConfig
 from .core.events import Rejection, check_id
+from .state import CHANGELOG_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CatalogUpdate:
 
 
 # Compacted by item id: each item's latest record is all a worker needs (deletes are records, never tombstones).
-CATALOG_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
+CATALOG_CONFIG = CHANGELOG_CONFIG   # compacted, kept forever
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 

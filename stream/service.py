@@ -53,7 +53,7 @@ from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import PartitionCounts, Popularity, merge_partitions, top_counts
 from .core.window import UserState, Window, window_diff
 from .metrics import WorkerMetrics
-from .state import ChangelogStore
+from .state import CHANGELOG_CONFIG, ChangelogStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ POPULAR_DEPTH = 2000           # items per scene in a partition's popularity rec
 POPULAR_RECORD_BYTES = 900_000  # a popularity record fits Kafka's default 1 MiB: fewer items per scene if need be
 # The shared popularity topic keeps each clicks partition's latest counts (key: the partition number), compacted with
 # infinite retention like the changelog: a partition idle for a week still counts.
-POPULARITY_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
+POPULARITY_CONFIG = CHANGELOG_CONFIG
 
 
 @dataclass(frozen=True)
