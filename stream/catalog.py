@@ -23,9 +23,9 @@ while no other record is being applied, so no record reaches only the old index.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from .core.config import StreamConfig
-from .core.events import Rejection, check_id
+from .core.events import Rejection, _slow_loads, check_id
 from .state import CHANGELOG_CONFIG
 
 log = logging.getLogger(__name__)
@@ -52,46 +52,72 @@ CATALOG_CONFIG = CHANGELOG_CONFIG   # compacted, kept forever
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, str]:
-    """A CatalogUpdate, or a string saying why the record was refused. Total: never raises, whatever the bytes
-    (every worker replays the whole topic at start, so one record that raised would stop them all, forever). Item
-    ids follow the events' id rule (core/events.py `check_id`): an item whose clicks would be refused is never
-    indexed; vectors must be finite as float32, what the index stores."""
+# Refusal reasons: a closed set, so they can label logs and counts (Rejection.reason; detail says more).
+CATALOG_REASONS = ("oversized", "not_utf8", "bad_json", "non_finite", "not_object", "missing_field", "wrong_type",
+                   "empty_field", "too_long", "bad_chars", "unknown_op", "unknown_scene", "wrong_dim",
+                   "decoder_error")
+
+
+def max_record_bytes(dim: int) -> int:
+    """The largest record read for dimension d: 32 bytes per number (a float32 in JSON takes at most ~16) plus 4 KiB
+    for the rest. Anything larger is refused unparsed, so a huge vector costs no parse."""
+    return 4096 + 32 * dim
+
+
+def decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, Rejection]:
+    """A CatalogUpdate, or a Rejection (reason in CATALOG_REASONS, detail for humans). Total: never raises, whatever
+    the bytes (every worker replays the whole topic at start, so one record that raised would stop them all,
+    forever). Item ids follow the events' id rule (core/events.py `check_id`): an item whose clicks would be refused
+    is never indexed; vectors must be d numbers finite as float32, what the index stores."""
     try:
         return _decode_update(raw, config, dim)
     except Exception as exc:  # a bug here must refuse one record, never stop the follower
-        return f"decoder_error: {type(exc).__name__}: {exc}"[:200]
+        return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
 
 
-def _decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, str]:
-    try:
-        obj = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return f"bad_json: {str(exc)[:100]}"
+def _decode_update(raw: Optional[bytes], config: StreamConfig, dim: int) -> Union[CatalogUpdate, Rejection]:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return Rejection("not_object", f"record value is {type(raw).__name__}, not JSON bytes")
+    if len(raw) > max_record_bytes(dim):
+        return Rejection("oversized", f"{len(raw)} bytes > {max_record_bytes(dim)} for d={dim}")
+    obj = _slow_loads(raw)      # the stdlib parser: NaN / Infinity literals refused, big integers exact
+    if isinstance(obj, Rejection):
+        return obj
     if not isinstance(obj, dict):
-        return "not_object"
-    item = check_id(obj.get("item_id"), "item_id", config)
+        return Rejection("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    if "item_id" not in obj:
+        return Rejection("missing_field", "missing field 'item_id'")
+    item = check_id(obj["item_id"], "item_id", config)
     if isinstance(item, Rejection):
-        return f"{item.reason}: {item.detail}"
+        return item
     op = obj.get("op", "upsert")
     if op == "delete":
         return CatalogUpdate(item, delete=True)
     if op != "upsert":
-        return f"unknown op {str(op)[:32]!r}"
+        return Rejection("unknown_op", f"op {str(op)[:32]!r} is not upsert or delete")
     scene = obj.get("scene")
-    if not isinstance(scene, str) or scene not in config.scenes:
-        return f"unknown_scene {str(scene)[:64]!r}"
+    if scene is None:
+        return Rejection("missing_field", "missing field 'scene'")
+    if not isinstance(scene, str):
+        return Rejection("wrong_type", f"scene must be a string, got {type(scene).__name__}")
+    if scene not in config.scenes:
+        return Rejection("unknown_scene", f"scene {scene[:64]!r} is not one of {list(config.scenes)}")
     vector = obj.get("vector")
     if vector is None:
         return CatalogUpdate(item, scene)
-    if not isinstance(vector, list) or len(vector) != dim or not all(_float32(x) for x in vector):
-        return f"vector must be {dim} numbers, finite as float32"
+    if not isinstance(vector, list):
+        return Rejection("wrong_type", f"vector must be a list of numbers, got {type(vector).__name__}")
+    if len(vector) != dim:
+        return Rejection("wrong_dim", f"vector has {len(vector)} numbers, the model's d is {dim}")
+    for x in vector:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return Rejection("wrong_type", f"vector holds a {type(x).__name__}, not a number")
+        if not _float32(x):
+            return Rejection("non_finite", "vector holds a number that is not finite as float32")
     return CatalogUpdate(item, scene, tuple(float(x) for x in vector))
 
 
 def _float32(x) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
     try:
         return math.isfinite(x) and abs(float(x)) <= FLOAT32_MAX
     except OverflowError:   # an int beyond float64 (10**400)
@@ -138,16 +164,18 @@ class CatalogFollower:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")  # big batches stay off the loop
         self.caught_up = False
         self.counts = {"upserted": 0, "deleted": 0, "rejected": 0}
+        self.refused: Counter = Counter()   # rejected records by reason (CATALOG_REASONS, or "index" below)
         self.lock = asyncio.Lock()          # a batch of records is applied, or the index switched, never both
         self.applied: dict[int, int] = {}   # partition -> offset of the last record applied (or refused)
 
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _reject(self, where: str, why: str) -> None:
+    def _reject(self, where: str, reason: str, detail: str) -> None:
         self.counts["rejected"] += 1
+        self.refused[reason] += 1
         self.count("rejected", 1)
-        log.warning("catalog record %s refused: %s", where, why)
+        log.warning("catalog record %s refused: %s: %s", where, reason, detail)
 
     async def _apply(self, updates: list[CatalogUpdate], index=None, count: bool = True) -> None:
         """Apply a batch off the event loop (to the index in use, or `index`); should the index refuse it, apply its
@@ -163,7 +191,7 @@ class CatalogFollower:
                     done.append(await run(self.pool, apply_updates, index, [u]))
                 except ValueError as exc:
                     if count:
-                        self._reject(f"item {u.item_id[:64]!r}", str(exc))
+                        self._reject(f"item {u.item_id[:64]!r}", "index", str(exc))
         for d in done if count else ():
             for k, v in d.items():
                 self.counts[k] += v
@@ -180,7 +208,7 @@ class CatalogFollower:
                 async for page in read_range(self.bootstrap, self.topic, partition, 0, last):
                     n += len(page)
                     updates += [u for u in (decode_update(r.value, self.config, index.dim) for r in page)
-                                if not isinstance(u, str)]
+                                if isinstance(u, CatalogUpdate)]
             if updates:
                 await self._apply(updates, index, count=False)
             self.index, self.dim = index, index.dim
@@ -205,8 +233,8 @@ class CatalogFollower:
                     for tp in sorted(fetched, key=lambda t: t.partition):
                         for m in fetched[tp]:
                             u = decode_update(m.value, self.config, self.dim)
-                            if isinstance(u, str):
-                                self._reject(f"{tp.topic}[{tp.partition}]@{m.offset}", u)
+                            if isinstance(u, Rejection):
+                                self._reject(f"{tp.topic}[{tp.partition}]@{m.offset}", u.reason, u.detail)
                             else:
                                 updates.append(u)
                         if fetched[tp]:

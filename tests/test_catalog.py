@@ -9,16 +9,18 @@ import pytest
 
 from scenestream.index import ItemIndex
 from scenestream.stream.core.config import StreamConfig
-from scenestream.stream.catalog import CatalogUpdate, apply_updates, collapse, decode_update
-from scenestream.stream.core.events import Event, encode
+from scenestream.stream.catalog import CATALOG_REASONS, CatalogUpdate, apply_updates, collapse, decode_update
+from scenestream.stream.core.events import Event, Rejection, encode
 from scenestream.stream.produce import produce_lines
 
 from .conftest import run
-from .test_api import get, recs, wait_ready
+from .test_api import get, metric_values, recs, wait_ready
+from .test_hostile_input import HOSTILE
 
 SCENES = ("video", "article", "shop")
 CFG = StreamConfig(scenes=SCENES)
 D = 4
+REJECTED = "scenestream_catalog_records_total{outcome=rejected}"
 
 
 def rec(**kw) -> bytes:
@@ -41,7 +43,7 @@ def test_decode_accepts_upserts_cold_starts_and_deletes():
 ])
 def test_decode_rejects_bad_records_with_a_reason(raw):
     out = decode_update(raw, CFG, D)
-    assert isinstance(out, str) and out
+    assert isinstance(out, Rejection) and out.reason in CATALOG_REASONS and out.detail   # tests/test_hostile_input.py
 
 
 def test_collapse_keeps_each_items_last_record():
@@ -103,6 +105,20 @@ def test_published_item_is_recommendable_within_five_seconds_and_a_deleted_one_n
         time.sleep(0.05)
     assert recs(w, user, scene=scene, k=1)[1]["items"][0]["item_id"] == "brand-new"
     assert get(w.api + "/readyz")[1]["items"] == items_before + 2   # the cold-start item is in the index too
+
+    # hostile records (tests/test_hostile_input.py) are refused with their reason, counted, and change nothing
+    hostile = [p for p, _ in HOSTILE if p is not None]
+    count = lambda: metric_values(get(w.api + "/metrics")[1].decode()).get(REJECTED, 0)  # noqa: E731
+    rejected_before = count()
+    run(produce_lines(broker.bootstrap, w.topics["catalog"], hostile, progress=False, key_field="item_id"))
+    t0 = time.monotonic()
+    while count() < rejected_before + len(hostile):
+        assert time.monotonic() - t0 < 10.0, w.log_text()
+        time.sleep(0.1)
+    assert count() == rejected_before + len(hostile)
+    assert get(w.api + "/readyz")[1]["items"] == items_before + 2 and listed("brand-new")
+    logged = "".join(p.read_text(errors="replace") for p in w.log_dir.glob(f"{w.app_id}-*"))
+    assert "refused: unknown_scene: scene 'podcast'" in logged and "refused: oversized: " in logged, w.log_text()
 
     publish({"item_id": "brand-new", "op": "delete"})
     t0 = time.monotonic()
