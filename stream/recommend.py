@@ -5,7 +5,9 @@ highest against the same vector). The web views (web.py) only parse requests and
 from __future__ import annotations
 
 import time
+from itertools import islice
 from typing import Optional
+from weakref import WeakKeyDictionary
 
 import numpy as np
 
@@ -15,6 +17,8 @@ from .core.popularity import Popularity
 from .core.window import UserState
 
 EXPLAINED_HISTORY = 5   # history items shown in an explanation
+POPULAR_TOP = 2000      # items per scene ranked once per popularity sum: the API's largest k, and as many excluded
+_tops: WeakKeyDictionary = WeakKeyDictionary()   # Popularity -> {scene: its POPULAR_TOP best (item, count)}
 
 
 def seen_items(state: Optional[UserState], scene: Optional[str]) -> set[str]:
@@ -27,8 +31,17 @@ def seen_items(state: Optional[UserState], scene: Optional[str]) -> set[str]:
 def popular_items(popularity: Popularity, index: ItemIndex, scene: Optional[str], k: int,
                   exclude: set[str]) -> list[dict]:
     """The k most popular items of the scene (or of all) that are in the catalog now (clicks on a deleted item must
-    not bring it back) and not excluded; filled up from the catalog in its own order when too few were clicked."""
-    ranked = popularity.ranked(scene, k, keep=lambda i: i not in exclude and i in index)
+    not bring it back) and not excluded; filled up from the catalog in its own order when too few were clicked.
+    Each scene's best POPULAR_TOP are ranked once per `popularity` (the worker gives service.popular(): a sum that is
+    replaced, never changed in place, when counts arrive), so a request reads a ranked list instead of every count."""
+    def keep(i):
+        return i not in exclude and i in index
+    top = _tops.setdefault(popularity, {})
+    if scene not in top:
+        top[scene] = popularity.ranked(scene, POPULAR_TOP)
+    ranked = list(islice((p for p in top[scene] if keep(p[0])), k))
+    if len(ranked) < k and len(top[scene]) == POPULAR_TOP:   # more of the top excluded than it can spare
+        ranked = popularity.ranked(scene, k, keep=keep)
     out = [{"item_id": i, "scene": index.scene_of(i), "score": float(c)} for i, c in ranked]
     if len(out) < k:  # cold start
         have = {o["item_id"] for o in out} | exclude

@@ -4,12 +4,21 @@ Views parse and validate a request, then call recommend.py and the micro-batch s
 lives here. Requests for a user are forwarded to the worker that owns the user's partition of the clicks topic
 (the group's partition -> URL table, stream/feeder.py), so any worker answers for any user. Bad parameters get a
 4xx with a JSON error, never a 5xx. The API is described in openapi.yaml.
+
+One aiohttp middleware guards every route, Faust's own views (/router/, /table/, ...) included: a per-client rate
+limit, then, when an API token is set, `Authorization: Bearer <token>` on every path but the probes (docs/operations.md,
+"Security").
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import math
+import time
 from typing import Callable, Optional
 
 import aiohttp
+from aiohttp import web as aioweb
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -21,6 +30,68 @@ from .recommend import recommendation
 MAX_K = 1000
 FORWARDED = "X-SceneStream-Forwarded-By"   # a forwarded request is answered where it lands: never forwarded twice
 TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})   # probes (a kubelet sends no token); everything else needs it
+FORWARD_TIMEOUT_S = 3.0   # a forwarded request's whole round trip; past it the client gets a 503
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: not known to be loopback
+        return False
+
+
+def bind_problem(host: str, canonical_url: str) -> Optional[str]:
+    """Why the worker cannot bind `host` as configured, or None: a non-loopback bind needs the URL the other
+    workers reach it at (a bind address such as 0.0.0.0 is none, and a pod's hostname does not resolve)."""
+    if is_loopback(host) or canonical_url:
+        return None
+    return (f"--web-host {host} is not a loopback address: set --canonical-url (SCENESTREAM_WORKER_CANONICAL_URL) "
+            f"to the URL other workers reach this one at; on Kubernetes http://$(POD_IP):PORT, POD_IP from the "
+            f"downward API (status.podIP)")
+
+
+def authorized(header: Optional[str], token: str) -> bool:
+    """Whether an Authorization header carries the token (constant-time comparison)."""
+    return hmac.compare_digest((header or "").encode("utf-8", "replace"), f"Bearer {token}".encode())
+
+
+class RateLimiter:
+    """A token bucket per client: `rate` requests per second on average, bursts of up to max(rate, 1)."""
+
+    def __init__(self, rate: float, max_clients: int = 100_000):
+        self.rate, self.burst, self.max_clients = rate, max(rate, 1.0), max_clients
+        self.buckets: dict[str, tuple[float, float]] = {}   # client -> (tokens, when counted)
+
+    def wait(self, client: str, now: float) -> float:
+        """0.0, taking one request from the client's bucket; or the seconds until the bucket holds one."""
+        if len(self.buckets) >= self.max_clients and client not in self.buckets:   # forget the refilled
+            self.buckets = {c: b for c, b in self.buckets.items() if b[0] + (now - b[1]) * self.rate < self.burst}
+        tokens, then = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        self.buckets[client] = (tokens - 1 if tokens >= 1 else tokens, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+
+def guard(token: str, limiter: Optional[RateLimiter], count: Callable[[int], None] = lambda status: None):
+    """The aiohttp middleware: 429 past the client's rate (a peer worker's forwarded request, proven by the token,
+    is not counted again), then 401 without the token on any path but OPEN_PATHS."""
+    def reject(status: int, message: str, headers: dict) -> aioweb.Response:
+        count(status)
+        return aioweb.json_response({"error": message, "status": status}, status=status, headers=headers)
+
+    @aioweb.middleware
+    async def middleware(request: aioweb.Request, handler):
+        authed = bool(token) and authorized(request.headers.get("Authorization"), token)
+        if limiter and not (authed and FORWARDED in request.headers):
+            wait = limiter.wait(request.remote or "", time.monotonic())
+            if wait:
+                return reject(429, "too many requests from this client; retry later",
+                              {"Retry-After": str(math.ceil(wait))})
+        if token and not authed and request.path not in OPEN_PATHS:
+            return reject(401, "missing or wrong Authorization: Bearer token", {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+    return middleware
 
 
 class BadRequest(ValueError):
@@ -51,11 +122,17 @@ def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
     return scene, k, raw_ex in TRUE
 
 
-def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, catalog_caught_up) -> None:
+def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, catalog_caught_up,
+             token: str = "", rate_limit: float = 0.0) -> None:
     """service: the MicroBatchService (its `model` is the encoder and live item index in use, swapped as one: each
-    request takes it once); owner_url(key): the API URL of the worker owning that clicks key; catalog_caught_up():
-    readiness of the catalog."""
+    request takes it once); owner_url(key): the API URL of the worker owning that clicks key (from the consumer
+    group, never from a request); catalog_caught_up(): readiness of the catalog; token: required of every request
+    but the probes ("" = none); rate_limit: requests per second per client (0 = no limit)."""
     config = service.config
+    app.web.web_app.middlewares.append(guard(token, RateLimiter(rate_limit) if rate_limit > 0 else None,
+                                             lambda status: service.metrics.requests.labels("any", str(status)).inc()))
+    forward_headers = {FORWARDED: self_url, **({"Authorization": f"Bearer {token}"} if token else {})}
+    forward_timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
 
     def error(view: View, status: int, message: str) -> Response:
         return view.json({"error": message, "status": status}, status=status)
@@ -70,7 +147,7 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
                 if owner != self_url:
                     try:
                         async with app.http_client.get(owner.rstrip("/") + request.path_qs,
-                                                       headers={FORWARDED: self_url}) as r:
+                                                       headers=forward_headers, timeout=forward_timeout) as r:
                             return self.bytes(await r.read(), content_type=r.content_type, status=r.status)
                     except (aiohttp.ClientError, TimeoutError):
                         # e.g. the owner died and the group has not noticed yet: retryable, like a rebalance

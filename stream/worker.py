@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import faust
@@ -32,7 +31,7 @@ from .feeder import ClicksFeeder
 from .service import POPULARITY_CONFIG, MicroBatchService
 from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
 from .swap import ModelWatcher, load_model
-from .web import register as register_web
+from .web import is_loopback, register as register_web
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,8 @@ class WorkerConfig:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     canonical_url: str = ""              # how other workers reach this one's API (forwarding); default from host
+    api_token: str = field(default="", repr=False)   # required of API requests but the probes; "" = none
+    rate_limit: float = 100.0            # API requests per second per client address; 0 = no limit
     catalog_topic: str = "item-catalog"  # live catalog updates (stream/catalog.py), read in full by every worker
     index_kind: str = "auto"             # index/spec.py: exact up to 100k items, else the measured ANN default
     index_path: str = ""                 # load a saved index (`scenestream index build`) instead of building one
@@ -62,10 +63,8 @@ class WorkerConfig:
 
     @property
     def url(self) -> str:
-        if self.canonical_url:
-            return self.canonical_url
-        host = socket.gethostname() if self.web_host in ("0.0.0.0", "::", "") else self.web_host
-        return f"http://{host}:{self.web_port}"
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host   # an IPv6 address
+        return self.canonical_url or f"http://{host}:{self.web_port}"   # bind_problem: set for non-loopback binds
 
     @property
     def bootstrap(self) -> str:
@@ -143,7 +142,10 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
         await feeder.stop()
         await service.stop()
 
-    register_web(app, service, feeder.owner_url, cfg.url, lambda: catalog.caught_up)
+    register_web(app, service, feeder.owner_url, cfg.url, lambda: catalog.caught_up, cfg.api_token, cfg.rate_limit)
+    if not cfg.api_token and not is_loopback(cfg.web_host):
+        log.warning("the API listens on %s with no token: anyone who reaches the port reads every user's "
+                    "interests; set SCENESTREAM_API_TOKEN (docs/operations.md, Security)", cfg.web_host)
 
     if cfg.checkpoint and cfg.model_poll > 0:
         @app.task

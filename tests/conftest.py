@@ -25,6 +25,8 @@ from .faults import boot_command
 
 SMALL = SyntheticSpec(users=400, seed=11)
 ROOT = Path(__file__).resolve().parents[1]
+# tests poll the API from one address far faster than a client should: no rate limit unless a test sets one
+NO_RATE_LIMIT = {"SCENESTREAM_WORKER_RATE_LIMIT": "0"}
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +79,7 @@ class WorkerProcess:
                "--batch-wait", "0.1", *self.extra]
         with open(self.log_dir / f"{self.app_id}-{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         cwd=ROOT, env={**NO_RATE_LIMIT, **os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 
     @property

@@ -17,6 +17,7 @@ import kubernetes_validate
 import yaml
 from scenestream.stream.cli import main
 from scenestream.stream.cli.reference import ENVIRONMENT, _commands
+from scenestream.stream.web import bind_problem, is_loopback
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE, KUBERNETES, DOCKERFILE = DEPLOY / "docker-compose.yml", DEPLOY / "kubernetes.yaml", DEPLOY / "Dockerfile"
@@ -153,9 +154,14 @@ def worker_problems(compose: Path, kubernetes: Path, dockerfile: Path, monkeypat
             for var, value in env.items():
                 m.setenv(var, str(value))
             try:   # parse (flags, types, required settings), do not run
-                main.commands["worker"].make_context("worker", list(args[1:]), parent=root)
+                ctx = main.commands["worker"].make_context("worker", list(args[1:]), parent=root)
             except click.ClickException as exc:
                 problems.append(f"{where}: {args}: {exc.format_message()}")
+                continue
+        # what the worker checks before it starts, and the token a listener on every address needs
+        problems += [f"{where}: {p}" for p in [bind_problem(ctx.params["web_host"], ctx.params["canonical_url"])] if p]
+        if not is_loopback(ctx.params["web_host"]) and "SCENESTREAM_API_TOKEN" not in env:
+            problems.append(f"{where}: listens on {ctx.params['web_host']} without SCENESTREAM_API_TOKEN")
     return problems
 
 
@@ -179,4 +185,6 @@ def test_the_worker_containers_use_real_settings_and_flags(tmp_path, monkeypatch
     assert "No such option: --web-prot" in problems(KUBERNETES, '"--web-port"', '"--web-prot"')
     assert "is not a valid integer" in problems(COMPOSE, '"6066"]', '"http"]')
     assert "does not run `scenestream worker`" in problems(KUBERNETES, 'args: ["worker"', 'args: ["wroker"')
+    assert "--canonical-url" in problems(KUBERNETES, 'value: "http://$(POD_IP):6066"', 'value: ""')
+    assert "without SCENESTREAM_API_TOKEN" in problems(COMPOSE, "SCENESTREAM_API_TOKEN:", "OTHER_TOKEN:")
 

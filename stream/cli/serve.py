@@ -25,10 +25,20 @@ from .common import DEVICE, encoder_cache_option, open_model
               "(BENCHMARKS.md, live path) but each takes longer.")
 @click.option("--batch-wait", default=0.2, help="Longest wait, in seconds, for a first record when nothing is "
               "buffered; a micro-batch is whatever the consumer has buffered then, so it never waits to fill.")
-@click.option("--web-host", default="127.0.0.1", help="HTTP bind address.")
+@click.option("--web-host", default="127.0.0.1", help="HTTP bind address. Any address but a loopback one needs "
+              "--canonical-url, and without an API token logs a warning.")
 @click.option("--web-port", default=6066, help="HTTP port.")
 @click.option("--canonical-url", default="", help="URL other workers use to forward API requests here "
-              "(default: http://WEB_HOST:WEB_PORT, or the hostname when binding 0.0.0.0).")
+              "(default: http://WEB_HOST:WEB_PORT; required when WEB_HOST is not a loopback address; on Kubernetes "
+              "http://$(POD_IP):PORT with POD_IP from the downward API, status.podIP).")
+@click.option("--api-token", default="", envvar="SCENESTREAM_API_TOKEN",
+              help="Bearer token required of every API request but /healthz and /readyz (`Authorization: Bearer "
+                   "TOKEN`); every worker of the group needs the same one, and forwarded requests carry it. Prefer "
+                   "the environment variable to the flag (a flag shows in the process list). Empty = no token.")
+@click.option("--rate-limit", default=100.0, type=click.FloatRange(min=0),
+              help="API requests per second per client address (a token bucket; bursts of one second's worth), "
+                   "past which a request gets 429 with Retry-After. Behind a proxy every request comes from the "
+                   "proxy's address: raise it, or limit there. 0 = no limit.")
 @click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")
 @click.option("--catalog-topic", default="item-catalog",
               help="Live catalog updates (add / replace / delete items), read in full by every worker.")
@@ -53,14 +63,17 @@ from .common import DEVICE, encoder_cache_option, open_model
                    "0 = never (a new model needs a restart).")
 @encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
-           batch_wait, web_host, web_port, canonical_url, device, catalog_topic, index_kind, index_path,
+           batch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic, index_kind, index_path,
            replication_factor, max_clock_skew, popularity_interval, model_poll, encoder_cache_mb):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
     from scenestream.index import IndexVersionError
 
+    from ..web import bind_problem
     from ..worker import WorkerConfig, check_reachable, open_index, prepare_topics, run_worker
+    if problem := bind_problem(web_host, canonical_url):
+        raise click.UsageError(problem)
     encoder = open_model(checkpoint, device, encoder_cache_mb)
     try:
         check_reachable(broker_url)
@@ -69,6 +82,7 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
     cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
                        output_topic=output_topic, partitions=partitions, batch_max=batch_max, batch_wait=batch_wait,
                        web_host=web_host, web_port=web_port, canonical_url=canonical_url,
+                       api_token=api_token, rate_limit=rate_limit,
                        catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
                        replication_factor=replication_factor, max_clock_skew=max_clock_skew,
                        popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll)
