@@ -9,6 +9,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 import schemathesis
 import yaml
@@ -19,7 +20,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, response_headers_conformance,
                                                response_schema_conformance, status_code_conformance)
 
+from scenestream.index import ItemIndex
+from scenestream.stream.core.popularity import merge_partitions
 from scenestream.stream.produce import produce_lines
+from scenestream.stream.recommend import POPULAR_TOP, popular_items
 from scenestream.stream.web import FORWARDED, RateLimiter, authorized, bind_problem, guard, is_loopback
 
 from .conftest import ROOT, SMALL, WorkerProcess, run
@@ -201,3 +205,41 @@ def test_forwarding_times_out_into_a_503_and_no_token_in_logs(pair):
     assert status == 503 and b"unreachable" in body and 2.0 <= took <= 5.0, (status, body, took)
     logs = "".join(p.read_text(errors="replace") for w in (a, b) for p in w.log_dir.glob("*.log"))
     assert "consuming" in logs and TOKEN not in logs
+
+
+def test_the_popular_fallback_ranks_once_per_popularity_not_per_request(monkeypatch):
+    """A flood of fallback requests reads one ranked top per scene; the answers equal ranking every count, also
+    when exclusions eat the whole top."""
+    items = [f"i{n:05d}" for n in range(POPULAR_TOP + 500)]
+    index = ItemIndex.build(items, ["video"] * len(items), np.eye(len(items), 8, dtype=np.float32))
+    pop = merge_partitions([{"video": {i: 1 + n % 997 for n, i in enumerate(items)}}])
+    want = [i for i, _ in pop.ranked("video")]
+    calls = []
+    ranked = pop.ranked
+    monkeypatch.setattr(pop, "ranked", lambda *a, **kw: calls.append(a) or ranked(*a, **kw))
+    for n in range(50):
+        assert [o["item_id"] for o in popular_items(pop, index, "video", 10, {want[n]})] == \
+            [i for i in want if i != want[n]][:10]
+    assert len(calls) == 1
+    most = set(want[:POPULAR_TOP - 5])
+    assert [o["item_id"] for o in popular_items(pop, index, "video", 10, most)] == \
+        [i for i in want if i not in most][:10]
+
+
+def test_a_public_bind_needs_a_canonical_url_and_warns_without_a_token(broker, checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from scenestream.stream.cli import main
+    got = CliRunner().invoke(main, ["worker", "--broker", broker.url, "--checkpoint", str(checkpoint),
+                                    "--web-host", "0.0.0.0"], env={"SCENESTREAM_WORKER_CANONICAL_URL": ""})
+    assert got.exit_code == 2 and "--canonical-url" in got.output and "POD_IP" in got.output, got.output
+    w = WorkerProcess(broker, checkpoint, tmp_path)
+    w.extra = ("--web-host", "0.0.0.0", "--canonical-url", f"http://127.0.0.1:{w.web_port}")
+    w.start()
+    try:
+        deadline = time.monotonic() + 90
+        while "with no token" not in w.log_text() and time.monotonic() < deadline and w.proc.poll() is None:
+            time.sleep(0.5)
+        assert "listens on 0.0.0.0 with no token" in w.log_text(), w.log_text()
+    finally:
+        w.kill()
