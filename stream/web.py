@@ -32,6 +32,7 @@ FORWARDED = "X-SceneStream-Forwarded-By"   # a forwarded request is answered whe
 TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})   # probes (a kubelet sends no token); everything else needs it
 FORWARD_TIMEOUT_S = 3.0   # a forwarded request's whole round trip; past it the client gets a 503
+RELAYED = ("Retry-After", "WWW-Authenticate")   # headers of the owner's answer that the client gets too
 
 
 def is_loopback(host: str) -> bool:
@@ -65,8 +66,10 @@ class RateLimiter:
 
     def wait(self, client: str, now: float) -> float:
         """0.0, taking one request from the client's bucket; or the seconds until the bucket holds one."""
-        if len(self.buckets) >= self.max_clients and client not in self.buckets:   # forget the refilled
+        if len(self.buckets) >= self.max_clients and client not in self.buckets:   # forget the refilled buckets,
             self.buckets = {c: b for c, b in self.buckets.items() if b[0] + (now - b[1]) * self.rate < self.burst}
+            if len(self.buckets) >= self.max_clients // 2:   # or all: a prune frees half, so it stays rare
+                self.buckets = {}
         tokens, then = self.buckets.get(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.rate)
         self.buckets[client] = (tokens - 1 if tokens >= 1 else tokens, now)
@@ -148,7 +151,8 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
                     try:
                         async with app.http_client.get(owner.rstrip("/") + request.path_qs,
                                                        headers=forward_headers, timeout=forward_timeout) as r:
-                            return self.bytes(await r.read(), content_type=r.content_type, status=r.status)
+                            return self.bytes(await r.read(), content_type=r.content_type, status=r.status,
+                                              headers={h: r.headers[h] for h in RELAYED if h in r.headers})
                     except (aiohttp.ClientError, TimeoutError):
                         # e.g. the owner died and the group has not noticed yet: retryable, like a rebalance
                         return error(self, 503, "the owner of the user's partition is unreachable; retry")
