@@ -188,3 +188,13 @@ def test_the_worker_containers_use_real_settings_and_flags(tmp_path, monkeypatch
     assert "--canonical-url" in problems(KUBERNETES, 'value: "http://$(POD_IP):6066"', 'value: ""')
     assert "without SCENESTREAM_API_TOKEN" in problems(COMPOSE, "SCENESTREAM_API_TOKEN:", "OTHER_TOKEN:")
 
+
+
+def test_kubernetes_workers_take_the_token_from_a_secret_and_the_url_from_the_pod_ip():
+    for doc in yaml.safe_load_all(KUBERNETES.read_text()):
+        for c in (doc["spec"]["template"]["spec"]["containers"] if doc and doc["kind"] in WORKLOADS else []):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert set(env["SCENESTREAM_API_TOKEN"]) == {"name", "valueFrom"}, env   # no literal token here
+            assert "secretKeyRef" in env["SCENESTREAM_API_TOKEN"]["valueFrom"]
+            assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+            assert env["SCENESTREAM_WORKER_CANONICAL_URL"]["value"].startswith("http://$(POD_IP):")
