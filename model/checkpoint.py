@@ -130,5 +130,6 @@ def safetensors_header(path: Path) -> dict:
     except ValueError:
         header = None
     if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
-        raise CheckpointError(f"{path} is {kind}: only safetensors weights are loaded, never pickle-bearing files")
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is {kind}: only safetensors weights are "
+                              "loaded, never pickle-bearing files")
     return header
