@@ -536,8 +536,8 @@ class ItemIndex:
                 raise IndexFormatError(f"index at {path}: {what}; rebuild it with `scenestream index build`")
 
         def sized(name: str, limit: int) -> str:
-            need(isinstance(name, str) and _BARE.fullmatch(name) and (path / name).is_file(),
-                 f"file {str(name)[:80]!r} is not a bare file name in the folder")
+            need(isinstance(name, str) and _BARE.fullmatch(name) and (path / name).is_file()
+                 and not (path / name).is_symlink(), f"file {str(name)[:80]!r} is not a bare file name in the folder")
             need((path / name).stat().st_size <= limit, f"{name} is over the {limit:,}-byte limit")
             return str(path / name)
 

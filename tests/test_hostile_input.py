@@ -207,8 +207,9 @@ def test_a_saved_index_round_trips(saved):
 
 
 @pytest.mark.parametrize("name", ["../ix/global.faiss", "/etc/hostname", "sub/global.faiss", "..", ".", "",
-                                  ".hidden", "a\\b", "global.faiss\x00", 7, ["global.faiss"]])
+                                  ".hidden", "a\\b", "global.faiss\x00", "link.faiss", 7, ["global.faiss"]])
 def test_the_manifest_names_bare_file_names_only(saved, name):
+    (saved / "link.faiss").symlink_to(saved / "global.faiss")
     edit_manifest(saved, lambda m: m["scopes"][0].update(file=name))
     with pytest.raises(IndexFormatError, match="is not a bare file name in the folder"):
         ItemIndex.load(saved, "v1")
