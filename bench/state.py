@@ -16,8 +16,10 @@ changelog (`decode_state`: the user id is shared by all the user's events, the s
    would not fit in `--max-rss-gb` (default 70 % of MemAvailable), it builds as many as fit and extrapolates
    linearly to N (`extrapolated_from_users`).
 
-Each form of the state is one entry of FORMS (name -> function building one user's state from their events); only
-today's object form (tuples of Event) exists.
+Each form of the state is one entry of FORMS (name -> function building one user's state from their events):
+`packed`, the worker's (stream/core/window.py: one bytes object of 24-byte rows and the ids per window), and
+`object`, the form before it (a tuple of Event objects per window, the newest L of each scene's events), kept here
+to measure both side by side in one run.
 
     python bench/state.py [--users 1000000] [--events-per-window 50] [--scenes 3] [--max-rss-gb G] [--json]
 """
@@ -42,7 +44,7 @@ from tqdm import tqdm
 
 from scenestream.stream.core.config import DEFAULT_ACTIONS, DEFAULT_SCENES, StreamConfig
 from scenestream.stream.core.events import Event, decode, encode
-from scenestream.stream.core.window import apply_user
+from scenestream.stream.core.window import Window, apply_user
 from scenestream.stream.state import decode_state, encode_state, state_key
 from scenestream.stream.synthetic import BASE_TS_MS
 
@@ -70,13 +72,22 @@ def user_payloads(u: int, scenes: tuple[str, ...], length: int, rng: random.Rand
     return out
 
 
-def object_form(events: Iterable[Event], length: int) -> dict:
-    """Today's state: scene -> tuple of Event, built by the worker's own join."""
+def packed_form(events: Iterable[Event], length: int) -> dict:
+    """The worker's state: scene -> packed Window, built by the worker's own join."""
     state, _, _ = apply_user({}, events, length)
     return state
 
 
-FORMS: dict[str, Callable[[Iterable[Event], int], dict]] = {"object": object_form}
+def object_form(events: Iterable[Event], length: int) -> dict:
+    """The state before packing: scene -> tuple of the Event objects themselves (distinct events here, so the
+    newest `length` of each scene is what the old join kept)."""
+    by_scene: dict[str, list[Event]] = {}
+    for e in events:
+        by_scene.setdefault(e.scene, []).append(e)
+    return {s: tuple(sorted(evs, key=Event.order_key.fget)[-length:]) for s, evs in by_scene.items()}
+
+
+FORMS: dict[str, Callable[[Iterable[Event], int], dict]] = {"packed": packed_form, "object": object_form}
 
 
 def live_events(payloads: list[bytes], config: StreamConfig) -> list[Event]:
@@ -86,11 +97,11 @@ def live_events(payloads: list[bytes], config: StreamConfig) -> list[Event]:
 
 def recovered_events(payloads: list[bytes], config: StreamConfig, length: int) -> list[Event]:
     """What recovery reads back from the changelog: one record per window, through decode_state."""
-    state = object_form(live_events(payloads, config), length)
-    user = state[next(iter(state))][0].user_id
-    records = [encode_state({s: w}) for s, w in state.items()]
-    del state
-    return [e for raw in records for w in decode_state(user, raw).values() for e in w]
+    events = live_events(payloads, config)
+    user = events[0].user_id
+    records = [encode_state({s: w}) for s, w in packed_form(events, length).items()]
+    del events
+    return [e for raw in records for w in decode_state(user, raw, length).values() for e in w.events(user)]
 
 
 PATHS = {"live": live_events, "recovered": recovered_events}
@@ -114,6 +125,10 @@ def _breakdown(users: dict[str, dict]) -> dict:
         add("dict: scene -> window (UserState)", state)
         for scene, window in state.items():
             add("str: scene (state key)", scene)
+            if isinstance(window, Window):
+                add("Window object", window)
+                add("bytes: rows and ids", window.buf)
+                continue
             add("tuple: window", window)
             for e in window:
                 add("Event instance", e)

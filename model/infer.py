@@ -8,7 +8,6 @@ others. The cache is derived, bounded and may be dropped at any time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence
 
@@ -16,9 +15,9 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .model import FIRST_ITEM
+from .model import FIRST_ITEM, OOV
 from .presets import ENCODER_CACHE_MB
-from .vocab import tensorize
+from .vocab import Codes, tensorize
 from .window_cache import WindowCache
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -41,29 +40,44 @@ class Interests:
     weights: np.ndarray  # [U, S + 1, S] a_ij (rows as fused)
 
 
-_order = attrgetter("ts", "event_id")   # Event.order_key, without a Python call per event
+# A window, as the encoder reads it: any object with `table()` (a structured array, one row per event ascending by
+# (ts, event_id), with fields ts, item, action and scene: codes whose names are in the object's `codebook`),
+# `ids(start)` (the event ids from the start-th on) and `last_key()` ((ts, event_id) of its newest event):
+# scenestream.stream.core.window.Window. Inside the encoder a window is its table; equal row bytes are the same
+# event (rows carry a hash of the event id).
 
 
-def merged_window(state: Mapping[str, Sequence], length: int) -> tuple:
+def merged_window(state: Mapping[str, object], length: int) -> np.ndarray:
     """The newest `length` events over all of a user's scene windows, ascending by (ts, event_id). Every one of the
     newest `length` events of the user is among the newest `length` of its own scene, so this is the window of all
     scenes' events that a single window of length L would hold: derived from the state, never stored."""
     windows = [w for w in state.values() if w]
     if len(windows) == 1:
-        return tuple(windows[0][-length:])
-    return tuple(sorted((e for w in windows for e in w[-length:]), key=_order)[-length:])
+        return windows[0].table()[-length:]
+    rows = np.concatenate([w.table()[-length:] for w in windows])
+    ts = rows["ts"]
+    order = np.argsort(ts, kind="stable")
+    if np.any(np.diff(ts[order]) == 0):   # ties in time, by event id
+        ids = [i for w in windows for i in w.ids(max(0, len(w) - length))]
+        order = sorted(range(len(rows)), key=lambda k: (int(ts[k]), ids[k]))
+    return rows[order][-length:]
 
 
-def _appended(old: Sequence, new: Sequence) -> Optional[Sequence]:
-    """The events `new` holds after `old`'s last one, if `new` is `old` that lost only its oldest events and gained
-    only newer ones (the common case, a window joined with newer events); None otherwise."""
+def _appended(old, new, length: int) -> Optional[tuple[np.ndarray, list[str]]]:
+    """(rows, ids) of the events `new` holds after `old`'s last one, if `new` is `old` joined with newer events
+    only (the common case): `old` followed by them, cut to the newest `length`. None otherwise."""
+    table = new.table()
     if not old:
-        return new
-    last = old[-1]
-    for p in range(len(new) - 1, -1, -1):
-        if new[p] is last:
-            k = len(old) - (p + 1)
-            return new[p + 1:] if k >= 0 and tuple(new[:p + 1]) == tuple(old[k:]) else None
+        return table, new.ids()
+    before = old.table()
+    size, raw = table.itemsize, table.tobytes()
+    last = before[-1:].tobytes()
+    for p in range(len(table) - 1, -1, -1):
+        if raw[p * size:(p + 1) * size] == last:
+            k = len(before) - (p + 1)
+            if (k == 0 or k > 0 and len(table) == length) and raw[:(p + 1) * size] == before[k:].tobytes():
+                return table[p + 1:], new.ids(p + 1)
+            return None
     return None
 
 
@@ -77,39 +91,44 @@ class MergedWindows:
 
     def __init__(self, length: int, capacity: int):
         self.length, self.capacity = length, capacity
-        self.memo: OrderedDict[str, tuple[dict, tuple]] = OrderedDict()
+        self.memo: OrderedDict[str, tuple[dict, np.ndarray, tuple]] = OrderedDict()
 
-    def get(self, user: str, state: Mapping[str, Sequence]) -> tuple:
-        merged = self._extend(self.memo.get(user), state)
-        if merged is None:
+    def get(self, user: str, state: Mapping[str, object]) -> np.ndarray:
+        got = self._extend(self.memo.get(user), state)
+        if got is None:
             merged = merged_window(state, self.length)
+            newest = max((w.last_key() for w in state.values() if w), default=None)
+            got = merged, newest
         if self.capacity:
-            self.memo[user] = (dict(state), merged)
+            self.memo[user] = (dict(state), *got)
             self.memo.move_to_end(user)
             while len(self.memo) > self.capacity:
                 self.memo.popitem(last=False)
-        return merged
+        return got[0]
 
-    def _extend(self, memo, state: Mapping[str, Sequence]) -> Optional[tuple]:
+    def _extend(self, memo, state: Mapping[str, object]) -> Optional[tuple[np.ndarray, tuple]]:
         if memo is None:
             return None
-        windows, merged = memo
-        if not merged or not windows.keys() <= state.keys():
+        windows, merged, newest = memo
+        if not len(merged) or not windows.keys() <= state.keys():
             return None
-        added = []
+        added, ids = [], []
         for scene, window in state.items():
-            old = windows.get(scene, ())
+            old = windows.get(scene)
             if window is not old:
-                new = _appended(old, window)
+                new = _appended(old, window, self.length)
                 if new is None:
                     return None
-                added.extend(new)
-        if not added:
-            return merged
-        newest = _order(merged[-1])
-        if any(_order(e) <= newest for e in added):
+                added.append(new[0])
+                ids += new[1]
+        if not ids:
+            return merged, newest
+        rows = np.concatenate(added)
+        keys = list(zip(rows["ts"].tolist(), ids))
+        if min(keys) <= newest:
             return None
-        return (merged + tuple(sorted(added, key=_order)))[-self.length:]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        return np.concatenate([merged, rows[order]])[-self.length:], keys[order[-1]]
 
 
 class InterestEncoder:
@@ -132,6 +151,16 @@ class InterestEncoder:
         else:
             self.cache = self.timeline_cache = WindowCache(cfg, ckpt.window, budget, self.device)
         self.merged = MergedWindows(ckpt.window, self.timeline_cache.capacity)
+        self._codes: dict = {}   # codebook -> (items, actions, scenes) codes -> this model's indices
+        self._book = None        # the codebook of the windows being encoded
+
+    def codes(self, book) -> tuple[Codes, Codes, Codes]:
+        got = self._codes.get(book)
+        if got is None:
+            got = self._codes[book] = (Codes(book.items.names, self.ckpt.vocab._index, OOV),
+                                       Codes(book.actions.names, self.action_index, 0),
+                                       Codes(book.scenes.names, self.scene_index, 0))
+        return got
 
     @property
     def version(self) -> str:
@@ -150,10 +179,12 @@ class InterestEncoder:
             cache.clear()
 
     @torch.inference_mode()
-    def encode_windows(self, windows: Sequence[Sequence], scene: bool = False) -> np.ndarray:
+    def encode_windows(self, windows: Sequence, scene: bool = False) -> np.ndarray:
         """[N] windows -> [N, d] last-position outputs of a full encode (no cache); scene: per-scene windows (their
         own stack, if the model has one), else merged timelines."""
-        return self._encode(windows, scene=scene).float().cpu().numpy()
+        if windows:
+            self._book = windows[0].codebook
+        return self._encode([w.table() for w in windows], scene=scene).float().cpu().numpy()
 
     def _encode(self, windows: Sequence[Sequence], entries: Sequence | None = None,
                 starts: Sequence[int] | None = None, scene: bool = False) -> torch.Tensor:
@@ -169,8 +200,8 @@ class InterestEncoder:
         order = sorted(range(n), key=new.__getitem__)
         for idx in _chunks(order, new, self.batch_size):
             width = min(new[idx[-1]], self.window)
-            batch = tensorize([windows[i] for i in idx], self.ckpt.vocab, self.scene_index, self.action_index,
-                              cfg.gap_buckets, width, [starts[i] for i in idx] if starts else None).to(self.device)
+            batch = tensorize([windows[i] for i in idx], *self.codes(self._book), cfg.gap_buckets, width,
+                              [starts[i] for i in idx] if starts else None).to(self.device)
             past = None
             if starts:
                 counts = torch.tensor([new[i] for i in idx], device=self.device)
@@ -197,7 +228,8 @@ class InterestEncoder:
         for u, (user, state) in enumerate(zip(users, states)):
             present = [(self.scene_index[scene], w) for scene, w in state.items() if w and scene in self.scene_index]
             for s, w in present:
-                scene_tasks.append((u, s, (user, self.scenes[s]), w))
+                self._book = w.codebook
+                scene_tasks.append((u, s, (user, self.scenes[s]), w.table()))
             if shared and len(present) == 1:
                 alias.append((u, len(scene_tasks) - 1))
             elif present:

@@ -5,7 +5,7 @@ Windows are left-padded so every window's newest event sits at the last position
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,20 +69,30 @@ class WindowBatch:
         return self.items, self.actions, self.scenes, self.gaps, self.valid
 
 
-def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]], width: int,
-         gap_buckets: int, prev_ts: Sequence[int] | None = None) -> WindowBatch:
-    """(item rows, action ids, scene ids, ts) per sequence -> left-padded tensors of `width`; the newest `width`
-    entries of a longer sequence are kept. Gap bucket 0 marks the first event (no predecessor inside), unless
-    prev_ts gives the sequence's predecessor (< 0: none), as when encoding the newest rows of a window."""
-    B, T = len(seqs), width
+def tensorize(windows: Sequence[np.ndarray], item_rows: Callable, action_ids: Callable, scene_ids: Callable,
+              gap_buckets: int, length: int | None = None, starts: Sequence[int] | None = None) -> WindowBatch:
+    """Windows as tables (structured arrays with fields ts, item, action and scene, each ascending by time; the
+    last three codes that item_rows / action_ids / scene_ids turn into model indices) -> left-padded tensors of
+    width `length` (default: longest); a longer window keeps its newest. With `starts`, only each window's rows
+    from its start on, their time gaps still measured to the row before."""
+    prev_ts = None
+    if starts is not None:
+        prev_ts = [int(w["ts"][s - 1]) if s > 0 else -1 for w, s in zip(windows, starts)]
+        windows = [w[s:] for w, s in zip(windows, starts)]
+    T = length or max((len(w) for w in windows), default=1)
+    windows = [w[len(w) - T:] if len(w) > T else w for w in windows]
+    B = len(windows)
+    counts = np.array([len(w) for w in windows], dtype=np.int64)
     arrays = np.zeros((4, B, T), dtype=np.int64)
     valid = np.zeros((B, T), dtype=bool)
-    for b, seq in enumerate(seqs):
-        n = min(len(seq[0]), T)
-        if n:
-            for a in range(4):
-                arrays[a, b, T - n:] = seq[a][-n:]
-            valid[b, T - n:] = True
+    if counts.sum():
+        rows = np.concatenate(windows)
+        b = np.repeat(np.arange(B), counts)
+        col = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(T - counts, counts)
+        for a, values in enumerate((item_rows(rows["item"]), action_ids(rows["action"]), scene_ids(rows["scene"]),
+                                    rows["ts"])):
+            arrays[a, b, col] = values
+        valid[b, col] = True
     items, actions, scenes, ts = (torch.from_numpy(a) for a in arrays)
     valid_t = torch.from_numpy(valid)
     has_prev = valid_t & torch.roll(valid_t, 1, dims=1)
@@ -90,27 +100,28 @@ def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int], Seque
     prev = torch.roll(ts, 1, dims=1)
     if prev_ts is not None:   # the first valid slot's predecessor lies outside the sequence
         first = T - valid_t.sum(1).clamp(min=1)
-        rows = torch.arange(B)
+        rows_b = torch.arange(B)
         given = torch.as_tensor(np.asarray(prev_ts, dtype=np.int64))
-        has_prev[rows, first] |= (given >= 0) & valid_t[rows, first]
-        prev[rows, first] = given
+        has_prev[rows_b, first] |= (given >= 0) & valid_t[rows_b, first]
+        prev[rows_b, first] = given
     gaps = torch.where(has_prev, gap_bucket(ts - prev, gap_buckets), torch.zeros_like(ts))
     return WindowBatch(items, actions, scenes, gaps, valid_t)
 
 
-def tensorize(windows: Sequence[Sequence], vocab: ItemVocab, scene_index: dict[str, int],
-              action_index: dict[str, int], gap_buckets: int, length: int | None = None,
-              starts: Sequence[int] | None = None) -> WindowBatch:
-    """Event windows (each ascending by time) -> left-padded tensors of width `length` (default: longest). With
-    `starts`, only each window's events from its start on, their time gaps still measured to the event before."""
-    get_row = vocab._index.get
-    if starts is not None:
-        prev_ts = [w[s - 1].ts if s > 0 else -1 for w, s in zip(windows, starts)]
-        windows = [w[s:] for w, s in zip(windows, starts)]
-    T = length or max((len(w) for w in windows), default=1)
-    seqs = [([get_row(e.item_id, OOV) for e in w], [action_index.get(e.action, 0) for e in w],
-             [scene_index[e.scene] for e in w], [e.ts for e in w]) for w in windows]
-    return pack(seqs, T, gap_buckets, prev_ts if starts is not None else None)
+class Codes:
+    """Numbers of names in a process-wide table (`names`, a list that only grows, read as it grows) -> this
+    model's indices (`index`, `default` for names it does not know), as one array lookup."""
+
+    def __init__(self, names: list, index: dict, default: int):
+        self.names, self.index, self.default = names, index, default
+        self.table = np.zeros(0, dtype=np.int64)
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        if codes.size and int(codes.max()) >= len(self.table):
+            new = self.names[len(self.table):len(self.names)]
+            self.table = np.concatenate([self.table, np.array([self.index.get(n, self.default) for n in new],
+                                                              dtype=np.int64)])
+        return self.table[codes]
 
 
-__all__ = ["ItemVocab", "WindowBatch", "tensorize", "PAD", "OOV", "FIRST_ITEM"]
+__all__ = ["ItemVocab", "WindowBatch", "Codes", "tensorize", "PAD", "OOV", "FIRST_ITEM"]

@@ -30,13 +30,13 @@ import torch
 
 from .model import ModelConfig, Past, receptive_field
 
-ENTRY_OVERHEAD_BYTES = 600   # the entry object, its key and the tuple of event references (events are shared)
+ENTRY_OVERHEAD_BYTES = 600   # the entry object, its key and the bytes of the last `cone` rows
 
 
 @dataclass
 class Entry:
     slot: int
-    events: tuple = ()   # the window's last `cone` events
+    events: bytes = b""  # the window's last `cone` rows (a window is a table of rows, model/infer.py)
     whole: bool = False  # shorter than the cone and than a full window: events are the (user, scene)'s whole history
     rows: int = 0        # valid rows in the slot's ring
     head: int = 0        # ring index the next row goes to
@@ -133,7 +133,7 @@ class WindowCache:
         for b, k in zip(live, ks.tolist()):
             e, window = entries[b], windows[b]
             e.head, e.rows = (e.head + k) % span, min(span, e.rows + k)
-            e.events = tuple(window[-self.cone:])
+            e.events = window[-self.cone:].tobytes()
             e.whole = len(window) < min(self.cone, self.window)
         dev = self.kv.device
         as_t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
@@ -146,26 +146,30 @@ class WindowCache:
         self.free = list(range(self.capacity - 1, -1, -1))
 
 
-def _reusable(entry: Entry, window: Sequence, cone: int, extendable: bool) -> Optional[int]:
+def _reusable(entry: Entry, window: np.ndarray, cone: int, extendable: bool) -> Optional[int]:
     """Where the window's new positions start if the entry's rows are still exactly what a full encode of the
     window would compute for the positions before them that the new ones read; None if they may not be."""
-    cached = entry.events
-    c = len(cached)
-    if entry.whole and tuple(window[:c]) == cached:   # the whole history, still the start of the window
+    cached, size = entry.events, window.itemsize
+    if not cached:
+        return None
+    c, n, rows = len(cached) // size, len(window), window.tobytes()
+    if entry.whole and rows[:c * size] == cached:   # the whole history, still the start of the window
         return c
     if not extendable:                   # a cut-off window: only the same window again
-        return len(window) if tuple(window) == cached else None
+        return n if rows == cached else None
     # the cached events must sit, unchanged and together, right before the k new positions: the cone - k that the
     # output and the rows still in use depend on (all `cone` for the cached output of an unchanged window).
     # Only the newest position's output is read, and the newest `span` rows of each layer kept: both depend on
     # the window's last `cone` events only, so rows computed from older ones (a full window that dropped its k
     # oldest events for k new ones; a whole history that filled the window) are never read.
-    last = cached[-1]
-    for p in range(len(window), 0, -1):
-        if window[p - 1] == last:
-            k = len(window) - p
+    last = cached[-size:]
+    last_ts = int(np.frombuffer(last, window.dtype)["ts"][0])
+    ts = window["ts"]
+    for p in range(n, 0, -1):
+        if rows[(p - 1) * size:p * size] == last:
+            k = n - p
             need = cone - k
-            return p if need <= min(p, c) and tuple(window[p - need:p]) == cached[c - need:] else None
-        if window[p - 1].order_key < last.order_key:
+            return p if need <= min(p, c) and rows[(p - need) * size:p * size] == cached[(c - need) * size:] else None
+        if ts[p - 1] < last_ts:
             return None
     return None

@@ -25,7 +25,7 @@ def seen_items(state: Optional[UserState], scene: Optional[str]) -> set[str]:
     """Items in the user's windows (of one scene, or of all): what exclude_seen leaves out."""
     if not state:
         return set()
-    return {e.item_id for s, w in state.items() if scene in (None, s) for e in w}
+    return {i for s, w in state.items() if scene in (None, s) for i in w.item_ids()}
 
 
 def popular_items(popularity: Popularity, index: ItemIndex, scene: Optional[str], k: int,

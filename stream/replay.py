@@ -77,7 +77,7 @@ class ReplayResult:
 
 
 def _seen(state: Optional[UserState], scene: str) -> set[str]:
-    return {e.item_id for e in state.get(scene, ())} if state else set()
+    return set(state[scene].item_ids()) if state and scene in state else set()
 
 
 def micro_batches(events: Sequence[Event], batch_size: int, wait_ms: int) -> Iterator[Sequence[Event]]:

@@ -51,7 +51,7 @@ from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
 from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import PartitionCounts, Popularity, merge_partitions, top_counts
-from .core.window import UserState, Window, window_diff
+from .core.window import UserState, Window, item_delta
 from .metrics import WorkerMetrics
 from .state import CHANGELOG_CONFIG, ChangelogStore
 
@@ -250,8 +250,8 @@ class MicroBatchService:
                 return False
             popularity = self.partition_popularity[partition] = Popularity()   # follows the windows held
             for windows in self.store.partitions[partition].values():
-                for w in windows.values():
-                    popularity.add(w)
+                for scene, w in windows.items():
+                    popularity.shift(scene, item_delta(None, w))
             self.unpublished.add(partition)   # a new owner overwrites the old owner's entry
         return self.owns(partition, epoch)
 
@@ -372,12 +372,10 @@ class MicroBatchService:
         for user, state in outcome.updates.items():
             old = lookup(user) or {}
             for scene, window in state.items():
-                before = old.get(scene, ())
+                before = old.get(scene)
                 if window is not before:
                     changed.append((user, scene, window))
-                    added, removed = window_diff(before, window)
-                    popularity.add(added)
-                    popularity.remove(removed)
+                    popularity.shift(scene, item_delta(before, window))
         if changed:
             self.unpublished.add(partition)
         self.store.put(partition, outcome.updates, recs[-1].offset)

@@ -28,7 +28,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from .core.events import Event
-from .core.window import UserState, Window, apply_user
+from .core.window import EMPTY, UserState, Window, apply_window
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +53,26 @@ def state_key(user: str, scene: str) -> bytes:
 
 def encode_state(state: UserState) -> bytes:
     """A changelog value, {scene: rows} (one window, as the worker writes it; whole states read back the same):
-    compact JSON in UTF-8 (no ASCII escapes), whose size StreamConfig.state_record_bound bounds."""
+    compact JSON in UTF-8 (no ASCII escapes), whose size StreamConfig.state_record_bound bounds. Ids by name, so
+    the log does not depend on any process's tables."""
     return orjson.dumps({s: [[e.ts, e.event_id, e.item_id, e.action] for e in w] for s, w in state.items()})
 
 
-def decode_state(user: str, raw: bytes) -> UserState:
+def decode_state(user: str, raw: bytes, length: int) -> UserState:
+    """A changelog value as windows, each the join of its rows (so a record that is out of order, has duplicates
+    or is longer than the window still reads as a window)."""
     data = orjson.loads(raw)
-    return {s: tuple(Event(eid, user, item, s, action, ts) for ts, eid, item, action in rows)
-            for s, rows in data.items()}
+    return {s: apply_window(EMPTY, [Event(eid, user, item, s, action, ts) for ts, eid, item, action in rows],
+                            length)[0]
+            for s, rows in data.items() if rows}
 
 
 def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
     """Lattice join of two states of one user (what recovery does with every changelog record)."""
-    merged, _, _ = apply_user(a or {}, [e for w in b.values() for e in w], length)
+    merged = dict(a or {})
+    for scene, w in b.items():
+        have = merged.get(scene)
+        merged[scene] = w if not have and len(w) <= length else apply_window(have or EMPTY, w.events(), length)[0]
     return merged
 
 
@@ -172,7 +179,7 @@ class ChangelogStore:
                 applied = max(applied, int(m.value))
             elif m.key and m.key != FENCE_KEY and m.value:
                 user = m.key.split(SCENE_SEPARATOR, 1)[0].decode()   # or by user alone (whole states)
-                state[user] = join_states(state.get(user), decode_state(user, m.value), self.window)
+                state[user] = join_states(state.get(user), decode_state(user, m.value, self.window), self.window)
                 n += 1
         log.info("recovered partition %d of %s: %d records, %d users, applied up to offset %d", partition,
                  self.topic, n, len(state), applied)

@@ -14,7 +14,7 @@ from scenestream.model.window_cache import WindowCache
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.batch import apply_batch, interest_records
-from scenestream.stream.core.window import apply_user, group_by_user
+from scenestream.stream.core.window import Window, apply_user, group_by_user
 
 SCENES = ("video", "article", "shop")
 ACTIONS = ("view", "click", "like", "buy")
@@ -111,7 +111,7 @@ def test_a_window_encodes_the_same_alone_and_in_a_padded_batch():
     for n in range(40):
         evs = [Event(f"w{n}-{k}", "u", ITEMS[rng.randrange(12)], "video", ACTIONS[rng.randrange(4)],
                      1_700_000_000_000 + rng.randrange(10**7)) for k in range(rng.randrange(1, WINDOW + 1))]
-        windows.append(tuple(sorted(evs, key=Event.order_key.fget)))
+        windows.append(Window.of(sorted(evs, key=Event.order_key.fget)))
     together = OFFLINE.encode_windows(windows)
     for n, w in enumerate(windows):
         np.testing.assert_allclose(OFFLINE.encode_windows([w])[0], together[n], atol=1e-5, rtol=0)
@@ -125,10 +125,10 @@ def test_output_ignores_events_beyond_the_receptive_field():
                   for k in range(WINDOW + 5)), key=Event.order_key.fget)
     long_enc = _encoder(cache_mb=0)
     long_enc.ckpt.window = WINDOW + 5
-    a = OFFLINE.encode_windows([tuple(evs[-WINDOW:])])[0]
-    b = long_enc.encode_windows([tuple(evs)])[0]
+    a = OFFLINE.encode_windows([Window.of(evs[-WINDOW:])])[0]
+    b = long_enc.encode_windows([Window.of(evs)])[0]
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-    c = OFFLINE.encode_windows([tuple(evs[-WINDOW + 3:])])[0]  # fewer than the receptive field: must differ
+    c = OFFLINE.encode_windows([Window.of(evs[-WINDOW + 3:])])[0]  # fewer than the receptive field: must differ
     assert np.abs(a - c).max() > 1e-4
 
 
@@ -189,7 +189,7 @@ def test_incremental_encode_equals_full_encode_at_every_step(steps, data, kind):
                 np.testing.assert_allclose(got.h[r, SCENES.index(scene)], want, atol=1e-5, rtol=0)
             # the merged window (model.py, "Sources"), written out: the newest WINDOW of all the user's events
             merged = sorted((e for w in windows.values() for e in w), key=Event.order_key.fget)[-WINDOW:]
-            np.testing.assert_allclose(got.recent[r], full.encode_windows([tuple(merged)])[0], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(got.recent[r], full.encode_windows([Window.of(merged)])[0], atol=1e-5, rtol=0)
 
 
 def test_appending_to_a_window_encodes_only_the_new_positions():
@@ -222,7 +222,7 @@ def test_the_reuse_rule_at_its_boundary_for_every_append_and_late_event():
     enc = _encoder(cache_mb=64)
     t0 = 1_700_000_000_000
     for length in (WINDOW, WINDOW - 1, WINDOW - 2):
-        old = tuple(Event(f"o{n}", "u", ITEMS[n % 12], "video", ACTIONS[n % 4], t0 + 1000 * n) for n in range(length))
+        old = Window.of(Event(f"o{n}", "u", ITEMS[n % 12], "video", ACTIONS[n % 4], t0 + 1000 * n) for n in range(length))
         extended = set()
         for k in range(1, WINDOW + 1):
             for late_at in [None, *range(length + 1)]:
@@ -262,7 +262,7 @@ def test_merged_windows_kept_up_to_date_equal_the_merge_from_scratch(steps, data
         events.append(Event(f"m{n:03d}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
     for outcome in _micro_batches(events, data):
         for user, windows in outcome.updates.items():
-            assert memo.get(user, windows) == merged_window(windows, WINDOW)
+            assert memo.get(user, windows).tobytes() == merged_window(windows, WINDOW).tobytes()
 
 
 def test_merged_windows_extend_an_in_order_stream():
@@ -275,4 +275,4 @@ def test_merged_windows_extend_an_in_order_stream():
         windows = apply_batch(state.get, [e], WINDOW).updates[e.user_id]
         state[e.user_id] = windows
         assert (memo._extend(memo.memo.get(e.user_id), windows) is not None) == (n >= 2)
-        assert memo.get(e.user_id, windows) == merged_window(windows, WINDOW)
+        assert memo.get(e.user_id, windows).tobytes() == merged_window(windows, WINDOW).tobytes()

@@ -25,7 +25,7 @@ from scenestream.model.infer import InterestEncoder
 from scenestream.stream.catalog import decode_update
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import REASONS, Event, Rejection, check_key, decode, encode
-from scenestream.stream.core.window import apply_window
+from scenestream.stream.core.window import EMPTY, Window, apply_window
 from scenestream.stream.produce import produce_lines
 from scenestream.stream.service import MicroBatchService, Record, dead_letter, read_range
 from scenestream.stream.state import CHANGELOG_CONFIG, ChangelogStore, encode_state, ensure_topic
@@ -79,8 +79,8 @@ def test_no_state_record_can_outgrow_the_changelog():
     record larger than the changelog accepts. Before: 6 scenes x 98 events of long ids passed 1 MiB."""
     worst_id = '"' * CFG.max_id_bytes   # quotes are escaped: the longest JSON for the fewest bytes
     config = StreamConfig(scenes=tuple(f"s{n}" for n in range(6)), window=98)
-    state = {s: tuple(Event(f"{worst_id[:-3]}{k:03d}", "u", worst_id, s, "click", config.ts_max_ms)
-                      for k in range(98)) for s in config.scenes}
+    state = {s: Window.of(Event(f"{worst_id[:-3]}{k:03d}", "u", worst_id, s, "click", config.ts_max_ms)
+                          for k in range(98)) for s in config.scenes}
     assert len(encode_state(state)) <= config.max_state_bytes <= 1_000_000
     astral = "😀" * 64   # 64 characters, 256 bytes: within both limits
     assert isinstance(decode(encode(Event(astral, astral, astral, "video", "click", TS)), CFG), Event)
@@ -222,7 +222,7 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
         await service.stop()
         return state
     state = run(scenario())
-    assert theirs in state["video"]
+    assert theirs in state["video"].events("u1")
 
 
 def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
@@ -343,9 +343,9 @@ def test_conflicting_copies_of_an_event_id_resolve_the_same_in_any_batches(rows,
         if e.event_id not in best or (e.ts, e.item_id, e.action) > (best[e.event_id].ts, best[e.event_id].item_id,
                                                                    best[e.event_id].action):
             best[e.event_id] = e
-    want = tuple(sorted(best.values(), key=lambda e: e.order_key)[-length:])
+    want = Window.of(sorted(best.values(), key=lambda e: e.order_key)[-length:])
     rnd.shuffle(events)
-    window, pos = (), 0
+    window, pos = EMPTY, 0
     while pos < len(events):
         size = rnd.randint(1, len(events) - pos)
         window, _ = apply_window(window, events[pos:pos + size], length)

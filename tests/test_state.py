@@ -6,14 +6,15 @@ import uuid
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
+from scenestream.stream.core.window import Window
 from scenestream.stream.state import ChangelogStore, decode_state, encode_state, join_states
 
 from .conftest import run
 
 
 def _state(user: str, n: int) -> dict:
-    return {"video": tuple(Event(f"{user}-{k}", user, f"i{k}", "video", "click", 1_700_000_000_000 + k)
-                           for k in range(n))}
+    return {"video": Window.of(Event(f"{user}-{k}", user, f"i{k}", "video", "click", 1_700_000_000_000 + k)
+                               for k in range(n))}
 
 
 async def _write_and_recover(bootstrap: str) -> tuple[int, int, dict]:
@@ -49,10 +50,10 @@ def test_recovery_reads_every_update_of_multi_record_batches(broker):
 
 def test_state_codec_and_join_are_a_lattice():
     a, b = _state("u", 3), _state("u", 5)
-    assert decode_state("u", encode_state(a)) == a
+    assert decode_state("u", encode_state(a), 50) == a
     assert join_states(a, b, 50) == join_states(b, a, 50) == b
     assert join_states(b, b, 50) == b
-    assert join_states(None, b, 2) == {"video": b["video"][-2:]}
+    assert join_states(None, b, 2) == {"video": Window.of(b["video"].events("u")[-2:])}
 
 
 def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
@@ -68,8 +69,9 @@ def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
         await store.start()
         await store.ensure(0)
         video = _state("u", 4)["video"]
-        shop = tuple(Event(f"s{k}", "u", f"i{k}", "shop", "view", 1_700_000_000_000 + k) for k in range(2))
-        await store.producer.send_and_wait(topic, encode_state({"video": video[:2]}), key=b"u", partition=0)
+        shop = Window.of(Event(f"s{k}", "u", f"i{k}", "shop", "view", 1_700_000_000_000 + k) for k in range(2))
+        first = Window.of(video.events("u")[:2])
+        await store.producer.send_and_wait(topic, encode_state({"video": first}), key=b"u", partition=0)
         await asyncio.gather(*await store.send(0, [("u", "video", video), ("u", "shop", shop)], applied_offset=7))
         await store.stop()
         reader = ChangelogStore(broker.bootstrap, topic, window=50)

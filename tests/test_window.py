@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import apply_user, apply_window, group_by_user, window_diff
+from scenestream.stream.core.window import EMPTY, Window, apply_user, apply_window, group_by_user, item_delta
 
 TS0 = 1_700_000_000_000
 SCENES = ("video", "article", "shop")
@@ -31,7 +31,7 @@ def reference_top_l(events, length):
     groups: dict[tuple[str, str], dict[str, Event]] = {}
     for e in events:
         groups.setdefault((e.user_id, e.scene), {})[e.event_id] = e
-    return {key: tuple(sorted(by_id.values(), key=lambda e: (e.ts, e.event_id))[-length:])
+    return {key: Window.of(sorted(by_id.values(), key=lambda e: (e.ts, e.event_id))[-length:])
             for key, by_id in groups.items()}
 
 
@@ -65,6 +65,7 @@ def cut(draw, n, max_cuts=10):
 
 def check_window(window, length, user=None, scene=None):
     assert 0 < len(window) <= length
+    window = window.events(user or "")
     keys = [e.order_key for e in window]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert len(ids(window)) == len(window)
@@ -143,32 +144,46 @@ def test_whole_stream_redelivered_changes_nothing(events, length, data):
 @given(one_window_events, one_window_events, st.integers(1, 4))
 def test_apply_window_is_top_l_of_the_union(old, batch, length):
     batch = [e for e in batch if e.event_id not in ids(old)] + [e for e in batch if e in old]   # one content per id
-    window = reference_top_l(old, length).get(("u0", "video"), ())
+    window = reference_top_l(old, length).get(("u0", "video"), EMPTY)
     new, _ = apply_window(window, batch + batch[:2], length)
-    assert new == reference_top_l(old + batch, length).get(("u0", "video"), ())
+    assert new == reference_top_l(old + batch, length).get(("u0", "video"), EMPTY)
 
 
 @settings(max_examples=300, deadline=None)
-@given(one_window_events, st.integers(0, 14), st.integers(1, 4), st.booleans())
-def test_window_diff_is_what_went_in_and_out(events, split, length, newer):
-    """Popularity follows window_diff: the old window less what went out plus what came in is the new window, as a
-    multiset; for events newer than the window (the append path that skips the window's sort) and any other."""
+@given(one_window_events, st.integers(0, 14), st.integers(1, 4), st.booleans(), st.booleans())
+def test_item_delta_is_how_the_item_counts_changed(events, split, length, newer, from_empty):
+    """Popularity follows item_delta: the old window's item counts plus the delta are the new window's; for events
+    newer than the window (the append path that keeps the window's rows) and any other."""
     base, batch = events[:split], events[split:]
     if newer:
         batch = [replace(e, ts=e.ts + 100) for e in batch]
-    old, _ = apply_window((), base, length)
+    old, _ = apply_window(EMPTY, base, length)
     new, _ = apply_window(old, batch + batch[:1], length)
-    assert new == reference_top_l(base + batch, length).get(("u0", "video"), ())
-    added, removed = window_diff(old, new)
-    assert Counter(added) <= Counter(new) and Counter(removed) <= Counter(old)
-    assert Counter(old) - Counter(removed) + Counter(added) == Counter(new)
+    assert new == reference_top_l(base + batch, length).get(("u0", "video"), EMPTY)
+    delta = item_delta(None if from_empty else old, new)
+    counts = Counter() if from_empty else Counter(old.item_ids())
+    counts.update(delta)
+    assert 0 not in delta.values() and +counts == Counter(new.item_ids()) and min(counts.values(), default=0) >= 0
+
+
+def test_a_window_is_packed_and_reads_back_event_for_event():
+    """The packed form holds what the object form held: ids (any UTF-8, a lone surrogate too), items, actions,
+    scenes and times, in order, and says what it holds; its rows fit the layout the encoder reads."""
+    evs = [Event("é-1", "u", "item-é", "video", "view", TS0), Event("\ud800x", "u", "i2", "video", "click", TS0 + 1),
+           Event("z" * 256, "u", "i" * 128, "video", "like", TS0 + 1)]
+    w = Window.of(evs)
+    assert w.events("u") == tuple(evs) and tuple(w) == tuple(replace(e, user_id="") for e in evs)
+    assert w.ids() == [e.event_id for e in evs] and w.ids(2) == ["z" * 256] and w.item_ids() == [e.item_id for e in evs]
+    assert len(w) == 3 and w.last_ts == TS0 + 1 and w.last_key() == evs[-1].order_key
+    assert list(w.table()["ts"]) == [e.ts for e in evs] and len(w.rows) == 3 * 24
+    assert Window.of(evs[:2]) != w and Window.of(evs) == w and not EMPTY and EMPTY == Window.of([])
 
 
 @settings(max_examples=300, deadline=None)
 @given(one_window_events, st.integers(0, 14), st.integers(1, 4), st.randoms(use_true_random=False))
 def test_apply_window_is_idempotent(events, split, length, rnd):
     base, batch = events[:split], events[split:]
-    window, _ = apply_window((), base, length)
+    window, _ = apply_window(EMPTY, base, length)
     once, _ = apply_window(window, batch, length)
     twice, _ = apply_window(once, batch, length)
     assert twice == once
@@ -184,7 +199,7 @@ def test_apply_window_is_commutative_and_associative(events, i, j, length):
     i, j = sorted((i, j))
     base, a, b = events[:i], events[i:j], events[j:]
     a = a + b[:1]                                                      # overlapping batches
-    w, _ = apply_window((), base, length)
+    w, _ = apply_window(EMPTY, base, length)
     ab, _ = apply_window(apply_window(w, a, length)[0], b, length)
     ba, _ = apply_window(apply_window(w, b, length)[0], a, length)
     together, _ = apply_window(w, a + b, length)
@@ -195,7 +210,7 @@ def test_apply_window_is_commutative_and_associative(events, i, j, length):
 @given(one_window_events, one_window_events, st.integers(1, 4))
 def test_dropped_counts_the_new_events_that_did_not_make_it(old, batch, length):
     batch = [e for e in batch if e.event_id not in ids(old)] + [e for e in batch if e in old]
-    window, _ = apply_window((), old, length)
+    window, _ = apply_window(EMPTY, old, length)
     new, dropped = apply_window(window, batch + batch, length)
     # new = not already in the window (counted once however often it is in the batch); dropped = new, not retained
     assert dropped == len(ids(batch) - ids(window) - ids(new))
@@ -206,11 +221,11 @@ def test_dropped_counts_the_new_events_that_did_not_make_it(old, batch, length):
 @settings(max_examples=200, deadline=None)
 @given(one_window_events, st.integers(1, 4))
 def test_events_arriving_one_by_one_in_time_order_are_never_dropped(events, length):
-    window, total = (), 0
+    window, total = EMPTY, 0
     for e in sorted(events, key=lambda e: e.order_key):
         window, dropped = apply_window(window, [e], length)
         total += dropped
-        assert window[-1] == e
+        assert window.events("u0")[-1] == e
     assert total == 0
 
 
@@ -224,10 +239,10 @@ def _ev(n, ts, user="u", scene="video"):
 
 def test_a_late_event_behind_a_full_window_is_dropped_and_counted():
     L = 5
-    full = tuple(_ev(k, 1000 * k) for k in range(1, L + 1))
+    full = Window.of(_ev(k, 1000 * k) for k in range(1, L + 1))
     late = _ev(99, 0)
     assert apply_window(full, [late], L) == (full, 1)
-    assert apply_window(full, [full[0]], L) == (full, 0)               # a duplicate is not late
+    assert apply_window(full, [full.events("u")[0]], L) == (full, 0)               # a duplicate is not late
     state = MappingProxyType({"video": full})
     new, changed, dropped = apply_user(state, [late], L)
     assert (new, changed, dropped) == ({"video": full}, set(), 1)
@@ -235,21 +250,21 @@ def test_a_late_event_behind_a_full_window_is_dropped_and_counted():
 
 def test_ties_in_time_are_broken_by_event_id():
     L = 2
-    window = (_ev(10, 5), _ev(20, 5))
+    window = Window.of((_ev(10, 5), _ev(20, 5)))
     assert apply_window(window, [_ev(5, 5)], L) == (window, 1)           # same ts, smaller id: behind the window
-    assert apply_window(window, [_ev(15, 5)], L) == ((_ev(15, 5), _ev(20, 5)), 0)
-    assert apply_window(window, [_ev(30, 4), _ev(31, 6)], L) == ((_ev(20, 5), _ev(31, 6)), 1)
+    assert apply_window(window, [_ev(15, 5)], L) == (Window.of((_ev(15, 5), _ev(20, 5))), 0)
+    assert apply_window(window, [_ev(30, 4), _ev(31, 6)], L) == (Window.of((_ev(20, 5), _ev(31, 6))), 1)
 
 
 def test_a_batch_can_push_its_own_events_out():
     L = 2
-    new, dropped = apply_window((), [_ev(k, k) for k in range(5)], L)
-    assert new == (_ev(3, 3), _ev(4, 4)) and dropped == 3
+    new, dropped = apply_window(EMPTY, [_ev(k, k) for k in range(5)], L)
+    assert new == Window.of((_ev(3, 3), _ev(4, 4))) and dropped == 3
 
 
 def test_a_redelivered_evicted_event_leaves_the_window_unchanged():
     L = 2
-    w, _ = apply_window((), [_ev(1, 1), _ev(2, 2)], L)
+    w, _ = apply_window(EMPTY, [_ev(1, 1), _ev(2, 2)], L)
     w, _ = apply_window(w, [_ev(3, 3)], L)                               # e01 evicted
     again, _ = apply_window(w, [_ev(1, 1)], L)
     assert again == w
@@ -259,9 +274,9 @@ def test_a_redelivered_evicted_event_leaves_the_window_unchanged():
 @settings(max_examples=300, deadline=None)
 @given(one_window_events, st.integers(1, 4), st.integers(-3, 6), st.integers(0, 99))
 def test_any_late_event_behind_a_full_window_is_dropped(events, length, ts, n):
-    window, _ = apply_window((), events, length)
+    window, _ = apply_window(EMPTY, events, length)
     late = Event(f"e{n}", "u0", "late-item", "video", "like", TS0 + ts)
-    if len(window) < length or late.order_key >= window[0].order_key or late.event_id in ids(events):
+    if len(window) < length or late.order_key >= window.events()[0].order_key or late.event_id in ids(events):
         return
     assert apply_window(window, [late], length) == (window, 1)
     new, changed, dropped = apply_user({"video": window}, [late], length)
@@ -288,7 +303,7 @@ def test_apply_user_does_not_mutate_and_reports_exactly_the_changed_scenes(old, 
         assert new[scene] == state[scene]
     expected = reference_top_l(old + batch, length)
     assert new == {scene: w for (_, scene), w in expected.items()}
-    assert dropped == sum(apply_window(state.get(s, ()), [e for e in batch if e.scene == s], length)[1]
+    assert dropped == sum(apply_window(state.get(s, EMPTY), [e for e in batch if e.scene == s], length)[1]
                           for s in SCENES)
     # applying the same events again changes nothing and reports nothing changed
     assert apply_user(new, batch, length)[:2] == (new, set())
@@ -297,11 +312,11 @@ def test_apply_user_does_not_mutate_and_reports_exactly_the_changed_scenes(old, 
 def test_apply_user_reports_changed_scenes_and_does_not_mutate_its_input():
     e1 = Event("a", "u", "i", "video", "click", TS0)
     e2 = Event("b", "u", "j", "shop", "click", TS0 + 1)
-    state = {"video": (e1,)}
+    state = {"video": Window.of([e1])}
     snapshot = dict(state)
     new, changed, dropped = apply_user(state, [e1, e2], 5)
     assert state == snapshot
-    assert changed == {"shop"} and new == {"video": (e1,), "shop": (e2,)} and dropped == 0
+    assert changed == {"shop"} and new == {"video": Window.of([e1]), "shop": Window.of([e2])} and dropped == 0
     assert apply_user(new, [e1, e2], 5)[1] == set()
     assert apply_user(new, [], 5) == (new, set(), 0)
 

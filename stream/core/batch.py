@@ -60,7 +60,7 @@ def interest_record(user: str, state: UserState, vec: Any, row: int, scenes: Seq
         "global": vec.fused[row, len(scenes)],
         "recent": vec.recent[row],
         "weights": {t: {scenes[i]: weights[j][i] for i in src_idx} for j, t in enumerate(targets)},
-        "newest_ts": max(w[-1].ts for w in state.values() if w),
+        "newest_ts": max(w.last_ts for w in state.values() if w),
         "events": sum(len(w) for w in state.values()),
     }
 

@@ -46,6 +46,18 @@ class Popularity:
                 if not counts:
                     del self.counts[e.scene]
 
+    def shift(self, scene: str, delta: Mapping[str, int]) -> None:
+        """Add each item's change in count (`window.item_delta`); an item, or a scene, at zero goes."""
+        counts = self.counts[scene]
+        for item, d in delta.items():
+            left = counts[item] + d
+            if left:
+                counts[item] = left
+            else:
+                del counts[item]
+        if not counts:
+            del self.counts[scene]
+
     def count_of(self, scene: Optional[str] = None) -> Counter:
         """Counts of one scene, or of all scenes summed (an item clicked in two scenes counts in both)."""
         if scene is not None:

@@ -5,15 +5,165 @@ join(window, events) = top-L of the union, where two copies of one event_id coun
 delivery, any arrival order and any micro-batch boundaries give the window that top-L over the deduplicated set of
 all events gives: the state is exactly-once even though delivery is not. The state is raw events only; vectors are
 derived from it and may be dropped and recomputed at any time.
+
+A window is packed (`Window`): one bytes object of fixed 24-byte rows, then the event ids back to back. A row is
+(ts, a 64-bit hash of the event id, item, action, scene, id length), item, action and scene as numbers from
+process-wide tables (`ITEMS`, `ACTIONS`, `SCENES`). About 1.6-2.6 KB for a full window of 50 events where tuples of
+Event objects took 20 KB (BENCHMARKS.md, "State size"). The ids are kept whole, so the join compares and orders
+exactly what the object form did (ties in time by event id, two distinct ids never one event): the hash only makes
+row comparisons cheap (`rows`), it never decides identity in the join.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Optional
+
+import numpy as np
 
 from .events import Event
 
-Window = tuple[Event, ...]          # ascending by Event.order_key, unique event_ids, len <= L
+ROW = struct.Struct("<qqiBBH")   # ts, id hash, item, action, scene, id bytes
+ROW_BYTES = ROW.size             # 24
+ROW_DTYPE = np.dtype([("ts", "<i8"), ("hash", "<i8"), ("item", "<i4"), ("action", "u1"), ("scene", "u1"),
+                      ("id_bytes", "<u2")])
+assert ROW_DTYPE.itemsize == ROW_BYTES
+
+
+class Interner:
+    """name <-> number, for the life of the process: windows hold numbers, never strings. Only grows (an item
+    costs its name and a dict entry once, however many windows hold it: ~100 bytes per distinct item)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def id(self, name: str) -> int:
+        i = self.index.get(name)
+        if i is None:
+            i = len(self.names)
+            if i >= self.limit:
+                raise OverflowError(f"more than {self.limit} distinct names")
+            self.names.append(name)   # the name first: a reader in another thread that sees the number finds it
+            self.index[name] = i
+        return i
+
+
+ITEMS, ACTIONS, SCENES = Interner(2**31 - 1), Interner(256), Interner(256)
+
+
+def id_hash(id_bytes: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(id_bytes, digest_size=8).digest(), "little", signed=True)
+
+
+def _id_bytes(event_id: str) -> bytes:
+    return event_id.encode("utf-8", "surrogatepass")   # JSON may carry a lone surrogate; it is kept as it came
+
+
+def _row(e: Event, eid: bytes) -> bytes:
+    return ROW.pack(e.ts, id_hash(eid), ITEMS.id(e.item_id), ACTIONS.id(e.action), SCENES.id(e.scene), len(eid))
+
+
+class Codebook:
+    """Names of the numbers in window rows, for readers that may not import this module (the encoder)."""
+    items, actions, scenes = ITEMS, ACTIONS, SCENES
+
+
+class Window:
+    """One (user, scene)'s events, packed (see the module docstring); immutable, compared by content. Iterating
+    gives Event objects with an empty user_id (the window does not store its user; `events(user)` fills it in).
+    What the encoder reads (model/infer.py): `table()`, `ids()` and `codebook`."""
+
+    __slots__ = ("buf", "n")
+    codebook = Codebook
+
+    def __init__(self, buf: bytes = b"", n: int = 0):
+        self.buf, self.n = buf, n
+
+    @classmethod
+    def of(cls, events: Iterable[Event]) -> "Window":
+        """Pack events that are already a window: ascending by (ts, event_id), unique event ids."""
+        events = list(events)
+        ids = [_id_bytes(e.event_id) for e in events]
+        return cls(b"".join(map(_row, events, ids)) + b"".join(ids), len(ids))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Window) and self.buf == other.buf
+
+    def __hash__(self) -> int:
+        return hash(self.buf)
+
+    def __repr__(self) -> str:
+        return f"Window({list(self)!r})"
+
+    @property
+    def rows(self) -> bytes:
+        """The rows alone (what the encoder reads): equal rows are the same events, up to a 64-bit hash."""
+        return self.buf[:self.n * ROW_BYTES]
+
+    def table(self) -> np.ndarray:
+        return np.frombuffer(self.buf, ROW_DTYPE, self.n)
+
+    @property
+    def last_ts(self) -> int:
+        return ROW.unpack_from(self.buf, (self.n - 1) * ROW_BYTES)[0]
+
+    def last_key(self) -> tuple[int, str]:
+        """(ts, event_id) of the newest event: the last id ends the buffer."""
+        ts, _, _, _, _, size = ROW.unpack_from(self.buf, (self.n - 1) * ROW_BYTES)
+        return ts, self.buf[len(self.buf) - size:].decode("utf-8", "surrogatepass")
+
+    def ids(self, start: int = 0) -> list[str]:
+        """The event ids, from the `start`th event on."""
+        sizes = self.table()["id_bytes"]
+        out, at = [], self.n * ROW_BYTES + (int(sizes[:start].sum()) if start else 0)
+        for size in sizes[start:].tolist():
+            out.append(self.buf[at:at + size].decode("utf-8", "surrogatepass"))
+            at += size
+        return out
+
+    def item_ids(self) -> list[str]:
+        names = ITEMS.names
+        return [names[i] for i in self.table()["item"].tolist()]
+
+    def events(self, user: str = "") -> tuple[Event, ...]:
+        t = self.table()
+        items, actions, scenes = ITEMS.names, ACTIONS.names, SCENES.names
+        return tuple(Event(eid, user, items[i], scenes[s], actions[a], ts) for eid, ts, i, a, s in
+                     zip(self.ids(), t["ts"].tolist(), t["item"].tolist(), t["action"].tolist(),
+                         t["scene"].tolist()))
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events())
+
+    def may_hold(self, event_id: bytes) -> bool:
+        """False only if no event of the window has this id (a cheap test; True may be wrong)."""
+        return self.buf.find(event_id, self.n * ROW_BYTES) >= 0
+
+    def extended(self, new: list[Event], length: int) -> "Window":
+        """This window plus events newer than all of it, cut to the newest `length`."""
+        ids = [_id_bytes(e.event_id) for e in new]
+        if len(new) >= length:
+            return Window.of(new[-length:])
+        drop = max(0, self.n + len(new) - length)
+        cut = self.n * ROW_BYTES
+        skip = int(self.table()["id_bytes"][:drop].sum()) if drop else 0
+        return Window(b"".join((self.buf[drop * ROW_BYTES:cut], *map(_row, new, ids), self.buf[cut + skip:], *ids)),
+                      self.n + len(new) - drop)
+
+
+EMPTY = Window()
 UserState = dict[str, Window]       # scene -> window; only scenes with at least one event
 
 
@@ -31,38 +181,42 @@ def _preference(e: Event) -> tuple:
 def apply_window(window: Window, events: Iterable[Event], length: int) -> tuple[Window, int]:
     """Join events into a window. Returns the new window and how many new events did not make it into it
     (older than the L newest: a late event behind a full window, or pushed out within the same batch)."""
-    current = {e.event_id: e for e in window}
     fresh: dict[str, Event] = {}
     for e in events:
-        best = fresh.get(e.event_id) or current.get(e.event_id)
+        best = fresh.get(e.event_id)
         if best is None or _preference(e) > _preference(best):
             fresh[e.event_id] = e
     if not fresh:
         return window, 0
     new = sorted(fresh.values(), key=_order)
-    if (not window or _order(new[0]) > _order(window[-1])) and current.keys().isdisjoint(fresh):
-        merged = window + tuple(new)   # the common case, events newer than the window: no sort of the window
-        return (merged, 0) if len(merged) <= length else (merged[-length:], max(0, len(new) - length))
-    merged = sorted((*(e for e in window if e.event_id not in fresh), *new), key=_order)
-    kept = tuple(merged[-length:])
+    if not window or (_order(new[0]) > window.last_key()
+                      and not any(window.may_hold(_id_bytes(i)) for i in fresh)):
+        # the common case, events newer than the window: the window's rows are kept as they are
+        return window.extended(new, length), max(0, len(new) - length)
+    current = {e.event_id: e for e in window.events()}
+    for eid, e in list(fresh.items()):
+        held = current.get(eid)
+        if held is not None and _preference(held) >= _preference(e):
+            del fresh[eid]   # the window holds this copy or a preferred one
+    if not fresh:
+        return window, 0
+    merged = sorted((*(e for e in current.values() if e.event_id not in fresh), *fresh.values()), key=_order)
+    kept = merged[-length:]
     dropped = sum(1 for e in merged[:-length] if fresh.get(e.event_id) is e) if len(merged) > length else 0
-    return kept, dropped
+    return Window.of(kept), dropped
 
 
-def window_diff(old: Window, new: Window) -> tuple[Sequence[Event], Sequence[Event]]:
-    """(events in `new` but not in `old`, events in `old` but not in `new`): what the owner of the windows counts in
-    and out of popularity. An event and an equal copy of it count the same, so either may stand for the other.
-    Cheap in the common case, a window that lost its oldest events and gained newer ones."""
-    if old and new:
-        last = old[-1]
-        for p in range(len(new) - 1, -1, -1):
-            if new[p] is last:
-                k = len(old) - (p + 1)                 # events dropped from the front
-                if k >= 0 and new[:p + 1] == old[k:]:
-                    return new[p + 1:], old[:k]
-                break
-    before, after = {id(e): e for e in old}, {id(e) for e in new}
-    return [e for e in new if id(e) not in before], [e for i, e in before.items() if i not in after]
+def item_delta(old: Optional[Window], new: Window) -> dict[str, int]:
+    """How the counts of items in a window changed from `old` to `new` (nonzero entries only): what the owner of
+    the windows adds to its popularity counts."""
+    delta: dict[int, int] = defaultdict(int)
+    for i in new.table()["item"].tolist():
+        delta[i] += 1
+    if old:
+        for i in old.table()["item"].tolist():
+            delta[i] -= 1
+    names = ITEMS.names
+    return {names[i]: d for i, d in delta.items() if d}
 
 
 def apply_user(state: Mapping[str, Window], events: Iterable[Event], length: int
@@ -76,7 +230,7 @@ def apply_user(state: Mapping[str, Window], events: Iterable[Event], length: int
     changed: set[str] = set()
     dropped = 0
     for scene, scene_events in by_scene.items():
-        old = state.get(scene, ())
+        old = state.get(scene, EMPTY)
         new, d = apply_window(old, scene_events, length)
         dropped += d
         if new != old:
@@ -90,4 +244,3 @@ def group_by_user(events: Iterable[Event]) -> dict[str, list[Event]]:
     for e in events:
         groups[e.user_id].append(e)
     return groups
-
