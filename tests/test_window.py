@@ -324,3 +324,17 @@ def test_apply_user_reports_changed_scenes_and_does_not_mutate_its_input():
 def test_group_by_user_keeps_every_event_in_arrival_order():
     evs = [_ev(1, 1, "a"), _ev(2, 0, "b"), _ev(3, 2, "a"), _ev(1, 1, "a")]
     assert group_by_user(evs) == {"a": [evs[0], evs[2], evs[3]], "b": [evs[1]]}
+
+
+def test_ids_whose_hashes_collide_stay_two_events(monkeypatch):
+    """The rule for hash collisions: there is none to need. The join compares and orders whole ids; the 64-bit hash
+    in a row only speeds up row comparisons. Here every id hashes alike, and distinct ids still stay distinct
+    events, in id order at equal times, and a re-delivery still joins in as the same event."""
+    import scenestream.stream.core.window as window_module
+    monkeypatch.setattr(window_module, "id_hash", lambda _: 7)
+    a, b, c = (Event(n, "u", f"i{n}", "video", "click", TS0) for n in ("a", "b", "c"))
+    w, dropped = apply_window(EMPTY, [b, a], 5)
+    assert w.events("u") == (a, b) and dropped == 0
+    w, _ = apply_window(w, [c, a], 5)
+    assert w.events("u") == (a, b, c) and len(set(w.table()["hash"].tolist())) == 1
+    assert apply_window(w, [b], 5) == (w, 0)
