@@ -130,12 +130,44 @@ class LocalSelfAttention(nn.Module):
         if segment is not None:
             allowed = allowed & (segment[:, qslot, None] == segment[:, None, :])
         allowed = allowed | own[None]
+        return self.proj(self._attend(q, k, v, allowed, offset)), present
+
+    def _attend(self, q, k, v, allowed, offset) -> torch.Tensor:
+        """q [B, H, Tq, hd], k and v [B, H, Tk, hd], allowed [B or 1, Tq, Tk], offset (query - key position) of
+        the same shape -> [B, Tq, C] before the output projection."""
         bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [B or 1, H, Tq, Tk]
         mask = torch.where(allowed[:, None], bias, float("-inf"))                      # [B, H, Tq, Tk]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
-        y = y.transpose(1, 2).contiguous().view(B, -1, C)
-        return self.proj(y), present
+        B, H, Tq, hd = y.shape
+        return y.transpose(1, 2).reshape(B, Tq, H * hd)
+
+    def read_only(self, x: torch.Tensor, valid: torch.Tensor, read: torch.Tensor,
+                  segment: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training, a stack's last layer: the outputs at the positions `read` [B, T] marks alone, [R, C] in
+        row-major order (x[read]'s), equal to forward(x, valid, segment=segment)[0][read]. Queries and attention run
+        from the first column any row reads on (a timeline's targets are its last positions), keys and values from
+        `span` before it (no query looks further back), the output projection on the read positions alone. The
+        columns are shared by all rows, so the offsets and the bias stay one [Tq, Tk] matrix for the batch."""
+        B, T, C = x.shape
+        cols = read.any(0).nonzero()
+        if not len(cols):
+            return x.new_zeros(0, C)
+        first = int(cols[0])                                  # no read position before this column in any row
+        lo = max(0, first - self.span)                        # nor a key any of them may attend to
+        x, valid = x[:, lo:], valid[:, lo:]
+        W, b = self.qkv.weight, self.qkv.bias
+        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
+        q = heads(F.linear(x[:, first - lo:], W[:C], b[:C]))
+        k, v = (heads(t) for t in F.linear(x, W[C:], b[C:]).split(C, dim=2))
+        kpos = torch.arange(T - lo, device=x.device)
+        offset = kpos[first - lo:, None] - kpos[None]                                  # [Tq, Tk]
+        allowed = (offset >= 0) & (offset <= self.span) & valid[:, None, :]               # [B, Tq, Tk]
+        if segment is not None:
+            segment = segment[:, lo:]
+            allowed = allowed & (segment[:, first - lo:, None] == segment[:, None, :])
+        allowed = allowed | (offset == 0)                     # padded queries see themselves
+        return self.proj(self._attend(q, k, v, allowed, offset[None])[read[:, first:]])
 
 
 class Block(nn.Module):
@@ -148,15 +180,15 @@ class Block(nn.Module):
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
 
     def forward(self, x, valid, last_only=False, past=None, segment=None, read=None):
-        """read [B, T] bool (training, the last block): positions whose output is read; the MLP runs on those
-        alone and the others are left without it."""
+        """read [B, T] bool (training, a stack's last block): only the positions whose output is read; returns
+        [R, C], their outputs in row-major order (x[read]'s), and no keys and values (None). Everything on the query
+        side runs on those alone: a read position needs the others' keys and values, never their outputs."""
+        if read is not None:
+            x = x[read] + self.attn.read_only(self.ln1(x), valid, read, segment)
+            return x + self.mlp(self.ln2(x)), None
         y, present = self.attn(self.ln1(x), valid, last_only, past, segment)
         x = (x[:, -1:] if last_only else x) + y
-        if read is None:
-            return x + self.mlp(self.ln2(x)), present
-        at = read.nonzero(as_tuple=True)
-        rows = x[at]
-        return x.index_put(at, rows + self.mlp(self.ln2(rows))), present
+        return x + self.mlp(self.ln2(x)), present
 
 
 class SceneEncoder(nn.Module):
@@ -179,7 +211,8 @@ class SceneEncoder(nn.Module):
         """Left-padded windows [B, T] -> [B, T, d] (or [B, d] for the last position when last_only). scene: the
         windows are per-scene ones (their own stack, if the model has one), else merged timelines. segment [B, T]:
         rows that pack several sequences (training), each sequence's positions one id. read [B, T] (training):
-        only these positions' outputs are valid; the others are context, wanted for their keys and values only."""
+        only these positions' outputs, [R, d] in row-major order (what [B, T, d][read] would give); the others are
+        context, wanted for their keys and values only."""
         return self.extend(items, actions, scenes, gaps, valid, None, last_only, scene, segment, read)[0]
 
     def extend(self, items, actions, scenes, gaps, valid, past: Optional[list[Past]], last_only: bool = True,
@@ -230,7 +263,10 @@ class SceneFusion(nn.Module):
         scores = scores / math.sqrt(d)
         scores = scores.masked_fill(~(has if has.dim() == 3 else has[:, None, :]), float("-inf"))
         a = torch.softmax(scores, dim=-1)
-        H = a @ self.value(h)                                                              # [N, T, d]
+        if targets is None:
+            H = a @ self.value(h)                                                          # [N, S+1, d]
+        else:   # a's rows sum to 1, so a @ value(h) = value(a @ h): the map on T rows per user instead of S
+            H = self.value(a @ h)                                                          # [N, T, d]
         # residual: the user's interest as of their newest event, for every target: the scene mix adds to what the
         # plain sequence model would say, never replaces it
         return self.out(H + recent[:, None]), a

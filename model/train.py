@@ -199,35 +199,39 @@ def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """Sum over parts (V [m, d], scene [m], target [m]: item positions in the catalog) of each part's mean CE of its
     rows against the items of their own scene only. The parts' rows share one matmul per scene."""
     scene = torch.cat([p[1] for p in parts])
-    order = torch.argsort(scene, stable=True)   # rows by scene: one gather, then a slice per scene
-    V = torch.cat([p[0] for p in parts])[order]
-    target = scene_pos[torch.cat([p[2] for p in parts])[order]]
-    weight = torch.cat([V.new_full((len(p[0]),), 1.0 / max(1, len(p[0]))) for p in parts])[order]
+    order = torch.argsort(scene, stable=True)   # rows by scene: one gather, then a run per scene
     counts = torch.bincount(scene, minlength=len(scene_items)).tolist()
-    total, start = V.new_zeros(()), 0
-    for items, count in zip(scene_items, counts):
+    V = torch.cat([p[0] for p in parts]).index_select(0, order).split(counts)
+    target = scene_pos[torch.cat([p[2] for p in parts])[order]].split(counts)
+    weight = torch.cat([p[0].new_full((len(p[0]),), 1.0 / max(1, len(p[0]))) for p in parts])[order].split(counts)
+    # the catalog by scene, once: split, not sliced or gathered per scene, so the backward pass writes each gradient
+    # once instead of zero-filling a catalog-sized one per scene
+    E = E.index_select(0, torch.cat(scene_items)).split([len(items) for items in scene_items])
+    total = parts[0][0].new_zeros(())
+    for s, count in enumerate(counts):
         if count:
-            rows = slice(start, start + count)
-            ce = F.cross_entropy(V[rows] @ E.index_select(0, items).T, target[rows], reduction="none")
-            total = total + (ce * weight[rows]).sum()
-            start += count
+            ce = F.cross_entropy(V[s] @ E[s].T, target[s], reduction="none")
+            total = total + (ce * weight[s]).sum()
     return total
 
 
-def _encode(model: InterestModel, groups, ctx: torch.Tensor, recent_at: torch.Tensor) -> torch.Tensor:
-    """The groups' outputs, flat [positions, d], valid where the loss reads them: at ctx and recent_at. Most
+def _encode(model: InterestModel, groups, ctx: torch.Tensor, recent_at: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outputs the loss reads: at ctx (-1: none) and recent_at, flat indices into the groups' positions. Most
     positions are context (a segment's targets need the receptive field before them, and each scene sequence its own)
-    that only lends keys and values, so each stack's last block runs its MLP on the read positions alone."""
+    that only lends keys and values, so each stack's last block computes its outputs at the read positions alone.
+    Returns (rows [R, d]: the read positions' outputs, in flat order; ctx and recent_at as indices into rows, ctx
+    still -1 where none)."""
     read = torch.zeros(sum(g[0].numel() for _, g, _ in groups), dtype=torch.bool, device=ctx.device)
     read[ctx[ctx >= 0]] = True
     read[recent_at] = True
     outs, base = [], 0
     for kind, g, seg in groups:
         n = g[0].numel()
-        outs.append(model.encoder(*g, scene=kind, segment=seg,
-                                  read=read[base:base + n].view(g[0].shape)).reshape(-1, model.cfg.d_model))
+        outs.append(model.encoder(*g, scene=kind, segment=seg, read=read[base:base + n].view(g[0].shape)))
         base += n
-    return torch.cat(outs)
+    row = read.cumsum(0) - 1                 # flat position -> its row among the read ones
+    return torch.cat(outs), torch.where(ctx >= 0, row[ctx.clamp(min=0)], -1), row[recent_at]
 
 
 def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]], scene_pos: Optional[torch.Tensor],
@@ -235,10 +239,12 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     """Sum of the three mean CEs (module docstring). Logits are taken against the real items only (PAD and OOV
     columns dropped rather than masked): the softmax over the catalog is most of a step's cost."""
     groups, ctx, recent_at, t_item, t_scene = batch
-    flat = _encode(model, groups, ctx, recent_at)
+    out, ctx, recent_at = _encode(model, groups, ctx, recent_at)
     has = ctx >= 0
-    h = flat[ctx.clamp(min=0)]   # [n, S, d]; rows of scenes without history are masked in the fusion, never read
-    recent = flat[recent_at]                                          # [n, d]
+    # [n, S, d]; rows of scenes without history are masked in the fusion, never read. index_select: its backward
+    # adds rows (index_add_), cheaper than advanced indexing's accumulating index_put
+    h = out.index_select(0, ctx.clamp(min=0).view(-1)).view(*ctx.shape, -1)
+    recent = out.index_select(0, recent_at)                           # [n, d]
     n = len(t_item)
     rows = torch.arange(n, device=ctx.device)
     had_own = has[rows, t_scene]
@@ -257,7 +263,8 @@ def _loss(model: InterestModel, batch, scene_items: Optional[list[torch.Tensor]]
     if one_scene:
         return loss
     own = rows[had_own]
-    parts = [(H[:, 1], t_scene, target), (h[own, t_scene[own]], t_scene[own], target[own])]
+    h_own = out.index_select(0, ctx[own, t_scene[own]])             # h_j where j has history: rows of h
+    parts = [(H[:, 1], t_scene, target), (h_own, t_scene[own], target[own])]
     return loss + _in_scene_ce([p for p in parts if len(p[0])], E, scene_items, scene_pos)
 
 

@@ -75,14 +75,14 @@ def test_training_reads_the_context_serving_reads(scene_layers):
         seg = train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, model.cfg.gap_buckets)
         groups, ctx, recent_at, _, _ = train._collate([seg])
         with torch.no_grad():
-            flat = train._encode(model, groups, ctx, recent_at)
+            out, ctx, recent_at = train._encode(model, groups, ctx, recent_at)
         for m, k in enumerate(seg.target):
             vec = enc.interests({"u": apply_user({}, tl[:k], window)[0]})
-            np.testing.assert_allclose(flat[recent_at[m]].numpy(), vec.recent[0], atol=1e-5)
+            np.testing.assert_allclose(out[recent_at[m]].numpy(), vec.recent[0], atol=1e-5)
             for s in range(3):
                 assert (ctx[m, s] >= 0) == bool(vec.has[0, s])
                 if ctx[m, s] >= 0:
-                    np.testing.assert_allclose(flat[ctx[m, s]].numpy(), vec.h[0, s], atol=1e-5)
+                    np.testing.assert_allclose(out[ctx[m, s]].numpy(), vec.h[0, s], atol=1e-5)
                     checked += 1
     assert checked > 200
 
@@ -128,3 +128,74 @@ def test_fusion_of_chosen_targets_equals_those_rows_of_all():
     torch.testing.assert_close(H, H_all[rows, targets], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(a, a_all[rows, targets], atol=1e-6, rtol=1e-5)
 
+
+
+def _encode_everything(model, groups, ctx, recent_at):
+    """The reference for train._encode: every position of every group through every block in full, then the read
+    ones picked out."""
+    flat = torch.cat([model.encoder(*g, scene=kind, segment=seg).reshape(-1, model.cfg.d_model)
+                      for kind, g, seg in groups])
+    return flat, ctx, recent_at
+
+
+@pytest.mark.parametrize("scene_layers", [0, 1, 3])
+def test_read_positions_alone_encode_as_every_position(scene_layers):
+    """A stack's last block computes queries and attention from the first column read, keys and values from `span`
+    before it, projection, residual and MLP at the read positions alone: the outputs must be those of the full
+    encoding at exactly those positions, for packed and unpacked rows, for the read positions training picks and for
+    random ones (scattered, all late in the row, none in a row), through the timeline's stack and the scenes'."""
+    rng = random.Random(2)
+    gen = torch.Generator().manual_seed(2)
+    vocab = ItemVocab(ITEMS, [SCENES[n % 3] for n in range(30)])
+    model = _model(vocab, scene_layers)
+    segments = [train._segment(tl, vocab, SCENE_INDEX, {"view": 0}, model.cfg.gap_buckets, skip=min(len(tl) - 1, 9))
+                for tl in _timelines(16, rng)]
+    groups, ctx, recent_at, _, _ = train._collate(segments)
+    assert any(seg is not None for _, _, seg in groups) and any(seg is None for _, _, seg in groups)
+    with torch.no_grad():
+        out, row_ctx, row_recent = train._encode(model, groups, ctx, recent_at)
+        flat, _, _ = _encode_everything(model, groups, ctx, recent_at)
+        torch.testing.assert_close(out[row_recent], flat[recent_at], atol=1e-5, rtol=1e-4)
+        has = ctx >= 0
+        assert torch.equal(row_ctx >= 0, has)
+        torch.testing.assert_close(out[row_ctx[has]], flat[ctx[has]], atol=1e-5, rtol=1e-4)
+        for kind, g, seg in groups:
+            full = model.encoder(*g, scene=kind, segment=seg)
+            for p in (0.05, 0.5, 1.0):
+                read = (torch.rand(g[0].shape, generator=gen) < p) & g[4]
+                read[0] = False                                   # a row without any read position
+                read[:, : g[0].shape[1] // 2] &= p < 1             # or all of them late in the row
+                got = model.encoder(*g, scene=kind, segment=seg, read=read)
+                assert got.shape == (int(read.sum()), model.cfg.d_model)
+                torch.testing.assert_close(got, full[read], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scenes", [3, 1])
+def test_loss_and_gradients_equal_those_of_the_full_encoding(monkeypatch, scenes):
+    """The training loss through the read-positions shortcut, and its gradient for every weight, equal those of the
+    full encoding (every position through every block), with one scene and with three."""
+    rng = random.Random(4)
+    names = SCENES if scenes == 3 else ("video",)
+    vocab = ItemVocab(ITEMS, [names[n % scenes] for n in range(30)])
+    torch.manual_seed(0)
+    model = InterestModel(ModelConfig(n_items=len(vocab), n_scenes=scenes, n_actions=1, d_model=16, n_heads=2,
+                                      n_layers=2, span=4, dropout=0.0, scene_layers=1)).train()
+    tls = [[Event(e.event_id, e.user_id, e.item_id, names[0], e.action, e.ts) for e in tl] if scenes == 1 else tl
+           for tl in _timelines(10, rng)]
+    segments = [train._segment(tl, vocab, {s: i for i, s in enumerate(names)}, {"view": 0}, model.cfg.gap_buckets)
+                for tl in tls]
+    scene_items = [torch.arange(s, 30, scenes) for s in range(scenes)] if scenes > 1 else None
+    scene_pos = torch.arange(30) // scenes if scenes > 1 else None
+    batch = train._collate(segments)
+    results = []
+    for encode in (train._encode, _encode_everything):
+        monkeypatch.setattr(train, "_encode", encode)
+        model.zero_grad()
+        loss = train._loss(model, batch, scene_items, scene_pos, 0.5, torch.Generator().manual_seed(1))
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.isfinite(a) and abs(a - b) < 1e-5
+    assert ga.keys() == gb.keys() and "encoder.blocks.1.attn.rel_bias" in ga
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-6, rtol=1e-4, msg=k)
