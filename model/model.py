@@ -130,17 +130,12 @@ class LocalSelfAttention(nn.Module):
         if segment is not None:
             allowed = allowed & (segment[:, qslot, None] == segment[:, None, :])
         allowed = allowed | own[None]
-        return self.proj(self._attend(q, k, v, allowed, offset)), present
-
-    def _attend(self, q, k, v, allowed, offset) -> torch.Tensor:
-        """q [B, H, Tq, hd], k and v [B, H, Tk, hd], allowed [B or 1, Tq, Tk], offset (query - key position) of
-        the same shape -> [B, Tq, C] before the output projection."""
         bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [B or 1, H, Tq, Tk]
         mask = torch.where(allowed[:, None], bias, float("-inf"))                      # [B, H, Tq, Tk]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
-        B, H, Tq, hd = y.shape
-        return y.transpose(1, 2).reshape(B, Tq, H * hd)
+        y = y.transpose(1, 2).contiguous().view(B, -1, C)
+        return self.proj(y), present
 
     def read_only(self, x: torch.Tensor, valid: torch.Tensor, read: torch.Tensor,
                   segment: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -167,7 +162,12 @@ class LocalSelfAttention(nn.Module):
             segment = segment[:, lo:]
             allowed = allowed & (segment[:, first - lo:, None] == segment[:, None, :])
         allowed = allowed | (offset == 0)                     # padded queries see themselves
-        return self.proj(self._attend(q, k, v, allowed, offset[None])[read[:, first:]])
+        # attention written out: the bias added once, no [B, H, Tq, Tk] mask built apart, none of SDPA's checks for
+        # rows with no key (every row has its own)
+        scores = q @ k.transpose(2, 3) * (1.0 / math.sqrt(C // self.n_heads)) \
+            + self.rel_bias[:, offset.clamp(0, self.span)]                             # [B, H, Tq, Tk]
+        y = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1) @ v   # [B, H, Tq, hd]
+        return self.proj(y.transpose(1, 2)[read[:, first:]].reshape(-1, C))
 
 
 class Block(nn.Module):
