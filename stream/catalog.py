@@ -28,12 +28,13 @@ import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .core.config import StreamConfig
 from .core.events import Rejection, _slow_loads, check_id
+from .kafka_security import NO_SECURITY
 from .state import CHANGELOG_CONFIG
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,9 @@ class CatalogFollower:
     brokers that report a partition's end as the start of its last record batch: a fetch returns whole batches."""
 
     def __init__(self, bootstrap: str, topic: str, index, config: StreamConfig, dim: int,
-                 count: Callable[[str, int], None] = lambda outcome, n: None):
-        self.bootstrap, self.topic, self.index = bootstrap, topic, index
+                 count: Callable[[str, int], None] = lambda outcome, n: None,
+                 security: Mapping[str, Any] = NO_SECURITY):
+        self.bootstrap, self.topic, self.index, self.security = bootstrap, topic, index, security
         self.config, self.dim = config, dim
         self.count = count        # (outcome, n) for metrics: upserted / deleted / rejected
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")  # big batches stay off the loop
@@ -205,7 +207,7 @@ class CatalogFollower:
         async with self.lock:
             updates, n = [], 0
             for partition, last in sorted(self.applied.items()):
-                async for page in read_range(self.bootstrap, self.topic, partition, 0, last):
+                async for page in read_range(self.bootstrap, self.topic, partition, 0, last, security=self.security):
                     n += len(page)
                     updates += [u for u in (decode_update(r.value, self.config, index.dim) for r in page)
                                 if isinstance(u, CatalogUpdate)]
@@ -219,7 +221,7 @@ class CatalogFollower:
         from aiokafka import AIOKafkaConsumer
         # no group_id: the consumer is assigned every partition of the topic (and new ones), commits nothing
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", metadata_max_age_ms=5000)
+                                    auto_offset_reset="earliest", metadata_max_age_ms=5000, **self.security)
         await consumer.start()
         try:
             while self.topic not in await consumer.topics():   # the worker declares it at start

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -29,6 +29,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, Cons
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.partitioner import DefaultPartitioner
 
+from .kafka_security import NO_SECURITY
 from .service import MicroBatchService, Record
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class _Rebalance(ConsumerRebalanceListener):
 class ClicksFeeder:
     def __init__(self, service: MicroBatchService, bootstrap: str, topic: str, group: str, url: str,
                  batch_max: int, batch_wait: float, session_timeout: float = 6.0, heartbeat_interval: float = 1.0,
-                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.01, depth: int = 2):
+                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.01, depth: int = 2,
+                 security: Mapping[str, Any] = NO_SECURITY):
         self.service, self.topic, self.group = service, topic, group
         # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read and applied
         # while one encodes and the one before waits on the broker; more would only queue in the encode thread,
@@ -87,7 +89,7 @@ class ClicksFeeder:
             bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
             partition_assignment_strategy=(self.assignor,), session_timeout_ms=int(session_timeout * 1000),
             heartbeat_interval_ms=int(heartbeat_interval * 1000), rebalance_timeout_ms=int(rebalance_timeout * 1000),
-            fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max)
+            fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max, **security)
         self.consumer: Optional[AIOKafkaConsumer] = None   # made in run(): aiokafka wants the running loop
         self._partitioner = DefaultPartitioner()
         self._stopping = asyncio.Event()

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 def free_port() -> int:
@@ -40,13 +40,15 @@ def die_with_parent() -> None:
         pass
 
 
-def spawn(command: Sequence[str], log_path: Optional[str | Path] = None) -> subprocess.Popen:
-    """Start a child as described above; its stdout and stderr go to log_path (appended) or nowhere."""
+def spawn(command: Sequence[str], log_path: Optional[str | Path] = None,
+          env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
+    """Start a child as described above; its stdout and stderr go to log_path (appended) or nowhere; env: its
+    whole environment (default: this process's)."""
     if log_path is None:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, start_new_session=True)
     with open(log_path, "ab") as out:   # the child has its own copy once started
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=die_with_parent, start_new_session=True)
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
+
+from .kafka_security import NO_SECURITY
 
 
 def line_key(raw: bytes, field: str = "user_id") -> Optional[bytes]:
@@ -24,14 +26,16 @@ def line_key(raw: bytes, field: str = "user_id") -> Optional[bytes]:
 
 async def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], rate: float = 0.0,
                         progress: bool = True, total: Optional[int] = None,
-                        stop: Callable[[], bool] = lambda: False, key_field: str = "user_id") -> int:
+                        stop: Callable[[], bool] = lambda: False, key_field: str = "user_id",
+                        security: Mapping[str, Any] = NO_SECURITY) -> int:
     """Send every line (until stop() says so), keyed by its `key_field`; rate > 0 paces to about `rate` lines per
-    second. Returns the number sent."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, max_batch_size=1 << 20)
-    await producer.start()
+    second; security: KafkaSecurity.client_kwargs(). Returns the number sent."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, max_batch_size=1 << 20,
+                                **security)
     sent = 0
-    start = time.perf_counter()
-    try:
+    try:   # stopped even when it never started (a refused connection, TLS or SASL)
+        await producer.start()
+        start = time.perf_counter()
         futures = []
         for raw in tqdm(lines, total=total, desc=f"produce {topic}", unit="ev", disable=not progress,
                         mininterval=0.5):

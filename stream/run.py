@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Optional
 
 from .broker import EmbeddedBroker, bootstrap_servers
 from .cache import cache_dir
+from .kafka_security import KafkaSecurity
 from .logs import synthetic_lines
 from .processes import spawn
 from .produce import line_key, produce_lines
@@ -71,7 +73,7 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen, stopped=lambda:
 
 
 def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str], broker_url: Optional[str],
-             log_path: Path) -> int:
+             log_path: Path, security: KafkaSecurity = KafkaSecurity()) -> int:
     stop = {"now": False}
 
     def on_signal(_signum, _frame):  # a flag, not an exception: the producer and the event loop wind down cleanly
@@ -88,6 +90,8 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
     worker = None
     try:
         if broker_url is None:
+            if security.security_protocol != "PLAINTEXT":
+                raise RuntimeError("the embedded broker is PLAINTEXT: TLS/SASL settings need --broker")
             broker = EmbeddedBroker(port=broker_port or None).start()
             broker_url = broker.url
         ckpt = Path(checkpoint) if checkpoint else demo_checkpoint()
@@ -95,7 +99,8 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
             signal.signal(sig, on_signal)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         worker = spawn([sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", broker_url,
-                        "--checkpoint", str(ckpt), "--web-port", str(port)], log_path)
+                        "--checkpoint", str(ckpt), "--web-port", str(port)], log_path,
+                       {**os.environ, **security.environ()})   # the passwords too, never in argv
         api = f"http://127.0.0.1:{port}"
         print(f"starting the worker (log: {log_path}) ...", file=sys.stderr, flush=True)
         if not wait_ready(api, 120, worker, lambda: stop["now"]):
@@ -117,7 +122,7 @@ Try:
 
 Ctrl-C stops everything.""", flush=True)
         asyncio.run(produce_lines(bootstrap_servers(broker_url), "clicks", lines, rate=rate, progress=False,
-                                  stop=lambda: stop["now"]))
+                                  stop=lambda: stop["now"], security=security.client_kwargs()))
         if not stop["now"]:
             print("the synthetic stream is fully produced; the API keeps serving until Ctrl-C", flush=True)
         while worker.poll() is None and not stop["now"]:

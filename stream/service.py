@@ -39,7 +39,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -52,6 +52,7 @@ from .core.config import StreamConfig
 from .core.events import Event, Rejection, check_key, decode
 from .core.popularity import PartitionCounts, Popularity, merge_partitions, top_counts
 from .core.window import UserState, Window, item_delta
+from .kafka_security import NO_SECURITY
 from .metrics import WorkerMetrics
 from .state import CHANGELOG_CONFIG, ChangelogStore
 
@@ -139,12 +140,14 @@ def dead_letter(record: Record, rejection: Rejection) -> tuple[Optional[bytes], 
 
 
 async def read_range(bootstrap: str, topic: str, partition: int, first: int, last: int, page: int = GAP_PAGE,
-                     deadline_s: float = GAP_DEADLINE_S) -> AsyncIterator[list[Record]]:
+                     deadline_s: float = GAP_DEADLINE_S, security: Mapping[str, Any] = NO_SECURITY
+                     ) -> AsyncIterator[list[Record]]:
     """Records first..last of one partition (read directly, not through the consumer group), in pages of at most
     `page`. Reads until the position passes `last`, through empty fetches; raises TimeoutError after `deadline_s`
     seconds without getting there (the caller crashes; a restart tries again)."""
     tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                **security)
     await consumer.start()
     try:
         consumer.assign([tp])
@@ -343,7 +346,8 @@ class MicroBatchService:
         over) but never durably applied. Page by page, each made durable before the next is read."""
         first = self.store.applied[partition] + 1
         log.info("partition %d: re-reading offsets %d..%d past the durable marker", partition, first, before - 1)
-        async for page in read_range(self.bootstrap, topic, partition, first, before - 1):
+        async for page in read_range(self.bootstrap, topic, partition, first, before - 1,
+                                     security=self.store.security):   # the store's cluster, its settings
             self.counts["reread"] += len(page)
             if not self.owns(partition, epoch):
                 return False
@@ -484,7 +488,7 @@ class MicroBatchService:
     async def follow_popularity(self, topic: str) -> None:
         """Read the shared popularity topic from its start and keep following it (every worker, outside the group)."""
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", metadata_max_age_ms=5000)
+                                    auto_offset_reset="earliest", metadata_max_age_ms=5000, **self.store.security)
         await consumer.start()
         try:
             while topic not in await consumer.topics():   # the worker creates it at start

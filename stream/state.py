@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Iterable, Optional
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from .core.events import Event
 from .core.window import EMPTY, UserState, Window, apply_window
+from .kafka_security import NO_SECURITY
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,13 @@ def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
 
 
 async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int,
-                       config: dict[str, str]) -> list[str]:
+                       config: dict[str, str], security: Mapping[str, Any] = NO_SECURITY) -> list[str]:
     """Create the topic with these partitions, replication factor and configs. If it exists already, change
     nothing and return what differs, one sentence each, for the operator (checked with DescribeTopics and
     DescribeConfigs, which the embedded Tansu answers too)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
     await admin.start()
     try:
         created = await admin.create_topics([NewTopic(topic, partitions, replication_factor, topic_configs=config)])
@@ -113,10 +114,10 @@ async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_
         await admin.close()
 
 
-async def partition_count(bootstrap: str, topic: str) -> Optional[int]:
+async def partition_count(bootstrap: str, topic: str, security: Mapping[str, Any] = NO_SECURITY) -> Optional[int]:
     """Partitions of an existing topic; None when it does not exist (yet)."""
     from aiokafka.admin import AIOKafkaAdminClient
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
     await admin.start()
     try:
         (meta,) = await admin.describe_topics([topic])
@@ -128,8 +129,8 @@ async def partition_count(bootstrap: str, topic: str) -> Optional[int]:
 class ChangelogStore:
     """state[partition][user] -> UserState, recovered lazily per partition before its first event is applied."""
 
-    def __init__(self, bootstrap: str, topic: str, window: int):
-        self.bootstrap, self.topic, self.window = bootstrap, topic, window
+    def __init__(self, bootstrap: str, topic: str, window: int, security: Mapping[str, Any] = NO_SECURITY):
+        self.bootstrap, self.topic, self.window, self.security = bootstrap, topic, window, security
         self.partitions: dict[int, dict[str, UserState]] = {}
         self.applied: dict[int, int] = {}   # source partition -> highest source offset applied in memory (-1: none)
         self.durable: dict[int, int] = {}   # source partition -> highest source offset whose marker was sent
@@ -142,7 +143,7 @@ class ChangelogStore:
         # linger 0: a micro-batch queues all its sends before it first yields, so they leave in one request anyway;
         # any linger would only add to every batch's two waits on the broker
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
-                                         max_batch_size=1 << 20)
+                                         max_batch_size=1 << 20, **self.security)
         await self.producer.start()
 
     async def stop(self) -> None:
@@ -190,7 +191,8 @@ class ChangelogStore:
         the log's end as the broker itself says on produce, never its reported high watermark."""
         tp = TopicPartition(self.topic, partition)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
+                                    auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20,
+                                    **self.security)
         await consumer.start()
         try:
             consumer.assign([tp])

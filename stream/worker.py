@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import faust
 from faust.app.base import BootStrategy
@@ -28,6 +28,7 @@ from .broker import bootstrap_servers
 from .catalog import CATALOG_CONFIG, CatalogFollower
 from .metrics import WorkerMetrics
 from .feeder import ClicksFeeder
+from .kafka_security import NO_SECURITY, KafkaSecurity
 from .service import POPULARITY_CONFIG, MicroBatchService
 from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
 from .swap import ModelWatcher, load_model
@@ -60,6 +61,7 @@ class WorkerConfig:
     popularity_interval: float = 5.0     # seconds between publications of a partition's changed popularity
     checkpoint: str = ""                 # the checkpoint folder, watched for new models (swap.py); "": not watched
     model_poll: float = 30.0             # seconds between looks at the checkpoint folder; 0: never swap
+    security: KafkaSecurity = KafkaSecurity()   # TLS / SASL of every Kafka client (kafka_security.py)
 
     @property
     def url(self) -> str:
@@ -95,7 +97,7 @@ def faust_settings(cfg: WorkerConfig) -> dict:
     # Faust makes an (empty, with the memory store) `<app id>-data` folder for its tables; it holds nothing of ours,
     # so it goes under the system temp folder rather than into whatever folder the worker was started from
     return dict(
-        broker=cfg.broker, store="memory://", autodiscover=False,
+        broker=cfg.broker, broker_credentials=cfg.security.faust_credentials(), store="memory://", autodiscover=False,
         datadir=os.path.join(tempfile.gettempdir(), f"scenestream-faust-{cfg.app_id}"),
         topic_partitions=cfg.partitions, topic_disable_leader=True,
         consumer_auto_offset_reset="earliest", producer_acks=-1,
@@ -118,15 +120,16 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     app = _App(cfg.app_id, **faust_settings(cfg))
     metrics = WorkerMetrics()
     index = index if index is not None else open_index(cfg, encoder)
-    service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window),
+    security = cfg.security.client_kwargs()
+    service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, security),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
                                 max_clock_skew_s=cfg.max_clock_skew, index=index)
     metrics.watch_cache(lambda: service.model.encoder.caches)
     metrics.model.info({"version": encoder.version})
     feeder = ClicksFeeder(service, cfg.bootstrap, cfg.clicks_topic, cfg.app_id, cfg.url, cfg.batch_max,
-                          cfg.batch_wait)
+                          cfg.batch_wait, security=security)
     catalog = CatalogFollower(cfg.bootstrap, cfg.catalog_topic, index, service.config, index.dim,
-                              count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n))
+                              count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n), security=security)
     # a saved --index belongs to the start model: a swapped-in model's index is built with --index-kind
     watcher = ModelWatcher(cfg.checkpoint, service, catalog, metrics,
                            lambda path: load_model(path, service.model.encoder, cfg.index_kind))
@@ -207,27 +210,28 @@ async def prepare_topics(cfg: WorkerConfig) -> None:
     compacted. An existing
     topic is never changed: wrong settings are logged as warnings; too few changelog partitions stop the worker
     (its writes would fail on every start)."""
-    clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic)
+    security = cfg.security.client_kwargs()
+    clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic, security)
     if clicks is None:   # created as producers would find it; an existing one is theirs and never changed
-        await ensure_topic(cfg.bootstrap, cfg.clicks_topic, cfg.partitions, cfg.replication_factor, {})
+        await ensure_topic(cfg.bootstrap, cfg.clicks_topic, cfg.partitions, cfg.replication_factor, {}, security)
         clicks = cfg.partitions
     for topic, partitions, config in ((cfg.changelog, clicks, CHANGELOG_CONFIG),
                                       (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG),
                                       (cfg.popularity_topic, 1, POPULARITY_CONFIG)):
-        for problem in await ensure_topic(cfg.bootstrap, topic, partitions, cfg.replication_factor, config):
+        for problem in await ensure_topic(cfg.bootstrap, topic, partitions, cfg.replication_factor, config, security):
             log.warning("%s", problem)
-    have = await partition_count(cfg.bootstrap, cfg.changelog) or 0
+    have = await partition_count(cfg.bootstrap, cfg.changelog, security) or 0
     if have < clicks:
         raise RuntimeError(f"the changelog {cfg.changelog} has {have} partitions but {cfg.clicks_topic} has {clicks}: "
                            f"add partitions to the changelog (kafka-topics --alter --partitions {clicks})")
 
 
-def check_reachable(broker: str, timeout: float = 10.0) -> None:
+def check_reachable(broker: str, security: Mapping[str, Any] = NO_SECURITY, timeout: float = 10.0) -> None:
     """Raise (with aiokafka's reason) unless the broker answers within `timeout` seconds."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     async def probe():
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(broker), request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(broker), request_timeout_ms=5000, **security)
         await asyncio.wait_for(admin.start(), timeout)
         await admin.close()
     asyncio.run(probe())

@@ -2,11 +2,14 @@
 turning the library's errors into one clear line (click.ClickException) instead of a traceback."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import click
 
 from ..core.config import StreamConfig
+from ..kafka_security import ENVVARS, MECHANISMS, PASSWORD_FILE_ENV, PROTOCOLS, SASL_PASSWORD_ENV, \
+    SSL_KEY_PASSWORD_ENV, KafkaSecurity
 from ..logs import DATASETS, SourceError
 
 log = logging.getLogger("scenestream")
@@ -28,6 +31,47 @@ def encoder_cache_option(f):
                              "scene window through its one-layer stack; the budget is split S scene windows to one "
                              "merged), so that new events encode only themselves. Least recently used windows are "
                              "dropped first; 0 encodes every touched window whole.")(f)
+
+
+def kafka_security_options(f):
+    """The --broker-* TLS/SASL flags, handed to the command as one `security` (a KafkaSecurity). The passwords have
+    no flag: a flag shows in the process list."""
+    @functools.wraps(f)
+    def command(*args, broker_security_protocol, broker_ssl_cafile, broker_ssl_certfile, broker_ssl_keyfile,
+                broker_ssl_check_hostname, broker_sasl_mechanism, broker_sasl_username, broker_sasl_password_file,
+                **kwargs):
+        try:
+            security = KafkaSecurity.from_options(
+                broker_security_protocol, broker_ssl_cafile, broker_ssl_certfile, broker_ssl_keyfile,
+                broker_ssl_check_hostname, broker_sasl_mechanism, broker_sasl_username, broker_sasl_password_file)
+        except (ValueError, OSError) as exc:
+            raise click.UsageError(str(exc)) from exc
+        return f(*args, security=security, **kwargs)
+
+    path = click.Path(exists=True, dir_okay=False)
+    for option in reversed((
+            click.option("--broker-security-protocol", type=click.Choice(PROTOCOLS), default="PLAINTEXT",
+                         envvar=ENVVARS["security_protocol"], help="How the Kafka clients talk to the brokers: "
+                         "TLS (SSL), SASL, or both (SASL_SSL)."),
+            click.option("--broker-ssl-cafile", type=path, envvar=ENVVARS["ssl_cafile"],
+                         help="CA bundle (PEM) the brokers' certificates are checked against (default: the "
+                              "system's CAs)."),
+            click.option("--broker-ssl-certfile", type=path, envvar=ENVVARS["ssl_certfile"],
+                         help="Client certificate (PEM) for mutual TLS."),
+            click.option("--broker-ssl-keyfile", type=path, envvar=ENVVARS["ssl_keyfile"],
+                         help=f"Private key (PEM) of --broker-ssl-certfile; its password, if any, from "
+                              f"{SSL_KEY_PASSWORD_ENV}."),
+            click.option("--broker-ssl-check-hostname/--no-broker-ssl-check-hostname", default=True,
+                         envvar=ENVVARS["ssl_check_hostname"],
+                         help="Check that a broker's certificate names the host connected to."),
+            click.option("--broker-sasl-mechanism", type=click.Choice(MECHANISMS), default="PLAIN",
+                         envvar=ENVVARS["sasl_mechanism"], help="SASL mechanism (with SASL_PLAINTEXT / SASL_SSL)."),
+            click.option("--broker-sasl-username", envvar=ENVVARS["sasl_username"], help="SASL user name."),
+            click.option("--broker-sasl-password-file", type=path, envvar=PASSWORD_FILE_ENV,
+                         help=f"File whose first line is the SASL password; else {SASL_PASSWORD_ENV}. There is no "
+                              "password flag."))):
+        command = option(command)
+    return command
 
 
 def source_options(f):

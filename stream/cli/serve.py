@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from .common import DEVICE, encoder_cache_option, open_model
+from .common import DEVICE, encoder_cache_option, kafka_security_options, open_model
 
 
 @click.command()
 @click.option("--broker", "broker_url", required=True, envvar="SCENESTREAM_BROKER",
               help="kafka://HOST:PORT[,HOST:PORT] of the Kafka cluster (`scenestream broker` runs an embedded one; "
                    "`scenestream run` starts one for you).")
+@kafka_security_options
 @click.option("--checkpoint", required=True, envvar="SCENESTREAM_CHECKPOINT", type=click.Path(),
               help="Checkpoint folder from `train`.")
 @click.option("--app-id", default="scenestream", help="Consumer group and topic prefix of the worker.")
@@ -64,7 +65,7 @@ from .common import DEVICE, encoder_cache_option, open_model
 @encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic, index_kind, index_path,
-           replication_factor, max_clock_skew, popularity_interval, model_poll, encoder_cache_mb):
+           replication_factor, max_clock_skew, popularity_interval, model_poll, encoder_cache_mb, security):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
@@ -76,7 +77,7 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
         raise click.UsageError(problem)
     encoder = open_model(checkpoint, device, encoder_cache_mb)
     try:
-        check_reachable(broker_url)
+        check_reachable(broker_url, security.client_kwargs())
     except Exception as exc:
         raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
     cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
@@ -85,7 +86,8 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
                        api_token=api_token, rate_limit=rate_limit,
                        catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
                        replication_factor=replication_factor, max_clock_skew=max_clock_skew,
-                       popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll)
+                       popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll,
+                       security=security)
     try:
         index = open_index(cfg, encoder)
         asyncio.run(prepare_topics(cfg))
@@ -102,15 +104,16 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
               help="Model to serve. Default: a small model trained on the synthetic data (cached).")
 @click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
               help="kafka://HOST:PORT of a real Kafka instead of the embedded broker.")
+@kafka_security_options
 @click.option("--log", "log_path", default=None, type=click.Path(dir_okay=False),
               help="Worker log file. Default: <cache>/run/worker.log.")
-def run_cmd(port, broker_port, rate, checkpoint, broker_url, log_path):
+def run_cmd(port, broker_port, rate, checkpoint, broker_url, log_path, security):
     """The main job: embedded broker + model + worker + API + a synthetic clickstream. Ctrl-C stops all."""
     from ..cache import cache_dir
     from ..run import run_demo
     path = Path(log_path) if log_path else cache_dir("run", "worker.log")
     try:
-        sys.exit(run_demo(port, broker_port, rate, checkpoint, broker_url, path))
+        sys.exit(run_demo(port, broker_port, rate, checkpoint, broker_url, path, security))
     except (FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -7,7 +7,7 @@ import click
 
 from ..broker import bootstrap_servers
 from ..logs import SourceError
-from .common import source_options
+from .common import kafka_security_options, source_options
 
 
 @click.command()
@@ -34,12 +34,13 @@ def broker(port):
         b.stop()
 
 
-def _send(broker_url: str, topic: str, lines: list[bytes], **kw) -> int:
+def _send(broker_url: str, security, topic: str, lines: list[bytes], **kw) -> int:
     import asyncio
 
     from ..produce import produce_lines
     try:
-        return asyncio.run(produce_lines(bootstrap_servers(broker_url), topic, lines, **kw))
+        return asyncio.run(produce_lines(bootstrap_servers(broker_url), topic, lines, security=security.client_kwargs(),
+                                         **kw))
     except Exception as exc:  # aiokafka's connection errors
         raise click.ClickException(f"could not produce to {broker_url}: {exc}") from exc
 
@@ -47,10 +48,11 @@ def _send(broker_url: str, topic: str, lines: list[bytes], **kw) -> int:
 @click.command()
 @click.option("--broker", "broker_url", required=True, envvar="SCENESTREAM_BROKER",
               help="kafka://HOST:PORT of the Kafka cluster to write to.")
+@kafka_security_options
 @click.option("--topic", default="clicks", help="Topic to write to.")
 @source_options
 @click.option("--rate", default=0.0, help="Events per second (0 = as fast as the broker takes them).")
-def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
+def produce(broker_url, security, topic, dataset, input_path, scenes_mode, rate):
     """Load an event log or a data set (bad lines included, as they are) into a topic, keyed by user_id; data sets
     go in time order."""
     from ..logs import raw_lines
@@ -60,13 +62,14 @@ def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
         raise click.UsageError(str(exc)) from exc
     except (FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
-    sent = _send(broker_url, topic, lines, rate=rate, total=len(lines))
+    sent = _send(broker_url, security, topic, lines, rate=rate, total=len(lines))
     click.echo(f"produced {sent} events to {topic}", err=True)
 
 
 @click.command()
 @click.option("--broker", "broker_url", required=True, envvar="SCENESTREAM_BROKER",
               help="kafka://HOST:PORT of the Kafka cluster the workers read.")
+@kafka_security_options
 @click.option("--topic", default="item-catalog", help="The workers' --catalog-topic.")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True),
               help="JSONL of catalog records (see stream/catalog.py), sent as they are, keyed by item_id.")
@@ -75,7 +78,7 @@ def produce(broker_url, topic, dataset, input_path, scenes_mode, rate):
 @click.option("--vector", default=None, help="JSON list of d floats for --put; omitted: the scene's cold-start "
                                              "vector (the mean of its items).")
 @click.option("--delete", "delete_id", default=None, help="Remove this item id from every worker's index.")
-def catalog(broker_url, topic, input_path, put_id, scene, vector, delete_id):
+def catalog(broker_url, security, topic, input_path, put_id, scene, vector, delete_id):
     """Publish item-catalog updates: workers add, replace and remove items without a restart."""
     chosen = [x for x in (input_path, put_id, delete_id) if x]
     if len(chosen) != 1:
@@ -95,7 +98,7 @@ def catalog(broker_url, topic, input_path, put_id, scene, vector, delete_id):
             except ValueError as exc:
                 raise click.UsageError(f"--vector is not JSON: {exc}") from exc
         lines = [json.dumps(record).encode()]
-    sent = _send(broker_url, topic, lines, progress=len(lines) > 1000, key_field="item_id")
+    sent = _send(broker_url, security, topic, lines, progress=len(lines) > 1000, key_field="item_id")
     click.echo(f"sent {sent} catalog records to {topic}", err=True)
 
 
