@@ -37,6 +37,10 @@ class WorkerMetrics:
         self._caches = _CacheCollector(caches)
         self.registry.register(self._caches)
 
+    def watch_state(self, store) -> None:
+        """Export the state store's users in memory and its disk loads and evictions (stream/state.py)."""
+        self.registry.register(_StateCollector(store))
+
     def retire_cache(self, caches: Iterable) -> None:
         """A swapped-out model's caches: their counts stay in the counters, so the counters never go down."""
         if self._caches is not None:
@@ -68,3 +72,16 @@ class _CacheCollector:
                                 "preallocated)", value=sum(len(c) * c.entry_bytes for c in self.caches()))
         yield GaugeMetricFamily("scenestream_encoder_cache_windows", "Windows cached ((user, scene) and merged)",
                                 value=sum(len(c) for c in self.caches()))
+
+
+class _StateCollector:
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        yield GaugeMetricFamily("scenestream_state_users_in_memory", "Users whose windows are in memory (with "
+                                "--state rocksdb the rest are on disk)", value=self.store.in_memory())
+        yield CounterMetricFamily("scenestream_state_disk_loads", "Users read back from disk when touched",
+                                  value=self.store.stats["loads"])
+        yield CounterMetricFamily("scenestream_state_evictions", "Users dropped from memory (cap or idle TTL); "
+                                  "their windows stay on disk", value=self.store.stats["evictions"])

@@ -175,6 +175,7 @@ class _Part:
     rejected: list[tuple[Record, Rejection]]      # -> dead letters
     outcome: BatchOutcome
     changed: list[tuple[str, str, Window]]        # (user, scene, new window) of every window that changed
+    deltas: list[tuple[str, dict[str, int]]]      # (scene, change in item counts) of each changed window
 
 
 @dataclass
@@ -191,6 +192,7 @@ class MicroBatchService:
                  index: Optional[ItemIndex] = None):
         self.model = Serving(encoder, index)   # replaced whole by a swap (`use`), never changed in place
         self.store = store
+        store.on_evict = lambda user: self.latest.pop(user, None)   # a record is kept only for users in memory
         self.output_topic, self.dlq_topic, self.bootstrap = output_topic, dlq_topic, bootstrap
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.metrics = metrics or WorkerMetrics()
@@ -251,10 +253,7 @@ class MicroBatchService:
             if self.epoch.get(partition) != epoch:   # revoked while recovering: what we read may change elsewhere
                 self.store.forget({partition})
                 return False
-            popularity = self.partition_popularity[partition] = Popularity()   # follows the windows held
-            for windows in self.store.partitions[partition].values():
-                for scene, w in windows.items():
-                    popularity.shift(scene, item_delta(None, w))
+            self.partition_popularity[partition] = self.store.popularity(partition)   # follows the windows held
             self.unpublished.add(partition)   # a new owner overwrites the old owner's entry
         return self.owns(partition, epoch)
 
@@ -369,21 +368,23 @@ class MicroBatchService:
                 rejected.append((r, got))
             else:
                 events.append(got)
-        lookup = self.store.partitions[partition].get
-        outcome = apply_batch(lookup, events, self.config.window)
+        old = {}
+        outcome = apply_batch(lambda user: old.setdefault(user, self.store.get(partition, user)), events,
+                              self.config.window)
         popularity = self.partition_popularity[partition]
-        changed = []
+        changed, deltas = [], []
         for user, state in outcome.updates.items():
-            old = lookup(user) or {}
+            before_state = old.get(user) or {}
             for scene, window in state.items():
-                before = old.get(scene)
+                before = before_state.get(scene)
                 if window is not before:
                     changed.append((user, scene, window))
-                    popularity.shift(scene, item_delta(before, window))
+                    deltas.append((scene, item_delta(before, window)))
+                    popularity.shift(scene, deltas[-1][1])
         if changed:
             self.unpublished.add(partition)
         self.store.put(partition, outcome.updates, recs[-1].offset)
-        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed)
+        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed, deltas)
 
     def _encode(self, parts: list["_Part"], records: Sequence[Record]) -> "_Batch":
         """Start encoding every part's touched users in one forward, in the encode thread (batches queue there in
@@ -421,10 +422,13 @@ class MicroBatchService:
                 owned.append(p)
             else:
                 log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", p.partition)
-        writes = []
-        for p in owned:
-            writes += await self.store.send(p.partition, p.changed, p.last_offset)
-        await asyncio.gather(*writes)
+        writes = [await self.store.send(p.partition, p.changed, p.last_offset) for p in owned]
+        await asyncio.gather(*(f for sent in writes for f in sent))
+        for p, sent in zip(owned, writes):
+            if self.owns(p.partition, p.epoch):
+                self.store.settle(p.partition, p.outcome.updates, p.deltas, [f.result().offset for f in sent],
+                                  p.last_offset)
+        self.store.trim()
         now = time.time()
         written = {u for p in owned for u in p.outcome.updates}
         for rec in records:
@@ -516,8 +520,8 @@ class MicroBatchService:
     # ---- what serving reads -------------------------------------------------------------------------------------
 
     def partition_of(self, user: str) -> Optional[int]:
-        for p, users in self.store.partitions.items():
-            if user in users:
+        for p in list(self.store.partitions):
+            if self.store.has(p, user):
                 return p
         return None
 

@@ -22,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Iterable, Mapping, Optional
+from collections import Counter, OrderedDict
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from .core.events import Event
-from .core.window import EMPTY, UserState, Window, apply_window
+from .core.popularity import Popularity
+from .core.window import EMPTY, UserState, Window, apply_window, item_delta
+from .rocks import DiskPartition
 from .kafka_security import NO_SECURITY
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,14 @@ def decode_state(user: str, raw: bytes, length: int) -> UserState:
     return {s: apply_window(EMPTY, [Event(eid, user, item, s, action, ts) for ts, eid, item, action in rows],
                             length)[0]
             for s, rows in data.items() if rows}
+
+
+def count_deltas(pairs: Iterable[tuple[str, Mapping[str, int]]]) -> dict[str, Counter]:
+    """(scene, {item: change in count}) pairs summed per scene."""
+    out: dict[str, Counter] = {}
+    for scene, delta in pairs:
+        out.setdefault(scene, Counter()).update(delta)
+    return out
 
 
 def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
@@ -127,11 +138,25 @@ async def partition_count(bootstrap: str, topic: str, security: Mapping[str, Any
 
 
 class ChangelogStore:
-    """state[partition][user] -> UserState, recovered lazily per partition before its first event is applied."""
+    """state[partition][user] -> UserState, recovered lazily per partition before its first event is applied.
 
-    def __init__(self, bootstrap: str, topic: str, window: int, security: Mapping[str, Any] = NO_SECURITY):
+    With `state_dir` (`--state rocksdb`) every partition also lives on local disk (stream/rocks.py): recovery reads
+    only the changelog's tail, and memory holds at most `max_users` users (least recently used go first, never one
+    a micro-batch in flight has changed; 0 = no cap) and none idle for longer than `idle_s` (0 = no limit). A user
+    not in memory is read back from disk when touched."""
+
+    def __init__(self, bootstrap: str, topic: str, window: int, security: Mapping[str, Any] = NO_SECURITY,
+                 state_dir: Optional[str] = None, max_users: int = 0, idle_s: float = 0.0):
         self.bootstrap, self.topic, self.window, self.security = bootstrap, topic, window, security
-        self.partitions: dict[int, dict[str, UserState]] = {}
+        self.state_dir, self.max_users, self.idle_s = state_dir, max_users, idle_s
+        if (max_users or idle_s) and not state_dir:
+            raise ValueError("a memory cap or an idle-user TTL needs the rocksdb state (users leave memory for disk)")
+        self.partitions: dict[int, OrderedDict[str, UserState]] = {}   # in memory, least recently used first
+        self.touched: dict[int, dict[str, float]] = {}                 # when each user in memory was last used
+        self.disk: dict[int, DiskPartition] = {}
+        self.pinned: dict[int, Counter] = {}    # users changed by micro-batches not yet on disk (never evicted)
+        self.stats = {"loads": 0, "evictions": 0}
+        self.on_evict: Callable[[str], None] = lambda user: None
         self.applied: dict[int, int] = {}   # source partition -> highest source offset applied in memory (-1: none)
         self.durable: dict[int, int] = {}   # source partition -> highest source offset whose marker was sent
         self.producer: Optional[AIOKafkaProducer] = None
@@ -155,11 +180,71 @@ class ChangelogStore:
         """A revoked partition's state may change elsewhere: drop it; it is recovered again if it comes back."""
         for p in partitions:
             self.partitions.pop(p, None)
+            self.touched.pop(p, None)
+            self.pinned.pop(p, None)
             self.applied.pop(p, None)
             self.durable.pop(p, None)
+            disk = self.disk.pop(p, None)
+            if disk is not None:   # kept: a later recovery joins it with the changelog written since
+                disk.close()
 
     def get(self, partition: int, user: str) -> Optional[UserState]:
-        return self.partitions[partition].get(user)
+        memory = self.partitions[partition]
+        state = memory.get(user)
+        if state is None:
+            state = self._on_disk(self.disk.get(partition), user)
+            if state is None:
+                return None
+            memory[user] = state
+            self.stats["loads"] += 1
+        if self.state_dir:
+            memory.move_to_end(user)
+            self.touched[partition][user] = time.monotonic()
+        return state
+
+    def _on_disk(self, disk: Optional[DiskPartition], user: str) -> Optional[UserState]:
+        raw = disk.get(user) if disk is not None else None
+        return decode_state(user, raw, self.window) if raw is not None else None
+
+    def has(self, partition: int, user: str) -> bool:
+        disk = self.disk.get(partition)
+        return user in self.partitions.get(partition, ()) or disk is not None and disk.has(user)
+
+    def in_memory(self) -> int:
+        return sum(len(m) for m in self.partitions.values())
+
+    def trim(self) -> None:
+        """Drop users from memory, least recently used first, while over the cap or idle past the TTL; never one
+        pinned by a micro-batch in flight."""
+        if not self.state_dir:
+            return
+        total, idle_before = self.in_memory(), time.monotonic() - self.idle_s
+        for p, memory in self.partitions.items():
+            pins, touched = self.pinned.get(p, ()), self.touched[p]
+            over = max(0, total - self.max_users) if self.max_users else 0
+            victims = []
+            for user in memory:
+                if over <= len(victims) and not (self.idle_s and touched.get(user, 0.0) < idle_before):
+                    break
+                if user not in pins:
+                    victims.append(user)
+            for user in victims:
+                del memory[user]
+                touched.pop(user, None)
+                self.on_evict(user)
+            total -= len(victims)
+            self.stats["evictions"] += len(victims)
+
+    def popularity(self, partition: int) -> Popularity:
+        """The item counts of every window the partition holds (on disk too)."""
+        disk = self.disk.get(partition)
+        if disk is not None:
+            return disk.popularity()
+        pop = Popularity()
+        for state in self.partitions[partition].values():
+            for scene, w in state.items():
+                pop.shift(scene, item_delta(None, w))
+        return pop
 
     async def ensure(self, partition: int) -> bool:
         """Recover the partition unless it is in memory; True when this call recovered it."""
@@ -167,28 +252,46 @@ class ChangelogStore:
         async with lock:
             if partition in self.partitions:
                 return False
-            self.partitions[partition], marker = await self.recover(partition)
+            state, marker = await self.recover(partition)
+            self.partitions[partition] = OrderedDict(state)
+            self.touched[partition] = dict.fromkeys(state, time.monotonic())
+            self.pinned[partition] = Counter()
             self.applied[partition] = self.durable[partition] = marker
             return True
 
     async def recover(self, partition: int) -> tuple[dict[str, UserState], int]:
-        """Join every user record of the partition as it streams in (memory holds the states, never the log)."""
+        """Join every user record of the partition as it streams in (memory holds the states, never the log). With
+        a disk, only the records past what it covers, joined into it; memory then starts empty."""
+        disk = None
+        if self.state_dir:
+            disk = self.disk[partition] = DiskPartition(self.state_dir, self.topic, partition)
         state: dict[str, UserState] = {}
-        applied, n = -1, 0
-        async for m in self._read_changelog(partition):
+        deltas: list = []
+        applied, n, last = (disk.applied if disk else -1), 0, -1
+        async for m in self._read_changelog(partition, disk.covered + 1 if disk else 0):
+            last = m.offset
             if m.key == MARKER_KEY:
                 applied = max(applied, int(m.value))
             elif m.key and m.key != FENCE_KEY and m.value:
                 user = m.key.split(SCENE_SEPARATOR, 1)[0].decode()   # or by user alone (whole states)
-                state[user] = join_states(state.get(user), decode_state(user, m.value, self.window), self.window)
+                old = state.get(user) or self._on_disk(disk, user) or {}
+                new = state[user] = join_states(old, decode_state(user, m.value, self.window), self.window)
+                if disk:
+                    deltas += [(s, item_delta(old.get(s), w)) for s, w in new.items() if w is not old.get(s)]
                 n += 1
-        log.info("recovered partition %d of %s: %d records, %d users, applied up to offset %d", partition,
-                 self.topic, n, len(state), applied)
+        self.stats["records_recovered"] = self.stats.get("records_recovered", 0) + n
+        log.info("recovered partition %d of %s: %d records%s, %d users, applied up to offset %d", partition,
+                 self.topic, n, f" past offset {disk.covered} on disk" if disk else "", len(state), applied)
+        if disk:
+            disk.write({u: encode_state(st) for u, st in state.items()}, count_deltas(deltas), covered=last,
+                       applied=applied)
+            return {}, disk.applied
         return state, applied
 
-    async def _read_changelog(self, partition: int) -> AsyncIterator:
-        """Every record of the changelog partition up to a fence written now, whose offset the broker acknowledged:
-        the log's end as the broker itself says on produce, never its reported high watermark."""
+    async def _read_changelog(self, partition: int, start: int = 0) -> AsyncIterator:
+        """Every record of the changelog partition from `start` up to a fence written now, whose offset the broker
+        acknowledged (the last record read): the log's end as the broker itself says on produce, never its reported
+        high watermark."""
         tp = TopicPartition(self.topic, partition)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20,
@@ -196,7 +299,10 @@ class ChangelogStore:
         await consumer.start()
         try:
             consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            if start > 0:
+                consumer.seek(tp, start)   # compacted away: the consumer starts at the earliest (auto_offset_reset)
+            else:
+                await consumer.seek_to_beginning(tp)
             last = (await self.producer.send_and_wait(self.topic, b"", key=FENCE_KEY, partition=partition)).offset
             deadline = time.monotonic() + RECOVERY_DEADLINE_S
             while await consumer.position(tp) <= last:
@@ -212,8 +318,29 @@ class ChangelogStore:
     def put(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> None:
         """Apply updates in memory (the caller checked that it owns the partition): memory may run ahead of the
         changelog, never the other way round; a crash in between loses only what the marker says to redo."""
-        self.partitions[partition].update(updates)
+        memory = self.partitions[partition]
+        memory.update(updates)
+        if self.state_dir:
+            now, touched = time.monotonic(), self.touched[partition]
+            for user in updates:
+                memory.move_to_end(user)
+                touched[user] = now
+            self.pinned[partition].update(updates.keys())
         self.applied[partition] = max(applied_offset, self.applied.get(partition, -1))
+
+    def settle(self, partition: int, updates: dict[str, UserState], deltas: list, offsets: list[int],
+               applied_offset: int) -> None:
+        """A micro-batch's changelog records were acknowledged at `offsets`: write its states to disk (if any), with
+        `covered` moved up to them when they follow it without a gap, and unpin its users."""
+        disk = self.disk.get(partition)
+        if disk is None:
+            return
+        offsets = sorted(offsets)
+        gapless = bool(offsets) and offsets[0] == disk.covered + 1 and offsets[-1] - offsets[0] + 1 == len(offsets)
+        disk.write({u: encode_state(st) for u, st in updates.items()}, count_deltas(deltas),
+                   offsets[-1] if gapless else None, applied_offset)
+        self.pinned[partition].subtract(updates.keys())
+        self.pinned[partition] += Counter()   # drop the zeros
 
     async def send(self, partition: int, windows: Iterable[tuple[str, str, Window]], applied_offset: int) -> list:
         """Send the changed (user, scene, window)s, then the offset marker, to the changelog partition; returns

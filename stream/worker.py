@@ -62,6 +62,10 @@ class WorkerConfig:
     checkpoint: str = ""                 # the checkpoint folder, watched for new models (swap.py); "": not watched
     model_poll: float = 30.0             # seconds between looks at the checkpoint folder; 0: never swap
     security: KafkaSecurity = KafkaSecurity()   # TLS / SASL of every Kafka client (kafka_security.py)
+    state: str = "memory"                # memory | rocksdb (stream/rocks.py)
+    state_dir: str = "scenestream-state"  # the rocksdb state's directory
+    max_users_in_memory: int = 0         # rocksdb: most users in RAM (0: no cap)
+    idle_user_ttl: float = 0.0           # rocksdb: seconds untouched before a user leaves RAM (0: never)
 
     @property
     def url(self) -> str:
@@ -121,10 +125,13 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     metrics = WorkerMetrics()
     index = index if index is not None else open_index(cfg, encoder)
     security = cfg.security.client_kwargs()
-    service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, security),
+    service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, security,
+                                                   state_dir=cfg.state_dir if cfg.state == "rocksdb" else None,
+                                                   max_users=cfg.max_users_in_memory, idle_s=cfg.idle_user_ttl),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
                                 max_clock_skew_s=cfg.max_clock_skew, index=index)
     metrics.watch_cache(lambda: service.model.encoder.caches)
+    metrics.watch_state(service.store)
     metrics.model.info({"version": encoder.version})
     feeder = ClicksFeeder(service, cfg.bootstrap, cfg.clicks_topic, cfg.app_id, cfg.url, cfg.batch_max,
                           cfg.batch_wait, security=security)
@@ -175,6 +182,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
 
     @app.timer(interval=5.0)
     async def report():
+        service.store.trim()   # idle users leave memory even when no batch comes
         for p in service.assigned:
             end = feeder.highwater(p)
             if end is not None:

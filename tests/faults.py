@@ -11,9 +11,9 @@ def drop_last_state_record() -> None:
     from scenestream.stream import state
     read = state.ChangelogStore._read_changelog
 
-    async def dropping(self, partition):
+    async def dropping(self, partition, start=0):
         held = None
-        async for m in read(self, partition):
+        async for m in read(self, partition, start):
             if m.key in (state.MARKER_KEY, state.FENCE_KEY) or not m.value:
                 yield m
                 continue

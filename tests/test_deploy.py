@@ -71,7 +71,7 @@ def kubernetes_errors(path: Path) -> list[str]:
 
 def test_every_kubernetes_document_passes_strict_validation(tmp_path):
     kinds = [d["kind"] for d in yaml.safe_load_all(KUBERNETES.read_text()) if d]
-    assert "Deployment" in kinds and "Service" in kinds, kinds
+    assert "StatefulSet" in kinds and "Service" in kinds, kinds
     assert kubernetes_errors(KUBERNETES) == []
     typo = _broken_copy(tmp_path, KUBERNETES, "  replicas: 2", "  replicass: 2")
     assert any("replicass" in e for e in kubernetes_errors(typo)), kubernetes_errors(typo)
@@ -198,3 +198,24 @@ def test_kubernetes_workers_take_the_token_from_a_secret_and_the_url_from_the_po
             assert "secretKeyRef" in env["SCENESTREAM_API_TOKEN"]["valueFrom"]
             assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
             assert env["SCENESTREAM_WORKER_CANONICAL_URL"]["value"].startswith("http://$(POD_IP):")
+
+
+def test_every_worker_keeps_its_rocksdb_state_on_a_volume_of_its_own():
+    """Compose: each worker service runs --state rocksdb with its state dir on a named volume of its own; Kubernetes:
+    the StatefulSet's container mounts a volumeClaimTemplate (one volume per pod) at its state dir."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    workers = {n: s for n, s in services.items() if n.startswith("worker")}
+    volumes = []
+    for name, svc in workers.items():
+        env = svc["environment"]
+        assert env["SCENESTREAM_WORKER_STATE"] == "rocksdb", name
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        volumes.append(mounts[env["SCENESTREAM_WORKER_STATE_DIR"]])
+    assert len(set(volumes)) == len(workers) >= 2 and not any(v.startswith((".", "/")) for v in volumes)
+    (sts,) = [d for d in yaml.safe_load_all(KUBERNETES.read_text()) if d and d["kind"] == "StatefulSet"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SCENESTREAM_WORKER_STATE"] == "rocksdb"
+    claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    mounted = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == env["SCENESTREAM_WORKER_STATE_DIR"]}
+    assert mounted and mounted <= claims

@@ -143,10 +143,15 @@ def test_out_of_order_and_duplicated_events_give_the_sorted_deduplicated_vectors
     assert_equal_records(wait_for(broker, w.topics["out"], want), want)
 
 
-def test_killed_three_times_the_worker_still_converges_to_replay(broker, checkpoint, worker_factory):
+@pytest.mark.parametrize("state", ["memory", "rocksdb"])
+def test_killed_three_times_the_worker_still_converges_to_replay(broker, checkpoint, worker_factory, tmp_path, state):
+    """rocksdb: the state on disk too, with room in memory for 50 of the 200 users, so that users leave memory and
+    come back from disk all the time, and each restart recovers from the disk and the changelog's tail."""
     events, lines, _ = stream_of(20_000, 200, seed=3)
     rng = random.Random(3)
-    w = worker_factory().start()
+    extra = ("--state", "rocksdb", "--state-dir", str(tmp_path / "state"), "--max-users-in-memory", "50") \
+        if state == "rocksdb" else ()
+    w = worker_factory(extra=extra).start()
 
     async def produce_and_kill():
         task = asyncio.create_task(produce_lines(broker.bootstrap, w.topics["clicks"], lines, rate=1500,

@@ -62,10 +62,25 @@ from .common import DEVICE, encoder_cache_option, kafka_security_options, open_m
                    "scenes, actions and window), the worker loads it and its item index in the background and "
                    "swaps both at once, keeping every window; records published after carry its model_version. "
                    "0 = never (a new model needs a restart).")
+@click.option("--state", type=click.Choice(["memory", "rocksdb"]), default="memory",
+              help="Where users' windows live. memory: all in RAM, rebuilt from the changelog topic at start. "
+                   "rocksdb: also on local disk in --state-dir (the changelog stays the source of truth), so a "
+                   "restart with the directory intact reads only the changelog written since, and memory can be "
+                   "capped (--max-users-in-memory, --idle-user-ttl).")
+@click.option("--state-dir", default="scenestream-state", type=click.Path(file_okay=False),
+              help="Directory of the rocksdb state (one RocksDB per changelog partition); keep it on a persistent "
+                   "volume.")
+@click.option("--max-users-in-memory", default=0, type=click.IntRange(min=0),
+              help="With --state rocksdb: at most this many users in RAM, least recently used leave first (their "
+                   "windows stay on disk and come back when touched). 0 = no cap.")
+@click.option("--idle-user-ttl", default=0.0, type=click.FloatRange(min=0),
+              help="With --state rocksdb: seconds a user may stay in RAM untouched before leaving for disk. "
+                   "0 = no limit.")
 @encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic, index_kind, index_path,
-           replication_factor, max_clock_skew, popularity_interval, model_poll, encoder_cache_mb, security):
+           replication_factor, max_clock_skew, popularity_interval, model_poll, state, state_dir,
+           max_users_in_memory, idle_user_ttl, encoder_cache_mb, security):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
@@ -75,6 +90,9 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
     from ..worker import WorkerConfig, check_reachable, open_index, prepare_topics, run_worker
     if problem := bind_problem(web_host, canonical_url):
         raise click.UsageError(problem)
+    if state != "rocksdb" and (max_users_in_memory or idle_user_ttl):
+        raise click.UsageError("--max-users-in-memory and --idle-user-ttl need --state rocksdb (users leave memory "
+                               "for the disk)")
     encoder = open_model(checkpoint, device, encoder_cache_mb)
     try:
         check_reachable(broker_url, security.client_kwargs())
@@ -87,7 +105,8 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
                        catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
                        replication_factor=replication_factor, max_clock_skew=max_clock_skew,
                        popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll,
-                       security=security)
+                       security=security, state=state, state_dir=state_dir,
+                       max_users_in_memory=max_users_in_memory, idle_user_ttl=idle_user_ttl)
     try:
         index = open_index(cfg, encoder)
         asyncio.run(prepare_topics(cfg))

@@ -1,0 +1,118 @@
+"""The rocksdb state (stream/rocks.py through ChangelogStore): a restart with its directory intact reads only the
+changelog's tail and gets the same state as a full replay; records written elsewhere meanwhile are joined in; a
+memory cap keeps memory bounded and every user readable; a micro-batch's users are never evicted before they are on
+disk. Against the real embedded broker."""
+import asyncio
+import uuid
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from scenestream.stream.core.events import Event
+from scenestream.stream.core.window import Window, apply_user, item_delta
+from scenestream.stream.state import ChangelogStore
+
+from .conftest import run
+
+TS = 1_700_000_000_000
+
+
+def _events(user: str, n: int, start: int = 0) -> list[Event]:
+    return [Event(f"{user}-{k}", user, f"i{k % 7}", ("video", "shop")[k % 2], "click", TS + k)
+            for k in range(start, start + n)]
+
+
+async def _topic(bootstrap: str) -> str:
+    topic = f"cl-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 1, 1)])
+    await admin.close()
+    return topic
+
+
+async def _batch(store: ChangelogStore, users: list[str], start: int, applied: int) -> None:
+    """One micro-batch the way the service writes one: put, send, wait for the acks, settle."""
+    updates, changed, deltas = {}, [], []
+    for user in dict.fromkeys(users):
+        old = store.get(0, user) or {}
+        new, scenes, _ = apply_user(old, _events(user, 3, start), 50)
+        updates[user] = new
+        for s in scenes:
+            changed.append((user, s, new[s]))
+            deltas.append((s, item_delta(old.get(s), new[s])))
+    store.put(0, updates, applied)
+    sent = await store.send(0, changed, applied)
+    await asyncio.gather(*sent)
+    store.settle(0, updates, deltas, [f.result().offset for f in sent], applied)
+    store.trim()
+
+
+def _snapshot(store: ChangelogStore, users: list[str]) -> dict:
+    return {u: {s: w.buf for s, w in (store.get(0, u) or {}).items()} for u in users}
+
+
+def test_a_restart_reads_only_the_tail_and_equals_a_full_replay(broker, tmp_path):
+    users = [f"u{k}" for k in range(60)]
+
+    async def scenario():
+        topic = await _topic(broker.bootstrap)
+        first = ChangelogStore(broker.bootstrap, topic, 50, state_dir=str(tmp_path), max_users=10)
+        await first.start()
+        await first.ensure(0)
+        for b in range(4):
+            await _batch(first, users[b * 15:(b + 1) * 15] + users[:5], 3 * b, applied=b)
+        assert first.in_memory() <= 10 and first.stats["evictions"] > 0
+        want = _snapshot(first, users)   # every user readable, most of them back from disk
+        await first.stop()
+        first.forget({0})
+        # meanwhile another writer (a previous owner finishing, say) adds to the changelog
+        other = ChangelogStore(broker.bootstrap, topic, 50)
+        await other.start()
+        await other.ensure(0)
+        await _batch(other, users[:3], 100, applied=9)
+        await other.stop()
+        again = ChangelogStore(broker.bootstrap, topic, 50, state_dir=str(tmp_path), max_users=10)
+        await again.start()
+        await again.ensure(0)
+        tail = again.stats["records_recovered"]
+        got, pop = _snapshot(again, users), again.popularity(0)
+        await again.stop()
+        replay = ChangelogStore(broker.bootstrap, topic, 50)
+        await replay.start()
+        await replay.ensure(0)
+        full = replay.stats["records_recovered"]
+        await replay.stop()
+        return want, got, tail, full, _snapshot(replay, users), pop, replay.popularity(0), again.applied[0]
+
+    want, got, tail, full, replayed, pop, replay_pop, applied = run(scenario())
+    assert got == replayed                         # disk + tail = the whole changelog joined
+    assert {u: w for u, w in got.items() if u not in ("u0", "u1", "u2")} == \
+        {u: w for u, w in want.items() if u not in ("u0", "u1", "u2")}
+    assert got["u0"] != want["u0"]                 # the other writer's events are in
+    assert tail == 6 and full > 100                # the other writer's 3 users x 2 scenes, not the whole log
+    assert pop.counts == replay_pop.counts and applied == 9
+
+
+@pytest.mark.parametrize("cap", [1, 4])
+def test_users_of_a_batch_in_flight_are_never_evicted(broker, tmp_path, cap):
+    """put without settle: the batch's users stay in memory whatever the cap (their newest state is not on disk)."""
+    async def scenario():
+        topic = await _topic(broker.bootstrap)
+        store = ChangelogStore(broker.bootstrap, topic, 50, state_dir=str(tmp_path), max_users=cap)
+        await store.start()
+        await store.ensure(0)
+        users = [f"p{k}" for k in range(6)]
+        store.put(0, {u: apply_user({}, _events(u, 2), 50)[0] for u in users}, 0)
+        store.trim()
+        held = set(store.partitions[0])
+        await store.stop()
+        return held, users
+    held, users = run(scenario())
+    assert held == set(users)
+
+
+def test_a_cap_needs_the_disk():
+    with pytest.raises(ValueError, match="rocksdb"):
+        ChangelogStore("localhost:1", "t", 50, max_users=10)
+    assert Window.of(_events("u", 1))   # the helper events make a window
