@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--cap", type=int, default=100_000, help="--max-users-in-memory of the rocksdb worker.")
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--a-state", choices=["rocksdb", "memory"], default="rocksdb",
+                    help="Worker A's state: memory shows what the same stream costs with no disk and no cap.")
     ap.add_argument("--checkpoint", default=None, help="Default: train bench/tiny_checkpoint.py's (~20 s).")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", action="store_true")
@@ -121,7 +123,7 @@ def main() -> None:
         lines.clear()   # the broker holds them now
         say(f"loaded {n:,} events in {report['load_seconds']} s; worker A (rocksdb, cap {args.cap:,}) ...")
 
-        port, proc = worker("rocksdb", "a.log")
+        port, proc = worker(args.a_state, "a.log")
         try:
             t0 = time.perf_counter()
             while (consumed(port) or 0) < n:
