@@ -121,7 +121,8 @@ def main() -> None:
         report["load_seconds"] = round(asyncio.run(load()), 1)
         n = len(lines)
         lines.clear()   # the broker holds them now
-        say(f"loaded {n:,} events in {report['load_seconds']} s; worker A (rocksdb, cap {args.cap:,}) ...")
+        say(f"loaded {n:,} events in {report['load_seconds']} s; worker A ({args.a_state}"
+            + (f", cap {args.cap:,}) ..." if args.a_state == "rocksdb" else ") ..."))
 
         port, proc = worker(args.a_state, "a.log")
         try:
@@ -151,22 +152,15 @@ def main() -> None:
         finally:
             stop_process(proc, timeout=60)
 
-        port, proc = worker("rocksdb", "b.log")
-        try:
-            report["b_restart_ready_seconds"] = round(wait_ready(port, proc, args.timeout), 2)
-            report["b_rss"] = status_of(proc.pid)
-            say(f"B (rocksdb, directory intact) ready in {report['b_restart_ready_seconds']} s")
-        finally:
-            stop_process(proc, timeout=60)
-
-        port, proc = worker("memory", "c.log")
-        try:
-            report["c_memory_ready_seconds"] = round(wait_ready(port, proc, args.timeout), 2)
-            report["c_rss"] = status_of(proc.pid)
-            say(f"C (memory, full changelog replay) ready in {report['c_memory_ready_seconds']} s, "
-                f"RSS {report['c_rss']}")
-        finally:
-            stop_process(proc, timeout=60)
+        for key, state, what in (("b", "rocksdb", "rocksdb, directory intact"),
+                                 ("c", "memory", "memory, full changelog replay")):
+            port, proc = worker(state, f"{key}.log")
+            try:
+                ready = report[f"{key}_ready_seconds"] = round(wait_ready(port, proc, args.timeout), 2)
+                report[f"{key}_rss"] = status_of(proc.pid)
+                say(f"{key.upper()} ({what}) ready in {ready} s, RSS {report[f'{key}_rss']}")
+            finally:
+                stop_process(proc, timeout=60)
     report["workdir"] = str(work)
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
 

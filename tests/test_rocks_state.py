@@ -9,7 +9,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import Window, apply_user, item_delta
+from scenestream.stream.core.window import apply_user, item_delta
 from scenestream.stream.state import ChangelogStore
 
 from .conftest import run
@@ -115,4 +115,3 @@ def test_users_of_a_batch_in_flight_are_never_evicted(broker, tmp_path, cap):
 def test_a_cap_needs_the_disk():
     with pytest.raises(ValueError, match="rocksdb"):
         ChangelogStore("localhost:1", "t", 50, max_users=10)
-    assert Window.of(_events("u", 1))   # the helper events make a window

@@ -153,9 +153,9 @@ class Window:
 
     def extended(self, new: list[Event], length: int) -> "Window":
         """This window plus events newer than all of it, cut to the newest `length`."""
-        ids = [_id_bytes(e.event_id) for e in new]
         if len(new) >= length:
             return Window.of(new[-length:])
+        ids = [_id_bytes(e.event_id) for e in new]
         drop = max(0, self.n + len(new) - length)
         cut = self.n * ROW_BYTES
         skip = int(self.table()["id_bytes"][:drop].sum()) if drop else 0
