@@ -17,7 +17,7 @@ import torch
 from .checkpoint import Checkpoint
 from .model import FIRST_ITEM, OOV
 from .presets import ENCODER_CACHE_MB
-from .vocab import Codes, tensorize
+from .vocab import Codes, concat_rows, tensorize
 from .window_cache import WindowCache
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -54,7 +54,7 @@ def merged_window(state: Mapping[str, object], length: int) -> np.ndarray:
     windows = [w for w in state.values() if w]
     if len(windows) == 1:
         return windows[0].table()[-length:]
-    rows = np.concatenate([w.table()[-length:] for w in windows])
+    rows = concat_rows([w.table()[-length:] for w in windows])
     ts = rows["ts"]
     order = np.argsort(ts, kind="stable")
     if np.any(np.diff(ts[order]) == 0):   # ties in time, by event id
@@ -123,12 +123,12 @@ class MergedWindows:
                 ids += new[1]
         if not ids:
             return merged, newest
-        rows = np.concatenate(added)
+        rows = concat_rows(added)
         keys = list(zip(rows["ts"].tolist(), ids))
         if min(keys) <= newest:
             return None
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        return np.concatenate([merged, rows[order]])[-self.length:], keys[order[-1]]
+        return concat_rows([merged, rows[order]])[-self.length:], keys[order[-1]]
 
 
 class InterestEncoder:

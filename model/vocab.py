@@ -69,6 +69,15 @@ class WindowBatch:
         return self.items, self.actions, self.scenes, self.gaps, self.valid
 
 
+def concat_rows(tables: Sequence[np.ndarray]) -> np.ndarray:
+    """np.concatenate for window tables (structured arrays of one dtype), through their bytes: numpy promotes a
+    structured dtype's fields on every concatenate (~15 µs a call, several per touched user), bytes cost ~1 µs.
+    The result is read-only."""
+    if len(tables) == 1:
+        return tables[0]
+    return np.frombuffer(b"".join([t.tobytes() for t in tables]), tables[0].dtype)
+
+
 def tensorize(windows: Sequence[np.ndarray], item_rows: Callable, action_ids: Callable, scene_ids: Callable,
               gap_buckets: int, length: int | None = None, starts: Sequence[int] | None = None) -> WindowBatch:
     """Windows as tables (structured arrays with fields ts, item, action and scene, each ascending by time; the
@@ -86,7 +95,7 @@ def tensorize(windows: Sequence[np.ndarray], item_rows: Callable, action_ids: Ca
     arrays = np.zeros((4, B, T), dtype=np.int64)
     valid = np.zeros((B, T), dtype=bool)
     if counts.sum():
-        rows = np.concatenate(windows)
+        rows = concat_rows(windows)
         b = np.repeat(np.arange(B), counts)
         col = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(T - counts, counts)
         for a, values in enumerate((item_rows(rows["item"]), action_ids(rows["action"]), scene_ids(rows["scene"]),
@@ -124,4 +133,4 @@ class Codes:
         return self.table[codes]
 
 
-__all__ = ["ItemVocab", "WindowBatch", "Codes", "tensorize", "PAD", "OOV", "FIRST_ITEM"]
+__all__ = ["ItemVocab", "WindowBatch", "Codes", "concat_rows", "tensorize", "PAD", "OOV", "FIRST_ITEM"]

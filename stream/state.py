@@ -59,7 +59,7 @@ def encode_state(state: UserState) -> bytes:
     """A changelog value, {scene: rows} (one window, as the worker writes it; whole states read back the same):
     compact JSON in UTF-8 (no ASCII escapes), whose size StreamConfig.state_record_bound bounds. Ids by name, so
     the log does not depend on any process's tables."""
-    return orjson.dumps({s: [[e.ts, e.event_id, e.item_id, e.action] for e in w] for s, w in state.items()})
+    return orjson.dumps({s: w.named_rows() for s, w in state.items()})
 
 
 def decode_state(user: str, raw: bytes, length: int) -> UserState:

@@ -174,6 +174,8 @@ def test_a_window_is_packed_and_reads_back_event_for_event():
     w = Window.of(evs)
     assert w.events("u") == tuple(evs) and tuple(w) == tuple(replace(e, user_id="") for e in evs)
     assert w.ids() == [e.event_id for e in evs] and w.ids(2) == ["z" * 256] and w.item_ids() == [e.item_id for e in evs]
+    assert w.ids(1) == [e.event_id for e in evs[1:]] and Window.of(evs[2:]).ids() == ["z" * 256]
+    assert w.named_rows() == [[e.ts, e.event_id, e.item_id, e.action] for e in evs]
     assert len(w) == 3 and w.last_ts == TS0 + 1 and w.last_key() == evs[-1].order_key
     assert list(w.table()["ts"]) == [e.ts for e in evs] and len(w.rows) == 3 * 24
     assert Window.of(evs[:2]) != w and Window.of(evs) == w and not EMPTY and EMPTY == Window.of([])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import defaultdict
+from itertools import accumulate
 from typing import Iterable, Iterator, Mapping, Optional
 
 import numpy as np
@@ -125,13 +126,22 @@ class Window:
         return ts, self.buf[len(self.buf) - size:].decode("utf-8", "surrogatepass")
 
     def ids(self, start: int = 0) -> list[str]:
-        """The event ids, from the `start`th event on."""
-        sizes = self.table()["id_bytes"]
-        out, at = [], self.n * ROW_BYTES + (int(sizes[:start].sum()) if start else 0)
-        for size in sizes[start:].tolist():
-            out.append(self.buf[at:at + size].decode("utf-8", "surrogatepass"))
-            at += size
-        return out
+        """The event ids, from the `start`th event on (found from the buffer's end: callers mostly want the newest)."""
+        sizes = self.table()["id_bytes"][start:].tolist()
+        ends = list(accumulate(sizes))
+        raw = self.buf[len(self.buf) - ends[-1]:] if ends else b""
+        text = raw.decode("utf-8", "surrogatepass")   # one decode; sliced by byte offsets when all ASCII
+        if len(text) == len(raw):
+            return [text[end - size:end] for end, size in zip(ends, sizes)]
+        return [raw[end - size:end].decode("utf-8", "surrogatepass") for end, size in zip(ends, sizes)]
+
+    def named_rows(self) -> list[list]:
+        """[ts, event_id, item_id, action] per event, oldest first: the changelog's row form, without building
+        Event objects."""
+        t = self.table()
+        items, actions = ITEMS.names, ACTIONS.names
+        return [[ts, eid, items[i], actions[a]] for ts, eid, i, a in
+                zip(t["ts"].tolist(), self.ids(), t["item"].tolist(), t["action"].tolist())]
 
     def item_ids(self) -> list[str]:
         names = ITEMS.names
