@@ -17,7 +17,7 @@ from scenestream.model.presets import preset
 from scenestream.model.train import TrainConfig
 from scenestream.stream.leave_one_out import fit
 from scenestream.stream.broker import EmbeddedBroker
-from scenestream.stream.processes import free_port
+from scenestream.stream.processes import die_with_parent, free_port
 from scenestream.stream.core.config import DEFAULT_ACTIONS
 from scenestream.stream.synthetic import SyntheticSpec, generate
 
@@ -79,7 +79,8 @@ class WorkerProcess:
                "--batch-wait", "0.1", *self.extra]
         with open(self.log_dir / f"{self.app_id}-{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, env={**NO_RATE_LIMIT, **os.environ, "PYTHONUNBUFFERED": "1"})
+                                         cwd=ROOT, env={**NO_RATE_LIMIT, **os.environ, "PYTHONUNBUFFERED": "1"},
+                                         preexec_fn=die_with_parent)   # never outlives the test or bench
         return self
 
     @property

@@ -1,0 +1,293 @@
+"""Soak (issue 16): real workers under a steady load of half their measured maximum for --minutes, sampled every
+--interval seconds, so an operator sees memory, lag and latency stay flat. Needs matplotlib for the plot:
+`pip install -e '.[bench]'`.
+
+1. The embedded broker (Tansu) and `--workers` real workers (one group, `clicks` with 4 partitions, outputs to
+   `user-interests`), serving --checkpoint (default: bench/tiny_checkpoint.py's).
+2. The maximum: --probe-events synthetic events are loaded into `clicks` as a backlog before the workers start, and
+   timed as bench/live.py times the worker: the workers' scenestream_events_consumed (summed over /metrics) from the
+   first poll showing an event to the poll showing them all. --max-rate skips this; --rate sets the load outright.
+3. The load: bench/live.py's freshness producer sends --fraction (0.5) x the maximum, events for existing users
+   with ts = send time, for --minutes; its reader of `user-interests` takes, for each output record, receive time
+   minus the record's newest_ts (event -> published latency), p50/p99 per 10 s of receive time.
+4. Every --interval (10 s) this script samples, per worker: RSS (VmRSS, /proc), consumer lag (the
+   scenestream_consumer_lag gauges of the partitions its /readyz says it holds; the worker refreshes them every
+   5 s) and events/s (its consumed counter's increase); and the broker's RSS. Sample k's latency is the 10 s
+   window of receive time that ends at it (the producer's clock starts within ~1 s of the sampler's).
+
+Reported: RSS growth after warm-up (--warmup, default the first 2 minutes): from the last warm-up sample to the end,
+and to the peak after it, in % (the largest over the workers); the largest lag and the lag at the end of sending;
+latency p50/p99 over the whole run. A markdown table (one row per minute) goes to stdout; the samples to --samples
+(JSON; default in a temp directory); the plot (matplotlib, Agg: RSS, lag, latency, events/s against minutes) to
+--plot, default soak.png next to BENCHMARKS.md at the repository root.
+
+    pip install -e '.[bench]'
+    python bench/soak.py --minutes 20 --json
+    python bench/soak.py --minutes 2 --plot /tmp/soak.png        # a quick try
+
+The in-memory broker keeps every output record (one per event, a few KB each): its RSS, sampled too, grows with
+the run; that is the broker's storage, not a worker's leak. --json prints one JSON object as the last stdout line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from harness import ROOT, checkpoint_or_tiny, lag_of, memory_of
+
+from live import PARTITIONS, consumed, freshness, load_clicks
+
+MB = 1024 * 1024
+
+
+def total_consumed(ports: list[int]) -> Optional[float]:
+    counts = [consumed(p) for p in ports]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def measure_max(ports: list[int], procs, expect: int, timeout: float) -> dict:
+    """Events/s of the workers over a backlog of `expect` events (startup and the first poll's events left out)."""
+    first = last = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        n = total_consumed(ports)
+        now = time.perf_counter()
+        if n:
+            first = first or (n, now)
+            last = (n, now)
+            if n >= expect:
+                break
+        time.sleep(0.1)
+    if first is None or last[1] <= first[1]:
+        raise SystemExit(f"could not time the workers over the backlog (counted {last and last[0]} of {expect})")
+    return {"events": int(last[0]), "seconds": round(last[1] - first[1], 2),
+            "events_per_s": (last[0] - first[0]) / (last[1] - first[1])}
+
+
+def sample(t: float, apis: list[str], ports: list[int], pids: list[int], broker_pid: int) -> dict:
+    lags = [lag_of(api) for api in apis]
+    return {"t_s": round(t, 1),
+            "rss_mb": [round(memory_of(pid).get("VmRSS", 0) / MB, 1) for pid in pids],
+            "lag": [None if x is None else sum(x[0].values()) for x in lags],
+            "consumed": [consumed(p) for p in ports],
+            "broker_rss_mb": round(memory_of(broker_pid).get("VmRSS", 0) / MB, 1)}
+
+
+def with_rates(samples: list[dict], windows: list[dict], interval: float) -> None:
+    """Events/s per worker between samples, and the latency window that ends at each sample."""
+    by_start = {round(w["from_s"]): w for w in windows}
+    prev = None
+    for s in samples:
+        if prev is not None:
+            dt = s["t_s"] - prev["t_s"]
+            s["events_per_s"] = round(sum((c or 0) - (p or 0) for c, p in zip(s["consumed"], prev["consumed"],
+                                                                              strict=True)) / dt, 1)
+        w = by_start.get(round(s["t_s"] - interval))
+        s["p50_ms"], s["p99_ms"] = (w["p50_ms"], w["p99_ms"]) if w else (None, None)
+        prev = s
+
+
+def summary(samples: list[dict], warmup_s: float, rate: float) -> dict:
+    after = [s for s in samples if s["t_s"] >= warmup_s]
+    base = max((s for s in samples if s["t_s"] <= warmup_s), key=lambda s: s["t_s"], default=None)
+    out: dict = {"warmup_s": warmup_s}
+    if base and after:
+        n = len(base["rss_mb"])
+        growth = [100 * (after[-1]["rss_mb"][k] - base["rss_mb"][k]) / base["rss_mb"][k] for k in range(n)]
+        peak = [100 * (max(s["rss_mb"][k] for s in after) - base["rss_mb"][k]) / base["rss_mb"][k] for k in range(n)]
+        out.update({"rss_mb_at_warmup": base["rss_mb"], "rss_mb_at_end": after[-1]["rss_mb"],
+                    "rss_growth_after_warmup_pct": round(max(growth), 2),
+                    "rss_peak_growth_after_warmup_pct": round(max(peak), 2)})
+    lags = [sum(x for x in s["lag"] if x is not None) for s in samples]
+    later = [sum(x for x in s["lag"] if x is not None) for s in after]
+    half = len(later) // 2
+    out.update({"max_lag": max(lags, default=None), "lag_at_end": lags[-1] if lags else None,
+                "max_lag_after_warmup": max(later, default=None),
+                # bounded: the second half of the samples after warm-up peaks no higher than the first half plus
+                # one second of the load
+                "lag_bounded": bool(half) and max(later[half:]) <= max(later[:half]) + rate})
+    return out
+
+
+def minute_table(samples: list[dict]) -> str:
+    rows = ["| minute | worker RSS MB | broker RSS MB | lag (max) | events/s | p50 ms | p99 ms (worst 10 s) |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+    by_minute: dict[int, list[dict]] = {}
+    for s in samples:
+        if round(s["t_s"]) > 0:   # a sample taken at 60.02 s closes minute 1
+            by_minute.setdefault(int((round(s["t_s"]) - 1) // 60) + 1, []).append(s)
+
+    def fmt(xs: list, how) -> str:
+        xs = [x for x in xs if x is not None]
+        return f"{how(xs):,.0f}" if xs else "n/a"
+    for minute, ss in sorted(by_minute.items()):
+        rows.append(f"| {minute} | {' / '.join(f'{x:,.0f}' for x in ss[-1]['rss_mb'])} | "
+                    f"{ss[-1]['broker_rss_mb']:,.0f} | {fmt([sum(x or 0 for x in s['lag']) for s in ss], max)} | "
+                    f"{fmt([s.get('events_per_s') for s in ss], statistics.fmean)} | "
+                    f"{fmt([s['p50_ms'] for s in ss], statistics.median)} | {fmt([s['p99_ms'] for s in ss], max)} |")
+    return "\n".join(rows)
+
+
+def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    minutes = [s["t_s"] / 60 for s in samples]
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    for k in range(len(samples[0]["rss_mb"])):
+        axes[0].plot(minutes, [s["rss_mb"][k] for s in samples], marker=".", label=f"worker {k}")
+    axes[0].set_ylabel("RSS (MB)")
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(loc="lower right")
+    axes[1].plot(minutes, [sum(x or 0 for x in s["lag"]) for s in samples], marker=".")
+    axes[1].set_ylabel("consumer lag (events)")
+    axes[1].set_ylim(bottom=0)
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+        axes[2].plot(minutes, [s[key] for s in samples], marker=".", label=label)
+    axes[2].set_ylabel("event -> published (ms)")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend(loc="upper right")
+    axes[3].plot(minutes, [s.get("events_per_s") for s in samples], marker=".")
+    axes[3].set_ylabel("events/s")
+    axes[3].set_ylim(bottom=0)
+    axes[3].set_xlabel("minutes of steady load")
+    for ax in axes:
+        ax.axvspan(0, warmup_s / 60, color="0.9")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    from scenestream.stream.synthetic import SyntheticSpec, generate
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--rate", type=float, default=0.0, help="Events/s to send (default: --fraction x the maximum).")
+    ap.add_argument("--max-rate", type=float, default=0.0, help="The maximum, events/s (default: measured).")
+    ap.add_argument("--fraction", type=float, default=0.5)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--probe-events", type=int, default=60_000, help="Backlog the maximum is measured over.")
+    ap.add_argument("--users", type=int, default=SyntheticSpec.users, help="Users of the synthetic world.")
+    ap.add_argument("--interval", type=float, default=10.0, help="Seconds between samples (default 10).")
+    ap.add_argument("--warmup", type=float, default=2.0, help="Warm-up minutes, left out of the RSS growth.")
+    ap.add_argument("--plot", default=str(ROOT / "soak.png"), help="PNG path (default soak.png at the root).")
+    ap.add_argument("--samples", default=None, help="JSON of the samples (default: a temp directory).")
+    ap.add_argument("--checkpoint", default=None, help="Default: train bench/tiny_checkpoint.py's (~20 s).")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    t_start = time.monotonic()
+
+    from scenestream.stream.broker import EmbeddedBroker
+    from scenestream.stream.core.events import encode
+    from scenestream.stream.processes import free_port, spawn, stop_process
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    ckpt = checkpoint_or_tiny(args.checkpoint, say)
+    events, _ = generate(SyntheticSpec(users=args.users))
+    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    samples_path = Path(args.samples) if args.samples else work / "samples.json"
+    report: dict = {"command": "python " + shlex.join(sys.argv), "minutes": args.minutes, "workers": args.workers,
+                    "partitions": PARTITIONS, "users": args.users, "cpus": os.cpu_count(), "workdir": str(work)}
+    with EmbeddedBroker(log_path=str(work / "tansu.log")) as b:
+        probe = [encode(e) for e in events[: args.probe_events if not (args.max_rate or args.rate) else 1]]
+        asyncio.run(load_clicks(b.bootstrap, probe))   # the topic (4 partitions), with the backlog when measured
+        app, ports, procs = f"soak-{uuid.uuid4().hex[:6]}", [], []
+        try:
+            for k in range(args.workers):
+                ports.append(free_port())
+                procs.append(spawn([sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", b.url,
+                                    "--checkpoint", ckpt, "--web-port", str(ports[-1]), "--device", "cpu",
+                                    "--app-id", app, "--partitions", str(PARTITIONS), "--rate-limit", "0"],
+                                   str(work / f"worker{k}.log")))
+            apis = [f"http://127.0.0.1:{p}" for p in ports]
+            if args.rate or args.max_rate:
+                report["max_rate"] = {"events_per_s": args.max_rate or None, "given": True}
+            else:
+                say(f"timing {len(probe):,} backlog events ...")
+                report["max_rate"] = measure_max(ports, procs, len(probe), 600)
+            waited = time.monotonic()
+            while True:   # every worker ready and caught up (the gauge lags by up to 5 s), at most 60 s
+                lags = [lag_of(api) for api in apis]
+                if any(p.poll() is not None for p in procs):
+                    raise SystemExit(f"a worker exited before the load (logs in {work})")
+                if None not in lags and (sum(v for x in lags for v in x[0].values()) == 0
+                                         or time.monotonic() - waited > 60):
+                    break
+                time.sleep(0.5)
+            rate = args.rate or args.fraction * report["max_rate"]["events_per_s"]
+            report["rate"] = round(rate, 1)
+            say(f"maximum {report['max_rate']['events_per_s'] or 0:,.0f} events/s (0: not measured);"
+                f" sending {rate:,.0f}/s for "
+                f"{args.minutes:g} min, sampling every {args.interval:g} s")
+
+            result: dict = {}
+
+            def load() -> None:
+                try:
+                    result["fresh"] = asyncio.run(freshness(b.bootstrap, events, rate, args.minutes * 60, 0.01, 2.0,
+                                                            lambda: total_consumed(ports), 60.0))
+                except Exception as exc:
+                    result["error"] = f"{type(exc).__name__}: {exc}"
+            sender = threading.Thread(target=load)
+            pids = [p.pid for p in procs]
+            t0 = time.monotonic()
+            sender.start()
+            samples = [sample(0.0, apis, ports, pids, b.proc.pid)]
+            k = 1
+            while sender.is_alive():
+                time.sleep(max(0.0, t0 + k * args.interval - time.monotonic()))
+                if time.monotonic() - t0 <= args.minutes * 60 + 1:   # sending, or its last interval
+                    samples.append(sample(time.monotonic() - t0, apis, ports, pids, b.proc.pid))
+                    say(f"[{samples[-1]['t_s']:6.0f} s] RSS MB {samples[-1]['rss_mb']}  lag {samples[-1]['lag']}  "
+                        f"broker RSS MB {samples[-1]['broker_rss_mb']}")
+                k += 1
+            sender.join()
+            report["exits"] = [{"worker": n, "exit": p.poll()} for n, p in enumerate(procs) if p.poll() is not None]
+        finally:
+            for p in procs:
+                stop_process(p, timeout=30)
+    if "error" in result:
+        raise SystemExit(f"the load failed: {result['error']} (logs in {work})")
+    fresh = result["fresh"]
+    with_rates(samples, fresh.pop("latency_by_10s"), args.interval)
+    report.update(summary(samples, args.warmup * 60, rate))
+    report["load"] = fresh
+    samples_path.write_text(json.dumps(samples, indent=1))
+    report["samples"] = str(samples_path)
+    plot(samples, args.warmup * 60, Path(args.plot),
+         f"soak: {rate:,.0f} events/s ({args.fraction:g} x max) for {args.minutes:g} min, {args.workers} worker(s)")
+    report["plot"] = str(args.plot)
+    report["run_seconds"] = round(time.monotonic() - t_start, 1)
+    lat = fresh["latency_ms"]
+    report["table"] = minute_table(samples)
+    say(report["table"])
+    say(f"\nRSS growth after warm-up ({args.warmup:g} min): {report.get('rss_growth_after_warmup_pct', 'n/a')} % "
+        f"(peak {report.get('rss_peak_growth_after_warmup_pct', 'n/a')} %); lag max {report['max_lag']}, at the end "
+        f"{report['lag_at_end']} ({'bounded' if report['lag_bounded'] else 'NOT bounded'}); latency p50 "
+        f"{lat['p50']:,.0f} ms, p99 {lat['p99']:,.0f} ms; sent {fresh['sent']:,} "
+        f"({fresh['failed_sends']} failed), drained "
+        + (f"{fresh['drain_seconds']:.1f} s after the last send" if fresh["drain_seconds"] is not None
+           else "NOT within 60 s of the last send")
+        + f"; worker exits {report['exits'] or 'none'}; plot {args.plot}; {report['run_seconds']} s in all")
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
