@@ -4,9 +4,15 @@
 
 1. The embedded broker (Tansu) and `--workers` real workers (one group, `clicks` with 4 partitions, outputs to
    `user-interests`), serving --checkpoint (default: bench/tiny_checkpoint.py's).
-2. The maximum: --probe-events synthetic events are loaded into `clicks` as a backlog before the workers start, and
-   timed as bench/live.py times the worker: the workers' scenestream_events_consumed (summed over /metrics) from the
-   first poll showing an event to the poll showing them all. --max-rate skips this; --rate sets the load outright.
+2. The maximum (--max-from): `ramp` (the default) sends live events (ts = send time) at 1,000/s (after a warm-up step at 500/s), then 1.25x more
+   each step, --ramp-seconds (15) a step, until the workers no longer keep up (they have not counted every event
+   sent within 2 s of the step's last send, or the producer fell short of the rate): the maximum is the last rate
+   they kept up with. That is the maximum a soak is about: live traffic comes a few events per user per
+   micro-batch, which costs the worker several times what a backlog does (BENCHMARKS.md, "Live path"), so half
+   of a backlog's rate is more than the worker sustains live. `backlog`: --probe-events synthetic events loaded
+   into `clicks` before the workers start, timed as bench/live.py times the worker (scenestream_events_consumed,
+   summed over /metrics, first poll showing an event to the poll showing them all). --max-rate skips measuring;
+   --rate sets the load outright.
 3. The load: bench/live.py's freshness producer sends --fraction (0.5) x the maximum, events for existing users
    with ts = send time, for --minutes; its reader of `user-interests` takes, for each output record, receive time
    minus the record's newest_ts (event -> published latency), p50/p99 per 10 s of receive time.
@@ -73,6 +79,30 @@ def measure_max(ports: list[int], procs, expect: int, timeout: float) -> dict:
         raise SystemExit(f"could not time the workers over the backlog (counted {last and last[0]} of {expect})")
     return {"events": int(last[0]), "seconds": round(last[1] - first[1], 2),
             "events_per_s": (last[0] - first[0]) / (last[1] - first[1])}
+
+
+def ramp_max(bootstrap: str, events: list, ports: list[int], seconds: float, say, start: float = 1000.0,
+             step: float = 1.25, keep_up_s: float = 2.0, top: float = 200_000.0) -> dict:
+    """The highest live rate the workers keep up with (module docstring, step 2), after a warm-up step at half the
+    first rate (the first batches of a new worker find its encoder cache cold)."""
+    asyncio.run(freshness(bootstrap, events, start / 2, seconds, 0.01, 0.5, lambda: total_consumed(ports), 30.0))
+    steps, best, rate = [], None, start
+    while rate <= top:
+        got = asyncio.run(freshness(bootstrap, events, rate, seconds, 0.01, 0.5, lambda: total_consumed(ports), 30.0))
+        drain = got["drain_seconds"]
+        kept_up = (drain is not None and drain <= keep_up_s and not got["failed_sends"]
+                   and (got["achieved_rate"] or 0) >= 0.95 * rate)
+        steps.append({"rate": round(rate), "achieved_rate": round(got["achieved_rate"] or 0), "drain_seconds": drain,
+                      "p99_ms": got["latency_ms"]["p99"], "kept_up": kept_up})
+        say(f"ramp: {rate:,.0f} events/s for {seconds:g} s: "
+            + (f"drained {drain:.1f} s after the last send" if drain is not None else "not drained within 30 s")
+            + f", p99 {got['latency_ms']['p99'] or 0:,.0f} ms -> {'kept up' if kept_up else 'fell behind'}")
+        if not kept_up:
+            break
+        best, rate = rate, rate * step
+    if best is None:
+        raise SystemExit(f"the workers did not keep up with {start:,.0f} events/s, the ramp's first step")
+    return {"events_per_s": best, "how": "ramp", "steps": steps}
 
 
 def sample(t: float, apis: list[str], ports: list[int], pids: list[int], broker_pid: int) -> dict:
@@ -180,7 +210,11 @@ def main() -> None:
     ap.add_argument("--max-rate", type=float, default=0.0, help="The maximum, events/s (default: measured).")
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--probe-events", type=int, default=60_000, help="Backlog the maximum is measured over.")
+    ap.add_argument("--max-from", choices=["ramp", "backlog"], default="ramp",
+                    help="How the maximum is measured (docstring, step 2; default ramp).")
+    ap.add_argument("--ramp-seconds", type=float, default=15.0, help="Seconds of each ramp step (default 15).")
+    ap.add_argument("--probe-events", type=int, default=60_000, help="Backlog the maximum is measured over "
+                    "(--max-from backlog).")
     ap.add_argument("--users", type=int, default=SyntheticSpec.users, help="Users of the synthetic world.")
     ap.add_argument("--interval", type=float, default=10.0, help="Seconds between samples (default 10).")
     ap.add_argument("--warmup", type=float, default=2.0, help="Warm-up minutes, left out of the RSS growth.")
@@ -205,7 +239,8 @@ def main() -> None:
     report: dict = {"command": "python " + shlex.join(sys.argv), "minutes": args.minutes, "workers": args.workers,
                     "partitions": PARTITIONS, "users": args.users, "cpus": os.cpu_count(), "workdir": str(work)}
     with EmbeddedBroker(log_path=str(work / "tansu.log")) as b:
-        probe = [encode(e) for e in events[: args.probe_events if not (args.max_rate or args.rate) else 1]]
+        backlog = args.max_from == "backlog" and not (args.max_rate or args.rate)
+        probe = [encode(e) for e in events[: args.probe_events if backlog else 1]]
         asyncio.run(load_clicks(b.bootstrap, probe))   # the topic (4 partitions), with the backlog when measured
         app, ports, procs = f"soak-{uuid.uuid4().hex[:6]}", [], []
         try:
@@ -218,9 +253,16 @@ def main() -> None:
             apis = [f"http://127.0.0.1:{p}" for p in ports]
             if args.rate or args.max_rate:
                 report["max_rate"] = {"events_per_s": args.max_rate or None, "given": True}
-            else:
+            elif backlog:
                 say(f"timing {len(probe):,} backlog events ...")
                 report["max_rate"] = measure_max(ports, procs, len(probe), 600)
+            else:
+                while total_consumed(ports) is None or any(lag_of(api) is None for api in apis):
+                    if any(p.poll() is not None for p in procs):
+                        raise SystemExit(f"a worker exited before the ramp (logs in {work})")
+                    time.sleep(0.5)
+                say("ramping up the live rate to find the maximum ...")
+                report["max_rate"] = ramp_max(b.bootstrap, events, ports, args.ramp_seconds, say)
             waited = time.monotonic()
             while True:   # every worker ready and caught up (the gauge lags by up to 5 s), at most 60 s
                 lags = [lag_of(api) for api in apis]
