@@ -165,6 +165,7 @@ class CatalogFollower:
         self.count = count        # (outcome, n) for metrics: upserted / deleted / rejected
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")  # big batches stay off the loop
         self.caught_up = False
+        self.consumer = None   # while run() runs
         self.counts = {"upserted": 0, "deleted": 0, "rejected": 0}
         self.refused: Counter = Counter()   # rejected records by reason (CATALOG_REASONS, or "index" below)
         self.lock = asyncio.Lock()          # a batch of records is applied, or the index switched, never both
@@ -217,11 +218,17 @@ class CatalogFollower:
             then()
         return n
 
+    def answered_at(self) -> Optional[float]:
+        """When the broker last answered a fetch of the catalog (time.time()); None before the first."""
+        tps = self.consumer.assignment() if self.consumer else ()
+        return max((t / 1000 for t in map(self.consumer.last_poll_timestamp, tps) if t), default=None)
+
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer
         # no group_id: the consumer is assigned every partition of the topic (and new ones), commits nothing
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     auto_offset_reset="earliest", metadata_max_age_ms=5000, **self.security)
+        self.consumer = consumer
         await consumer.start()
         try:
             while self.topic not in await consumer.topics():   # the worker declares it at start

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any, Mapping, Optional
 
@@ -97,8 +98,10 @@ class ClicksFeeder:
         self._done.set()   # nothing in flight until run() starts
         self._to_commit: dict[TopicPartition, int] = {}
         self._committer: Optional[asyncio.Future] = None
+        self.answered = 0.0   # time.time() of the broker's last answer on the feeder's path: assignment, batch acks
 
     async def on_assigned(self, partitions: set[int]) -> None:
+        self.answered = time.time()   # the group's answer; the partitions' first fetches are yet to come
         await self.service.assign(partitions)
         for p in partitions:
             if p in self.service.store.applied:   # recovered: resume right after the durable marker
@@ -136,6 +139,7 @@ class ClicksFeeder:
         """Commit in the background, one request at a time with the newest offsets of every batch durable by then:
         the committed offset is for lag tools and a new owner's first fetch (recovery starts from the marker), so
         it need not hold up the next batch."""
+        self.answered = time.time()   # the batch is durable: the broker acknowledged its records
         self._to_commit.update(offsets)
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_pending())
@@ -169,6 +173,14 @@ class ClicksFeeder:
             log.warning("the clicks feeder did not finish its batch within a minute; stopping anyway")
         if self.consumer is not None:
             await self.consumer.stop()
+
+    def answered_at(self) -> Optional[float]:
+        """When the broker last answered the feeder (time.time()): a fetch response for a held partition (aiokafka
+        notes one per partition, empty or not), an assignment, a durable batch; None while it holds no partition."""
+        tps = self.consumer.assignment() if self.consumer else None
+        if not tps:
+            return None
+        return max([self.answered, *(t / 1000 for t in map(self.consumer.last_poll_timestamp, tps) if t)])
 
     def highwater(self, partition: int) -> Optional[int]:
         return self.consumer.highwater(TopicPartition(self.topic, partition)) if self.consumer else None

@@ -126,11 +126,13 @@ def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
 
 
 def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, catalog_caught_up,
-             token: str = "", rate_limit: float = 0.0) -> None:
+             token: str = "", rate_limit: float = 0.0,
+             broker_problem: Callable[[], Optional[str]] = lambda: None) -> None:
     """service: the MicroBatchService (its `model` is the encoder and live item index in use, swapped as one: each
     request takes it once); owner_url(key): the API URL of the worker owning that clicks key (from the consumer
     group, never from a request); catalog_caught_up(): readiness of the catalog; token: required of every request
-    but the probes ("" = none); rate_limit: requests per second per client (0 = no limit)."""
+    but the probes ("" = none); rate_limit: requests per second per client (0 = no limit); broker_problem(): None
+    while the Kafka broker answers, else why it does not (worker.BrokerWatch): not ready meanwhile."""
     config = service.config
     app.web.web_app.middlewares.append(guard(token, RateLimiter(rate_limit) if rate_limit > 0 else None,
                                              lambda status: service.metrics.requests.labels("any", str(status)).inc()))
@@ -207,9 +209,11 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
     class Ready(View):
         @counted("readyz")
         async def get(self, request: Request) -> Response:
-            ready = service.recovered and catalog_caught_up()
+            broker = broker_problem()
+            ready = service.recovered and catalog_caught_up() and broker is None
             model = service.model
-            return self.json({"ready": ready, "model_version": model.version, "items": len(model.index),
+            return self.json({"ready": ready, "broker": broker or "ok", "model_version": model.version,
+                              "items": len(model.index),
                               "assigned_partitions": sorted(service.assigned),
                               "recovered_partitions": sorted(service.store.partitions)},
                              status=200 if ready else 503)

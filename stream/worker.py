@@ -7,7 +7,8 @@
 
 The feeder (feeder.py) is the consumer group member; Faust gives the web server, timers, the producer of declared
 topics and the lifecycle; the service does the work. This module only wires them together and says what a crash
-does (exit, so a restart recovers from durable state: the design is crash-only).
+does (exit, so a restart recovers from durable state: the design is crash-only), and what a broker that stops
+answering does (BrokerWatch: /readyz answers 503 while aiokafka retries; past --broker-outage-limit, exit).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import faust
 from faust.app.base import BootStrategy
@@ -35,6 +37,9 @@ from .swap import ModelWatcher, load_model
 from .web import is_loopback, register as register_web
 
 log = logging.getLogger(__name__)
+
+BROKER_STALE_S = 5.0   # seconds without an answer from the broker before /readyz says so
+EXIT_CRASH, EXIT_BROKER_OUTAGE = 70, 69   # sysexits: EX_SOFTWARE, EX_UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class WorkerConfig:
     state_dir: str = "scenestream-state"  # the rocksdb state's directory
     max_users_in_memory: int = 0         # rocksdb: most users in RAM (0: no cap)
     idle_user_ttl: float = 0.0           # rocksdb: seconds untouched before a user leaves RAM (0: never)
+    broker_outage_limit: float = 30.0    # seconds without an answer from the broker before the worker exits (69)
 
     @property
     def url(self) -> str:
@@ -141,18 +147,22 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     watcher = ModelWatcher(cfg.checkpoint, service, catalog, metrics,
                            lambda path: load_model(path, service.model.encoder, cfg.index_kind))
 
+    broker = BrokerWatch(cfg.broker, (feeder.answered_at, catalog.answered_at), cfg.broker_outage_limit)
+
     @app.task
     async def feed():   # crash-only: a failed batch is neither durable nor committed; a restart redoes it
-        await or_crash(feeder.run(), "the clicks feeder")
+        await or_crash(feeder.run(), "the clicks feeder", broker)
 
     @app.on_before_shutdown.connect
     async def on_shutdown(app, **kwargs):   # finish the batch in flight, leave the group, then close
+        broker.stop()
         catalog.stop()
         watcher.stop()
         await feeder.stop()
         await service.stop()
 
-    register_web(app, service, feeder.owner_url, cfg.url, lambda: catalog.caught_up, cfg.api_token, cfg.rate_limit)
+    register_web(app, service, feeder.owner_url, cfg.url, lambda: catalog.caught_up, cfg.api_token, cfg.rate_limit,
+                 broker_problem=broker.problem)
     if not cfg.api_token and not is_loopback(cfg.web_host):
         log.warning("the API listens on %s with no token: anyone who reaches the port reads every user's "
                     "interests; set SCENESTREAM_API_TOKEN (docs/operations.md, Security)", cfg.web_host)
@@ -170,15 +180,19 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
 
     @app.task
     async def follow_catalog():   # a restart rebuilds the index from the catalog topic
-        await or_crash(catalog.run(), "the catalog follower")
+        await or_crash(catalog.run(), "the catalog follower", broker)
 
     @app.task
     async def follow_popularity():   # every worker sums the same latest counts per partition
-        await or_crash(service.follow_popularity(cfg.popularity_topic), "the popularity follower")
+        await or_crash(service.follow_popularity(cfg.popularity_topic), "the popularity follower", broker)
 
     @app.timer(interval=cfg.popularity_interval)
     async def share_popularity():   # each held partition's counts, when they changed
         await service.publish_popularity(cfg.popularity_topic)
+
+    @app.timer(interval=1.0)
+    async def watch_broker():   # logs an outage once, its end once; exits past --broker-outage-limit
+        broker.check()
 
     @app.timer(interval=5.0)
     async def report():
@@ -193,16 +207,81 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     return app, service
 
 
-async def or_crash(work, what: str) -> None:
-    """Await work; on any failure log it and exit, so that a restart recovers from durable state (crash-only)."""
+class BrokerWatch:
+    """When the broker last answered this worker, from what its consumers note anyway (aiokafka's time of each fetch
+    response per partition, the feeder's durable batches): no requests of its own, nothing per event. `sources`
+    give time.time() of their last answer, or None when they have nothing to say (no partitions held); the newest
+    counts, so a consumer idle for its own reasons (a full buffer) does not look like an outage.
+
+    Past `stale_s` seconds of silence /readyz answers 503 with the reason and one warning is logged; aiokafka keeps
+    retrying, and the first answer makes the worker ready again. Past `limit_s` the worker exits with code 69 and
+    one error line: a restart recovers from durable state once the broker is back (crash-only)."""
+
+    def __init__(self, broker: str, sources: Sequence[Callable[[], Optional[float]]], limit_s: float,
+                 stale_s: float = BROKER_STALE_S, clock: Callable[[], float] = time.time):
+        self.broker, self.sources, self.limit_s, self.stale_s, self.clock = broker, sources, limit_s, stale_s, clock
+        self.last = clock()   # the newest answer seen (the start until the first)
+        self.outage_since: Optional[float] = None   # while an outage is logged
+        self.stopped = False
+
+    def stop(self) -> None:
+        """At shutdown: consumers closing are no outage."""
+        self.stopped = True
+
+    def last_answer(self) -> float:
+        self.last = max([self.last, *(t for t in (source() for source in self.sources) if t is not None)])
+        return self.last
+
+    def problem(self) -> Optional[str]:
+        """None while the broker answers, else why not (for /readyz)."""
+        last = self.last_answer()
+        silent = self.clock() - last
+        if silent < self.stale_s:
+            return None
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
+        return f"unreachable since {since} ({silent:.0f} s without an answer)"
+
+    def check(self) -> None:
+        """Log the start and the end of an outage once each; exit past the limit."""
+        if self.stopped:
+            return
+        last = self.last_answer()
+        silent = self.clock() - last
+        if silent < self.stale_s:
+            if self.outage_since is not None:
+                log.info("the Kafka broker %s answers again after %.0f s of silence", self.broker,
+                         last - self.outage_since)
+                self.outage_since = None
+            return
+        if self.outage_since is None:
+            self.outage_since = last
+            log.warning("the Kafka broker %s has not answered for %.0f s; retrying, /readyz answers 503, exit after "
+                        "%g s (--broker-outage-limit)", self.broker, silent, self.limit_s)
+        if silent >= self.limit_s:
+            self.exit(f"the Kafka broker {self.broker} has not answered for {silent:.0f} s "
+                      f"(--broker-outage-limit {self.limit_s:g} s)")
+
+    @staticmethod
+    def exit(why: str) -> None:
+        log.error("%s; exiting (code %d) so that a restart recovers from durable state once it answers", why,
+                  EXIT_BROKER_OUTAGE)
+        logging.shutdown()
+        os._exit(EXIT_BROKER_OUTAGE)
+
+
+async def or_crash(work, what: str, broker: Optional[BrokerWatch] = None) -> None:
+    """Await work; on any failure log it and exit, so that a restart recovers from durable state (crash-only). A
+    failure while the broker is silent (an aiokafka request timed out) is the outage, said in one line."""
     try:
         await work
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if broker is not None and (problem := broker.problem()) is not None:
+            broker.exit(f"{what} failed ({exc!r}): the Kafka broker {broker.broker} is {problem}")
         log.exception("%s failed; exiting so that a restart recovers from durable state", what)
         logging.shutdown()
-        os._exit(70)
+        os._exit(EXIT_CRASH)
 
 
 def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "info",
@@ -242,4 +321,10 @@ def check_reachable(broker: str, security: Mapping[str, Any] = NO_SECURITY, time
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(broker), request_timeout_ms=5000, **security)
         await asyncio.wait_for(admin.start(), timeout)
         await admin.close()
-    asyncio.run(probe())
+    quiet = logging.getLogger("aiokafka")   # its own error line would repeat the reason the caller reports
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        asyncio.run(probe())
+    finally:
+        quiet.setLevel(level)

@@ -6,7 +6,7 @@ _.efConstruction   # faiss reads index parameters set as attributes
 _.max_points_per_centroid
 _.forward          # torch.nn.Module.__call__ runs forward
 Recommendations, Health, Ready, Metrics   # Faust web views, registered by @app.page
-on_shutdown, feed, declare_topics, follow_catalog, follow_popularity, share_popularity, report, watch_model  # Faust signals, tasks, timers
+on_shutdown, feed, declare_topics, follow_catalog, follow_popularity, share_popularity, report, watch_model, watch_broker  # Faust signals, tasks, timers
 _.enable_kafka_consumer  # Faust's BootStrategy switch (stream/worker.py)
 _.metadata, _.on_assignment  # aiokafka calls a partition assignor's hooks (stream/feeder.py)
 _.on_partitions_revoked, _.on_partitions_assigned  # aiokafka calls a rebalance listener's hooks

@@ -76,11 +76,17 @@ from .common import DEVICE, encoder_cache_option, kafka_security_options, open_m
 @click.option("--idle-user-ttl", default=0.0, type=click.FloatRange(min=0),
               help="With --state rocksdb: seconds a user may stay in RAM untouched before leaving for disk. "
                    "0 = no limit.")
+@click.option("--broker-outage-limit", default=30.0, type=click.FloatRange(min=1),
+              help="Seconds the worker waits for a Kafka broker that stopped answering (aiokafka retries; /readyz "
+                   "answers 503 after 5 s of silence, with the reason) before it exits with code 69 and one line, "
+                   "so that a restart recovers from durable state. Above about 40 s (aiokafka's request timeout) a "
+                   "worker with batches in flight ends at that timeout instead, the same way. A broker unreachable "
+                   "at start is refused at once (exit 1, one line).")
 @encoder_cache_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic, index_kind, index_path,
            replication_factor, max_clock_skew, popularity_interval, model_poll, state, state_dir,
-           max_users_in_memory, idle_user_ttl, encoder_cache_mb, security):
+           max_users_in_memory, idle_user_ttl, broker_outage_limit, encoder_cache_mb, security):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
@@ -106,7 +112,8 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
                        replication_factor=replication_factor, max_clock_skew=max_clock_skew,
                        popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll,
                        security=security, state=state, state_dir=state_dir,
-                       max_users_in_memory=max_users_in_memory, idle_user_ttl=idle_user_ttl)
+                       max_users_in_memory=max_users_in_memory, idle_user_ttl=idle_user_ttl,
+                       broker_outage_limit=broker_outage_limit)
     try:
         index = open_index(cfg, encoder)
         asyncio.run(prepare_topics(cfg))
