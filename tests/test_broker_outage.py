@@ -107,27 +107,28 @@ class Prober(threading.Thread):
 
 def test_a_ten_second_freeze_mid_stream_is_ridden_out_with_readyz_503_and_nothing_lost(broker, checkpoint,
                                                                                      worker_factory):
-    events, lines, _ = stream_of(5000, 0, seed=16)
+    events, lines, _ = stream_of(4000, 0, seed=16)
     w = worker_factory().start()
     wait_ready(w)
     pid = w.proc.pid
     prober = Prober(w)
     prober.start()
 
-    async def produce_through_a_freeze() -> tuple[float, float]:
+    async def produce_through_a_freeze() -> tuple[float, float, dict]:
         task = asyncio.create_task(produce_lines(broker.bootstrap, w.topics["clicks"], lines, rate=1000,
                                                  progress=False))
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.0)
         assert not task.done(), "the freeze must land mid-stream"
         with frozen(broker):
             frozen_at = time.monotonic()
+            replay = asyncio.create_task(asyncio.to_thread(offline_records, checkpoint, events))   # meanwhile
             await asyncio.sleep(10.0)
             assert w.proc.poll() is None, w.log_text()
         thawed_at = time.monotonic()
         assert await task == len(lines)
-        return frozen_at, thawed_at
+        return frozen_at, thawed_at, await replay
     try:
-        frozen_at, thawed_at = run(produce_through_a_freeze())
+        frozen_at, thawed_at, want = run(produce_through_a_freeze())
         wait_ready(w, timeout=60)
         ready_again = time.monotonic() - thawed_at
     finally:
@@ -141,7 +142,6 @@ def test_a_ten_second_freeze_mid_stream_is_ridden_out_with_readyz_503_and_nothin
     assert not down[0]["ready"]
     assert any(s == 200 for s, _ in prober.between(0, frozen_at)), "ready before the freeze"
     assert readyz(w)[1]["broker"] == "ok"
-    want = offline_records(checkpoint, events)
     assert_equal_records(wait_for(broker, w.topics["out"], want, timeout=90), want)
     assert w.proc.poll() is None and w.proc.pid == pid and w.starts == 1, w.log_text()   # never exited
     log = w.log_text()
@@ -155,19 +155,20 @@ def test_an_outage_past_the_limit_exits_69_with_one_line_and_a_restart_loses_not
     w = worker_factory(extra=("--broker-outage-limit", "6")).start()
     wait_ready(w)
 
-    async def produce_through_an_outage() -> float:
+    async def produce_through_an_outage() -> tuple[float, dict]:
         task = asyncio.create_task(produce_lines(broker.bootstrap, w.topics["clicks"], lines, rate=1000,
                                                  progress=False))
         await asyncio.sleep(1.5)
         assert not task.done(), "the freeze must land mid-stream"
         with frozen(broker):
             t0 = time.monotonic()
+            replay = asyncio.create_task(asyncio.to_thread(offline_records, checkpoint, events))   # meanwhile
             code = await asyncio.to_thread(w.proc.wait, 30)
             exited_after = time.monotonic() - t0
         assert code == 69, w.log_text()
         assert await task == len(lines)
-        return exited_after
-    exited_after = run(produce_through_an_outage())
+        return exited_after, await replay
+    exited_after, want = run(produce_through_an_outage())
     print(f"the worker exited {exited_after:.1f} s into the outage")
     assert 5.0 <= exited_after <= 12.0, exited_after
     log = w.log_text()
@@ -175,7 +176,6 @@ def test_an_outage_past_the_limit_exits_69_with_one_line_and_a_restart_loses_not
     assert len(lines_out) == 1 and broker.url in lines_out[0] and "--broker-outage-limit 6" in lines_out[0], log
     assert "Traceback" not in log, log
     w.start()   # the broker answers again: the restart recovers from the changelog
-    want = offline_records(checkpoint, events)
     assert_equal_records(wait_for(broker, w.topics["out"], want, timeout=90), want)
     assert w.proc.poll() is None, w.log_text()
 
