@@ -428,12 +428,12 @@ class MicroBatchService:
             if self.owns(p.partition, p.epoch):
                 self.store.settle(p.partition, p.outcome.updates, p.deltas, [f.result().offset for f in sent],
                                   p.last_offset)
-        self.store.trim()
         now = time.time()
         written = {u for p in owned for u in p.outcome.updates}
         for rec in records:
             if rec["user_id"] in written:
                 self.latest[rec["user_id"]] = (rec, now)
+        self.store.trim()   # after: a user it evicts takes its record along (a record kept past it never left)
         for p in owned:
             for _, rejection in p.rejected:
                 self.metrics.invalid.labels(rejection.reason).inc()

@@ -20,10 +20,11 @@ What we do instead:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -214,26 +215,33 @@ class ChangelogStore:
         return sum(len(m) for m in self.partitions.values())
 
     def trim(self) -> None:
-        """Drop users from memory, least recently used first, while over the cap or idle past the TTL; never one
-        pinned by a micro-batch in flight."""
+        """Drop users from memory, least recently used first over every partition together, while over the cap or
+        idle past the TTL; never one pinned by a micro-batch in flight. One order over all partitions: taking each
+        partition's oldest in turn emptied the first partitions of every user, the newest too, while the last one
+        kept users far older (BENCHMARKS.md, "RocksDB state and the memory cap")."""
         if not self.state_dir:
             return
-        total, idle_before = self.in_memory(), time.monotonic() - self.idle_s
-        for p, memory in self.partitions.items():
-            pins, touched = self.pinned.get(p, ()), self.touched[p]
-            over = max(0, total - self.max_users) if self.max_users else 0
-            victims = []
-            for user in memory:
-                if over <= len(victims) and not (self.idle_s and touched.get(user, 0.0) < idle_before):
-                    break
-                if user not in pins:
-                    victims.append(user)
-            for user in victims:
-                del memory[user]
-                touched.pop(user, None)
-                self.on_evict(user)
-            total -= len(victims)
-            self.stats["evictions"] += len(victims)
+        over = max(0, self.in_memory() - self.max_users) if self.max_users else 0
+        if not over and not self.idle_s:
+            return
+        idle_before = time.monotonic() - self.idle_s
+        # each partition's memory is in the order its users were last used, so merging them gives that order overall
+        oldest = heapq.merge(*(self._by_use(p) for p in self.partitions))
+        victims = []
+        for used, p, user in oldest:
+            if over <= len(victims) and not (self.idle_s and used < idle_before):
+                break
+            if user not in self.pinned.get(p, ()):
+                victims.append((p, user))
+        for p, user in victims:
+            del self.partitions[p][user]
+            self.touched[p].pop(user, None)
+            self.on_evict(user)
+        self.stats["evictions"] += len(victims)
+
+    def _by_use(self, partition: int) -> Iterator[tuple[float, int, str]]:
+        touched = self.touched[partition]
+        return ((touched.get(user, 0.0), partition, user) for user in self.partitions[partition])
 
     def popularity(self, partition: int) -> Popularity:
         """The item counts of every window the partition holds (on disk too)."""

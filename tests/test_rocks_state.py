@@ -115,3 +115,23 @@ def test_users_of_a_batch_in_flight_are_never_evicted(broker, tmp_path, cap):
 def test_a_cap_needs_the_disk():
     with pytest.raises(ValueError, match="rocksdb"):
         ChangelogStore("localhost:1", "t", 50, max_users=10)
+
+
+def test_the_cap_evicts_the_least_recently_used_over_every_partition(tmp_path):
+    """One order over all partitions: each partition's oldest in turn emptied the first partitions, their newest
+    users too, while the last kept users far older (which pinned their batches' vectors: issue 15, check 2)."""
+    from collections import Counter, OrderedDict
+    store = ChangelogStore("localhost:1", "t", 50, state_dir=str(tmp_path), max_users=4)
+    evicted = []
+    store.on_evict = evicted.append
+    for p in range(3):   # what `ensure` leaves for a partition recovered from disk
+        store.partitions[p], store.touched[p], store.pinned[p] = OrderedDict(), {}, Counter()
+    for k in range(9):   # u0 in partition 0, u1 in 1, u2 in 2, u3 in 0, ...: the newest are u5..u8
+        store.put(k % 3, {f"u{k}": {}}, k)
+        store.touched[k % 3][f"u{k}"] = float(k)   # used in this order, whatever the clock's resolution
+    for p in range(3):
+        store.pinned[p].clear()   # settled (no disk here to write them to)
+    store.pinned[0]["u0"] += 1   # a batch in flight holds it: kept, the next oldest goes instead
+    store.trim()
+    assert sorted(u for m in store.partitions.values() for u in m) == ["u0", "u6", "u7", "u8"]
+    assert evicted == ["u1", "u2", "u3", "u4", "u5"] and store.stats["evictions"] == 5
