@@ -60,7 +60,7 @@ class OwnersAssignor(RoundRobinPartitionAssignor):
 
 class _Rebalance(ConsumerRebalanceListener):
     """aiokafka awaits these during a rebalance: revoked partitions are dropped before anyone else may own them;
-    assigned ones are recovered and the consumer positioned at their durable markers before the first fetch."""
+    assigned ones are paused, recovered in the background and read from right after their durable markers."""
 
     def __init__(self, feeder: "ClicksFeeder"):
         self.feeder = feeder
@@ -98,14 +98,34 @@ class ClicksFeeder:
         self._done.set()   # nothing in flight until run() starts
         self._to_commit: dict[TopicPartition, int] = {}
         self._committer: Optional[asyncio.Future] = None
+        self._recoveries: set[asyncio.Future] = set()   # partitions being recovered after an assignment
         self.answered = 0.0   # time.time() of the broker's last answer on the feeder's path: assignment, batch acks
 
     async def on_assigned(self, partitions: set[int]) -> None:
+        """Pause the partitions and recover them in the background. aiokafka awaits this callback inside the
+        rebalance, and a member that has not rejoined within the rebalance timeout is dropped from the group: a
+        recovery longer than that (a big changelog, a loaded machine) made every rebalance end in the next one, each
+        starting the recoveries over (seen under bench/chaos.py's kills: 30+ generations, no progress)."""
         self.answered = time.time()   # the group's answer; the partitions' first fetches are yet to come
+        self.consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
+        self._recoveries.add(asyncio.ensure_future(self._recover(partitions)))
+
+    async def _recover(self, partitions: set[int]) -> None:
+        """Recover the partitions (service.assign; one revoked meanwhile is dropped by its epoch), then read each
+        still held from right after its durable marker."""
         await self.service.assign(partitions)
-        for p in partitions:
-            if p in self.service.store.applied:   # recovered: resume right after the durable marker
-                self.consumer.seek(TopicPartition(self.topic, p), self.service.store.applied[p] + 1)
+        held = self.consumer.assignment()
+        for p in sorted(partitions):
+            tp = TopicPartition(self.topic, p)
+            if tp in held and p in self.service.store.applied:
+                self.consumer.seek(tp, self.service.store.applied[p] + 1)
+                self.consumer.resume(tp)
+
+    def _check_recoveries(self) -> None:
+        """Raise what a failed background recovery raised (crash-only: a restart recovers again)."""
+        for task in [t for t in self._recoveries if t.done()]:
+            self._recoveries.discard(task)
+            task.result()
 
     async def run(self) -> None:
         """Consume until stop(): one micro-batch per getmany, submitted to the service while earlier ones are still
@@ -117,6 +137,7 @@ class ClicksFeeder:
         try:
             await self.consumer.start()
             while not self._stopping.is_set():
+                self._check_recoveries()
                 while in_flight and (in_flight[0][0].done() or len(in_flight) >= self.depth):
                     durable, offsets = in_flight.popleft()
                     await durable
@@ -133,6 +154,8 @@ class ClicksFeeder:
             if self._committer is not None:
                 await self._committer
         finally:
+            for task in self._recoveries:
+                task.cancel()
             self._done.set()
 
     def _commit_soon(self, offsets: dict[TopicPartition, int]) -> None:

@@ -310,10 +310,14 @@ class MicroBatchService:
             recs.sort(key=lambda r: r.offset)
             if recs[0].offset > self.store.applied[partition] + 1:
                 await self.drain()                   # the re-read pages go after the batches before them
-                if not await self._reread(partition, epoch, recs[0].topic, recs[0].offset):
+                # a rebalance may take the partition during either await: its new owner redoes all of it
+                if not (self.owns(partition, epoch) and
+                        await self._reread(partition, epoch, recs[0].topic, recs[0].offset)):
                     continue
+            if not self.owns(partition, epoch):
+                continue
             recs = [r for r in recs if r.offset > self.store.applied[partition]]   # a re-read did these
-            if recs and self.owns(partition, epoch):
+            if recs:
                 parts.append(self._apply(partition, epoch, recs))
         return self._encode(parts, records)
 

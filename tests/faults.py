@@ -47,7 +47,26 @@ def outputs_lost_in_flight() -> None:
     AIOKafkaProducer.send = faulty
 
 
-FAULTS = {"drop_last_state_record": drop_last_state_record, "outputs_lost_in_flight": outputs_lost_in_flight}
+SLOW_RECOVERY_S = 3.0
+
+
+def slow_recovery() -> None:
+    """Each partition's recovery takes SLOW_RECOVERY_S longer, as a big changelog or a loaded machine makes it: a
+    worker given all eight partitions recovers for longer than the group's 10 s rebalance timeout."""
+    import asyncio
+
+    from scenestream.stream import state
+    recover = state.ChangelogStore.recover
+
+    async def slow(self, partition):
+        await asyncio.sleep(SLOW_RECOVERY_S)
+        return await recover(self, partition)
+
+    state.ChangelogStore.recover = slow
+
+
+FAULTS = {"drop_last_state_record": drop_last_state_record, "outputs_lost_in_flight": outputs_lost_in_flight,
+          "slow_recovery": slow_recovery}
 
 
 def boot_command(fault: str) -> list[str]:

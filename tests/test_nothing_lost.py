@@ -225,6 +225,25 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
     assert theirs in state["video"].events("u1")
 
 
+def test_a_partition_revoked_while_its_gap_waits_is_left_to_its_new_owner(broker, checkpoint):
+    """Before: a batch that starts past the durable marker waits for the batches before it, then re-read the gap of
+    a partition revoked meanwhile: KeyError, and the worker exited (seen under bench/chaos.py's kills)."""
+    first = [Event(f"a{n}", "u1", "v0-00001", "video", "click", TS + n) for n in range(3)]
+    after_gap = [Event("after-gap", "u2", "v0-00002", "video", "click", TS + 10)]
+
+    async def scenario():
+        service, topics = await _service(broker, checkpoint, slow=2.0)
+        one = await service.submit(_records(topics["clicks"], first))    # encoding for 2 s
+        asyncio.get_running_loop().call_later(0.5, service.revoke, {0})   # a rebalance, meanwhile
+        two = await service.submit(_records(topics["clicks"], after_gap, first_offset=10))   # 3..9: a gap
+        await asyncio.gather(one, two)
+        held = service.assigned, service.state_of("u2")
+        await service.stop()
+        return held
+    assigned, state = run(scenario())
+    assert assigned == set() and state is None
+
+
 def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
     """The next micro-batch is applied (and queued for encoding) while the one before is still in flight; yet every
     send of a batch (outputs, then state and marker) comes after the previous batch is durable. The producer is

@@ -15,10 +15,28 @@ from ..logs import DATASETS, SourceError
 log = logging.getLogger("scenestream")
 
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
+TORCH_THREADS = 0   # torch's own default
 
 
 def device_option(f):
     return click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")(f)
+
+
+def _set_torch_threads(ctx, param, threads: int) -> int:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    return threads
+
+
+def torch_threads_option(f):
+    return click.option("--torch-threads", type=click.IntRange(min=0), default=TORCH_THREADS,
+                        envvar="SCENESTREAM_TORCH_THREADS", show_default=True, expose_value=False,
+                        callback=_set_torch_threads,
+                        help="Threads torch may use for one encoder call on CPU (0: torch's default, one per "
+                             "core). The process has its own threads besides (the event loop, the encode thread, "
+                             "Kafka's I/O), so torch's pool only competes with them; measured in BENCHMARKS.md, "
+                             "\"Live path\".")(f)
 
 
 def encoder_cache_option(f):

@@ -10,7 +10,7 @@ import click
 from scenestream.model.presets import presets_help
 
 from ..core.config import StreamConfig
-from .common import device_option, encoder_cache_option, load, model_and_events, source_options
+from .common import device_option, encoder_cache_option, torch_threads_option, load, model_and_events, source_options
 
 log = logging.getLogger("scenestream")
 
@@ -167,6 +167,7 @@ def export(dataset, input_path, scenes_mode, checkpoint, out, device):
 @click.option("--k", default=10, help="K of the prequential Recall@K.")
 @device_option
 @encoder_cache_option
+@torch_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on the last line.")
 def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch_size, batch_wait, k, device,
            encoder_cache_mb, as_json):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import DEVICE, encoder_cache_option, kafka_security_options, open_model
+from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_security_options, open_model
 
 
 @click.command()
@@ -83,6 +83,7 @@ from .common import DEVICE, encoder_cache_option, kafka_security_options, open_m
                    "worker with batches in flight ends at that timeout instead, the same way. A broker unreachable "
                    "at start is refused at once (exit 1, one line).")
 @encoder_cache_option
+@torch_threads_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic, index_kind, index_path,
            replication_factor, max_clock_skew, popularity_interval, model_poll, state, state_dir,
