@@ -164,3 +164,29 @@ def _leaves(record, path=()):
     if isinstance(record, dict):
         return {p: v for key, value in record.items() for p, v in _leaves(value, (*path, key)).items()}
     return {path: np.asarray(record)}
+
+
+def test_a_record_keeps_its_own_vectors_not_the_batch_s_arrays():
+    """The worker keeps each user's newest record: a record holding views kept its whole micro-batch's arrays
+    alive for as long as any of the batch's users stayed untouched (the memory issue 15's cap could not bound)."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from scenestream.stream.core.window import Window
+
+    U, S, d = 50, 3, 8
+    rng = np.random.default_rng(0)
+    arrays = dict(h=rng.random((U, S, d), dtype=np.float32), has=np.ones((U, S), dtype=bool),
+                  recent=rng.random((U, d), dtype=np.float32), fused=rng.random((U, S + 1, d), dtype=np.float32),
+                  weights=rng.random((U, S + 1, S), dtype=np.float32))
+    state = {"video": Window.of([Event("e1", "u", "v0-00001", "video", "click", 1)])}
+    record = interest_record("u", state, SimpleNamespace(users=["u"] * U, **arrays), 7, ("video", "article", "shop"),
+                             "v1")
+    assert np.array_equal(record["global"], arrays["fused"][7, S]) and np.array_equal(record["recent"],
+                                                                                      arrays["recent"][7])
+    assert np.array_equal(record["scenes"]["shop"], arrays["h"][7, 2])
+    alive = [weakref.ref(a) for a in arrays.values()]
+    del arrays
+    gc.collect()
+    assert all(ref() is None for ref in alive)

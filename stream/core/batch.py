@@ -46,19 +46,21 @@ def apply_batch(lookup: Callable[[str], Optional[UserState]], events: Sequence[E
 def interest_record(user: str, state: UserState, vec: Any, row: int, scenes: Sequence[str],
                     version: str) -> dict:
     """The published per-user record (docs/operations.md, "Output record"): the same from the worker and replay.
-    Vectors stay float32 arrays (views of the batch's arrays): `record_json` writes them without a Python float
-    per element."""
+    Vectors stay float32 arrays: `record_json` writes them without a Python float per element. They are the
+    user's own copies, not views of the batch's arrays: the worker keeps each user's newest record, and one view
+    kept a whole micro-batch's arrays alive, for as long as any of its users stayed untouched."""
     targets = list(scenes) + ["global"]
     has = vec.has[row]
     src_idx = [i for i in range(len(scenes)) if has[i]]
     weights = vec.weights[row].tolist()
+    h, fused = vec.h[row].copy(), vec.fused[row].copy()
     return {
         "user_id": user,
         "model_version": version,
-        "scenes": {scenes[i]: vec.h[row, i] for i in src_idx},
-        "fused": {s: vec.fused[row, j] for j, s in enumerate(scenes)},
-        "global": vec.fused[row, len(scenes)],
-        "recent": vec.recent[row],
+        "scenes": {scenes[i]: h[i] for i in src_idx},
+        "fused": {s: fused[j] for j, s in enumerate(scenes)},
+        "global": fused[len(scenes)],
+        "recent": vec.recent[row].copy(),
         "weights": {t: {scenes[i]: weights[j][i] for i in src_idx} for j, t in enumerate(targets)},
         "newest_ts": max(w.last_ts for w in state.values() if w),
         "events": sum(len(w) for w in state.values()),
