@@ -15,7 +15,7 @@ from ..logs import DATASETS, SourceError
 log = logging.getLogger("scenestream")
 
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
-TORCH_THREADS = 0   # torch's own default
+TORCH_THREADS = 1   # measured: BENCHMARKS.md, "Live path" (2026-12-01 10:35)
 
 
 def device_option(f):
@@ -35,8 +35,9 @@ def torch_threads_option(f):
                         callback=_set_torch_threads,
                         help="Threads torch may use for one encoder call on CPU (0: torch's default, one per "
                              "core). The process has its own threads besides (the event loop, the encode thread, "
-                             "Kafka's I/O), so torch's pool only competes with them; measured in BENCHMARKS.md, "
-                             "\"Live path\".")(f)
+                             "Kafka's I/O), and a micro-batch's encoder calls are small, so a bigger pool mostly "
+                             "competes with them: on 2 cores the worker ran 15% faster with 1 than with 2 "
+                             "(BENCHMARKS.md, \"Live path\").")(f)
 
 
 def encoder_cache_option(f):
