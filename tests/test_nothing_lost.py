@@ -214,7 +214,7 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
         other = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.window)
         await other.start()
         await other.ensure(0)
-        await asyncio.gather(*await other.write(0, {"u1": {"video": (theirs,)}}, applied_offset=0))
+        await asyncio.gather(*await other.write(0, {"u1": {"video": Window.of([theirs])}}, applied_offset=0))
         await other.stop()
         await service.assign({0})
         await batch

@@ -22,7 +22,7 @@ def device_option(f):
     return click.option("--device", type=DEVICE, default="auto", help="auto = CUDA when present, else CPU.")(f)
 
 
-def _set_torch_threads(ctx, param, threads: int) -> int:
+def _set_torch_threads(_ctx, _param, threads: int) -> int:
     if threads:
         import torch
         torch.set_num_threads(threads)
