@@ -200,6 +200,7 @@ class MicroBatchService:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # keeps the loop responsive
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
         self.partition_popularity: dict[int, Popularity] = {}      # items in the windows held, per partition
+        self._own: Optional[Popularity] = None                      # their sum, until one of them changes
         self.unpublished: set[int] = set()                          # partitions whose counts changed since published
         self.shared_counts: dict[int, PartitionCounts] = {}         # partition -> latest counts in the shared topic
         self.shared: Optional[Popularity] = None                    # their sum (None: nothing shared yet)
@@ -239,6 +240,7 @@ class MicroBatchService:
             for user in self.store.partitions.get(p, {}):
                 self.latest.pop(user, None)
             self.partition_popularity.pop(p, None)   # its shared entry stays until its new owner publishes
+            self._own = None
             self.unpublished.discard(p)
             self.epoch.pop(p, None)
         self.assigned -= partitions
@@ -254,6 +256,7 @@ class MicroBatchService:
                 self.store.forget({partition})
                 return False
             self.partition_popularity[partition] = self.store.popularity(partition)   # follows the windows held
+            self._own = None
             self.unpublished.add(partition)   # a new owner overwrites the old owner's entry
         return self.owns(partition, epoch)
 
@@ -387,6 +390,7 @@ class MicroBatchService:
                     popularity.shift(scene, deltas[-1][1])
         if changed:
             self.unpublished.add(partition)
+            self._own = None
         self.store.put(partition, outcome.updates, recs[-1].offset)
         return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed, deltas)
 
@@ -514,7 +518,9 @@ class MicroBatchService:
     @property
     def popularity(self) -> Popularity:
         """This worker's own counts: the items in the windows of the partitions it holds."""
-        return merge_partitions(p.counts for p in self.partition_popularity.values())
+        if self._own is None:   # summed once per change, not per request: the popular fallback ranks it per sum
+            self._own = merge_partitions(p.counts for p in self.partition_popularity.values())
+        return self._own
 
     def popular(self) -> Popularity:
         """What the popular fallback ranks: every partition's latest shared counts, summed (the same on every
