@@ -35,6 +35,18 @@ def partition_of(user: str) -> int:
     return DefaultPartitioner()(user.encode(), list(range(PARTITIONS)), list(range(PARTITIONS)))
 
 
+def group(broker, checkpoint, tmp_path, n: int) -> list[WorkerProcess]:
+    """n workers (not started) of one new app id, and its clicks topic with PARTITIONS partitions."""
+    app_id = f"fo{uuid.uuid4().hex[:6]}"
+    workers = []
+    for k in range(n):
+        (tmp_path / f"w{k}").mkdir()
+        workers.append(WorkerProcess(broker, checkpoint, tmp_path / f"w{k}", app_id=app_id,
+                                     extra=("--partitions", str(PARTITIONS))))
+    run(ensure_topic(broker.bootstrap, workers[0].topics["clicks"], PARTITIONS, 1, {}))
+    return workers
+
+
 def owned(w: WorkerProcess) -> list[int]:
     try:
         status, body = get(w.api + "/readyz")
@@ -74,16 +86,10 @@ def answered(w: WorkerProcess, other: WorkerProcess, user: str, d: int, seen: Co
 
 
 def test_a_killed_worker_s_partitions_move_to_the_survivors_exactly(broker, checkpoint, tmp_path):
-    app_id = f"fo{uuid.uuid4().hex[:6]}"
     events = generate(SyntheticSpec(users=300, seed=15))[0][:N_EVENTS]
     users = sorted({e.user_id for e in events})
     assert len({partition_of(u) for u in users}) == PARTITIONS
-    workers = []
-    for n in range(3):
-        (tmp_path / f"w{n}").mkdir()
-        workers.append(WorkerProcess(broker, checkpoint, tmp_path / f"w{n}", app_id=app_id,
-                                     extra=("--partitions", str(PARTITIONS))))
-    run(ensure_topic(broker.bootstrap, workers[0].topics["clicks"], PARTITIONS, 1, {}))
+    workers = group(broker, checkpoint, tmp_path, 3)
     try:
         t0 = time.monotonic()
         for w in workers:
@@ -156,13 +162,7 @@ def test_recoveries_longer_than_the_rebalance_timeout_do_not_stall_the_group(bro
     in which the other member was recovering: no generation lasted (seen under bench/chaos.py's kills). Here each
     partition's recovery takes 3 s more (tests/faults.py: slow_recovery), so the first worker, given all eight,
     recovers for ~24 s when the second joins."""
-    app_id = f"fs{uuid.uuid4().hex[:6]}"
-    workers = []
-    for n in range(2):
-        (tmp_path / f"w{n}").mkdir()
-        workers.append(WorkerProcess(broker, checkpoint, tmp_path / f"w{n}", app_id=app_id,
-                                     extra=("--partitions", str(PARTITIONS))))
-    run(ensure_topic(broker.bootstrap, workers[0].topics["clicks"], PARTITIONS, 1, {}))
+    workers = group(broker, checkpoint, tmp_path, 2)
     try:
         workers[0].start(fault="slow_recovery")
         deadline = time.monotonic() + 60
