@@ -54,6 +54,7 @@ from .core.popularity import PartitionCounts, Popularity, merge_partitions, top_
 from .core.window import UserState, Window, item_delta
 from .kafka_security import NO_SECURITY
 from .metrics import WorkerMetrics
+from .record_batches import RecordBatches, key_partitions
 from .state import CHANGELOG_CONFIG, ChangelogStore
 
 log = logging.getLogger(__name__)
@@ -417,8 +418,13 @@ class MicroBatchService:
         written."""
         records = await batch.encoded if batch.encoded is not None else []
         producer = self.store.producer
-        sends = [await producer.send(self.output_topic, record_json(rec), key=rec["user_id"].encode())
-                 for rec in records]
+        outputs = RecordBatches(producer)
+        if records:
+            keys = [rec["user_id"].encode() for rec in records]
+            partitions = key_partitions(keys, len(await producer.partitions_for(self.output_topic)))
+            for rec, key, partition in zip(records, keys, partitions):
+                outputs.add(self.output_topic, partition, key, record_json(rec))
+        sends = [b.future for b in await outputs.send()]
         for p in batch.parts:
             for r, rejection in p.rejected:
                 key, value = dead_letter(r, rejection)
@@ -431,10 +437,10 @@ class MicroBatchService:
             else:
                 log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", p.partition)
         writes = [await self.store.send(p.partition, p.changed, p.last_offset) for p in owned]
-        await asyncio.gather(*(f for sent in writes for f in sent))
+        await asyncio.gather(*(b.future for sent in writes for b in sent))
         for p, sent in zip(owned, writes):
             if self.owns(p.partition, p.epoch):
-                self.store.settle(p.partition, p.outcome.updates, p.deltas, [f.result().offset for f in sent],
+                self.store.settle(p.partition, p.outcome.updates, p.deltas, [o for b in sent for o in b.offsets()],
                                   p.last_offset)
         now = time.time()
         written = {u for p in owned for u in p.outcome.updates}

@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from .core.events import Event
 from .core.popularity import Popularity
 from .core.window import EMPTY, UserState, Window, apply_window, item_delta
+from .record_batches import RecordBatches, SentBatch
 from .rocks import DiskPartition
 from .kafka_security import NO_SECURITY
 
@@ -350,16 +351,18 @@ class ChangelogStore:
         self.pinned[partition].subtract(updates.keys())
         self.pinned[partition] += Counter()   # drop the zeros
 
-    async def send(self, partition: int, windows: Iterable[tuple[str, str, Window]], applied_offset: int) -> list:
-        """Send the changed (user, scene, window)s, then the offset marker, to the changelog partition; returns
-        futures the caller awaits before the batch counts as done."""
-        futures = [await self.producer.send(self.topic, encode_state({scene: w}), key=state_key(user, scene),
-                                            partition=partition) for user, scene, w in windows]
+    async def send(self, partition: int, windows: Iterable[tuple[str, str, Window]],
+                   applied_offset: int) -> list[SentBatch]:
+        """Send the changed (user, scene, window)s, then the offset marker, to the changelog partition, as one
+        record batch (more if it outgrows the producer's batch size); the caller awaits them before the batch counts
+        as done."""
+        batches = RecordBatches(self.producer)
+        for user, scene, w in windows:
+            batches.add(self.topic, partition, state_key(user, scene), encode_state({scene: w}))
         if applied_offset > self.durable.get(partition, -1):
             self.durable[partition] = applied_offset
-            futures.append(await self.producer.send(self.topic, str(applied_offset).encode(), key=MARKER_KEY,
-                                                    partition=partition))
-        return futures
+            batches.add(self.topic, partition, MARKER_KEY, str(applied_offset).encode())
+        return await batches.send()
 
     async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
         """put, then send every window of the updated users."""

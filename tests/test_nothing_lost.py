@@ -247,7 +247,7 @@ def test_a_partition_revoked_while_its_gap_waits_is_left_to_its_new_owner(broker
 def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
     """The next micro-batch is applied (and queued for encoding) while the one before is still in flight; yet every
     send of a batch (outputs, then state and marker) comes after the previous batch is durable. The producer is
-    the real one, watched (and slow for the first send): the order of its sends, by topic and batch."""
+    the real one, watched (and slow for the first send): the order of its record batches, by topic and size."""
     first = [Event(f"a{n}", f"u{n % 3}", f"v0-0000{n % 4}", "video", "click", TS + n) for n in range(6)]
     second = [Event(f"b{n}", f"u{n % 4}", f"v0-0000{n % 3}", "video", "click", TS + 100 + n) for n in range(6)]
 
@@ -255,14 +255,14 @@ def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
         service, topics = await _service(broker, checkpoint)
         await service.store.start()
         sent = []
-        real_send = service.store.producer.send
+        real_send = service.store.producer.send_batch
 
-        async def watched(topic, value=None, key=None, **kw):
+        async def watched(batch, topic, **kw):
             if not sent:
                 await asyncio.sleep(1.0)   # the first batch's first send is slow: the second batch is ready by then
-            sent.append((topic, key, time.monotonic()))
-            return await real_send(topic, value, key=key, **kw)
-        service.store.producer.send = watched
+            sent.append((topic, batch.record_count(), time.monotonic()))
+            return await real_send(batch, topic, **kw)
+        service.store.producer.send_batch = watched
         records = _records(topics["clicks"], first + second)
         one = await service.submit(records[:6])
         stamps = []
@@ -275,11 +275,17 @@ def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
         return topics, sent, applied_early, durable_early, stamps[0]
     topics, sent, applied_early, durable_early, one_done = run(scenario())
     assert applied_early == 11 and not durable_early
-    phases = [("out" if t == topics["out"] else "state" if key != b"\x00applied" else "marker", at)
-              for t, key, at in sent]
-    assert [p for p, _ in phases] == ["out"] * 3 + ["state"] * 3 + ["marker"] + ["out"] * 4 + ["state"] * 4 + \
-        ["marker"]
-    assert all(at >= one_done for _, at in phases[7:])     # the second batch sends only once the first is durable
+    # record batches in runs by phase (outputs spread over the output topic's partitions): 3 users' outputs, their
+    # 3 windows and the marker, then the same for 4 users
+    runs: list = []
+    for topic, count, at in sent:
+        phase = "out" if topic == topics["out"] else "state"
+        if runs and runs[-1][0] == phase:
+            runs[-1][1] += count
+        else:
+            runs.append([phase, count, at])
+    assert [(p, n) for p, n, _ in runs] == [("out", 3), ("state", 4), ("out", 4), ("state", 5)]
+    assert runs[2][2] >= one_done     # the second batch sends only once the first is durable
 
 
 def test_batches_leave_no_cyclic_garbage_behind(broker, checkpoint):

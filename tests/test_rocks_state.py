@@ -44,7 +44,7 @@ async def _batch(store: ChangelogStore, users: list[str], start: int, applied: i
     store.put(0, updates, applied)
     sent = await store.send(0, changed, applied)
     await asyncio.gather(*sent)
-    store.settle(0, updates, deltas, [f.result().offset for f in sent], applied)
+    store.settle(0, updates, deltas, [o for b in sent for o in b.offsets()], applied)
     store.trim()
 
 
