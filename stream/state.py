@@ -24,6 +24,7 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
+from itertools import accumulate
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Optional
 
 import orjson
@@ -58,19 +59,29 @@ def state_key(user: str, scene: str) -> bytes:
 
 
 def encode_state(state: UserState) -> bytes:
-    """A changelog value, {scene: rows} (one window, as the worker writes it; whole states read back the same):
-    compact JSON in UTF-8 (no ASCII escapes), whose size StreamConfig.state_record_bound bounds. Ids by name, so
-    the log does not depend on any process's tables."""
-    return orjson.dumps({s: w.named_rows() for s, w in state.items()})
+    """A changelog value, {scene: columns} (one window, as the worker writes it; whole states read back the same):
+    compact JSON in UTF-8 (no ASCII escapes), per field one list (`Window.columns`), whose size
+    StreamConfig.state_record_bound bounds. Ids by name, so the log does not depend on any process's tables."""
+    return orjson.dumps({s: w.columns() for s, w in state.items()})
 
 
 def decode_state(user: str, raw: bytes, length: int) -> UserState:
-    """A changelog value as windows, each the join of its rows (so a record that is out of order, has duplicates
-    or is longer than the window still reads as a window)."""
-    data = orjson.loads(raw)
-    return {s: apply_window(EMPTY, [Event(eid, user, item, s, action, ts) for ts, eid, item, action in rows],
-                            length)[0]
-            for s, rows in data.items() if rows}
+    """A changelog value as windows, each the join of its events (so a record that is out of order, has duplicates
+    or is longer than the window still reads as a window). Also reads the row form that changelogs written before
+    the column form hold: {scene: [[ts, event_id, item_id, action], ...]}."""
+    return {s: apply_window(EMPTY, _events(user, s, value), length)[0]
+            for s, value in orjson.loads(raw).items() if value}
+
+
+def _events(user: str, scene: str, value) -> list[Event]:
+    if isinstance(value, list):
+        return [Event(eid, user, item, scene, action, ts) for ts, eid, item, action in value]
+    ids, sizes = value["ids"].encode("utf-8", "surrogatepass"), value["id_bytes"]
+    if sum(sizes) != len(ids) or not len(sizes) == len(value["ts"]) == len(value["item"]) == len(value["action"]):
+        raise ValueError(f"a changelog window of {scene!r} whose columns do not line up")
+    ends = list(accumulate(sizes))
+    return [Event(ids[end - size:end].decode("utf-8", "surrogatepass"), user, item, scene, action, ts)
+            for end, size, ts, item, action in zip(ends, sizes, value["ts"], value["item"], value["action"])]
 
 
 def count_deltas(pairs: Iterable[tuple[str, Mapping[str, int]]]) -> dict[str, Counter]:

@@ -81,7 +81,7 @@ def test_no_state_record_can_outgrow_the_changelog():
     config = StreamConfig(scenes=tuple(f"s{n}" for n in range(6)), window=98)
     state = {s: Window.of(Event(f"{worst_id[:-3]}{k:03d}", "u", worst_id, s, "click", config.ts_max_ms)
                           for k in range(98)) for s in config.scenes}
-    assert len(encode_state(state)) <= config.max_state_bytes <= 1_000_000
+    assert len(encode_state(state)) <= config.state_record_bound() <= config.max_state_bytes <= 1_000_000
     astral = "😀" * 64   # 64 characters, 256 bytes: within both limits
     assert isinstance(decode(encode(Event(astral, astral, astral, "video", "click", TS)), CFG), Event)
     assert decode(encode(Event("e", "😀" * 65, "i", "video", "click", TS)), CFG).reason == "too_long"

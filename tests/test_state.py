@@ -3,6 +3,8 @@ reports a partition's end as the base offset of its last batch + 1; recovery rea
 import asyncio
 import uuid
 
+import orjson
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
@@ -51,6 +53,8 @@ def test_recovery_reads_every_update_of_multi_record_batches(broker):
 def test_state_codec_and_join_are_a_lattice():
     a, b = _state("u", 3), _state("u", 5)
     assert decode_state("u", encode_state(a), 50) == a
+    odd = {"video": Window.of([Event("é\U0001f600", "u", "ï", "video", "click", 1), Event("b", "u", "j", "video", "buy", 2)])}
+    assert decode_state("u", encode_state(odd), 50) == odd
     assert join_states(a, b, 50) == join_states(b, a, 50) == b
     assert join_states(b, b, 50) == b
     assert join_states(None, b, 2) == {"video": Window.of(b["video"].events("u")[-2:])}
@@ -83,3 +87,12 @@ def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
         return got, {"video": video, "shop": shop}
     (state, applied), want = run(scenario())
     assert applied == 7 and state == {"u": want}
+
+
+def test_changelog_values_in_the_row_form_of_earlier_versions_still_read():
+    """A changelog written before the column form holds [ts, event_id, item_id, action] rows: recovery reads them
+    as the same windows."""
+    a = _state("u", 4)
+    rows = orjson.dumps({"video": [[e.ts, e.event_id, e.item_id, e.action] for e in a["video"].events("u")]})
+    assert decode_state("u", rows, 50) == a
+    assert decode_state("u", rows, 2) == {"video": Window.of(a["video"].events("u")[-2:])}

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import EMPTY, Window, apply_user, apply_window, group_by_user, item_delta
+from scenestream.stream.core.window import (EMPTY, Window, _kept_rows, apply_user, apply_window, group_by_user,
+                                            item_delta)
 
 TS0 = 1_700_000_000_000
 SCENES = ("video", "article", "shop")
@@ -166,6 +167,17 @@ def test_item_delta_is_how_the_item_counts_changed(events, split, length, newer,
     assert 0 not in delta.values() and +counts == Counter(new.item_ids()) and min(counts.values(), default=0) >= 0
 
 
+def test_an_appended_window_is_recognised_by_the_rows_it_kept():
+    """item_delta's fast path: a full window that took one newer event kept all but its oldest row; a window
+    that took a late event inside it did not keep a run of rows, so it is counted whole."""
+    events = [Event(f"e{k}", "u0", f"i{k % 3}", "video", "click", TS0 + 10 * k) for k in range(6)]
+    full, _ = apply_window(EMPTY, events[:5], 5)
+    appended, _ = apply_window(full, events[5:], 5)
+    late, _ = apply_window(full, [Event("late", "u0", "i9", "video", "click", TS0 + 15)], 5)
+    assert _kept_rows(full, appended) == 4 and _kept_rows(full, full) == 5 and _kept_rows(full, late) is None
+    assert item_delta(full, appended) == {"i0": -1, "i2": 1}
+
+
 def test_a_window_is_packed_and_reads_back_event_for_event():
     """The packed form holds what the object form held: ids (any UTF-8, a lone surrogate too), items, actions,
     scenes and times, in order, and says what it holds; its rows fit the layout the encoder reads."""
@@ -175,7 +187,9 @@ def test_a_window_is_packed_and_reads_back_event_for_event():
     assert w.events("u") == tuple(evs) and tuple(w) == tuple(replace(e, user_id="") for e in evs)
     assert w.ids() == [e.event_id for e in evs] and w.ids(2) == ["z" * 256] and w.item_ids() == [e.item_id for e in evs]
     assert w.ids(1) == [e.event_id for e in evs[1:]] and Window.of(evs[2:]).ids() == ["z" * 256]
-    assert w.named_rows() == [[e.ts, e.event_id, e.item_id, e.action] for e in evs]
+    assert w.columns() == {"ts": [e.ts for e in evs], "ids": "".join(e.event_id for e in evs),
+                           "id_bytes": [len(e.event_id.encode("utf-8", "surrogatepass")) for e in evs],
+                           "item": [e.item_id for e in evs], "action": [e.action for e in evs]}
     assert len(w) == 3 and w.last_ts == TS0 + 1 and w.last_key() == evs[-1].order_key
     assert list(w.table()["ts"]) == [e.ts for e in evs] and len(w.rows) == 3 * 24
     assert Window.of(evs[:2]) != w and Window.of(evs) == w and not EMPTY and EMPTY == Window.of([])

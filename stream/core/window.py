@@ -135,13 +135,18 @@ class Window:
             return [text[end - size:end] for end, size in zip(ends, sizes)]
         return [raw[end - size:end].decode("utf-8", "surrogatepass") for end, size in zip(ends, sizes)]
 
-    def named_rows(self) -> list[list]:
-        """[ts, event_id, item_id, action] per event, oldest first: the changelog's row form, without building
-        Event objects."""
+    def columns(self) -> dict:
+        """The changelog's form of the window (stream/state.py): per field one list, oldest first, the event ids as
+        one string with their sizes in bytes of UTF-8. Names, not this process's numbers; cut from the buffer
+        without building a row per event."""
         t = self.table()
+        sizes = t["id_bytes"]
         items, actions = ITEMS.names, ACTIONS.names
-        return [[ts, eid, items[i], actions[a]] for ts, eid, i, a in
-                zip(t["ts"].tolist(), self.ids(), t["item"].tolist(), t["action"].tolist())]
+        return {"ts": t["ts"].tolist(),
+                "ids": self.buf[len(self.buf) - int(sizes.sum()):].decode("utf-8", "surrogatepass"),
+                "id_bytes": sizes.tolist(),
+                "item": [items[i] for i in t["item"].tolist()],
+                "action": [actions[a] for a in t["action"].tolist()]}
 
     def item_ids(self) -> list[str]:
         names = ITEMS.names
@@ -220,13 +225,30 @@ def item_delta(old: Optional[Window], new: Window) -> dict[str, int]:
     """How the counts of items in a window changed from `old` to `new` (nonzero entries only): what the owner of
     the windows adds to its popularity counts."""
     delta: dict[int, int] = defaultdict(int)
-    for i in new.table()["item"].tolist():
+    added, removed = new.table(), old.table() if old else EMPTY.table()
+    kept = _kept_rows(old, new) if old else None
+    if kept is not None:   # new = old without its oldest rows, then newer ones: only the ends differ
+        dropped = old.n - kept
+        added, removed = added[kept:], removed[:dropped]
+    for i in added["item"].tolist():
         delta[i] += 1
-    if old:
-        for i in old.table()["item"].tolist():
-            delta[i] -= 1
+    for i in removed["item"].tolist():
+        delta[i] -= 1
     names = ITEMS.names
     return {names[i]: d for i, d in delta.items() if d}
+
+
+def _kept_rows(old: Window, new: Window) -> Optional[int]:
+    """k, if `new` starts with `old`'s newest k rows (the window kept them and added newer events: the common
+    case); None otherwise. Rows are whole events, so matching bytes at a row boundary are the same events."""
+    first = new.buf[:ROW_BYTES]
+    at = old.rows.find(first) if first else -1
+    if at < 0 or at % ROW_BYTES:
+        return None
+    kept = old.n - at // ROW_BYTES
+    if kept > new.n or new.buf[:kept * ROW_BYTES] != old.buf[at:old.n * ROW_BYTES]:
+        return None
+    return kept
 
 
 def apply_user(state: Mapping[str, Window], events: Iterable[Event], length: int
