@@ -6,7 +6,9 @@ each record in its own request (linger 0, one record per tick) makes one batch p
 few. This measures both, on one embedded broker:
 
 1. `small`: one-record batches (send_and_wait one by one) up to each --steps count: the time to fetch the last 100
-   records, and from offset 0 (a fetch gives up after --give-up seconds).
+   records with each --waits fetch_max_wait_ms, and from offset 0 (a fetch gives up after --give-up seconds). A
+   fetch whose scan outlasts its wait comes back empty, so a consumer with a short wait stalls where one with a
+   longer wait still reads: the worker's --fetch-wait.
 2. `big`: --steps' largest count of records in batches of 100: the last 100 records.
 
     python bench/broker_batches.py [--steps 5000,8000,12000,20000] [--json]
@@ -26,11 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-async def fetch_last(bootstrap: str, topic: str, offset: int, want: int, give_up: float) -> tuple[float, int]:
-    """(seconds, records) to read `want` records from `offset` of partition 0 (stopping after `give_up` s)."""
+async def fetch_last(bootstrap: str, topic: str, offset: int, want: int, give_up: float, wait_ms: int = 10
+                     ) -> tuple[float, int]:
+    """(seconds, records) to read `want` records from `offset` of partition 0 (stopping after `give_up` s), the
+    broker holding an empty fetch up to wait_ms."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     tp = TopicPartition(topic, 0)
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=wait_ms)
     await c.start()
     try:
         c.assign([tp])
@@ -43,7 +47,7 @@ async def fetch_last(bootstrap: str, topic: str, offset: int, want: int, give_up
         await c.stop()
 
 
-async def measure(bootstrap: str, steps: list[int], give_up: float) -> dict:
+async def measure(bootstrap: str, steps: list[int], give_up: float, waits: list[int]) -> dict:
     from aiokafka import AIOKafkaProducer
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     await producer.start()
@@ -54,15 +58,17 @@ async def measure(bootstrap: str, steps: list[int], give_up: float) -> dict:
             while count < target:
                 await producer.send_and_wait("small", b"x" * 200, partition=0)
                 count += 1
-            last_s, last_n = await fetch_last(bootstrap, "small", count - 100, 100, give_up)
-            first_s, first_n = await fetch_last(bootstrap, "small", 0, 100, give_up)
-            out["one_record_batches"].append({"batches": count, "last_100_ms": round(last_s * 1000, 1),
-                                              "last_100_records": last_n, "from_0_ms": round(first_s * 1000, 1),
-                                              "from_0_records": first_n})
+            row: dict = {"batches": count}
+            for wait in waits:
+                last_s, last_n = await fetch_last(bootstrap, "small", count - 100, 100, give_up, wait)
+                row[f"last_100_ms_wait_{wait}"], row[f"last_100_records_wait_{wait}"] = round(last_s * 1000, 1), last_n
+            first_s, first_n = await fetch_last(bootstrap, "small", 0, 100, give_up, waits[0])
+            row.update({"from_0_ms": round(first_s * 1000, 1), "from_0_records": first_n})
+            out["one_record_batches"].append(row)
             print(out["one_record_batches"][-1], file=sys.stderr, flush=True)
         for _ in range(max(steps) // 100):
             await asyncio.gather(*[await producer.send("big", b"x" * 200, partition=0) for _ in range(100)])
-        s, n = await fetch_last(bootstrap, "big", max(steps) - 100, 100, give_up)
+        s, n = await fetch_last(bootstrap, "big", max(steps) - 100, 100, give_up, waits[0])
         out["batches_of_100"] = {"records": max(steps), "batches": max(steps) // 100,
                                  "last_100_ms": round(s * 1000, 1), "last_100_records": n}
     finally:
@@ -74,11 +80,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default="5000,8000,12000,20000", help="Batch counts to measure at (ascending).")
     ap.add_argument("--give-up", type=float, default=30.0, help="Seconds a fetch of 100 records may take.")
+    ap.add_argument("--waits", default="10,50,100",
+                    help="fetch_max_wait_ms values the last 100 records are fetched with (the first also from 0 and "
+                         "for the batched partition). 10 was the worker's before; 50 is its --fetch-wait default.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from scenestream.stream.broker import EmbeddedBroker
     with EmbeddedBroker() as b:
-        out = asyncio.run(measure(b.bootstrap, sorted(int(x) for x in args.steps.split(",")), args.give_up))
+        out = asyncio.run(measure(b.bootstrap, sorted(int(x) for x in args.steps.split(",")), args.give_up,
+                                  [int(x) for x in args.waits.split(",")]))
     if args.json:
         print(json.dumps(out))
     else:

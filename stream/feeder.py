@@ -75,7 +75,7 @@ class _Rebalance(ConsumerRebalanceListener):
 class ClicksFeeder:
     def __init__(self, service: MicroBatchService, bootstrap: str, topic: str, group: str, url: str,
                  batch_max: int, batch_wait: float, session_timeout: float = 6.0, heartbeat_interval: float = 1.0,
-                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.01, depth: int = 2,
+                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.05, depth: int = 2,
                  security: Mapping[str, Any] = NO_SECURITY):
         self.service, self.topic, self.group = service, topic, group
         # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read and applied
@@ -85,7 +85,9 @@ class ClicksFeeder:
         self.batch_max, self.batch_wait = batch_max, batch_wait
         self.assignor = OwnersAssignor(url)
         # fetch_wait: how long the broker may hold an empty fetch; short, so a record that arrives while the
-        # consumer waits is seen at once (Kafka answers a fetch as soon as there is data; some brokers wait it out)
+        # consumer waits is seen soon (Kafka answers a fetch as soon as there is data; the embedded broker looks again
+        # a few times within the wait), yet longer than a fetch takes the embedded broker, which answers a fetch
+        # that outlasts the wait with nothing: at 10 ms a consumer of a long partition stalled (BENCHMARKS.md, "Soak")
         self._settings = dict(
             bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
             partition_assignment_strategy=(self.assignor,), session_timeout_ms=int(session_timeout * 1000),

@@ -53,6 +53,7 @@ class WorkerConfig:
     partitions: int = 4                  # used when the worker creates the topics
     batch_max: int = 5000                # events per micro-batch (a cap: a batch is what the consumer has buffered)
     batch_wait: float = 0.2              # longest wait, in seconds, for a first record when none is buffered
+    fetch_wait: float = 0.05             # longest hold of an empty fetch of clicks by the broker, seconds
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     canonical_url: str = ""              # how other workers reach this one's API (forwarding); default from host
@@ -140,7 +141,7 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     metrics.watch_state(service.store)
     metrics.model.info({"version": encoder.version})
     feeder = ClicksFeeder(service, cfg.bootstrap, cfg.clicks_topic, cfg.app_id, cfg.url, cfg.batch_max,
-                          cfg.batch_wait, security=security)
+                          cfg.batch_wait, fetch_wait=cfg.fetch_wait, security=security)
     catalog = CatalogFollower(cfg.bootstrap, cfg.catalog_topic, index, service.config, index.dim,
                               count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n), security=security)
     # a saved --index belongs to the start model: a swapped-in model's index is built with --index-kind

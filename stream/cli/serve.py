@@ -26,6 +26,11 @@ from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_se
               "(BENCHMARKS.md, live path) but each takes longer.")
 @click.option("--batch-wait", default=0.2, help="Longest wait, in seconds, for a first record when nothing is "
               "buffered; a micro-batch is whatever the consumer has buffered then, so it never waits to fill.")
+@click.option("--fetch-wait", default=0.05, type=click.FloatRange(min=0.001),
+              help="Longest time, in seconds, the broker may hold a fetch of clicks that finds nothing new. Short "
+                   "for freshness; not shorter than a fetch takes the broker: the embedded broker answers a fetch "
+                   "that outlasts it with nothing, and a consumer of a long partition stalls (BENCHMARKS.md, "
+                   "\"Soak\").")
 @click.option("--web-host", default="127.0.0.1", help="HTTP bind address. Any address but a loopback one needs "
               "--canonical-url, and without an API token logs a warning.")
 @click.option("--web-port", default=6066, help="HTTP port.")
@@ -85,7 +90,8 @@ from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_se
 @encoder_cache_option
 @torch_threads_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
-           batch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic, index_kind, index_path,
+           batch_wait, fetch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic,
+           index_kind, index_path,
            replication_factor, max_clock_skew, popularity_interval, model_poll, state, state_dir,
            max_users_in_memory, idle_user_ttl, broker_outage_limit, encoder_cache_mb, security):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
@@ -107,6 +113,7 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
         raise click.ClickException(f"Kafka broker {broker_url} is unreachable: {exc!r}") from exc
     cfg = WorkerConfig(broker=broker_url, app_id=app_id, clicks_topic=clicks_topic, dlq_topic=dlq_topic,
                        output_topic=output_topic, partitions=partitions, batch_max=batch_max, batch_wait=batch_wait,
+                       fetch_wait=fetch_wait,
                        web_host=web_host, web_port=web_port, canonical_url=canonical_url,
                        api_token=api_token, rate_limit=rate_limit,
                        catalog_topic=catalog_topic, index_kind=index_kind, index_path=index_path,
