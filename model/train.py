@@ -194,20 +194,43 @@ def _collate(segments: list[_Segment]):
         cat([g.target_scene for g in segments])
 
 
+def scene_catalog(of_scene: np.ndarray, n_scenes: int, device: torch.device | str = "cpu"
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(per scene: its items' catalog positions; [S, items]: an item's position among the items of scene s, -1
+    where the item is not of s), from each catalog item's scene index."""
+    scene_items = [torch.from_numpy(np.flatnonzero(of_scene == s)) for s in range(n_scenes)]
+    pos = np.full((n_scenes, len(of_scene)), -1, dtype=np.int64)
+    for s, items in enumerate(scene_items):
+        pos[s, items.numpy()] = np.arange(len(items))
+    return [items.to(device) for items in scene_items], torch.from_numpy(pos).to(device)
+
+
 def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], E: torch.Tensor,
                  scene_items: list[torch.Tensor], scene_pos: torch.Tensor) -> torch.Tensor:
     """Sum over parts (V [m, d], scene [m], target [m]: item positions in the catalog) of each part's mean CE of its
-    rows against the items of their own scene only. The parts' rows share one matmul per scene."""
-    scene = torch.cat([p[1] for p in parts])
+    rows against the items of their own scene only (`scene_catalog`). A row whose item is not of the row's scene
+    has no in-scene term: a log may show one item in two scenes, and the catalog gives each item one scene (that of
+    its first event). The parts' rows share one matmul per scene."""
+    kept = []
+    for V, scene, target in parts:
+        pos = scene_pos[scene, target]
+        ok = pos >= 0
+        if not bool(ok.all()):
+            V, scene, pos = V[ok], scene[ok], pos[ok]
+        if len(V):
+            kept.append((V, scene, pos))
+    total = parts[0][0].new_zeros(()) if parts else E.new_zeros(())
+    if not kept:
+        return total
+    scene = torch.cat([p[1] for p in kept])
     order = torch.argsort(scene, stable=True)   # rows by scene: one gather, then a run per scene
     counts = torch.bincount(scene, minlength=len(scene_items)).tolist()
-    V = torch.cat([p[0] for p in parts]).index_select(0, order).split(counts)
-    target = scene_pos[torch.cat([p[2] for p in parts])[order]].split(counts)
-    weight = torch.cat([p[0].new_full((len(p[0]),), 1.0 / max(1, len(p[0]))) for p in parts])[order].split(counts)
+    V = torch.cat([p[0] for p in kept]).index_select(0, order).split(counts)
+    target = torch.cat([p[2] for p in kept])[order].split(counts)
+    weight = torch.cat([p[0].new_full((len(p[0]),), 1.0 / len(p[0])) for p in kept])[order].split(counts)
     # the catalog by scene, once: split, not sliced or gathered per scene, so the backward pass writes each gradient
     # once instead of zero-filling a catalog-sized one per scene
     E = E.index_select(0, torch.cat(scene_items)).split([len(items) for items in scene_items])
-    total = parts[0][0].new_zeros(())
     for s, count in enumerate(counts):
         if count:
             ce = F.cross_entropy(V[s] @ E[s].T, target[s], reduction="none")
@@ -326,14 +349,10 @@ def train_model(timelines: Mapping[str, Sequence], vocab: ItemVocab, scenes: Seq
                            skip=start - lo)
             if seg:
                 examples.append(seg)
-    scene_items, scene_pos = None, None   # per scene: its items' catalog positions; catalog position -> in-scene
+    scene_items, scene_pos = None, None   # the in-scene terms' catalog (`scene_catalog`)
     if len(scenes) > 1:
-        of_scene = np.array([scene_index[s] for s in vocab.item_scenes])
-        scene_items = [torch.from_numpy(np.flatnonzero(of_scene == s)).to(dev) for s in range(len(scenes))]
-        pos = np.zeros(len(of_scene), dtype=np.int64)
-        for items in scene_items:
-            pos[items.cpu().numpy()] = np.arange(len(items))
-        scene_pos = torch.from_numpy(pos).to(dev)
+        scene_items, scene_pos = scene_catalog(np.array([scene_index[s] for s in vocab.item_scenes]), len(scenes),
+                                               dev)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * -(-len(examples) // cfg.batch_users)
