@@ -140,11 +140,10 @@ class Window:
         one string with their sizes in bytes of UTF-8. Names, not this process's numbers; cut from the buffer
         without building a row per event."""
         t = self.table()
-        sizes = t["id_bytes"]
         items, actions = ITEMS.names, ACTIONS.names
         return {"ts": t["ts"].tolist(),
-                "ids": self.buf[len(self.buf) - int(sizes.sum()):].decode("utf-8", "surrogatepass"),
-                "id_bytes": sizes.tolist(),
+                "ids": self.buf[self.n * ROW_BYTES:].decode("utf-8", "surrogatepass"),   # the rest of the buffer
+                "id_bytes": t["id_bytes"].tolist(),
                 "item": [items[i] for i in t["item"].tolist()],
                 "action": [actions[a] for a in t["action"].tolist()]}
 
