@@ -219,7 +219,7 @@ def _in_scene_ce(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             V, scene, pos = V[ok], scene[ok], pos[ok]
         if len(V):
             kept.append((V, scene, pos))
-    total = parts[0][0].new_zeros(()) if parts else E.new_zeros(())
+    total = E.new_zeros(())
     if not kept:
         return total
     scene = torch.cat([p[1] for p in kept])

@@ -28,9 +28,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import CommitFailedError, IllegalStateError
-from aiokafka.partitioner import DefaultPartitioner
 
 from .kafka_security import NO_SECURITY
+from .record_batches import key_partitions
 from .service import MicroBatchService, Record
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,6 @@ class ClicksFeeder:
             heartbeat_interval_ms=int(heartbeat_interval * 1000), rebalance_timeout_ms=int(rebalance_timeout * 1000),
             fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max, **security)
         self.consumer: Optional[AIOKafkaConsumer] = None   # made in run(): aiokafka wants the running loop
-        self._partitioner = DefaultPartitioner()
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._done.set()   # nothing in flight until run() starts
@@ -215,5 +214,5 @@ class ClicksFeeder:
         partitions = self.consumer.partitions_for_topic(self.topic) if self.consumer else None
         if not partitions:
             return None
-        p = self._partitioner(key, sorted(partitions), sorted(partitions))
+        p = key_partitions([key], len(partitions))[0]   # as the producers of clicks partition it
         return self.assignor.owners.get((self.topic, p))
