@@ -78,9 +78,9 @@ class ClicksFeeder:
                  rebalance_timeout: float = 10.0, fetch_wait: float = 0.05, depth: int = 2,
                  security: Mapping[str, Any] = NO_SECURITY):
         self.service, self.topic, self.group = service, topic, group
-        # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read and applied
-        # while one encodes and the one before waits on the broker; more would only queue in the encode thread,
-        # while the consumer's buffer makes the next batch bigger and cheaper per event
+        # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read, applied and
+        # encoded while the one before waits on the broker; more would only queue batches waiting to send, while the
+        # consumer's buffer makes the next batch bigger and cheaper per event
         self.depth = depth
         self.batch_max, self.batch_wait = batch_max, batch_wait
         self.assignor = OwnersAssignor(url)

@@ -9,9 +9,12 @@ redone, its outputs published again: at-least-once outputs, exactly-once state);
 outputs that were lost. Whatever is re-delivered joins into the windows without effect (the lattice,
 docs/design.md).
 
-Batches are pipelined (`submit`): the next one is decoded and applied in memory while one encodes and the one
-before waits on the broker, but each sends nothing before the one before it is durable. Memory may run ahead of
-the changelog, never the other way round.
+Batches are pipelined (`submit`): the next one is decoded, applied in memory and encoded while the one before
+waits on the broker, but each sends nothing before the one before it is durable. Memory may run ahead of the
+changelog, never the other way round. The encode runs on the event loop's thread, not in a thread of its own: the
+two shared the interpreter lock, each torch call gave it up and waited up to the 5 ms switch interval to get it
+back from the busy loop, and a worker thread gained no parallelism for it (BENCHMARKS.md, "Encoding on the
+loop"). So a request waits for a batch's encode (tens of milliseconds live, a few hundred on a backlog).
 
 A partition can be revoked, and given back, at any await. Each assignment gets a new epoch; a batch writes only if
 its partition's epoch is still the one it started under, else the new owner (maybe this worker again) redoes it.
@@ -37,7 +40,6 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
@@ -181,10 +183,10 @@ class _Part:
 
 @dataclass
 class _Batch:
-    """A micro-batch applied in memory, its output records being computed in the encode thread."""
+    """A micro-batch applied in memory and encoded, nothing of it sent yet."""
     records: Sequence[Record]
     parts: list[_Part]
-    encoded: "Optional[asyncio.Future[list[dict]]]"   # None: nothing to encode
+    encoded: list[dict]   # one output record per touched user
 
 
 class MicroBatchService:
@@ -198,7 +200,6 @@ class MicroBatchService:
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.metrics = metrics or WorkerMetrics()
         self.max_clock_skew_ms = int(max_clock_skew_s * 1000)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # keeps the loop responsive
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
         self.partition_popularity: dict[int, Popularity] = {}      # items in the windows held, per partition
         self._own: Optional[Popularity] = None                      # their sum, until one of them changes
@@ -271,7 +272,6 @@ class MicroBatchService:
             await self.drain()
         except Exception:   # noqa: BLE001 - the batch's own task has raised it to whoever awaited it
             log.warning("the last micro-batch failed before the worker stopped", exc_info=True)
-        self.pool.shutdown(wait=False, cancel_futures=True)
         await self.store.stop()
 
     # ---- one micro-batch ----------------------------------------------------------------------------------------
@@ -281,11 +281,10 @@ class MicroBatchService:
         await (await self.submit(records))
 
     async def submit(self, records: Sequence[Record]) -> "asyncio.Future[None]":
-        """Apply a micro-batch in memory and start encoding it; returns a future that is done once the batch is
-        durable. Batches become durable in the order they were submitted, each after the one before: so the next
-        batch is decoded and applied while this one encodes, and encodes while this one's sends are in flight,
-        and still no output, changelog record or offset marker of a batch is sent before the previous batch is
-        durable. Every partition's part is encoded in one forward and acknowledged in one round per phase
+        """Apply a micro-batch in memory and encode it; returns a future that is done once the batch is durable.
+        Batches become durable in the order they were submitted, each after the one before: so the next batch is
+        decoded, applied and encoded while this one's sends are in flight, and still no output, changelog record
+        or offset marker of a batch is sent before the previous batch is durable. Every partition's part is encoded in one forward and acknowledged in one round per phase
         (outputs, then state): the batch waits on the broker twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
@@ -396,27 +395,22 @@ class MicroBatchService:
         return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed, deltas)
 
     def _encode(self, parts: list["_Part"], records: Sequence[Record]) -> "_Batch":
-        """Start encoding every part's touched users in one forward, in the encode thread (batches queue there in
-        order), with the model in use now: the whole batch is encoded by one model."""
+        """Encode every part's touched users in one forward, with the model in use now: the whole batch is encoded
+        by one model. Nothing here awaits (module docstring: why not in a thread)."""
         updates = {u: st for p in parts for u, st in p.outcome.updates.items()}
-        encoded = None
+        encoded = []
         if updates:
-            encoded = asyncio.get_running_loop().run_in_executor(self.pool, self._timed_records, self.model.encoder,
-                                                                 updates)
+            t0 = time.perf_counter()
+            encoded = interest_records(self.model.encoder, updates)
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
         return _Batch(records, parts, encoded)
-
-    def _timed_records(self, encoder: InterestEncoder, updates: dict[str, UserState]) -> list[dict]:
-        t0 = time.perf_counter()
-        records = interest_records(encoder, updates)
-        self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-        return records
 
     async def _make_durable(self, batch: "_Batch") -> list["_Part"]:
         """Publish the batch's records and dead letters and wait for the broker; then, for the parts whose partition
         is still owned under the same epoch, send the windows and offset markers and wait again. Outputs first:
         state that says "done" must never outlive outputs that were lost. Returns the parts whose state was
         written."""
-        records = await batch.encoded if batch.encoded is not None else []
+        records = batch.encoded
         producer = self.store.producer
         outputs = RecordBatches(producer)
         if records:
@@ -557,6 +551,4 @@ class MicroBatchService:
         state = self.state_of(user)
         if state is None:
             return None
-        records = await asyncio.get_running_loop().run_in_executor(self.pool, interest_records, model.encoder,
-                                                                   {user: state})
-        return records[0], hit[1] if hit is not None else None
+        return interest_records(model.encoder, {user: state})[0], hit[1] if hit is not None else None
