@@ -1,10 +1,12 @@
 """Prometheus metrics of one worker (served at /metrics)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 
 class WorkerMetrics:
@@ -17,9 +19,9 @@ class WorkerMetrics:
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
         self.encode_seconds = Histogram("scenestream_encode_seconds", "Seconds to encode one micro-batch's users",
                                         registry=r, buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        self.latency = Histogram("scenestream_event_to_publish_seconds",
-                                 "Seconds from an event's Kafka timestamp to its record being acknowledged",
-                                 registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.latency = BatchHistogram("scenestream_event_to_publish_seconds",
+                                      "Seconds from an event's Kafka timestamp to its record being acknowledged",
+                                      (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
         self.lag = Gauge("scenestream_consumer_lag", "Messages behind the partition end, by partition",
                          ["partition"], registry=r)
         self.catalog = Counter("scenestream_catalog_records", "Item-catalog records, by outcome", ["outcome"],
@@ -47,6 +49,31 @@ class WorkerMetrics:
             for c in caches:
                 for stat in _CacheCollector.COUNTED:
                     self._caches.retired[stat] += c.stats[stat]
+
+
+class BatchHistogram:
+    """A Prometheus histogram fed a micro-batch's values at once: one numpy pass per batch instead of one
+    `Histogram.observe` per event (~2 µs each with prometheus_client's locks and per-bucket values, ~3% of the
+    worker's CPU on a backlog). Exposed like any histogram: cumulative `le` buckets, `_sum` and `_count`."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)   # per bucket; the last one is +Inf
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values) -> None:
+        v = np.asarray(values, dtype=np.float64)
+        # a value equal to a bound belongs to that bound's bucket (le), as Histogram.observe counts it
+        self.counts += np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=len(self.counts))
+        self.sum += float(v.sum())
+
+    def collect(self):
+        cumulative = np.cumsum(self.counts).tolist()
+        labels = [floatToGoString(b) for b in self.bounds.tolist()] + ["+Inf"]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=list(zip(labels, cumulative)),
+                                    sum_value=self.sum)
 
 
 class _CacheCollector:

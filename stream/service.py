@@ -41,8 +41,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Mapping, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -84,9 +85,9 @@ class Serving:
         return self.encoder.version
 
 
-@dataclass(frozen=True)
-class Record:
-    """One Kafka record, as the service needs it."""
+class Record(NamedTuple):
+    """One Kafka record, as the service needs it: a named tuple, built ~3x faster than a frozen dataclass (one per
+    event on the worker's hot path)."""
     topic: str
     partition: int
     offset: int
@@ -284,8 +285,9 @@ class MicroBatchService:
         """Apply a micro-batch in memory and encode it; returns a future that is done once the batch is durable.
         Batches become durable in the order they were submitted, each after the one before: so the next batch is
         decoded, applied and encoded while this one's sends are in flight, and still no output, changelog record
-        or offset marker of a batch is sent before the previous batch is durable. Every partition's part is encoded in one forward and acknowledged in one round per phase
-        (outputs, then state): the batch waits on the broker twice, however many partitions it spans."""
+        or offset marker of a batch is sent before the previous batch is durable. Every partition's part is encoded
+        in one forward and acknowledged in one round per phase (outputs, then state): the batch waits on the broker
+        twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
         batch = await self._begin(records)
@@ -342,10 +344,9 @@ class MicroBatchService:
         gc.freeze()
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
-        now_ms = time.time() * 1000
-        for r in batch.records:
-            if r.timestamp_ms > 0:
-                self.metrics.latency.observe(max(0.0, (now_ms - r.timestamp_ms) / 1000.0))
+        stamps = np.fromiter((r.timestamp_ms for r in batch.records), np.float64, len(batch.records))
+        stamps = stamps[stamps > 0]
+        self.metrics.latency.observe_many(np.maximum(0.0, (time.time() * 1000 - stamps) / 1000.0))
 
     async def _reread(self, partition: int, epoch: int, topic: str, before: int) -> bool:
         """Apply the records between the durable marker and offset `before`: committed by the group (or skipped

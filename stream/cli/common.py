@@ -34,9 +34,9 @@ def torch_threads_option(f):
                         envvar="SCENESTREAM_TORCH_THREADS", show_default=True, expose_value=False,
                         callback=_set_torch_threads,
                         help="Threads torch may use for one encoder call on CPU (0: torch's default, one per "
-                             "core). The machine has other work besides (the worker's own "
-                             "decoding, joins and Kafka I/O, the broker), and a micro-batch's encoder calls are "
-                             "small, so a bigger pool mostly competes with it: on 2 cores the worker ran 15% faster with 1 than with 2 "
+                             "core). The machine has other work besides (the worker's own decoding, joins and "
+                             "Kafka I/O, the broker), and a micro-batch's encoder calls are small, so a bigger pool "
+                             "mostly competes with it: on 2 cores the worker ran 15% faster with 1 than with 2 "
                              "(BENCHMARKS.md, \"Live path\").")(f)
 
 
