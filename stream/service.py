@@ -10,7 +10,12 @@ outputs that were lost. Whatever is re-delivered joins into the windows without 
 docs/design.md).
 
 Batches are pipelined (`submit`): the next one is decoded, applied in memory and encoded while the one before
-waits on the broker, but each sends nothing before the one before it is durable. Memory may run ahead of the
+waits on the broker. Outputs go in batch order and states go in batch order: a batch publishes once the batch
+before has its outputs acknowledged (that batch's state may still be on its way), and writes its state once its own
+outputs are acknowledged and the batch before is durable. So state that says "done" still never comes before its
+outputs, or before an earlier batch's state; a crash redoes every batch after the last durable marker, whose
+outputs may have gone out already (published again: at-least-once). What this buys: a record reaches its readers
+one acknowledgement sooner, not behind the batch before's changelog write. Memory may run ahead of the
 changelog, never the other way round. The encode runs on the event loop's thread, not in a thread of its own: the
 two shared the interpreter lock, each torch call gave it up and waited up to the 5 ms switch interval to get it
 back from the busy loop, and a worker thread gained no parallelism for it (BENCHMARKS.md, "Encoding on the
@@ -212,6 +217,7 @@ class MicroBatchService:
         self.epoch: dict[int, int] = {}                             # partition -> assignment number
         self._epochs = 0
         self._tail: Optional[asyncio.Future[None]] = None          # the last batch submitted, until durable
+        self._published: Optional[asyncio.Future[None]] = None     # its outputs, until acknowledged
         self._full_gc_at = time.monotonic()
 
     @property
@@ -284,14 +290,15 @@ class MicroBatchService:
     async def submit(self, records: Sequence[Record]) -> "asyncio.Future[None]":
         """Apply a micro-batch in memory and encode it; returns a future that is done once the batch is durable.
         Batches become durable in the order they were submitted, each after the one before: so the next batch is
-        decoded, applied and encoded while this one's sends are in flight, and still no output, changelog record
-        or offset marker of a batch is sent before the previous batch is durable. Every partition's part is encoded
-        in one forward and acknowledged in one round per phase (outputs, then state): the batch waits on the broker
-        twice, however many partitions it spans."""
+        decoded, applied and encoded while this one's sends are in flight; its outputs go once this one's are
+        acknowledged, its changelog records and offset marker once this one is durable (module docstring). Every
+        partition's part is encoded in one forward and acknowledged in one round per phase (outputs, then state):
+        the batch waits on the broker twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
         batch = await self._begin(records)
-        self._tail = asyncio.ensure_future(self._complete(self._tail, batch))
+        self._published = asyncio.ensure_future(self._publish_after(self._published, batch))
+        self._tail = asyncio.ensure_future(self._complete(self._tail, self._published, batch))
         return self._tail
 
     async def drain(self) -> None:
@@ -326,10 +333,17 @@ class MicroBatchService:
                 parts.append(self._apply(partition, epoch, recs))
         return self._encode(parts, records)
 
-    async def _complete(self, before: "Optional[asyncio.Future[None]]", batch: "_Batch") -> None:
+    async def _publish_after(self, before: "Optional[asyncio.Future[None]]", batch: "_Batch") -> None:
         if before is not None:
             await before
-        await self._make_durable(batch)
+        await self._publish(batch)
+
+    async def _complete(self, before: "Optional[asyncio.Future[None]]", published: "asyncio.Future[None]",
+                        batch: "_Batch") -> None:
+        await published
+        if before is not None:
+            await before
+        await self._write_state(batch)
         # The state is millions of small long-lived objects without reference cycles (events, window tuples,
         # dicts): the cycle collector re-walked all of them again and again for nothing, ~25% of the worker's CPU
         # (BENCHMARKS.md). Whatever is alive once a batch is durable goes to the permanent generation: refcounting
@@ -411,6 +425,11 @@ class MicroBatchService:
         is still owned under the same epoch, send the windows and offset markers and wait again. Outputs first:
         state that says "done" must never outlive outputs that were lost. Returns the parts whose state was
         written."""
+        await self._publish(batch)
+        return await self._write_state(batch)
+
+    async def _publish(self, batch: "_Batch") -> None:
+        """The batch's output records and dead letters, sent and acknowledged."""
         records = batch.encoded
         producer = self.store.producer
         outputs = RecordBatches(producer)
@@ -425,6 +444,10 @@ class MicroBatchService:
                 key, value = dead_letter(r, rejection)
                 sends.append(await producer.send(self.dlq_topic, value, key=key))
         await asyncio.gather(*sends)
+
+    async def _write_state(self, batch: "_Batch") -> list["_Part"]:
+        """After the batch's outputs are acknowledged: the windows and offset markers of the parts whose partition is
+        still owned under the same epoch, sent and acknowledged; then what serving reads. Returns those parts."""
         owned = []
         for p in batch.parts:
             if self.owns(p.partition, p.epoch):
@@ -439,7 +462,7 @@ class MicroBatchService:
                                   p.last_offset)
         now = time.time()
         written = {u for p in owned for u in p.outcome.updates}
-        for rec in records:
+        for rec in batch.encoded:
             if rec["user_id"] in written:
                 self.latest[rec["user_id"]] = (rec, now)
         self.store.trim()   # after: a user it evicts takes its record along (a record kept past it never left)

@@ -253,24 +253,28 @@ def test_a_partition_revoked_while_its_gap_waits_is_left_to_its_new_owner(broker
     assert assigned == set() and state is None
 
 
-def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
-    """The next micro-batch is applied and encoded while the one before is still in flight; yet every
-    send of a batch (outputs, then state and marker) comes after the previous batch is durable. The producer is
-    the real one, watched (and slow for the first send): the order of its record batches, by topic and size."""
+def test_pipelined_batches_publish_in_order_and_become_durable_one_after_another(broker, checkpoint):
+    """The next micro-batch is applied and encoded while the one before is still in flight. Outputs go in batch
+    order, each batch's after the one before has its outputs acknowledged, even while that one's state is still on
+    its way; state goes in batch order, each batch's after its own outputs are acknowledged and the batch before is
+    durable. The producer is the real one, watched, with the first batch's outputs and state each slow to leave."""
     first = [Event(f"a{n}", f"u{n % 3}", f"v0-0000{n % 4}", "video", "click", TS + n) for n in range(6)]
     second = [Event(f"b{n}", f"u{n % 4}", f"v0-0000{n % 3}", "video", "click", TS + 100 + n) for n in range(6)]
 
     async def scenario():
         service, topics = await _service(broker, checkpoint)
         await service.store.start()
-        sent = []
+        sent = []   # [topic, records, sent at, acknowledged at]
         real_send = service.store.producer.send_batch
 
         async def watched(batch, topic, **kw):
-            if not sent:
-                await asyncio.sleep(1.0)   # the first batch's first send is slow: the second batch is ready by then
-            sent.append((topic, batch.record_count(), time.monotonic()))
-            return await real_send(batch, topic, **kw)
+            if topic not in {t for t, *_ in sent}:
+                await asyncio.sleep(1.0)   # the first outputs, and the first state, are slow to leave
+            entry = [topic, batch.record_count(), time.monotonic(), None]
+            sent.append(entry)
+            acked = await real_send(batch, topic, **kw)
+            acked.add_done_callback(lambda _: entry.__setitem__(3, time.monotonic()))
+            return acked
         service.store.producer.send_batch = watched
         records = _records(topics["clicks"], first + second)
         one = await service.submit(records[:6])
@@ -284,17 +288,18 @@ def test_pipelined_batches_become_durable_one_after_another(broker, checkpoint):
         return topics, sent, applied_early, durable_early, stamps[0]
     topics, sent, applied_early, durable_early, one_done = run(scenario())
     assert applied_early == 11 and not durable_early
-    # record batches in runs by phase (outputs spread over the output topic's partitions): 3 users' outputs, their
-    # 3 windows and the marker, then the same for 4 users
-    runs: list = []
-    for topic, count, at in sent:
-        phase = "out" if topic == topics["out"] else "state"
-        if runs and runs[-1][0] == phase:
-            runs[-1][1] += count
-        else:
-            runs.append([phase, count, at])
-    assert [(p, n) for p, n, _ in runs] == [("out", 3), ("state", 4), ("out", 4), ("state", 5)]
-    assert runs[2][2] >= one_done     # the second batch sends only once the first is durable
+    # outputs spread over the output topic's partitions: the first 3 records are the first batch's 3 users
+    outputs = [e for e in sent if e[0] == topics["out"]]
+    states = [e for e in sent if e[0] != topics["out"]]
+    cut = next(i for i in range(len(outputs) + 1) if sum(e[1] for e in outputs[:i]) == 3)
+    out_one, out_two = outputs[:cut], outputs[cut:]
+    assert sum(e[1] for e in out_two) == 4
+    assert [e[1] for e in states] == [4, 5]            # each batch's windows and marker, first batch first
+    out_one_acked = max(e[3] for e in out_one)
+    assert states[0][2] >= out_one_acked               # state after its own outputs
+    assert min(e[2] for e in out_two) >= out_one_acked  # outputs in batch order
+    assert min(e[2] for e in out_two) < one_done       # ... not behind the first batch's state
+    assert states[1][2] >= one_done and states[1][2] >= max(e[3] for e in out_two)
 
 
 def test_batches_leave_no_cyclic_garbage_behind(broker, checkpoint):
