@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.model import InterestModel, ModelConfig
-from scenestream.model.window_cache import WindowCache
+from scenestream.model.window_cache import Entry, WindowCache, _reusable, _scan
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.batch import apply_batch, interest_records
-from scenestream.stream.core.window import Window, apply_user, group_by_user
+from scenestream.stream.core.window import ROW_DTYPE, Window, apply_user, group_by_user
 
 SCENES = ("video", "article", "shop")
 ACTIONS = ("view", "click", "like", "buy")
@@ -240,6 +240,35 @@ def test_the_reuse_rule_at_its_boundary_for_every_append_and_late_event():
                 if enc.cache.stats["extends"] > before:
                     extended.add(k)
         assert extended == set(range(1, WINDOW)), (length, extended)
+
+
+def _rows(stamps, ids) -> np.ndarray:
+    t = np.zeros(len(stamps), ROW_DTYPE)
+    t["ts"], t["hash"] = stamps, ids
+    return t
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(2, 30), st.integers(1, 40), st.integers(1, 40), st.integers(0, 12), st.integers(-1, 40),
+       st.booleans())
+def test_the_reuse_rules_shortcut_answers_as_the_full_scan(cone, limit, length, k, late_at, unrelated):
+    """`_reusable` tries an unchanged window first, without the full scan: it must answer as `_scan` does for an
+    entry written as WindowCache.append writes it (the last `cone` rows, `whole` when shorter than both) and the
+    window it then sees: the same one, k newer events appended (cut to the newest `limit`), a late event slipped
+    in, or another user's window."""
+    length = min(length, limit)
+    cached = _rows(np.arange(length) * 10, np.arange(length) + 1)
+    entry = Entry(0, cached[-cone:].tobytes(), whole=length < min(cone, limit))
+    if unrelated:
+        window = _rows(np.arange(length) * 10, np.arange(length) + 1000)
+    else:
+        stamps = [*cached["ts"], *(length * 10 + 10 * np.arange(k))]
+        ids = [*cached["hash"], *(np.arange(k) + 500)]
+        if 0 <= late_at < len(stamps):
+            stamps.insert(late_at, stamps[late_at] - 5)
+            ids.insert(late_at, 999)
+        window = _rows(stamps, ids)[-limit:]
+    assert _reusable(entry, window, cone, limit >= cone) == _scan(entry, window, cone, limit >= cone)
 
 
 # mostly in order (1 event in ~20 late), so that merged windows are often extended, full ones included
