@@ -297,7 +297,7 @@ class MicroBatchService:
         if self.store.producer is None:
             await self.store.start()
         batch = await self._begin(records)
-        self._published = asyncio.ensure_future(self._publish_after(self._published, batch))
+        self._published = asyncio.ensure_future(self._publish(batch, after=self._published))
         self._tail = asyncio.ensure_future(self._complete(self._tail, self._published, batch))
         return self._tail
 
@@ -332,11 +332,6 @@ class MicroBatchService:
             if recs:
                 parts.append(self._apply(partition, epoch, recs))
         return self._encode(parts, records)
-
-    async def _publish_after(self, before: "Optional[asyncio.Future[None]]", batch: "_Batch") -> None:
-        if before is not None:
-            await before
-        await self._publish(batch)
 
     async def _complete(self, before: "Optional[asyncio.Future[None]]", published: "asyncio.Future[None]",
                         batch: "_Batch") -> None:
@@ -428,8 +423,11 @@ class MicroBatchService:
         await self._publish(batch)
         return await self._write_state(batch)
 
-    async def _publish(self, batch: "_Batch") -> None:
-        """The batch's output records and dead letters, sent and acknowledged."""
+    async def _publish(self, batch: "_Batch", after: "Optional[asyncio.Future[None]]" = None) -> None:
+        """The batch's output records and dead letters, sent (once `after`, the batch before's, are acknowledged)
+        and acknowledged."""
+        if after is not None:
+            await after
         records = batch.encoded
         producer = self.store.producer
         outputs = RecordBatches(producer)
