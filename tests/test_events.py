@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scenestream.stream.core.config import StreamConfig
-from scenestream.stream.core.events import REASONS, Event, Rejection, decode, derive_event_id, encode
+from scenestream.stream.core.events import REASONS, Event, Rejection, _accept, _judge, decode, derive_event_id, encode
 
 CFG = StreamConfig()
 # bad_csv: CSV logs only (test_one_place.py); key_mismatch, ts_in_future: live records only (test_nothing_lost.py)
@@ -555,3 +555,35 @@ def test_near_valid_json_objects_decode_as_the_oracle_says(obj, ascii_only):
         assert got.detail
     else:
         assert got == want
+
+
+_ascii_id = st.text(st.characters(max_codepoint=127), max_size=CFG.max_id_chars + 2) | st.sampled_from(
+    ["", " ", "\x00", "a\x7f", "a\tb", "a" * CFG.max_id_chars, "a" * (CFG.max_id_chars + 1)])
+_near_field = {**_field_value, "user_id": _ascii_id | _field_value["user_id"],
+               "item_id": _ascii_id | _field_value["item_id"],
+               "event_id": _ascii_id | st.none() | _field_value["event_id"],
+               "action": _field_value["action"] | st.none()}
+_MISSING = object()
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.sampled_from([None, CFG.ts_min_ms, TS, CFG.ts_max_ms]))
+def test_the_fast_path_says_only_what_the_full_rules_say(data, not_after):
+    """validate_record answers the common payload in a few checks (`_accept`); whatever it accepts, the full rules
+    must accept as the same event, and it must not refuse on its own (None hands over to them). Payloads: a valid
+    one with up to two fields changed or dropped, so that each of the fast path's checks is the one that matters."""
+    obj = dict(GOOD)
+    for field in data.draw(st.lists(st.sampled_from(sorted(_near_field)), max_size=2, unique=True)):
+        value = data.draw(_near_field[field] | st.just(_MISSING))
+        if value is _MISSING:
+            del obj[field]
+        else:
+            obj[field] = value
+    fast = _accept(obj, CFG, not_after)
+    assert fast is None or fast == _judge(obj, CFG, not_after), (obj, fast)
+
+
+def test_the_fast_path_takes_the_common_payload():
+    """Else it would be dead code that the test above cannot tell from a fast one."""
+    assert _accept(dict(GOOD), CFG, None) == _judge(dict(GOOD), CFG, None)
+    assert _accept({k: v for k, v in GOOD.items() if k not in ("action", "event_id")}, CFG, TS) is not None

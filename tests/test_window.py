@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from dataclasses import replace
 from types import MappingProxyType
 
 from hypothesis import given, settings
@@ -157,7 +156,7 @@ def test_item_delta_is_how_the_item_counts_changed(events, split, length, newer,
     newer than the window (the append path that keeps the window's rows) and any other."""
     base, batch = events[:split], events[split:]
     if newer:
-        batch = [replace(e, ts=e.ts + 100) for e in batch]
+        batch = [e._replace(ts=e.ts + 100) for e in batch]
     old, _ = apply_window(EMPTY, base, length)
     new, _ = apply_window(old, batch + batch[:1], length)
     assert new == reference_top_l(base + batch, length).get(("u0", "video"), EMPTY)
@@ -184,7 +183,7 @@ def test_a_window_is_packed_and_reads_back_event_for_event():
     evs = [Event("é-1", "u", "item-é", "video", "view", TS0), Event("\ud800x", "u", "i2", "video", "click", TS0 + 1),
            Event("z" * 256, "u", "i" * 128, "video", "like", TS0 + 1)]
     w = Window.of(evs)
-    assert w.events("u") == tuple(evs) and tuple(w) == tuple(replace(e, user_id="") for e in evs)
+    assert w.events("u") == tuple(evs) and tuple(w) == tuple(e._replace(user_id="") for e in evs)
     assert w.ids() == [e.event_id for e in evs] and w.ids(2) == ["z" * 256] and w.item_ids() == [e.item_id for e in evs]
     assert w.ids(1) == [e.event_id for e in evs[1:]] and Window.of(evs[2:]).ids() == ["z" * 256]
     assert w.columns() == {"ts": [e.ts for e in evs], "ids": "".join(e.event_id for e in evs),
