@@ -63,12 +63,12 @@ def merged_window(state: Mapping[str, object], length: int) -> np.ndarray:
     return rows[order][-length:]
 
 
-def _appended(old, new, length: int) -> Optional[tuple[np.ndarray, list[str]]]:
-    """(rows, ids) of the events `new` holds after `old`'s last one, if `new` is `old` joined with newer events
-    only (the common case): `old` followed by them, cut to the newest `length`. None otherwise."""
+def _appended(old, new, length: int) -> Optional[int]:
+    """Where the events `new` holds after `old`'s last one start, if `new` is `old` joined with newer events only
+    (the common case): `old` followed by them, cut to the newest `length`. None otherwise."""
     table = new.table()
     if not old:
-        return table, new.ids()
+        return 0
     before = old.table()
     size, raw = table.itemsize, table.tobytes()
     last = before[-1:].tobytes()
@@ -76,7 +76,7 @@ def _appended(old, new, length: int) -> Optional[tuple[np.ndarray, list[str]]]:
         if raw[p * size:(p + 1) * size] == last:
             k = len(before) - (p + 1)
             if (k == 0 or k > 0 and len(table) == length) and raw[:(p + 1) * size] == before[k:].tobytes():
-                return table[p + 1:], new.ids(p + 1)
+                return p + 1
             return None
     return None
 
@@ -112,23 +112,30 @@ class MergedWindows:
         windows, merged, newest = memo
         if not len(merged) or not windows.keys() <= state.keys():
             return None
-        added, ids = [], []
+        grown = []   # (window, where its new events start)
         for scene, window in state.items():
             old = windows.get(scene)
             if window is not old:
-                new = _appended(old, window, self.length)
-                if new is None:
+                start = _appended(old, window, self.length)
+                if start is None:
                     return None
-                added.append(new[0])
-                ids += new[1]
-        if not ids:
+                grown.append((window, start))
+        rows = concat_rows([w.table()[start:] for w, start in grown]) if grown else merged[:0]
+        if not len(rows):
             return merged, newest
-        rows = concat_rows(added)
-        keys = list(zip(rows["ts"].tolist(), ids))
-        if min(keys) <= newest:
+        ts = rows["ts"].tolist()
+        order = sorted(range(len(ts)), key=ts.__getitem__)
+        if ts[order[0]] < newest[0]:
             return None
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        return concat_rows([merged, rows[order]])[-self.length:], keys[order[-1]]
+        if ts[order[0]] == newest[0] or len(set(ts)) < len(ts):   # ties in time: ordered by event id
+            keys = list(zip(ts, [i for w, start in grown for i in w.ids(start)]))
+            if min(keys) <= newest:
+                return None
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            return concat_rows([merged, rows[order]])[-self.length:], keys[order[-1]]
+        # no ties: the newest added event ends its window, and no event id is read
+        newest = max(w.last_key() for w, start in grown if start < len(w))
+        return concat_rows([merged, rows[order]])[-self.length:], newest
 
 
 class InterestEncoder:

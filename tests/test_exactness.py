@@ -271,9 +271,10 @@ def test_the_reuse_rules_shortcut_answers_as_the_full_scan(cone, limit, length, 
     assert _reusable(entry, window, cone, limit >= cone) == _scan(entry, window, cone, limit >= cone)
 
 
-# mostly in order (1 event in ~20 late), so that merged windows are often extended, full ones included
+# mostly in order (1 event in ~20 late), so that merged windows are often extended, full ones included; many ties
+# in time (dt 0), which the merge orders by event id
 merged_stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integers(0, 2), st.integers(0, 3),
-                                      st.integers(-2, 40)), min_size=30, max_size=80)
+                                      st.integers(-2, 40) | st.just(0)), min_size=30, max_size=80)
 
 
 @settings(max_examples=60, deadline=None)
@@ -288,7 +289,8 @@ def test_merged_windows_kept_up_to_date_equal_the_merge_from_scratch(steps, data
     ts, events = 1_700_000_000_000, []
     for n, (u, i, s, a, dt) in enumerate(steps):
         ts += dt * 30_000                   # dt < 0: a late event
-        events.append(Event(f"m{n:03d}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
+        # ids not in arrival order: among events of one time, a later one may sort first
+        events.append(Event(f"m{n * 37 % 101:03d}-{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
     for outcome in _micro_batches(events, data):
         for user, windows in outcome.updates.items():
             assert memo.get(user, windows).tobytes() == merged_window(windows, WINDOW).tobytes()
