@@ -3,7 +3,8 @@
 What it measures, each with its own consumer group reading the whole `clicks` topic (4 partitions) from the start:
 
   raw      a plain aiokafka consumer: getmany() and orjson.loads (then json.loads) of every value; the most a
-           Python consumer gets out of this broker on this machine
+           Python consumer gets out of this broker on this machine. It reads the topic in about a second, so one
+           run is noisy: --raw-repeat runs per decoder (interleaved), the median reported
   noop     a Faust agent that does nothing with its events, built with the worker's own settings
            (stream/worker.py: faust_settings) and the worker's stream.take_events(batch_max, within=batch_wait);
            run in a child process; the rate is timed inside the agent: first micro-batch to last
@@ -566,6 +567,9 @@ def main() -> None:
                          "(default 60; the outputs of events it has not applied by then are not in the latencies).")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="Seconds to keep reading outputs once the worker has counted every event (default 2).")
+    ap.add_argument("--raw-repeat", type=int, default=3,
+                    help="Runs of the raw consumer per decoder, interleaved; the median is the yardstick (default 3: "
+                         "one read of the topic takes about a second here, and single runs of it spread by +-25%%).")
     ap.add_argument("--raw-max-records", type=int, default=1000,
                     help="getmany(max_records=) of the raw consumer (default 1000: the rate is timed from the first "
                          "getmany to the last, so one call must not return the whole topic; 0 = unlimited).")
@@ -619,10 +623,15 @@ def main() -> None:
         report["load_seconds"] = asyncio.run(load_clicks(b.bootstrap, lines))
         say(f"loaded {n:,} events into clicks ({PARTITIONS} partitions) in {report['load_seconds']:.1f} s")
         if "raw" in phases:
-            report["raw"] = [asyncio.run(raw_rate(b.bootstrap, n, d, args.timeout, args.raw_max_records))
-                             for d in ("orjson", "json")]
-            for r in report["raw"]:
-                say(f"raw aiokafka + {r['decoder']}.loads: {fmt(r['events_per_s'])} events/s")
+            raw_runs: dict[str, list[dict]] = {"orjson": [], "json": []}
+            for _ in range(args.raw_repeat):   # interleaved; each run reads the topic in about a second
+                for d, rs in raw_runs.items():
+                    rs.append(asyncio.run(raw_rate(b.bootstrap, n, d, args.timeout, args.raw_max_records)))
+                    say(f"raw aiokafka + {d}.loads: {fmt(rs[-1]['events_per_s'])} events/s")
+            report["raw"] = [{"decoder": d, "events_per_s": median_of(rs, "events_per_s"),
+                              "process_cpu_us_per_event": median_of(rs, "process_cpu_us_per_event"),
+                              "rates": [r.get("events_per_s") for r in rs], "runs": rs}
+                             for d, rs in raw_runs.items()]
         if "noop" in phases:
             runs: dict[str, list[dict]] = {name: [] for name in variants}
             for i in range(args.repeat):
