@@ -163,7 +163,8 @@ content_st = st.fixed_dictionaries({
     "user_id": printable_id, "item_id": printable_id, "scene": st.sampled_from(CFG.scenes),
     "ts": st.integers(CFG.ts_min_ms, CFG.ts_max_ms),
 }, optional={"action": st.sampled_from(CFG.actions) | st.none(), "event_id": printable_id | st.none(),
-             "extra": st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+             "extra": st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+                                   | st.floats(allow_nan=False, allow_infinity=False),
                                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
                                                                                        max_size=3), max_leaves=6)})
 

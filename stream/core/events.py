@@ -98,6 +98,11 @@ def decode(raw: bytes, config: StreamConfig, not_after_ms: Optional[int] = None)
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
             obj = _SLOW
+        if type(obj) is dict:
+            # the stdlib would read the same text to the same six fields (a float elsewhere changes nothing)
+            event = _accept(obj, config, not_after_ms)
+            if event is not None:
+                return event
         if obj is _SLOW or isinstance(obj, dict) and any(type(v) is float for v in obj.values()):
             # the stdlib says precisely what is wrong, and reads integers beyond 64 bits (orjson: floats) exactly
             obj = _slow_loads(raw)
