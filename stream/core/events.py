@@ -41,7 +41,7 @@ REASONS = (
 
 class Event(NamedTuple):
     """One click. A named tuple rather than a frozen dataclass: built once per consumed event, and a tuple is built
-    in a quarter of the time (0.4 against 1.8 us)."""
+    in under a third of the time (0.5 against 1.8 us)."""
     event_id: str
     user_id: str
     item_id: str
