@@ -74,7 +74,7 @@ def _run_side(args) -> dict:
         t1 = time.process_time()
         old: dict = {}
         outcome = apply_batch(lambda user: old.setdefault(user, store.get(user)), good, cfg.window)
-        changed = []
+        changed = []   # MicroBatchService._apply's loop, written out: --against runs checkouts of older commits
         for user, state in outcome.updates.items():
             before = old.get(user) or {}
             for scene, window in state.items():
@@ -112,8 +112,6 @@ def _run_side(args) -> dict:
 
 def _lockstep(args, checkpoint: str) -> dict:
     """This checkout and --against, as two child processes taking turns batch by batch."""
-    pkg = Path(tempfile.mkdtemp(prefix="core-path-"))
-    (pkg / "scenestream").symlink_to(Path(args.against).resolve())   # the package is the checkout's root
     a_in, b_out = os.pipe()
     b_in, a_out = os.pipe()
     common = [sys.executable, __file__, "--checkpoint", checkpoint, "--batch", str(args.batch), "--fresh-batches",
@@ -121,6 +119,9 @@ def _lockstep(args, checkpoint: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     procs = {}
     with tempfile.TemporaryDirectory() as tmp:
+        pkg = Path(tmp) / "pkg"
+        pkg.mkdir()
+        (pkg / "scenestream").symlink_to(Path(args.against).resolve())   # the package is the checkout's root
         for name, fds, extra in (("against", (a_in, a_out), {"PYTHONPATH": str(pkg)}), ("this", (b_in, b_out), {})):
             out = open(Path(tmp) / name, "w+")
             procs[name] = (subprocess.Popen([*common, str(fds[0]), str(fds[1])], env={**env, **extra},
@@ -132,6 +133,7 @@ def _lockstep(args, checkpoint: str) -> dict:
                 raise SystemExit(f"the {name} side failed")
             out.seek(0)
             results[name] = json.loads(out.read().strip().splitlines()[-1])
+            out.close()
     return results
 
 

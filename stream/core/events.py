@@ -108,7 +108,7 @@ def decode(raw: bytes, config: StreamConfig, not_after_ms: Optional[int] = None)
             obj = _slow_loads(raw)
             if isinstance(obj, Rejection):
                 return obj
-        return validate_record(obj, config, not_after_ms)
+        return _judge(obj, config, not_after_ms)   # the fast path has had its say
     except Exception as exc:  # pragma: no cover - a bug here must not stop the stream
         return Rejection("decoder_error", f"{type(exc).__name__}: {exc}"[:200])
 
