@@ -36,6 +36,7 @@ from .core.config import StreamConfig
 from .core.events import Rejection, _slow_loads, check_id
 from .kafka_security import NO_SECURITY
 from .state import CHANGELOG_CONFIG
+from .undecodable import getmany_past_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Refusal reasons: a closed set, so they can label logs and counts (Rejection.reason; detail says more).
 CATALOG_REASONS = ("oversized", "not_utf8", "bad_json", "non_finite", "not_object", "missing_field", "wrong_type",
                    "empty_field", "too_long", "bad_chars", "unknown_op", "unknown_scene", "wrong_dim",
-                   "decoder_error")
+                   "undecodable_batch", "decoder_error")
 
 
 def max_record_bytes(dim: int) -> int:
@@ -159,8 +160,9 @@ class CatalogFollower:
 
     def __init__(self, bootstrap: str, topic: str, index, config: StreamConfig, dim: int,
                  count: Callable[[str, int], None] = lambda outcome, n: None,
-                 security: Mapping[str, Any] = NO_SECURITY):
+                 security: Mapping[str, Any] = NO_SECURITY, isolation_level: str = "read_committed"):
         self.bootstrap, self.topic, self.index, self.security = bootstrap, topic, index, security
+        self.isolation_level = isolation_level   # records of aborted transactions are never applied
         self.config, self.dim = config, dim
         self.count = count        # (outcome, n) for metrics: upserted / deleted / rejected
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")  # big batches stay off the loop
@@ -208,7 +210,8 @@ class CatalogFollower:
         async with self.lock:
             updates, n = [], 0
             for partition, last in sorted(self.applied.items()):
-                async for page in read_range(self.bootstrap, self.topic, partition, 0, last, security=self.security):
+                async for page in read_range(self.bootstrap, self.topic, partition, 0, last, security=self.security,
+                                             isolation_level=self.isolation_level):
                     n += len(page)
                     updates += [u for u in (decode_update(r.value, self.config, index.dim) for r in page)
                                 if isinstance(u, CatalogUpdate)]
@@ -227,7 +230,8 @@ class CatalogFollower:
         from aiokafka import AIOKafkaConsumer
         # no group_id: the consumer is assigned every partition of the topic (and new ones), commits nothing
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", metadata_max_age_ms=5000, **self.security)
+                                    auto_offset_reset="earliest", metadata_max_age_ms=5000,
+                                    isolation_level=self.isolation_level, **self.security)
         self.consumer = consumer
         await consumer.start()
         try:
@@ -235,9 +239,14 @@ class CatalogFollower:
                 await asyncio.sleep(0.5)
             consumer.subscribe([self.topic])
             ends = None
+            positions: dict = {}
             while True:
-                fetched = await consumer.getmany(timeout_ms=500, max_records=10_000)
+                fetched, bad = await getmany_past_undecodable(consumer, positions, timeout_ms=500, max_records=10_000)
                 async with self.lock:
+                    for batch in bad:
+                        self._reject(f"{batch.topic}[{batch.partition}]@{batch.first}..{batch.last}",
+                                     "undecodable_batch", f"{batch.describe()}; read on after it")
+                        self.applied[batch.partition] = batch.last
                     updates = []
                     for tp in sorted(fetched, key=lambda t: t.partition):
                         for m in fetched[tp]:

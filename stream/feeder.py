@@ -32,6 +32,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from .kafka_security import NO_SECURITY
 from .record_batches import key_partitions
 from .service import MicroBatchService, Record
+from .undecodable import getmany_past_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class _Rebalance(ConsumerRebalanceListener):
         self.feeder = feeder
 
     async def on_partitions_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self.feeder.positions.pop(tp, None)
         self.feeder.service.revoke({tp.partition for tp in revoked if tp.topic == self.feeder.topic})
 
     async def on_partitions_assigned(self, assigned) -> None:
@@ -76,7 +79,7 @@ class ClicksFeeder:
     def __init__(self, service: MicroBatchService, bootstrap: str, topic: str, group: str, url: str,
                  batch_max: int, batch_wait: float, session_timeout: float = 6.0, heartbeat_interval: float = 1.0,
                  rebalance_timeout: float = 10.0, fetch_wait: float = 0.05, depth: int = 2,
-                 security: Mapping[str, Any] = NO_SECURITY):
+                 isolation_level: str = "read_committed", security: Mapping[str, Any] = NO_SECURITY):
         self.service, self.topic, self.group = service, topic, group
         # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read, applied and
         # encoded while the one before waits on the broker; more would only queue batches waiting to send, while the
@@ -92,7 +95,8 @@ class ClicksFeeder:
             bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
             partition_assignment_strategy=(self.assignor,), session_timeout_ms=int(session_timeout * 1000),
             heartbeat_interval_ms=int(heartbeat_interval * 1000), rebalance_timeout_ms=int(rebalance_timeout * 1000),
-            fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max, **security)
+            fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max, isolation_level=isolation_level,
+            **security)
         self.consumer: Optional[AIOKafkaConsumer] = None   # made in run(): aiokafka wants the running loop
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
@@ -100,6 +104,7 @@ class ClicksFeeder:
         self._to_commit: dict[TopicPartition, int] = {}
         self._committer: Optional[asyncio.Future] = None
         self._recoveries: set[asyncio.Future] = set()   # partitions being recovered after an assignment
+        self.positions: dict[TopicPartition, int] = {}  # next offset to hand over, per partition read
         self.answered = 0.0   # time.time() of the broker's last answer on the feeder's path: assignment, batch acks
 
     async def on_assigned(self, partitions: set[int]) -> None:
@@ -119,7 +124,8 @@ class ClicksFeeder:
         for p in sorted(partitions):
             tp = TopicPartition(self.topic, p)
             if tp in held and p in self.service.store.applied:
-                self.consumer.seek(tp, self.service.store.applied[p] + 1)
+                self.positions[tp] = self.service.store.applied[p] + 1
+                self.consumer.seek(tp, self.positions[tp])
                 self.consumer.resume(tp)
 
     def _check_recoveries(self) -> None:
@@ -143,10 +149,18 @@ class ClicksFeeder:
                     durable, offsets = in_flight.popleft()
                     await durable
                     self._commit_soon(offsets)
-                got = await self.consumer.getmany(timeout_ms=int(self.batch_wait * 1000), max_records=self.batch_max)
+                got, bad = await getmany_past_undecodable(self.consumer, self.positions, max_records=self.batch_max,
+                                                          timeout_ms=int(self.batch_wait * 1000))
                 records = [Record.from_aiokafka(m) for msgs in got.values() for m in msgs]
+                for batch in bad:   # a dead letter of its own, and the partition goes on after it
+                    log.warning("%s; it goes to the dead-letter topic (reason undecodable_batch) and %s[%d] is read "
+                                "on from offset %d", batch.describe(), batch.topic, batch.partition, batch.last + 1)
+                    records.append(Record(batch.topic, batch.partition, batch.last, None, batch.raw, 0,
+                                          batch.describe()))
                 if records:
-                    offsets = {tp: msgs[-1].offset + 1 for tp, msgs in got.items() if msgs}
+                    read = [tp for tp, msgs in got.items() if msgs]
+                    read += [TopicPartition(b.topic, b.partition) for b in bad]
+                    offsets = {tp: self.positions[tp] for tp in read}
                     in_flight.append((await self.service.submit(records), offsets))
             while in_flight:
                 durable, offsets = in_flight.popleft()

@@ -15,6 +15,9 @@ from typing import Optional, Sequence
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
+# The codecs a record batch may be compressed with (Kafka's; aiokafka reads and writes all of them with cramjam).
+CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+
 _M = np.uint32(0x5BD1E995)
 _SEED = 0x9747B28C
 
@@ -52,6 +55,13 @@ def murmur2(keys: Sequence[bytes]) -> np.ndarray:
     return out
 
 
+def codec_setting(codec: str) -> Optional[str]:
+    """aiokafka's compression_type for one of CODECS."""
+    if codec not in CODECS:
+        raise ValueError(f"compression {codec!r} is not one of {', '.join(CODECS)}")
+    return None if codec == "none" else codec
+
+
 def key_partitions(keys: Sequence[bytes], partitions: int) -> list[int]:
     """The partition the default partitioner gives each key, among `partitions` numbered from 0."""
     return ((murmur2(keys) & np.uint32(0x7FFFFFFF)) % np.uint32(partitions)).tolist()
@@ -82,14 +92,16 @@ class RecordBatches:
         self.open: dict[tuple[str, int], object] = {}
         self.full: list[tuple[str, int, object]] = []   # filled builders, in the order they filled
 
-    def add(self, topic: str, partition: int, key: Optional[bytes], value: bytes) -> None:
+    def add(self, topic: str, partition: int, key: Optional[bytes], value: bytes, timestamp_ms: Optional[int] = None,
+            headers: Optional[list] = None) -> None:
+        """timestamp_ms None: now; headers: a list of (name, bytes) pairs."""
         builder = self.open.get((topic, partition))
         if builder is None:
             builder = self.open[(topic, partition)] = self.producer.create_batch()
-        if builder.append(key=key, value=value, timestamp=None) is None:
+        if builder.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
             self.full.append((topic, partition, builder))
             builder = self.open[(topic, partition)] = self.producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:
+            if builder.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
                 raise ValueError(f"a record of {len(value)} bytes is larger than the producer's max_batch_size")
 
     async def send(self) -> list[SentBatch]:

@@ -64,6 +64,7 @@ from .kafka_security import NO_SECURITY
 from .metrics import WorkerMetrics
 from .record_batches import RecordBatches, key_partitions
 from .state import CHANGELOG_CONFIG, ChangelogStore
+from .undecodable import getmany_past_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class Record(NamedTuple):
     key: Optional[bytes]
     value: Optional[bytes]
     timestamp_ms: int            # the broker's (or producer's) timestamp; <= 0 when unknown
+    broken: str = ""             # a record batch that could not be decoded (stream/undecodable.py): why, its
+                                 # bytes in `value`, its last offset in `offset`; rejected, never decoded
 
     @classmethod
     def from_aiokafka(cls, m) -> "Record":
@@ -149,25 +152,28 @@ def dead_letter(record: Record, rejection: Rejection) -> tuple[Optional[bytes], 
 
 
 async def read_range(bootstrap: str, topic: str, partition: int, first: int, last: int, page: int = GAP_PAGE,
-                     deadline_s: float = GAP_DEADLINE_S, security: Mapping[str, Any] = NO_SECURITY
-                     ) -> AsyncIterator[list[Record]]:
+                     deadline_s: float = GAP_DEADLINE_S, security: Mapping[str, Any] = NO_SECURITY,
+                     isolation_level: str = "read_committed") -> AsyncIterator[list[Record]]:
     """Records first..last of one partition (read directly, not through the consumer group), in pages of at most
-    `page`. Reads until the position passes `last`, through empty fetches; raises TimeoutError after `deadline_s`
-    seconds without getting there (the caller crashes; a restart tries again)."""
+    `page`; a batch that cannot be decoded comes as one record with `broken` set. Reads until the position passes
+    `last`, through empty fetches; raises TimeoutError after `deadline_s` seconds without getting there (the caller
+    crashes; a restart tries again)."""
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                                **security)
+                                isolation_level=isolation_level, **security)
     await consumer.start()
     try:
         consumer.assign([tp])
         consumer.seek(tp, first)
+        positions = {tp: first}
         deadline = time.monotonic() + deadline_s
         while await consumer.position(tp) <= last:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}[{partition}]: re-reading {first}..{last} did not reach offset {last} "
                                    f"within {deadline_s:g} s (at {await consumer.position(tp)})")
-            got = (await consumer.getmany(tp, timeout_ms=1000, max_records=page)).get(tp, [])
-            chunk = [Record.from_aiokafka(m) for m in got if first <= m.offset <= last]
+            got, bad = await getmany_past_undecodable(consumer, positions, timeout_ms=1000, max_records=page)
+            chunk = [Record.from_aiokafka(m) for m in got.get(tp, ()) if first <= m.offset <= last]
+            chunk += [Record(topic, partition, b.last, None, b.raw, 0, b.describe()) for b in bad if b.last <= last]
             if chunk:
                 yield chunk
     finally:
@@ -198,8 +204,9 @@ class _Batch:
 class MicroBatchService:
     def __init__(self, encoder: InterestEncoder, store: ChangelogStore, output_topic: str, dlq_topic: str,
                  bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0,
-                 index: Optional[ItemIndex] = None):
+                 index: Optional[ItemIndex] = None, isolation_level: str = "read_committed"):
         self.model = Serving(encoder, index)   # replaced whole by a swap (`use`), never changed in place
+        self.isolation_level = isolation_level   # of the gap re-read: as the feeder reads clicks
         self.store = store
         store.on_evict = lambda user: self.latest.pop(user, None)   # a record is kept only for users in memory
         self.output_topic, self.dlq_topic, self.bootstrap = output_topic, dlq_topic, bootstrap
@@ -363,7 +370,8 @@ class MicroBatchService:
         first = self.store.applied[partition] + 1
         log.info("partition %d: re-reading offsets %d..%d past the durable marker", partition, first, before - 1)
         async for page in read_range(self.bootstrap, topic, partition, first, before - 1,
-                                     security=self.store.security):   # the store's cluster, its settings
+                                     security=self.store.security,   # the store's cluster, its settings
+                                     isolation_level=self.isolation_level):
             self.counts["reread"] += len(page)
             if not self.owns(partition, epoch):
                 return False
@@ -378,7 +386,8 @@ class MicroBatchService:
         events: list[Event] = []
         rejected: list[tuple[Record, Rejection]] = []
         for r in recs:
-            got = decode(r.value, self.config, not_after_ms=self._not_after(r))
+            got = decode(r.value, self.config, not_after_ms=self._not_after(r)) if not r.broken else \
+                Rejection("undecodable_batch", r.broken)
             if isinstance(got, Event):
                 got = check_key(r.key, got) or got
             if isinstance(got, Rejection):

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from .core.events import Event
 from .core.popularity import Popularity
 from .core.window import EMPTY, UserState, Window, apply_window, item_delta
-from .record_batches import RecordBatches, SentBatch
+from .record_batches import RecordBatches, SentBatch, codec_setting
 from .rocks import DiskPartition
 from .kafka_security import NO_SECURITY
 
@@ -159,8 +159,9 @@ class ChangelogStore:
     not in memory is read back from disk when touched."""
 
     def __init__(self, bootstrap: str, topic: str, window: int, security: Mapping[str, Any] = NO_SECURITY,
-                 state_dir: Optional[str] = None, max_users: int = 0, idle_s: float = 0.0):
+                 state_dir: Optional[str] = None, max_users: int = 0, idle_s: float = 0.0, compression: str = "none"):
         self.bootstrap, self.topic, self.window, self.security = bootstrap, topic, window, security
+        self.compression = codec_setting(compression)   # of every record the worker writes (this producer's)
         self.state_dir, self.max_users, self.idle_s = state_dir, max_users, idle_s
         if (max_users or idle_s) and not state_dir:
             raise ValueError("a memory cap or an idle-user TTL needs the rocksdb state (users leave memory for disk)")
@@ -181,7 +182,7 @@ class ChangelogStore:
         # linger 0: a micro-batch queues all its sends before it first yields, so they leave in one request anyway;
         # any linger would only add to every batch's two waits on the broker
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
-                                         max_batch_size=1 << 20, **self.security)
+                                         max_batch_size=1 << 20, compression_type=self.compression, **self.security)
         await self.producer.start()
 
     async def stop(self) -> None:

@@ -30,6 +30,7 @@ from .broker import bootstrap_servers
 from .catalog import CATALOG_CONFIG, CatalogFollower
 from .metrics import WorkerMetrics
 from .feeder import ClicksFeeder
+from .rekey import Rekeyer, by_user_topic
 from .kafka_security import NO_SECURITY, KafkaSecurity
 from .service import POPULARITY_CONFIG, MicroBatchService
 from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
@@ -73,6 +74,9 @@ class WorkerConfig:
     max_users_in_memory: int = 0         # rocksdb: most users in RAM (0: no cap)
     idle_user_ttl: float = 0.0           # rocksdb: seconds untouched before a user leaves RAM (0: never)
     broker_outage_limit: float = 30.0    # seconds without an answer from the broker before the worker exits (69)
+    isolation_level: str = "read_committed"   # of the clicks and catalog consumers: aborted transactions unread
+    compression: str = "lz4"             # codec of the records the worker writes (outputs, changelog, dead letters)
+    rekey: bool = False                  # clicks not keyed by user_id: re-key them first (stream/rekey.py)
 
     @property
     def url(self) -> str:
@@ -90,6 +94,11 @@ class WorkerConfig:
     @property
     def popularity_topic(self) -> str:
         return f"{self.app_id}-popularity"
+
+    @property
+    def feed_topic(self) -> str:
+        """What the micro-batches read: the clicks topic, or with `rekey` its copy keyed by user_id."""
+        return by_user_topic(self.app_id) if self.rekey else self.clicks_topic
 
 
 def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
@@ -134,16 +143,19 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     security = cfg.security.client_kwargs()
     service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, security,
                                                    state_dir=cfg.state_dir if cfg.state == "rocksdb" else None,
-                                                   max_users=cfg.max_users_in_memory, idle_s=cfg.idle_user_ttl),
+                                                   max_users=cfg.max_users_in_memory, idle_s=cfg.idle_user_ttl,
+                                                   compression=cfg.compression),
                                 cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
-                                max_clock_skew_s=cfg.max_clock_skew, index=index)
+                                max_clock_skew_s=cfg.max_clock_skew, index=index, isolation_level=cfg.isolation_level)
     metrics.watch_cache(lambda: service.model.encoder.caches)
     metrics.watch_state(service.store)
     metrics.model.info({"version": encoder.version})
-    feeder = ClicksFeeder(service, cfg.bootstrap, cfg.clicks_topic, cfg.app_id, cfg.url, cfg.batch_max,
-                          cfg.batch_wait, fetch_wait=cfg.fetch_wait, security=security)
+    feeder = ClicksFeeder(service, cfg.bootstrap, cfg.feed_topic, cfg.app_id, cfg.url, cfg.batch_max,
+                          cfg.batch_wait, fetch_wait=cfg.fetch_wait, isolation_level=cfg.isolation_level,
+                          security=security)
     catalog = CatalogFollower(cfg.bootstrap, cfg.catalog_topic, index, service.config, index.dim,
-                              count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n), security=security)
+                              count=lambda outcome, n: metrics.catalog.labels(outcome).inc(n), security=security,
+                              isolation_level=cfg.isolation_level)
     # a saved --index belongs to the start model: a swapped-in model's index is built with --index-kind
     watcher = ModelWatcher(cfg.checkpoint, service, catalog, metrics,
                            lambda path: load_model(path, service.model.encoder, cfg.index_kind))
@@ -154,8 +166,19 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     async def feed():   # crash-only: a failed batch is neither durable nor committed; a restart redoes it
         await or_crash(feeder.run(), "the clicks feeder", broker)
 
+    rekeyer = None
+    if cfg.rekey:
+        rekeyer = Rekeyer(cfg.bootstrap, cfg.clicks_topic, cfg.feed_topic, f"{cfg.app_id}-rekey", cfg.dlq_topic,
+                          service.config, cfg.batch_max, cfg.isolation_level, cfg.compression, security)
+
+        @app.task
+        async def rekey():   # crash-only, as the feeder: what it had not committed is re-keyed again
+            await or_crash(rekeyer.run(), "the re-keying stage", broker)
+
     @app.on_before_shutdown.connect
     async def on_shutdown(app, **kwargs):   # finish the batch in flight, leave the group, then close
+        if rekeyer is not None:
+            rekeyer.stop()
         broker.stop()
         catalog.stop()
         watcher.stop()
@@ -177,7 +200,8 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     async def declare_topics():
         for topic in (cfg.output_topic, cfg.dlq_topic):
             await app.topic(topic, partitions=cfg.partitions, replicas=cfg.replication_factor).maybe_declare()
-        log.info("worker %s consuming %s on %s", cfg.app_id, cfg.clicks_topic, cfg.broker)
+        log.info("worker %s consuming %s on %s%s", cfg.app_id, cfg.clicks_topic, cfg.broker,
+                 f", re-keyed into {cfg.feed_topic}" if cfg.rekey else "")
 
     @app.task
     async def follow_catalog():   # a restart rebuilds the index from the catalog topic
@@ -303,6 +327,11 @@ async def prepare_topics(cfg: WorkerConfig) -> None:
     if clicks is None:   # created as producers would find it; an existing one is theirs and never changed
         await ensure_topic(cfg.bootstrap, cfg.clicks_topic, cfg.partitions, cfg.replication_factor, {}, security)
         clicks = cfg.partitions
+    if cfg.rekey:   # the micro-batches read the re-keyed copy: the changelog follows its partitions
+        for problem in await ensure_topic(cfg.bootstrap, cfg.feed_topic, cfg.partitions, cfg.replication_factor, {},
+                                          security):
+            log.warning("%s", problem)
+        clicks = await partition_count(cfg.bootstrap, cfg.feed_topic, security) or cfg.partitions
     for topic, partitions, config in ((cfg.changelog, clicks, CHANGELOG_CONFIG),
                                       (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG),
                                       (cfg.popularity_topic, 1, POPULARITY_CONFIG)):
@@ -310,7 +339,7 @@ async def prepare_topics(cfg: WorkerConfig) -> None:
             log.warning("%s", problem)
     have = await partition_count(cfg.bootstrap, cfg.changelog, security) or 0
     if have < clicks:
-        raise RuntimeError(f"the changelog {cfg.changelog} has {have} partitions but {cfg.clicks_topic} has {clicks}: "
+        raise RuntimeError(f"the changelog {cfg.changelog} has {have} partitions but {cfg.feed_topic} has {clicks}: "
                            f"add partitions to the changelog (kafka-topics --alter --partitions {clicks})")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..record_batches import CODECS
 from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_security_options, open_model
 
 
@@ -87,13 +88,26 @@ from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_se
                    "so that a restart recovers from durable state. Above about 40 s (aiokafka's request timeout) a "
                    "worker with batches in flight ends at that timeout instead, the same way. A broker unreachable "
                    "at start is refused at once (exit 1, one line).")
+@click.option("--isolation-level", type=click.Choice(["read_committed", "read_uncommitted"]),
+              default="read_committed",
+              help="How clicks and the catalog are read: read_committed skips the records of aborted transactions "
+                   "(a transactional producer's writes count once committed). The embedded broker does not filter "
+                   "them: there the two read the same (docs/operations.md, \"Real producers\").")
+@click.option("--compression", type=click.Choice(CODECS), default="lz4",
+              help="Codec of the record batches the worker writes (outputs, changelog, dead letters); any codec is "
+                   "read (BENCHMARKS.md, \"Compression\").")
+@click.option("--rekey/--no-rekey", default=False,
+              help="For clicks not keyed by user_id (by session, device, or null keys): each worker also re-keys "
+                   "the clicks topic into APP_ID-clicks-by-user, keyed by user_id, and reads that. Without it, an "
+                   "event whose key is not its user_id is a dead letter (key_mismatch).")
 @encoder_cache_option
 @torch_threads_option
 def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic, partitions, batch_max,
            batch_wait, fetch_wait, web_host, web_port, canonical_url, api_token, rate_limit, device, catalog_topic,
            index_kind, index_path,
            replication_factor, max_clock_skew, popularity_interval, model_poll, state, state_dir,
-           max_users_in_memory, idle_user_ttl, broker_outage_limit, encoder_cache_mb, security):
+           max_users_in_memory, idle_user_ttl, broker_outage_limit, isolation_level, compression, rekey,
+           encoder_cache_mb, security):
     """The live worker: consume clicks, update windows, publish fused interest vectors, serve the HTTP API."""
     import asyncio
 
@@ -121,7 +135,8 @@ def worker(broker_url, checkpoint, app_id, clicks_topic, dlq_topic, output_topic
                        popularity_interval=popularity_interval, checkpoint=checkpoint, model_poll=model_poll,
                        security=security, state=state, state_dir=state_dir,
                        max_users_in_memory=max_users_in_memory, idle_user_ttl=idle_user_ttl,
-                       broker_outage_limit=broker_outage_limit)
+                       broker_outage_limit=broker_outage_limit, isolation_level=isolation_level,
+                       compression=compression, rekey=rekey)
     try:
         index = open_index(cfg, encoder)
         asyncio.run(prepare_topics(cfg))

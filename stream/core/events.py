@@ -35,6 +35,7 @@ REASONS = (
     "ts_out_of_range",    # ts outside [ts_min_ms, ts_max_ms]
     "ts_in_future",       # ts later than the record's broker timestamp plus the allowed clock skew (live only)
     "key_mismatch",       # the Kafka key is not the event's user_id (live only): the user's state would split
+    "undecodable_batch",  # the record batch holding it cannot be decoded (live only): corrupt, or an unknown codec
     "decoder_error",      # a bug in this module; counted, never raised
 )
 
