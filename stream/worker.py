@@ -75,7 +75,7 @@ class WorkerConfig:
     idle_user_ttl: float = 0.0           # rocksdb: seconds untouched before a user leaves RAM (0: never)
     broker_outage_limit: float = 30.0    # seconds without an answer from the broker before the worker exits (69)
     isolation_level: str = "read_committed"   # of the clicks and catalog consumers: aborted transactions unread
-    compression: str = "lz4"             # codec of the records the worker writes (outputs, changelog, dead letters)
+    compression: str = "zstd"            # codec of the records the worker writes (outputs, changelog, dead letters)
     rekey: bool = False                  # clicks not keyed by user_id: re-key them first (stream/rekey.py)
 
     @property

@@ -98,8 +98,10 @@ class WorkerProcess:
         code = self.proc.wait(timeout)
         return code, time.monotonic() - t0
 
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.log_dir.glob(f"{self.app_id}-*")))
+    def log_text(self, tail: int | None = 4000) -> str:
+        """The end of each incarnation's log (all of it with tail None)."""
+        return "\n".join(p.read_text(errors="replace")[-tail if tail else 0:]
+                         for p in sorted(self.log_dir.glob(f"{self.app_id}-*")))
 
 
 @pytest.fixture

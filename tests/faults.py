@@ -24,27 +24,45 @@ def drop_last_state_record() -> None:
     state.ChangelogStore._read_changelog = dropping
 
 
+FIRED = "FAULT FIRED: "   # what a fault prints (to the worker's log) each time it acts, so a test can tell it did
+
+
 def outputs_lost_in_flight() -> None:
     """The broker never acknowledges an output record (user-interests), and the worker dies the moment the
     changelog acknowledges a state write: a crash that lands after the state is durable and before the outputs
-    are, if the worker ever lets the state go first."""
+    are, if the worker ever lets the state go first. Both ways the worker sends records are covered (record
+    batches, which the worker uses, and single sends), and each held-back output prints a FIRED line."""
     import asyncio
     import os
 
     from aiokafka import AIOKafkaProducer
 
     from scenestream.stream import state
-    send = AIOKafkaProducer.send
+    send, send_batch = AIOKafkaProducer.send, AIOKafkaProducer.send_batch
 
-    async def faulty(self, topic, value=None, key=None, *args, **kwargs):
-        if topic.endswith("-out"):
-            return asyncio.get_running_loop().create_future()   # in flight forever
-        future = await send(self, topic, value, key, *args, **kwargs)
-        if topic.endswith("-state-changelog") and key != state.FENCE_KEY:
-            future.add_done_callback(lambda _: os._exit(1))
+    def held(topic):
+        print(f"{FIRED}outputs to {topic} held back, never acknowledged", file=sys.stderr, flush=True)
+        return asyncio.get_running_loop().create_future()   # in flight forever
+
+    def die_once_acknowledged(future):
+        future.add_done_callback(lambda _: os._exit(1))
         return future
 
-    AIOKafkaProducer.send = faulty
+    async def faulty_send(self, topic, value=None, key=None, *args, **kwargs):
+        if topic.endswith("-out"):
+            return held(topic)
+        future = await send(self, topic, value, key, *args, **kwargs)
+        if topic.endswith("-state-changelog") and key != state.FENCE_KEY:
+            return die_once_acknowledged(future)
+        return future
+
+    async def faulty_send_batch(self, batch, topic, *, partition):
+        if topic.endswith("-out"):
+            return held(topic)
+        future = await send_batch(self, batch, topic, partition=partition)
+        return die_once_acknowledged(future) if topic.endswith("-state-changelog") else future
+
+    AIOKafkaProducer.send, AIOKafkaProducer.send_batch = faulty_send, faulty_send_batch
 
 
 SLOW_RECOVERY_S = 3.0

@@ -61,7 +61,10 @@ def metric_values(text: str) -> dict[str, float]:
 
 def _handled(w) -> float:
     """Events the worker applied plus records it refused, by its own counters (updated once a batch is durable)."""
-    m = metric_values(get(w.api + "/metrics")[1].decode())
+    return _handled_in(metric_values(get(w.api + "/metrics")[1].decode()))
+
+
+def _handled_in(m: dict) -> float:
     return m.get("scenestream_events_consumed_total", 0) + \
         sum(v for k, v in m.items() if k.startswith("scenestream_events_invalid_total"))
 
@@ -74,7 +77,8 @@ def served(broker, checkpoint, tmp_path_factory):
     wait_ready(w)
     run(produce_lines(broker.bootstrap, w.topics["clicks"], lines, progress=False))
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _handled(w) < len(lines):   # every line applied or a dead letter
+    while _handled(w) < len(lines):   # every line applied or a dead letter
+        assert time.monotonic() < deadline, f"{_handled(w)} of {len(lines)} lines handled in 60 s\n{w.log_text()}"
         time.sleep(0.5)
     yield w, events
     w.kill()
@@ -173,7 +177,10 @@ def test_metrics_parse_and_move_with_traffic(served, broker):
     run(produce_lines(broker.bootstrap, w.topics["clicks"],
                       [encode(Event("m-1", user, events[0].item_id, events[0].scene, "view", newest + 99_999)),
                        b"not json"], progress=False))
-    time.sleep(2.0)
+    deadline = time.monotonic() + 30
+    while _handled(w) < _handled_in(before) + 3:   # the three records applied or refused, by the counters
+        assert time.monotonic() < deadline, "the three records were not handled within 30 s"
+        time.sleep(0.2)
     after = metric_values(get(w.api + "/metrics")[1].decode())
     # the latency histogram is in seconds: the aged record adds its 30 s, the two fresh ones a second or two
     added = after["scenestream_event_to_publish_seconds_sum"] - before["scenestream_event_to_publish_seconds_sum"]

@@ -69,9 +69,10 @@ def wait_for_owners(workers: list[WorkerProcess], timeout: float) -> dict[Worker
         time.sleep(0.3)
 
 
-def answered(w: WorkerProcess, other: WorkerProcess, user: str, d: int, seen: Counter) -> bool:
+def answered(w: WorkerProcess, other: WorkerProcess, user: str, d: int, seen: Counter, errors: Counter) -> bool:
     """The user's interests (from one survivor) and recommendations (from the other) answer 200 from the user's own
-    vector, not the popular fallback. `seen` counts the statuses met on the way."""
+    vector, not the popular fallback. `seen` counts the HTTP statuses met on the way, `errors` the requests that got
+    none (by exception)."""
     try:
         status, body = get(f"{w.api}/users/{user}/interests")
         seen[status] += 1
@@ -81,7 +82,7 @@ def answered(w: WorkerProcess, other: WorkerProcess, user: str, d: int, seen: Co
         seen[status] += 1
         return status == 200 and body.get("fallback") is None and len(body["items"]) == 5
     except OSError as exc:
-        seen[type(exc).__name__] += 1
+        errors[type(exc).__name__] += 1
         return False
 
 
@@ -122,10 +123,10 @@ def test_a_killed_worker_s_partitions_move_to_the_survivors_exactly(broker, chec
 
         # (b) every dead user's interests and recommendations answer from a survivor within 30 s of the kill
         d = load_checkpoint(checkpoint).model.cfg.d_model
-        pending, seen = {u: n for n, u in enumerate(dead_users)}, Counter()
+        pending, seen, errors = {u: n for n, u in enumerate(dead_users)}, Counter(), Counter()
         while pending and time.monotonic() - killed_at < API_DEADLINE:
             for u, n in list(pending.items()):
-                if answered(survivors[n % 2], survivors[(n + 1) % 2], u, d, seen):
+                if answered(survivors[n % 2], survivors[(n + 1) % 2], u, d, seen, errors):
                     del pending[u]
             if pending:
                 time.sleep(0.2)
@@ -135,6 +136,7 @@ def test_a_killed_worker_s_partitions_move_to_the_survivors_exactly(broker, chec
         # on the way: 503 while requests are forwarded to the dead owner (until its session times out, 6 s), 404 or
         # the popular fallback while a new owner has yet to apply the user's events; never a server error
         assert not any(status >= 500 and status != 503 for status in seen), dict(seen)
+        assert not errors, f"requests to the survivors that got no answer at all: {dict(errors)}"
         print(f"all {len(dead_users)} users of the dead worker answered {api_s:.1f} s after the kill; "
               f"statuses on the way: {dict(seen)}")
         after = wait_for_owners(survivors, timeout=15)

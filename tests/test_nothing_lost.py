@@ -31,6 +31,7 @@ from scenestream.stream.service import MicroBatchService, Record, dead_letter, r
 from scenestream.stream.state import CHANGELOG_CONFIG, ChangelogStore, encode_state, ensure_topic
 
 from .conftest import run
+from .faults import FIRED
 from .test_api import get, metric_values, wait_ready
 from .test_worker import assert_equal_records, offline_records, read_topic, stream_of, wait_for
 
@@ -173,18 +174,20 @@ def _records(topic, events, partition=0, first_offset=0, key=None):
                    int(time.time() * 1000)) for n, e in enumerate(events)]
 
 
-def _slow_first_send(service, seconds):
+def _slow_first_send(service, seconds) -> asyncio.Event:
     """The service's first send to the broker (a batch's outputs) waits `seconds`: the batch stays in flight,
-    applied and encoded but nothing of it durable, so a rebalance can land meanwhile."""
+    applied and encoded but nothing of it durable, so a rebalance can land meanwhile. Returns an event set once
+    that send has begun."""
     real = service.store.producer.send_batch
-    slowed = []
+    started = asyncio.Event()
 
     async def send_batch(batch, topic, **kw):
-        if not slowed:
-            slowed.append(topic)
+        if not started.is_set():
+            started.set()
             await asyncio.sleep(seconds)
         return await real(batch, topic, **kw)
     service.store.producer.send_batch = send_batch
+    return started
 
 
 async def _service(broker, checkpoint, slow=0.0):
@@ -195,8 +198,7 @@ async def _service(broker, checkpoint, slow=0.0):
     store = ChangelogStore(broker.bootstrap, topics["changelog"], encoder.window)
     service = MicroBatchService(encoder, store, topics["out"], topics["dlq"], broker.bootstrap)
     await service.assign({0})
-    if slow:
-        _slow_first_send(service, slow)
+    service.slow_send_started = _slow_first_send(service, slow) if slow else None
     return service, topics
 
 
@@ -211,7 +213,7 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
     async def scenario():
         service, topics = await _service(broker, checkpoint, slow=2.0)
         batch = asyncio.create_task(service.handle(_records(topics["clicks"], [mine])))
-        await asyncio.sleep(0.5)                       # the batch is sending its outputs now
+        await service.slow_send_started.wait()        # the batch is sending its outputs now
         service.revoke({0})
         other = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.window)
         await other.start()
@@ -243,7 +245,8 @@ def test_a_partition_revoked_while_its_gap_waits_is_left_to_its_new_owner(broker
     async def scenario():
         service, topics = await _service(broker, checkpoint, slow=2.0)
         one = await service.submit(_records(topics["clicks"], first))    # in flight for 2 s
-        asyncio.get_running_loop().call_later(0.5, service.revoke, {0})   # a rebalance, meanwhile
+        asyncio.ensure_future(service.slow_send_started.wait()).add_done_callback(
+            lambda _: service.revoke({0}))                                # a rebalance, meanwhile
         two = await service.submit(_records(topics["clicks"], after_gap, first_offset=10))   # 3..9: a gap
         await asyncio.gather(one, two)
         held = service.assigned, service.state_of("u2")
@@ -463,14 +466,20 @@ def test_outputs_are_durable_before_the_state_that_produced_them(broker, checkpo
     """A crash after the changelog acknowledged a batch's state but before its output records were acknowledged.
     Before: the restarted worker found the re-delivered events already in state, changed nothing, and published
     nothing: those users' records were lost. The fault (tests/faults.py) holds output records back forever and
-    kills the worker when a state write is acknowledged."""
+    kills the worker when a state write is acknowledged: a worker that writes state first dies of it, and its
+    restart misses the outputs; one that waits for its outputs never writes the state, and is killed here."""
     events, lines, _ = stream_of(600, 0, seed=32)
     w = worker_factory()
     run(produce_lines(broker.bootstrap, w.topics["clicks"], lines, progress=False))   # one micro-batch
     w.start(fault="outputs_lost_in_flight")
-    deadline = time.monotonic() + 30
-    while w.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while FIRED not in w.log_text(tail=None) and w.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert FIRED in w.log_text(tail=None), "the fault never held back an output: it guards nothing"
+    try:
+        w.proc.wait(10)          # time enough to write the state, for a worker that would
+    except subprocess.TimeoutExpired:
+        pass
     w.kill()                     # the fault killed it, or the worker is stuck awaiting outputs: kill it either way
     w.start()
     want = offline_records(checkpoint, events)

@@ -34,6 +34,8 @@ pytestmark = pytest.mark.timeout(600)
 TOKEN = "s3cret-Token-4f9a"
 PROTECTED = ["/users/{u}/recommendations?k=3", "/users/{u}/interests", "/metrics",
              "/router/", "/table/", "/", "/graph/", "/stats/", "/assignment/"]   # the last five are Faust's own
+# what they answer with the token where not 200: routes this Faust does not serve (the token is asked for first)
+ANSWERED = {"/graph/": 404, "/stats/": 404, "/assignment/": 404}
 
 
 def call(url: str, token: str | None = TOKEN, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -139,7 +141,8 @@ def test_every_protected_endpoint_needs_the_token(pair):
         for token in (None, "wrong", TOKEN[:-1]):
             status, headers, body = call(url, token)
             assert status == 401 and b'"status":401' in body.replace(b" ", b""), (path, token, status, body)
-        assert call(url)[0] in (200, 404), path   # with the token: answered (Faust's / may be absent: 404)
+        status = call(url)[0]
+        assert status == ANSWERED.get(path, 200), (path, status)   # with the token: answered
     assert call(a.api + "/healthz", None)[0] == 200 and call(a.api + "/readyz", None)[0] == 200
 
 

