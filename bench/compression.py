@@ -94,7 +94,7 @@ def measure(batches: list[list[tuple]], codec: str, repeat: int) -> dict:
 
 
 def main() -> None:
-    from scenestream.stream.record_batches import CODECS
+    from scenestream.stream.core.config import CODECS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="model whose records are measured (default: a tiny one, trained now)")
     ap.add_argument("--events", type=int, default=20_000, help="events of the default synthetic stream")

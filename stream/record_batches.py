@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-# The codecs a record batch may be compressed with (Kafka's; aiokafka reads and writes all of them with cramjam).
-CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+from .core.config import CODECS
 
 _M = np.uint32(0x5BD1E995)
 _SEED = 0x9747B28C

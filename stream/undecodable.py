@@ -26,7 +26,7 @@ from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaE
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.memory_records import MemoryRecords
 
-PROBE_BYTES = 8 << 20   # one raw fetch: more than a consumer's default max_partition_fetch_bytes (1 MiB)
+PROBE_BYTES = 8 << 20   # one raw fetch: at least this, and twice the consumer's max_partition_fetch_bytes
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,10 @@ async def getmany_past_undecodable(consumer: AIOKafkaConsumer, positions: dict[T
                                    **getmany: Any) -> tuple[dict[TopicPartition, list], list[UndecodableBatch]]:
     """consumer.getmany(**getmany), and the undecodable batches met instead of raising. `positions` is the caller's
     own next offset of each partition it reads (after the last record it was handed; a partition missing is read
-    from the group's committed offset, else from its beginning: auto_offset_reset=earliest); on a bad batch the records before it are returned and the consumer is sought past it,
-    every other partition back to its position. `positions` is moved past whatever is returned; the caller sets a
-    partition's entry when it seeks, and drops it when the partition is taken away."""
+    from the group's committed offset, else from its beginning: auto_offset_reset=earliest); on a bad batch the
+    records before it are returned and the consumer is sought past it, every other partition back to its position.
+    `positions` is moved past whatever is returned; the caller sets a partition's entry when it seeks, and drops it
+    when the partition is taken away."""
     try:
         got = await consumer.getmany(**getmany)
     except Exception as exc:   # noqa: BLE001 - sorted out below: a bad batch, or raised again
@@ -104,37 +105,32 @@ async def _past_bad_batch(consumer: AIOKafkaConsumer, positions: dict[TopicParti
 
 async def probe(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> tuple[list, Optional[UndecodableBatch]]:
     """Fetch tp from `offset` with the consumer's connection and settings, and decode it the way the consumer does:
-    (the records before the first batch that fails, that batch), or (records, None) when every batch up to the
-    partition's end decodes. Only called after a failure, so it may be slow."""
-    client = consumer._client   # the consumer's own connections: its brokers, TLS and SASL (aiokafka >= 0.14)
-    fetcher = consumer._fetcher
-    isolation = fetcher._isolation_level
-    records: list = []
-    while True:
+    (the records before the first batch that fails, that batch), or (records, None) when all of it decodes. One
+    fetch of more than the consumer's own (aiokafka fetches a partition again only once it has handed over all it
+    fetched before, so the batch that failed lies within that many bytes of the position)."""
+    client = consumer._client   # the consumer's own connections: its brokers, TLS and SASL (aiokafka 0.14)
+    isolation = consumer._fetcher._isolation_level
+    size = max(PROBE_BYTES, 2 * consumer._fetcher._max_partition_fetch_bytes)
+    node = client.cluster.leader_for_partition(tp)
+    if node is None or node < 0:
+        await client.force_metadata_update()
         node = client.cluster.leader_for_partition(tp)
-        if node is None or node < 0:
-            await client.force_metadata_update()
-            node = client.cluster.leader_for_partition(tp)
-        request = FetchRequest(100, 1, PROBE_BYTES, isolation, [(tp.topic, [(tp.partition, offset, PROBE_BYTES)])])
-        response = await client.send(node, request)
-        part = _partition_data(response, tp)
-        if part is None:
-            return records, None
-        error_code, aborted, raw = part
-        if error_code:
-            raise for_code(error_code)(f"probing {tp.topic}[{tp.partition}] at offset {offset}")
-        memory = MemoryRecords(raw)
-        if not memory.has_next():
-            return records, None
-        parsed = PartitionRecords(tp, MemoryRecords(raw), aborted, offset, None, None, True, isolation)
-        try:
-            for record in parsed:
-                records.append(record)
-        except Exception as exc:   # noqa: BLE001 - the batch at parsed.next_fetch_offset is the bad one
-            return records, _bad_batch(tp, raw, parsed.next_fetch_offset, exc)
-        if parsed.next_fetch_offset <= offset:   # nothing decodable and nothing raised: a batch too big to fetch
-            return records, None
-        offset = parsed.next_fetch_offset
+    request = FetchRequest(100, 1, size, isolation, [(tp.topic, [(tp.partition, offset, size)])])
+    response = await client.send(node, request)
+    part = _partition_data(response, tp)
+    if part is None:
+        return [], None
+    error_code, aborted, raw = part
+    if error_code:
+        raise for_code(error_code)(f"probing {tp.topic}[{tp.partition}] at offset {offset}")
+    records: list = []
+    parsed = PartitionRecords(tp, MemoryRecords(raw), aborted, offset, None, None, True, isolation)
+    try:
+        for record in parsed:
+            records.append(record)
+    except Exception as exc:   # noqa: BLE001 - the batch at parsed.next_fetch_offset is the bad one
+        return records, _bad_batch(tp, raw, parsed.next_fetch_offset, exc)
+    return records, None
 
 
 def _bad_batch(tp: TopicPartition, raw: bytes, at: int, exc: Exception) -> UndecodableBatch:

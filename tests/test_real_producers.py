@@ -17,7 +17,7 @@ from aiokafka.record.util import calc_crc32c
 from scenestream.stream.catalog import CatalogFollower
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.feeder import ClicksFeeder
-from scenestream.stream.record_batches import CODECS
+from scenestream.stream.core.config import CODECS
 from scenestream.stream.service import read_range
 from scenestream.stream.state import ensure_topic, partition_count
 from scenestream.stream.undecodable import getmany_past_undecodable

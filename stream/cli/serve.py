@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..record_batches import CODECS
+from ..core.config import CODECS
 from .common import DEVICE, encoder_cache_option, torch_threads_option, kafka_security_options, open_model
 
 

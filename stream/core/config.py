@@ -18,6 +18,9 @@ TS_MIN_MS = 631_152_000_000
 TS_MAX_MS = 4_102_444_800_000
 
 # Environment-only settings (every other setting is a CLI flag with its own variable; docs/configuration.md).
+# The codecs a Kafka record batch may be compressed with; the worker reads all of them and writes with one.
+CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+
 SCENES_ENV = "SCENESTREAM_SCENES"    # comma-separated scenes of event logs read with --input (default below)
 ACTIONS_ENV = "SCENESTREAM_ACTIONS"  # comma-separated actions of those logs
 
