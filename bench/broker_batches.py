@@ -85,7 +85,7 @@ def main() -> None:
                          "for the batched partition). 10 was the worker's before; 50 is its --fetch-wait default.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from scenestream.stream.broker import EmbeddedBroker
+    from scenestream.stream.local.broker import EmbeddedBroker
     with EmbeddedBroker() as b:
         out = asyncio.run(measure(b.bootstrap, sorted(int(x) for x in args.steps.split(",")), args.give_up,
                                   [int(x) for x in args.waits.split(",")]))

@@ -14,7 +14,7 @@ once each and the consumer lag is 0, a peer client (a plain aiokafka consumer, n
     could store one twice);
   - the clicks topic: how many records it holds (duplicates from producer retries show here).
 
-The malformed records are tests/test_worker.py's stream_of (stream/synthetic.py's malformed_line: truncated JSON,
+The malformed records are tests/test_worker.py's stream_of (stream/datasets/synthetic.py's malformed_line: truncated JSON,
 a missing field, an unknown scene, a wrong type, ts out of range, an empty id, NaN, not UTF-8), each checked here
 to be refused by the worker's decoder before it is sent. The rule: a record the decoder refuses goes to the dead
 letter topic, one letter per record; a valid event older than its user's full window is counted as late
@@ -199,11 +199,11 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.monotonic()
 
-    from scenestream.stream.broker import EmbeddedBroker
+    from scenestream.stream.local.broker import EmbeddedBroker
     from scenestream.stream.core.config import StreamConfig
     from scenestream.stream.core.events import Rejection, decode
-    from scenestream.stream.produce import produce_lines
-    from scenestream.stream.state import ensure_topic
+    from scenestream.stream.live.produce import produce_lines
+    from scenestream.stream.live.topics import ensure_topic
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)

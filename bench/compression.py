@@ -1,9 +1,9 @@
 """Bytes and CPU per record of what the worker writes, for each codec a Kafka record batch may use.
 
-The worker's two records per touched user, made by its own code (core/batch.py, stream/state.py) from the default
+The worker's two records per touched user, made by its own code (core/batch.py, stream/live/state.py) from the default
 synthetic stream: the output record (JSON, mostly float vectors) and the changelog value of each changed window.
 Micro-batches of --batch events are applied, encoded and cut into one record batch per partition of --partitions,
-as the worker sends them (stream/record_batches.py), with aiokafka's own batch builder and each codec. Reported per
+as the worker sends them (stream/live/record_batches.py), with aiokafka's own batch builder and each codec. Reported per
 record: bytes as stored (the batch's size on the wire and in the broker, headers included), CPU to build the
 batches (the producer's side: append and compress), CPU to read them back (the consumer's side: decompress and
 iterate). CPU is process time, the best of --repeat runs.
@@ -28,9 +28,9 @@ def records_of(checkpoint: str, n_events: int, batch: int, partitions: int) -> d
     from scenestream.model.checkpoint import load_checkpoint
     from scenestream.model.infer import InterestEncoder
     from scenestream.stream.core.batch import apply_batch, interest_records, record_json
-    from scenestream.stream.record_batches import key_partitions
-    from scenestream.stream.state import encode_state, state_key
-    from scenestream.stream.synthetic import SyntheticSpec, generate
+    from scenestream.stream.live.record_batches import key_partitions
+    from scenestream.stream.live.changelog import encode_state, state_key
+    from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
     encoder = InterestEncoder(load_checkpoint(checkpoint), "cpu")
     events = generate(SyntheticSpec())[0][:n_events]
@@ -58,7 +58,7 @@ def measure(batches: list[list[tuple]], codec: str, repeat: int) -> dict:
 
     from aiokafka.producer.producer import AIOKafkaProducer
 
-    from scenestream.stream.record_batches import codec_setting
+    from scenestream.stream.live.record_batches import codec_setting
     setting = codec_setting(codec)
     compression = AIOKafkaProducer._COMPRESSORS[setting][1] if setting else 0   # the batch attribute's codec bits
     n = sum(len(b) for b in batches)

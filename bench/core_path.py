@@ -39,8 +39,12 @@ def _run_side(args) -> dict:
     from scenestream.stream.core.events import Event, check_key, decode, encode
     from scenestream.stream.core.popularity import Popularity
     from scenestream.stream.core.window import item_delta
-    from scenestream.stream.state import encode_state
-    from scenestream.stream.synthetic import SyntheticSpec, generate
+    try:   # this checkout's layout, else that of one from before stream/ had layer folders (--against)
+        from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
+        from scenestream.stream.live.changelog import encode_state
+    except ImportError:
+        from scenestream.stream.state import encode_state
+        from scenestream.stream.synthetic import SyntheticSpec, generate
 
     torch.set_num_threads(1)   # the worker's default (stream/cli/common.py)
     cfg = StreamConfig.from_env()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/fuzz_payloads.py
 
-from scenestream.stream.catalog import decode_update  # noqa: E402
+from scenestream.stream.live.catalog import decode_update  # noqa: E402
 from scenestream.stream.core.config import StreamConfig  # noqa: E402
 from scenestream.stream.core.events import decode  # noqa: E402
 from tests.fuzz_payloads import catalog_payloads, event_payloads, fuzz  # noqa: E402

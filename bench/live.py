@@ -6,7 +6,7 @@ What it measures, each with its own consumer group reading the whole `clicks` to
            Python consumer gets out of this broker on this machine. It reads the topic in about a second, so one
            run is noisy: --raw-repeat runs per decoder (interleaved), the median reported
   noop     a Faust agent that does nothing with its events, built with the worker's own settings
-           (stream/worker.py: faust_settings) and the worker's stream.take_events(batch_max, within=batch_wait);
+           (stream/live/worker.py: faust_settings) and the worker's stream.take_events(batch_max, within=batch_wait);
            run in a child process; the rate is timed inside the agent: first micro-batch to last
   worker   the real worker (python -m scenestream.stream.cli worker ... --device cpu), timed by its own Prometheus
            counter scenestream_events_consumed, polled at /metrics: from the first poll showing > 0 to the poll
@@ -96,8 +96,8 @@ def noop_child(spec: dict) -> None:
         import mode.loop
         mode.loop.use("uvloop")
     import faust
-    from scenestream.stream.processes import free_port
-    from scenestream.stream.worker import WorkerConfig, faust_settings
+    from scenestream.stream.local.processes import free_port
+    from scenestream.stream.live.worker import WorkerConfig, faust_settings
 
     cfg = WorkerConfig(broker=spec["broker"], app_id=spec["app_id"], web_port=free_port())
     settings = {**faust_settings(cfg), **spec.get("settings", {})}
@@ -188,7 +188,7 @@ def run_noop(url: str, expect: int, name: str, variant: dict, timeout: float, pr
              profile_seconds: float, broker_pid: Optional[int] = None, nonblocking: bool = True) -> dict:
     """One no-op child; with `profile`, py-spy records it for `profile_seconds` from its first batch on (so startup
     and the group join are left out) into PROFILE/noop-NAME.txt (raw: one line per stack, then its sample count)."""
-    from scenestream.stream.processes import die_with_parent, stop_process
+    from scenestream.stream.local.processes import die_with_parent, stop_process
     out = Path(tempfile.mkdtemp()) / "noop.json"
     started, hold = Path(str(out) + ".started"), Path(str(out) + ".hold")
     spec = {**variant, "broker": url, "app_id": f"bench-noop-{name}-{uuid.uuid4().hex[:8]}", "expect": expect,
@@ -242,7 +242,7 @@ def run_noop(url: str, expect: int, name: str, variant: dict, timeout: float, pr
 
 async def load_clicks(bootstrap: str, lines: list[bytes]) -> float:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from scenestream.stream.produce import produce_lines
+    from scenestream.stream.live.produce import produce_lines
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     await admin.create_topics([NewTopic("clicks", PARTITIONS, 1)])
@@ -530,7 +530,7 @@ def fmt(x: Optional[float], nd: int = 0) -> str:
 
 
 def main() -> None:
-    from scenestream.stream.synthetic import SyntheticSpec, generate
+    from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=0,
@@ -583,9 +583,9 @@ def main() -> None:
         noop_child(json.loads(args.noop_child))
         return
 
-    from scenestream.stream.broker import EmbeddedBroker
+    from scenestream.stream.local.broker import EmbeddedBroker
     from scenestream.stream.core.events import encode
-    from scenestream.stream.processes import free_port, spawn, stop_process
+    from scenestream.stream.local.processes import free_port, spawn, stop_process
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     unknown = phases - {"raw", "noop", "worker", "fresh"}
     if unknown:

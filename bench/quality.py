@@ -22,8 +22,8 @@ from pathlib import Path
 
 from scenestream.model.checkpoint import load_checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.stream.leave_one_out import evaluate_loo, loo_cases, most_popular_loo, sparse_scene_cases, timelines
-from scenestream.stream.movielens import load_movielens
+from scenestream.stream.offline.leave_one_out import evaluate_loo, loo_cases, most_popular_loo, sparse_scene_cases, timelines
+from scenestream.stream.datasets.movielens import load_movielens
 
 ROOT = Path(__file__).resolve().parents[1]
 

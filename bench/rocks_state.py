@@ -77,9 +77,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from scenestream.stream.broker import EmbeddedBroker
-    from scenestream.stream.processes import free_port, spawn, stop_process
-    from scenestream.stream.produce import produce_lines
+    from scenestream.stream.local.broker import EmbeddedBroker
+    from scenestream.stream.local.processes import free_port, spawn, stop_process
+    from scenestream.stream.live.produce import produce_lines
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

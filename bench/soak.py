@@ -275,7 +275,7 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
 
 
 def main() -> None:
-    from scenestream.stream.synthetic import SyntheticSpec, generate
+    from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=20.0)
@@ -300,9 +300,9 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.monotonic()
 
-    from scenestream.stream.broker import EmbeddedBroker
+    from scenestream.stream.local.broker import EmbeddedBroker
     from scenestream.stream.core.events import encode
-    from scenestream.stream.processes import free_port, spawn, stop_process
+    from scenestream.stream.local.processes import free_port, spawn, stop_process
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -18,10 +18,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from scenestream.stream.broker import EmbeddedBroker
+from scenestream.stream.local.broker import EmbeddedBroker
 from scenestream.stream.core.events import Event, encode
-from scenestream.stream.processes import free_port
-from scenestream.stream.produce import produce_lines
+from scenestream.stream.local.processes import free_port
+from scenestream.stream.live.produce import produce_lines
 from tiny_checkpoint import tiny_checkpoint  # bench/ is on sys.path: scripts run as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 process holding N users in state.
 
 Every user gets `--scenes` scenes of exactly `--events-per-window` events (full windows), with the id shapes of
-`stream/synthetic.py`: user `u000123`, event `e000123-00042` (unique per event), item `v0-00123` (300 per scene),
+`stream/datasets/synthetic.py`: user `u000123`, event `e000123-00042` (unique per event), item `v0-00123` (300 per scene),
 actions drawn view/click/like/buy at 55/30/10/5 %. Events reach the state the way the worker's do: each payload is
 the canonical JSON of its event, read back with `decode` (so every string and every ts int is private to its Event,
 as orjson makes them), then joined with `apply_user`. The RAM figure is also given for state recovered from the
@@ -45,8 +45,8 @@ from tqdm import tqdm
 from scenestream.stream.core.config import DEFAULT_ACTIONS, DEFAULT_SCENES, StreamConfig
 from scenestream.stream.core.events import Event, decode, encode
 from scenestream.stream.core.window import Window, apply_user
-from scenestream.stream.state import decode_state, encode_state, state_key
-from scenestream.stream.synthetic import BASE_TS_MS
+from scenestream.stream.live.changelog import decode_state, encode_state, state_key
+from scenestream.stream.datasets.synthetic import BASE_TS_MS
 
 ITEMS_PER_SCENE = 300                       # SyntheticSpec.items_per_scene
 ACTION_CUM = [0.55, 0.85, 0.95, 1.0]        # synthetic.py's action mix

@@ -27,7 +27,7 @@ def setup(mode: str, users: int, batches: int):
     from scenestream.model.vocab import ItemVocab
     from scenestream.stream.cli.common import load
     from scenestream.stream.core.config import StreamConfig
-    from scenestream.stream.leave_one_out import timelines
+    from scenestream.stream.offline.leave_one_out import timelines
 
     p = preset("ml-1m")
     loaded = load("ml-1m", None, mode, StreamConfig.from_env(window=98))

@@ -20,12 +20,12 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from scenestream.stream.broker import EmbeddedBroker
+from scenestream.stream.local.broker import EmbeddedBroker
 from scenestream.stream.core.events import encode
-from scenestream.stream.processes import free_port
-from scenestream.stream.produce import produce_lines
+from scenestream.stream.local.processes import free_port
+from scenestream.stream.live.produce import produce_lines
 from tiny_checkpoint import tiny_checkpoint  # bench/ is on sys.path: scripts run as python bench/NAME.py
-from scenestream.stream.synthetic import SyntheticSpec, generate
+from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

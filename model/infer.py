@@ -181,10 +181,6 @@ class InterestEncoder:
     def caches(self) -> list[WindowCache]:
         return [self.cache] if self.cache is self.timeline_cache else [self.cache, self.timeline_cache]
 
-    def clear_caches(self) -> None:
-        for cache in self.caches:
-            cache.clear()
-
     @torch.inference_mode()
     def encode_windows(self, windows: Sequence, scene: bool = False) -> np.ndarray:
         """[N] windows -> [N, d] last-position outputs of a full encode (no cache); scene: per-scene windows (their

@@ -28,7 +28,7 @@ Long users are cut into segments of `segment` targets, each with the receptive f
 context, so attention stays short. The learning rate warms up, then decays to 0 over the planned epochs (cosine).
 The caller owns the data protocol: it gives the training timelines (time-ordered, held-out events already removed)
 and a `validate` function (for SceneStream, time-ordered leave-one-out on each user's second-last event, full
-ranking with the global vector, history masked: scenestream.stream.leave_one_out). The best epoch by validation
+ranking with the global vector, history masked: scenestream.stream.offline.leave_one_out). The best epoch by validation
 NDCG@10 is kept and training stops after `patience` epochs without a better one.
 """
 from __future__ import annotations

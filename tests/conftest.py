@@ -15,11 +15,11 @@ import pytest
 from scenestream.model.checkpoint import save_checkpoint
 from scenestream.model.presets import preset
 from scenestream.model.train import TrainConfig
-from scenestream.stream.leave_one_out import fit
-from scenestream.stream.broker import EmbeddedBroker
-from scenestream.stream.processes import die_with_parent, free_port
+from scenestream.stream.offline.leave_one_out import fit
+from scenestream.stream.local.broker import EmbeddedBroker
+from scenestream.stream.local.processes import die_with_parent, free_port
 from scenestream.stream.core.config import DEFAULT_ACTIONS
-from scenestream.stream.synthetic import SyntheticSpec, generate
+from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
 from .faults import boot_command
 

@@ -8,7 +8,7 @@ import sys
 def drop_last_state_record() -> None:
     """Recovery silently skips the last user record of each changelog partition: the loss once seen here with
     Faust tables. The crash test must notice it."""
-    from scenestream.stream import state
+    from scenestream.stream.live import state
     read = state.ChangelogStore._read_changelog
 
     async def dropping(self, partition, start=0):
@@ -37,7 +37,7 @@ def outputs_lost_in_flight() -> None:
 
     from aiokafka import AIOKafkaProducer
 
-    from scenestream.stream import state
+    from scenestream.stream.live import state
     send, send_batch = AIOKafkaProducer.send, AIOKafkaProducer.send_batch
 
     def held(topic):
@@ -73,7 +73,7 @@ def slow_recovery() -> None:
     worker given all eight partitions recovers for longer than the group's 10 s rebalance timeout."""
     import asyncio
 
-    from scenestream.stream import state
+    from scenestream.stream.live import state
     recover = state.ChangelogStore.recover
 
     async def slow(self, partition):

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scenestream.stream.core.events import Event, encode
 from scenestream.stream.core.window import apply_user
-from scenestream.stream.produce import produce_lines
+from scenestream.stream.live.produce import produce_lines
 
 from .conftest import run
 from .test_worker import stream_of

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from scenestream.stream import worker as worker_module
-from scenestream.stream.processes import free_port
-from scenestream.stream.produce import produce_lines
-from scenestream.stream.worker import BrokerWatch
+from scenestream.stream.live import worker as worker_module
+from scenestream.stream.local.processes import free_port
+from scenestream.stream.live.produce import produce_lines
+from scenestream.stream.live.worker import BrokerWatch
 
 from .conftest import ROOT, run
 from .test_api import wait_ready

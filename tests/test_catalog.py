@@ -9,9 +9,9 @@ import pytest
 
 from scenestream.index import ItemIndex
 from scenestream.stream.core.config import StreamConfig
-from scenestream.stream.catalog import CATALOG_REASONS, CatalogUpdate, apply_updates, collapse, decode_update
+from scenestream.stream.live.catalog import CATALOG_REASONS, CatalogUpdate, apply_updates, collapse, decode_update
 from scenestream.stream.core.events import Event, Rejection, encode
-from scenestream.stream.produce import produce_lines
+from scenestream.stream.live.produce import produce_lines
 
 from .conftest import run
 from .test_api import get, metric_values, recs, wait_ready

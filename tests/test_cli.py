@@ -9,7 +9,7 @@ import pytest
 
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import Event, decode, encode
-from scenestream.stream.logs import load_events, read_raw, time_cutoff
+from scenestream.stream.offline.logs import load_events, read_raw, time_cutoff
 
 CLI = [sys.executable, "-m", "scenestream.stream.cli"]
 

@@ -17,7 +17,7 @@ import kubernetes_validate
 import yaml
 from scenestream.stream.cli import main
 from scenestream.stream.cli.reference import ENVIRONMENT, _commands
-from scenestream.stream.web import bind_problem, is_loopback
+from scenestream.stream.live.config import bind_problem, is_loopback
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE, KUBERNETES, DOCKERFILE = DEPLOY / "docker-compose.yml", DEPLOY / "kubernetes.yaml", DEPLOY / "Dockerfile"

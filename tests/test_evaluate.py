@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 
-from scenestream.stream.logs import synthetic_lines, write_jsonl
-from scenestream.stream.synthetic import SyntheticSpec
+from scenestream.stream.offline.logs import synthetic_lines, write_jsonl
+from scenestream.stream.datasets.synthetic import SyntheticSpec
 
 
 def cli(*args) -> str:

@@ -11,6 +11,7 @@ import random
 import string
 import unicodedata
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,7 @@ from scenestream.stream.core.events import REASONS, Event, Rejection, _accept, _
 CFG = StreamConfig()
 # bad_csv: CSV logs only (test_one_place.py); key_mismatch, ts_in_future: live records only (test_nothing_lost.py)
 PAYLOAD_REASONS = set(REASONS) - {"decoder_error", "bad_csv", "key_mismatch", "ts_in_future", "undecodable_batch"}
-BIG = CFG.with_(max_payload_bytes=10_000_000)   # no size limit in practice: reaches the JSON parser's limits
+BIG = replace(CFG, max_payload_bytes=10_000_000)   # no size limit in practice: reaches the JSON parser's limits
 TS = 1_767_225_600_000
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "scene": "video", "action": "like", "ts": TS}
 REQUIRED = ("user_id", "item_id", "scene", "ts")

@@ -172,7 +172,8 @@ def test_incremental_encode_equals_full_encode_at_every_step(steps, data, kind):
     budget of two windows the caches evict on nearly every step."""
     enc = ENCODERS[kind]
     full = OFFLINE if kind[0] == "shared" else OWN_STACK["offline"]
-    enc.clear_caches()
+    for cache in enc.caches:
+        cache.clear()
     ts, events = 1_700_000_000_000, []
     for n, (u, i, s, a, dt) in enumerate(steps):
         ts += dt * 1000                     # dt < 0: a late event

@@ -13,9 +13,9 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from scenestream.model.checkpoint import load_checkpoint
 from scenestream.stream.core.events import encode
-from scenestream.stream.produce import produce_lines
-from scenestream.stream.state import ensure_topic
-from scenestream.stream.synthetic import SyntheticSpec, generate
+from scenestream.stream.live.produce import produce_lines
+from scenestream.stream.live.topics import ensure_topic
+from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
 from .conftest import WorkerProcess, run
 from .test_api import get, metric_values, recs, wait_ready

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from scenestream.stream.catalog import CATALOG_REASONS, decode_update
+from scenestream.stream.live.catalog import CATALOG_REASONS, decode_update
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import REASONS, decode
 

@@ -18,7 +18,7 @@ from scenestream.model import checkpoint as checkpoint_module
 from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scenestream.model.model import InterestModel, ModelConfig
 from scenestream.model.vocab import ItemVocab
-from scenestream.stream.catalog import (CATALOG_REASONS, CatalogFollower, CatalogUpdate, apply_updates,
+from scenestream.stream.live.catalog import (CATALOG_REASONS, CatalogFollower, CatalogUpdate, apply_updates,
                                         decode_update, max_record_bytes)
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import Rejection
@@ -91,7 +91,7 @@ def test_refused_records_never_reach_the_index_and_are_counted_by_reason(caplog)
     follower = CatalogFollower("unused:9092", "item-catalog", index, CFG, D, count=lambda o, n: counted.append((o, n)))
     try:
         decoded = [decode_update(p, CFG, D) for p, _ in HOSTILE]
-        with caplog.at_level(logging.WARNING, logger="scenestream.stream.catalog"):
+        with caplog.at_level(logging.WARNING, logger="scenestream.stream.live.catalog"):
             for n, d in enumerate(decoded):
                 follower._reject(f"item-catalog[0]@{n}", d.reason, d.detail)
         apply_updates(index, [d for d in decoded if isinstance(d, CatalogUpdate)])

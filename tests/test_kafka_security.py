@@ -1,4 +1,4 @@
-"""TLS/SASL settings reach every Kafka client the worker and the CLI build (stream/kafka_security.py), and the
+"""TLS/SASL settings reach every Kafka client the worker and the CLI build (stream/live/kafka_security.py), and the
 passwords never show: not in a repr, not in a log line, not as a flag. No broker: the real clients are built and
 their `start` stopped before it connects; only the log test starts real clients, against a closed port."""
 from __future__ import annotations
@@ -16,12 +16,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from click.testing import CliRunner
 
-from scenestream.stream import worker as worker_mod
+from scenestream.stream.live import worker as worker_mod
 from scenestream.stream.cli import main
 from scenestream.stream.core.config import DEFAULT_ACTIONS, DEFAULT_SCENES
-from scenestream.stream.kafka_security import NO_SECURITY, SASL_PASSWORD_ENV, KafkaSecurity
-from scenestream.stream.processes import free_port
-from scenestream.stream.produce import produce_lines
+from scenestream.stream.live.kafka_security import NO_SECURITY, SASL_PASSWORD_ENV, KafkaSecurity
+from scenestream.stream.local.processes import free_port
+from scenestream.stream.live.produce import produce_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-Pa55word-never-shown"
@@ -101,7 +101,7 @@ def test_every_client_the_worker_builds_gets_the_settings(built, monkeypatch):
         assert_secured(await client_built_by(service.store.recover(0), built))  # recovery's consumer
         service.store.applied[0] = 0
         assert_secured(await client_built_by(service._reread(0, 0, "clicks", 10), built))   # the gap re-reader
-        assert_secured(await client_built_by(service.follow_popularity(cfg.popularity_topic), built))
+        assert_secured(await client_built_by(service.popularity.follow(cfg.popularity_topic), built))
         catalog = made["CatalogFollower"]
         assert_secured(await client_built_by(catalog.run(), built))
         catalog.applied[0] = 3
@@ -182,7 +182,7 @@ def test_the_password_shows_in_no_repr_and_no_log(caplog):
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
 def _commands_with_a_broker():
-    return [name for name, cmd in main.commands.items() if any(p.name == "broker_url" for p in cmd.params)]
+    return [name for name, cmd in main.commands.items() if any(p.name in ("broker_url", "broker") and "--broker" in p.opts for p in cmd.params)]
 
 
 def test_no_password_flag_anywhere():

@@ -58,25 +58,48 @@ def _imports(path: Path, root: Path = ROOT) -> list[tuple[str, int]]:
     return out
 
 
+# stream/'s layers, bottom-up: what each folder may import of the project, and which libraries it may not import.
+# A layer imports only layers below it (and itself); model/ and index/ are leaves; the CLI sits on top.
+KAFKA = ("faust", "aiokafka", "aiohttp")
+LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "stream/core/": (("scenestream.stream.core",), HEAVY),
+    "stream/datasets/": (("scenestream.stream.core", "scenestream.stream.datasets"), HEAVY),
+    "stream/offline/": (("scenestream.stream.core", "scenestream.stream.datasets", "scenestream.stream.offline",
+                         "scenestream.model", "scenestream.index"), KAFKA),
+    "stream/live/": (("scenestream.stream.core", "scenestream.stream.live", "scenestream.model",
+                      "scenestream.index"), ()),
+    "stream/local/": (("scenestream.stream.core", "scenestream.stream.datasets", "scenestream.stream.offline",
+                       "scenestream.stream.live", "scenestream.stream.local", "scenestream.model",
+                       "scenestream.index"), ()),
+    "stream/cli/": (("scenestream.",), ()),
+    "model/": (("scenestream.model",), ()),
+    "index/": (("scenestream.index",), ()),
+}
+
+
 def layer_violations(paths: list[Path], root: Path = ROOT) -> list[str]:
-    """The pure core imports no Kafka, Faust, HTTP, torch or CLI, and nothing of stream/ outside itself; model/ and
-    index/ import nothing else of the project; nothing imports the old top-level names; only the CLI imports it."""
+    """Each module sits in a layer folder (stream/ itself holds only its __init__), imports only the project
+    layers its folder may, none of the libraries its folder may not, and nothing under the old top-level names."""
     bad = []
     for path in paths:
         where = path.relative_to(root).as_posix()
+        layer = next((folder for folder in LAYERS if where.startswith(folder)), None)
+        if layer is None:
+            if where != "stream/__init__.py":
+                bad.append(f"{where} is in no layer folder ({', '.join(LAYERS)})")
+            continue
+        allowed, banned = LAYERS[layer]
         for module, line in _imports(path, root):
             top = module.split(".")[0]
             if top in PACKAGES:
                 bad.append(f"{where}:{line} imports the generic name {module}")
-            if where.startswith("stream/core/") and (top in HEAVY or (module.startswith("scenestream.")
-                                                     and not module.startswith("scenestream.stream.core"))):
-                bad.append(f"{where}:{line} (pure core) imports {module}")
-            for leaf in ("model", "index"):
-                if where.startswith(leaf + "/") and module.startswith("scenestream.") \
-                        and not module.startswith(PACKAGES[leaf]):
-                    bad.append(f"{where}:{line} ({leaf}/ is a leaf) imports {module}")
-            if not where.startswith("stream/cli/") and module.startswith("scenestream.stream.cli"):
-                bad.append(f"{where}:{line} imports the CLI")
+            if module.startswith("scenestream.") and not any(module == a.rstrip(".") or
+                                                             module.startswith(a.rstrip(".") + ".") or
+                                                             (a.endswith(".") and module.startswith(a))
+                                                             for a in allowed):
+                bad.append(f"{where}:{line} ({layer} is below it) imports {module}")
+            if top in banned:
+                bad.append(f"{where}:{line} ({layer} may not use {top}) imports {module}")
     return bad
 
 
@@ -90,16 +113,26 @@ def test_layers_import_bottom_up():
 
 
 def test_the_layer_check_sees_violations(tmp_path):
-    """The walk above must be able to fail."""
-    files = {"model/bad.py": "from ..stream.core import events\n",
-             "index/bad.py": "import scenestream.model.infer\n",
-             "stream/core/bad.py": "from ..worker import make_app\nimport faust\nfrom .. import cli\n",
-             "stream/old.py": "from model.infer import InterestEncoder\n"}
+    """The walk above must be able to fail: one planted violation per rule and folder, each caught once."""
+    files = {"model/bad.py": "from ..stream.core import events\n",                      # a leaf imports the stream
+             "index/bad.py": "import scenestream.model.infer\n",                        # a leaf imports the model
+             "stream/core/bad.py": "import faust\n",                                   # the pure core uses Kafka
+             "stream/core/bad2.py": "from ..live.worker import make_app\n",            # the core imports a layer
+             "stream/datasets/bad.py": "from ..offline.logs import load_events\n",     # data sets import offline
+             "stream/datasets/bad2.py": "import torch\n",                               # data sets use torch
+             "stream/offline/bad.py": "from ..live.state import encode_state\n",       # offline imports the shell
+             "stream/offline/bad2.py": "from aiokafka import AIOKafkaConsumer\n",      # offline uses Kafka
+             "stream/live/bad.py": "from ..offline.replay import replay\n",            # the shell imports offline
+             "stream/live/bad2.py": "from .. import cli\n",                             # the shell imports the CLI
+             "stream/local/bad.py": "from ..cli import main\n",                         # local imports the CLI
+             "stream/old.py": "import scenestream.stream.core\n",                       # a module outside the layers
+             "stream/cli/bad.py": "from model.infer import InterestEncoder\n"}         # an old top-level name
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    bad = layer_violations([tmp_path / name for name in files], tmp_path)
-    assert len(bad) == 7, bad   # the CLI import in the core breaks two rules
+    for name in files:
+        got = layer_violations([tmp_path / name], tmp_path)
+        assert len(got) == 1, (name, got)
 
 
 def _all_commands(group: click.Group, path=()):

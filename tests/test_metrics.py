@@ -3,7 +3,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from scenestream.stream.metrics import BatchHistogram
+from scenestream.stream.live.metrics import BatchHistogram
 
 BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 

@@ -1,4 +1,4 @@
-"""Model swap without a restart (stream/swap.py): a real worker on the embedded broker serves checkpoint A from a
+"""Model swap without a restart (stream/live/swap.py): a real worker on the embedded broker serves checkpoint A from a
 folder; a deploy points the folder at checkpoint B mid-stream; the worker swaps encoder and index at once, keeps
 every window, and serves B. An incompatible checkpoint is refused while B keeps serving."""
 from __future__ import annotations
@@ -19,8 +19,8 @@ from scenestream.model.presets import preset
 from scenestream.model.train import TrainConfig
 from scenestream.stream.core.config import DEFAULT_ACTIONS
 from scenestream.stream.core.events import Event, encode
-from scenestream.stream.leave_one_out import fit
-from scenestream.stream.produce import produce_lines
+from scenestream.stream.offline.leave_one_out import fit
+from scenestream.stream.live.produce import produce_lines
 
 from .conftest import SMALL, WorkerProcess, run
 from .test_api import get, metric_values, recs, wait_ready

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import Event, validate_record
-from scenestream.stream.logs import DATASETS
-from scenestream.stream.movielens import (FALLBACK_SCENE, GENRE_TO_SCENE, dataset_scenes, ensure_files, k_core,
+from scenestream.stream.offline.logs import DATASETS
+from scenestream.stream.datasets.movielens import (FALLBACK_SCENE, GENRE_TO_SCENE, dataset_scenes, ensure_files, k_core,
                                           load_movielens)
 
 ALL_GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -95,7 +95,7 @@ def test_real_ml100k_download(tmp_path, monkeypatch):
 
 def test_the_data_set_source_gives_events_in_time_order(synthetic, monkeypatch):
     """A MovieLens file is sorted by user; replay and produce must stream it in the order the ratings happened."""
-    from scenestream.stream.logs import load_events
+    from scenestream.stream.offline.logs import load_events
     monkeypatch.setenv("SCENESTREAM_ML1M_DIR", str(synthetic / "ml-1m"))
     loaded = load_events("ml-1m")
     assert [e.item_id for e in loaded.events] == ["10", "40", "50", "60", "20", "30"]

@@ -22,17 +22,22 @@ from hypothesis import strategies as st
 
 from scenestream.model.checkpoint import load_checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.stream.catalog import decode_update
+from scenestream.stream.live.catalog import decode_update
 from scenestream.stream.core.config import StreamConfig
 from scenestream.stream.core.events import REASONS, Event, Rejection, check_key, decode, encode
 from scenestream.stream.core.window import EMPTY, Window, apply_window
-from scenestream.stream.produce import produce_lines
-from scenestream.stream.service import MicroBatchService, Record, dead_letter, read_range
-from scenestream.stream.state import CHANGELOG_CONFIG, ChangelogStore, encode_state, ensure_topic
+from scenestream.stream.live.produce import produce_lines
+from scenestream.stream.live.changelog import encode_state
+from scenestream.stream.live.reading import read_range
+from scenestream.stream.live.record import Record, dead_letter
+from scenestream.stream.live.service import MicroBatchService
+from scenestream.stream.live.state import CHANGELOG_CONFIG, ChangelogStore
+from scenestream.stream.live.topics import ensure_topic
 
 from .conftest import run
 from .faults import FIRED
 from .test_api import get, metric_values, wait_ready
+from .test_state import write
 from .test_worker import assert_equal_records, offline_records, read_topic, stream_of, wait_for
 
 CFG = StreamConfig()
@@ -169,6 +174,11 @@ def test_a_gap_that_never_arrives_fails_loudly(broker):
 
 # ---- 4 and 5: outputs before state; a partition given back mid-batch ----------------------------------------------
 
+async def handle(service: MicroBatchService, records) -> None:
+    """One micro-batch, returning once it is durable."""
+    await (await service.submit(records))
+
+
 def _records(topic, events, partition=0, first_offset=0, key=None):
     return [Record(topic, partition, first_offset + n, key if key is not None else e.user_id.encode(), encode(e),
                    int(time.time() * 1000)) for n, e in enumerate(events)]
@@ -212,13 +222,13 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
 
     async def scenario():
         service, topics = await _service(broker, checkpoint, slow=2.0)
-        batch = asyncio.create_task(service.handle(_records(topics["clicks"], [mine])))
+        batch = asyncio.create_task(handle(service, _records(topics["clicks"], [mine])))
         await service.slow_send_started.wait()        # the batch is sending its outputs now
         service.revoke({0})
         other = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.window)
         await other.start()
         await other.ensure(0)
-        await asyncio.gather(*await other.write(0, {"u1": {"video": Window.of([theirs])}}, applied_offset=0))
+        await asyncio.gather(*await write(other, 0, {"u1": {"video": Window.of([theirs])}}, applied_offset=0))
         await other.stop()
         await service.assign({0})
         await batch
@@ -319,7 +329,7 @@ def test_batches_leave_no_cyclic_garbage_behind(broker, checkpoint):
             for b in range(30):
                 events = [Event(f"g{b}-{k}", f"u{k % 20}", f"v0-0000{k % 4}", "video", "click", TS + 1000 * b + k)
                           for k in range(40)]
-                await service.handle(_records(topics["clicks"], events, first_offset=40 * b))
+                await handle(service, _records(topics["clicks"], events, first_offset=40 * b))
         finally:
             gc.unfreeze()
         found = gc.collect()
@@ -336,13 +346,13 @@ def test_redelivery_and_recovery_do_not_inflate_popularity(broker, checkpoint):
     async def scenario():
         service, topics = await _service(broker, checkpoint)
         records = _records(topics["clicks"], events)
-        await service.handle(records)
-        first = dict(service.popularity.count_of("video"))
-        await service.handle(records)                  # re-delivered after a crash
+        await handle(service, records)
+        first = dict(service.popularity.own.count_of("video"))
+        await handle(service, records)                  # re-delivered after a crash
         service.revoke({0})
         await service.assign({0})                      # given back: recovered from the changelog
-        await service.handle(records[:5])
-        again = dict(service.popularity.count_of("video"))
+        await handle(service, records[:5])
+        again = dict(service.popularity.own.count_of("video"))
         await service.stop()
         return first, again
     first, again = run(scenario())

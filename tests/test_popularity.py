@@ -14,13 +14,13 @@ from scenestream.model.checkpoint import load_checkpoint
 from scenestream.stream.core.events import Event, encode
 from scenestream.stream.core.popularity import Popularity, merge_partitions, top_counts
 from scenestream.stream.core.window import apply_user
-from scenestream.stream.produce import produce_lines
-from scenestream.stream.service import POPULARITY_CONFIG, decode_popularity, popularity_value
-from scenestream.stream.state import ensure_topic
+from scenestream.stream.live.produce import produce_lines
+from scenestream.stream.live.shared_popularity import POPULARITY_CONFIG, decode_popularity, popularity_value
+from scenestream.stream.live.topics import ensure_topic
 
 from .conftest import WorkerProcess, run
 from .test_api import get, recs, wait_ready
-from .test_nothing_lost import _records, _service
+from .test_nothing_lost import _records, _service, handle
 from .test_worker import stream_of
 
 pytestmark = pytest.mark.timeout(600)
@@ -93,22 +93,24 @@ def test_a_partition_is_published_when_changed_and_a_new_owner_replaces_its_entr
         service, topics = await _service(broker, checkpoint)
         topic = topics["clicks"] + "-popularity"
         await ensure_topic(broker.bootstrap, topic, 1, 1, POPULARITY_CONFIG)
-        follower = asyncio.create_task(service.follow_popularity(topic))
+        shared = service.popularity
+        follower = asyncio.create_task(shared.follow(topic))
         try:
-            await service.handle(_records(topics["clicks"], events))
-            own = service.popularity
-            summed_once = own is service.popularity   # per change, not per request (the fallback ranks per sum)
-            sent = [await service.publish_popularity(topic), await service.publish_popularity(topic)]
+            await handle(service, _records(topics["clicks"], events))
+            own = shared.own
+            summed_once = own is shared.own   # per change, not per request (the fallback ranks per sum)
+            sent = [await shared.publish(service.store.producer, topic),
+                    await shared.publish(service.store.producer, topic)]
             service.revoke({0})
             await service.assign({0})                  # recovered from the changelog: its owner publishes again
-            await service.handle(_records(topics["clicks"], more, first_offset=len(events)))
-            sent.append(await service.publish_popularity(topic))   # the first record and this one share a key
+            await handle(service, _records(topics["clicks"], more, first_offset=len(events)))
+            sent.append(await shared.publish(service.store.producer, topic))   # the first record and this share a key
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and (service.shared is None or service.shared.ranked() !=
-                                                   service.popularity.ranked()):
+            while time.monotonic() < deadline and (shared.shared is None or shared.shared.ranked() !=
+                                                   shared.own.ranked()):
                 await asyncio.sleep(0.2)
-            return (sent, service.popular().ranked("video"), service.popularity.ranked("video"),
-                    summed_once and service.popularity is not own)
+            return (sent, shared.popular().ranked("video"), shared.own.ranked("video"),
+                    summed_once and shared.own is not own)
         finally:
             follower.cancel()
             await service.stop()

@@ -14,13 +14,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.record.util import calc_crc32c
 
-from scenestream.stream.catalog import CatalogFollower
+from scenestream.stream.live.catalog import CatalogFollower
 from scenestream.stream.core.config import StreamConfig
-from scenestream.stream.feeder import ClicksFeeder
+from scenestream.stream.live.feeder import ClicksFeeder
 from scenestream.stream.core.config import CODECS
-from scenestream.stream.service import read_range
-from scenestream.stream.state import ensure_topic, partition_count
-from scenestream.stream.undecodable import getmany_past_undecodable
+from scenestream.stream.live.reading import read_range
+from scenestream.stream.live.topics import ensure_topic, partition_count
+from scenestream.stream.live.undecodable import getmany_past_undecodable
 
 from .conftest import run
 from .test_worker import assert_equal_records, offline_records, read_topic, stream_of, wait_for
@@ -250,7 +250,7 @@ def test_clicks_and_the_catalog_are_read_committed_by_default(broker, checkpoint
     reads read_committed, and a real Kafka then hands over only committed records. The embedded broker does not
     filter aborted ones (docs/operations.md, "Real producers"), so what is checked of them here is the setting, on
     the objects the worker builds; and that a committed transaction's events are applied by a default worker."""
-    from scenestream.stream.worker import WorkerConfig
+    from scenestream.stream.live.worker import WorkerConfig
     assert WorkerConfig(broker="kafka://x:1").isolation_level == "read_committed"
 
     class Service:

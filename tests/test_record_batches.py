@@ -8,7 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner, murmur2 as python_murmur2
 from hypothesis import given, settings, strategies as st
 
-from scenestream.stream.record_batches import RecordBatches, key_partitions, murmur2
+from scenestream.stream.live.record_batches import RecordBatches, key_partitions, murmur2
 
 from .conftest import run
 

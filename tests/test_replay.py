@@ -11,14 +11,14 @@ from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.model import InterestModel, ModelConfig
 from scenestream.model.vocab import ItemVocab
-from scenestream.stream import replay as replay_module
+from scenestream.stream.offline import replay as replay_module
 from scenestream.stream.core.batch import apply_batch, interest_record
 from scenestream.stream.core.config import DEFAULT_ACTIONS
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.popularity import Popularity, RunningTop
-from scenestream.stream.logs import LoadedEvents, time_cutoff
-from scenestream.stream.replay import micro_batches, replay, rounds
-from scenestream.stream.synthetic import SyntheticSpec, generate
+from scenestream.stream.offline.logs import LoadedEvents, time_cutoff
+from scenestream.stream.offline.replay import micro_batches, replay, rounds
+from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
 
 @given(gaps=st.lists(st.integers(0, 500), max_size=60), batch_size=st.integers(1, 8), wait_ms=st.integers(0, 400))

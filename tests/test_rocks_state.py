@@ -1,4 +1,4 @@
-"""The rocksdb state (stream/rocks.py through ChangelogStore): a restart with its directory intact reads only the
+"""The rocksdb state (stream/live/rocks.py through ChangelogStore): a restart with its directory intact reads only the
 changelog's tail and gets the same state as a full replay; records written elsewhere meanwhile are joined in; a
 memory cap keeps memory bounded and every user readable; a micro-batch's users are never evicted before they are on
 disk. Against the real embedded broker."""
@@ -10,7 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.window import apply_user, item_delta
-from scenestream.stream.state import ChangelogStore
+from scenestream.stream.live.state import ChangelogStore
 
 from .conftest import run
 

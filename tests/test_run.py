@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from scenestream.stream.processes import free_port
+from scenestream.stream.local.processes import free_port
 
 pytestmark = pytest.mark.timeout(400)
 

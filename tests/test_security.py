@@ -22,9 +22,10 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, ignored
 
 from scenestream.index import ItemIndex
 from scenestream.stream.core.popularity import merge_partitions
-from scenestream.stream.produce import produce_lines
-from scenestream.stream.recommend import POPULAR_TOP, popular_items
-from scenestream.stream.web import FORWARDED, RateLimiter, authorized, bind_problem, guard, is_loopback
+from scenestream.stream.live.produce import produce_lines
+from scenestream.stream.live.recommend import POPULAR_TOP, popular_items
+from scenestream.stream.live.config import bind_problem, is_loopback
+from scenestream.stream.live.web import FORWARDED, RateLimiter, authorized, guard
 
 from .conftest import ROOT, SMALL, WorkerProcess, run
 from .test_api import wait_ready

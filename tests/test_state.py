@@ -9,9 +9,18 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.window import Window
-from scenestream.stream.state import ChangelogStore, decode_state, encode_state, join_states
+from scenestream.stream.live.changelog import decode_state, encode_state
+from scenestream.stream.live.state import ChangelogStore, join_states
 
 from .conftest import run
+
+
+async def write(store: ChangelogStore, partition: int, updates: dict, applied_offset: int) -> list:
+    """What a micro-batch does with the store: its users' states in memory, then every window of them and the
+    offset marker sent (the caller awaits the batches)."""
+    store.put(partition, updates, applied_offset)
+    return await store.send(partition, [(u, s, w) for u, st in updates.items() for s, w in st.items()],
+                            applied_offset)
 
 
 def _state(user: str, n: int) -> dict:
@@ -30,7 +39,7 @@ async def _write_and_recover(bootstrap: str) -> tuple[int, int, dict]:
     await writer.ensure(0)
     for batch in range(5):  # five micro-batches of 40 users each: the producer sends each as one record batch
         updates = {f"u{batch}-{k}": _state(f"u{batch}-{k}", 3) for k in range(40)}
-        await asyncio.gather(*await writer.write(0, updates, applied_offset=batch))
+        await asyncio.gather(*await write(writer, 0, updates, applied_offset=batch))
     await writer.stop()
     reader = ChangelogStore(bootstrap, topic, window=50)
     await reader.start()

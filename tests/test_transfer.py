@@ -7,9 +7,9 @@ import pytest
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.metrics import ndcg_at, recall_at
 from scenestream.model.train import TrainConfig
-from scenestream.stream.leave_one_out import fit
+from scenestream.stream.offline.leave_one_out import fit
 from scenestream.stream.core.config import DEFAULT_ACTIONS
-from scenestream.stream.synthetic import SyntheticSpec, generate
+from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 from scenestream.stream.core.window import apply_user
 
 TARGET = "shop"

@@ -15,11 +15,11 @@ from scenestream.index import ItemIndex
 from scenestream.model.checkpoint import load_checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.stream.core.events import REASONS, Event, encode
-from scenestream.stream.logs import LoadedEvents
-from scenestream.stream.produce import produce_lines
-from scenestream.stream.replay import replay
-from scenestream.stream.state import MARKER_KEY
-from scenestream.stream.synthetic import SyntheticSpec, generate, malformed_line
+from scenestream.stream.offline.logs import LoadedEvents
+from scenestream.stream.live.produce import produce_lines
+from scenestream.stream.offline.replay import replay
+from scenestream.stream.live.changelog import MARKER_KEY
+from scenestream.stream.datasets.synthetic import SyntheticSpec, generate, malformed_line
 
 from .conftest import run
 

@@ -6,9 +6,14 @@ _.efConstruction   # faiss reads index parameters set as attributes
 _.max_points_per_centroid
 _.forward          # torch.nn.Module.__call__ runs forward
 Recommendations, Health, Ready, Metrics   # Faust web views, registered by @app.page
-on_shutdown, feed, declare_topics, follow_catalog, follow_popularity, share_popularity, report, watch_model, watch_broker  # Faust signals, tasks, timers
-_.enable_kafka_consumer  # Faust's BootStrategy switch (stream/worker.py)
-_.metadata, _.on_assignment  # aiokafka calls a partition assignor's hooks (stream/feeder.py)
+on_shutdown, feed, rekey, follow_catalog, follow_popularity, share_popularity, report, watch_model, watch_broker  # Faust signals, tasks, timers
+_.enable_kafka_consumer  # Faust's BootStrategy switch (stream/live/worker.py)
+_.metadata, _.on_assignment  # aiokafka calls a partition assignor's hooks (stream/live/feeder.py)
 _.on_partitions_revoked, _.on_partitions_assigned  # aiokafka calls a rebalance listener's hooks
 FAULTS             # tests/faults.py: looked up by name in the worker's boot command
 pytestmark         # pytest reads module-level marks
+_.rebuilds          # ItemIndex: how many times an ANN index was rebuilt and swapped (tests/test_index_ann.py)
+_.faiss_index, _.set_search_knobs   # ItemIndex API for tuning and measuring (bench/index.py)
+_.encode_windows    # InterestEncoder: the from-scratch encode the exactness contract is held to (tests/test_exactness.py)
+REASONS, CATALOG_REASONS   # the closed sets of rejection reasons, for readers of dead letters and metrics
+most_popular_loo    # the MostPop baseline of bench/quality.py

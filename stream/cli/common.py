@@ -8,9 +8,9 @@ import logging
 import click
 
 from ..core.config import StreamConfig
-from ..kafka_security import ENVVARS, MECHANISMS, PASSWORD_FILE_ENV, PROTOCOLS, SASL_PASSWORD_ENV, \
+from ..live.kafka_security import ENVVARS, MECHANISMS, PASSWORD_FILE_ENV, PROTOCOLS, SASL_PASSWORD_ENV, \
     SSL_KEY_PASSWORD_ENV, KafkaSecurity
-from ..logs import DATASETS, SourceError
+from ..offline.logs import DATASETS, SourceError
 
 log = logging.getLogger("scenestream")
 
@@ -108,7 +108,7 @@ def source_options(f):
 
 def load(dataset, input_path, scenes_mode, config=None):
     """The decoded events of --dataset / --input; invalid lines counted and logged, none at all an error."""
-    from ..logs import load_events
+    from ..offline.logs import load_events
     try:
         loaded = load_events(dataset, input_path, config=config, scenes_mode=scenes_mode)
     except SourceError as exc:

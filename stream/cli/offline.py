@@ -23,8 +23,8 @@ log = logging.getLogger("scenestream")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL path.")
 def generate(users, seed, items_per_scene, clean, out):
     """Write a seeded synthetic multi-scene clickstream (JSONL, the event schema of docs/design.md)."""
-    from ..logs import synthetic_lines, write_jsonl
-    from ..synthetic import SyntheticSpec
+    from ..offline.logs import synthetic_lines, write_jsonl
+    from ..datasets.synthetic import SyntheticSpec
     lines = synthetic_lines(SyntheticSpec(users=users, seed=seed, items_per_scene=items_per_scene), clean=clean)
     write_jsonl(out, lines)
     click.echo(f"wrote {len(lines)} lines to {out}", err=True)
@@ -69,8 +69,8 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
     from scenestream.model.presets import preset
     from scenestream.model.train import TrainConfig
 
-    from ..leave_one_out import fit
-    from ..logs import time_cutoff
+    from ..offline.leave_one_out import fit
+    from ..offline.logs import time_cutoff
     given = {"epochs": epochs, "batch_users": batch_users, "segment": segment, "lr": lr, "span": span,
              "scene_layers": scene_layers}
     chosen = {**preset(dataset), **{k: v for k, v in given.items() if v is not None}}
@@ -108,7 +108,7 @@ def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window,
 
 
 def _test_cases(checkpoint, device, dataset, input_path, scenes_mode):
-    from ..leave_one_out import loo_cases, timelines
+    from ..offline.leave_one_out import loo_cases, timelines
     encoder, loaded = model_and_events(checkpoint, device, dataset, input_path, scenes_mode)
     return encoder, loo_cases(timelines(loaded.events), holdout=1)
 
@@ -128,7 +128,7 @@ def evaluate(dataset, input_path, scenes_mode, checkpoint, device, vector, scene
     """Full-ranking leave-one-out test metrics: each user's last event (ties in time ordered by event_id, which for
     MovieLens is the file's line order) ranked among all items by the global fused vector built from everything
     before it, the user's other history items masked."""
-    from ..leave_one_out import evaluate_loo, sparse_scene_cases
+    from ..offline.leave_one_out import evaluate_loo, sparse_scene_cases
     encoder, cases = _test_cases(checkpoint, device, dataset, input_path, scenes_mode)
     if scene_history is not None:
         cases = sparse_scene_cases(cases, at_least=scene_history[0], at_most=scene_history[1])
@@ -147,7 +147,7 @@ def evaluate(dataset, input_path, scenes_mode, checkpoint, device, vector, scene
 def export(dataset, input_path, scenes_mode, checkpoint, out, device):
     """Export item and user vectors with the held-out test items, so anyone can recompute `evaluate` with numpy:
     item_ids.txt, item_vectors.npy, user_ids.txt, user_vectors.npy, test_items.txt, history_items.txt."""
-    from ..leave_one_out import export_loo
+    from ..offline.leave_one_out import export_loo
     encoder, cases = _test_cases(checkpoint, device, dataset, input_path, scenes_mode)
     click.echo(json.dumps({"out": str(out), **export_loo(encoder, cases, out)}))
 
@@ -176,7 +176,7 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
     from scenestream.index import ItemIndex
 
     from ..core.batch import record_json
-    from ..replay import replay as run_replay
+    from ..offline.replay import replay as run_replay
     encoder, loaded = model_and_events(checkpoint, device, dataset, input_path, scenes_mode, encoder_cache_mb)
     index = ItemIndex.build(*encoder.item_vectors())
     result = run_replay(loaded, encoder, index, batch_size=batch_size, eval_cutoff=eval_cutoff, k=k,

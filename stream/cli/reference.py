@@ -13,11 +13,11 @@ from typing import Iterator
 
 import click
 
-from ..broker import ENV_BINARY
-from ..cache import CACHE_ENV
+from ..local.broker import ENV_BINARY
+from ..datasets.cache import CACHE_ENV
 from ..core.config import ACTIONS_ENV, DEFAULT_ACTIONS, DEFAULT_SCENES, SCENES_ENV
-from ..kafka_security import SASL_PASSWORD_ENV, SSL_KEY_PASSWORD_ENV
-from ..movielens import DIR_ENVS
+from ..live.kafka_security import SASL_PASSWORD_ENV, SSL_KEY_PASSWORD_ENV
+from ..datasets.movielens import DIR_ENVS
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from ..broker import bootstrap_servers
-from ..logs import SourceError
+from ..live.config import bootstrap_servers
+from ..offline.logs import SourceError
 from .common import kafka_security_options, source_options
 
 
@@ -17,7 +17,7 @@ def broker(port):
     import signal
     import time
 
-    from ..broker import EmbeddedBroker
+    from ..local.broker import EmbeddedBroker
     b = EmbeddedBroker(port=port or None)
     try:
         b.start()
@@ -37,7 +37,7 @@ def broker(port):
 def _send(broker_url: str, security, topic: str, lines: list[bytes], **kw) -> int:
     import asyncio
 
-    from ..produce import produce_lines
+    from ..live.produce import produce_lines
     try:
         return asyncio.run(produce_lines(bootstrap_servers(broker_url), topic, lines, security=security.client_kwargs(),
                                          **kw))
@@ -55,7 +55,7 @@ def _send(broker_url: str, security, topic: str, lines: list[bytes], **kw) -> in
 def produce(broker_url, security, topic, dataset, input_path, scenes_mode, rate):
     """Load an event log or a data set (bad lines included, as they are) into a topic, keyed by user_id; data sets
     go in time order."""
-    from ..logs import raw_lines
+    from ..offline.logs import raw_lines
     try:
         lines = raw_lines(dataset, input_path, scenes_mode)
     except SourceError as exc:
@@ -72,7 +72,7 @@ def produce(broker_url, security, topic, dataset, input_path, scenes_mode, rate)
 @kafka_security_options
 @click.option("--topic", default="item-catalog", help="The workers' --catalog-topic.")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True),
-              help="JSONL of catalog records (see stream/catalog.py), sent as they are, keyed by item_id.")
+              help="JSONL of catalog records (see stream/live/catalog.py), sent as they are, keyed by item_id.")
 @click.option("--put", "put_id", default=None, help="Add (or replace) this item id.")
 @click.option("--scene", default=None, help="Scene of the --put item.")
 @click.option("--vector", default=None, help="JSON list of d floats for --put; omitted: the scene's cold-start "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 DEFAULT_SCENES = ("video", "article", "shop")
 DEFAULT_ACTIONS = ("view", "click", "like", "buy")
@@ -18,6 +18,9 @@ TS_MIN_MS = 631_152_000_000
 TS_MAX_MS = 4_102_444_800_000
 
 # Environment-only settings (every other setting is a CLI flag with its own variable; docs/configuration.md).
+# The largest record the worker writes (a changelog window, a popularity record): under Kafka's default 1 MiB limit.
+MAX_RECORD_BYTES = 900_000
+
 # The codecs a Kafka record batch may be compressed with; the worker reads all of them and writes with one.
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
@@ -34,7 +37,7 @@ class StreamConfig:
     max_payload_bytes: int = 4096
     max_id_chars: int = 128           # ids: at most this many characters ...
     max_id_bytes: int = 256           # ... and this many bytes of UTF-8 (so state records have a size bound)
-    max_state_bytes: int = 900_000    # a user's changelog record may not exceed this (Kafka's default limit: 1 MiB)
+    max_state_bytes: int = MAX_RECORD_BYTES   # a user's changelog record may not exceed this
     ts_min_ms: int = TS_MIN_MS
     ts_max_ms: int = TS_MAX_MS
     _scene_set: frozenset = field(init=False, repr=False, compare=False)
@@ -70,9 +73,6 @@ class StreamConfig:
         fields = len('{"ts":[],"ids":"","id_bytes":[],"item":[],"action":[]}')
         return 2 + sum(len(json.dumps(s, ensure_ascii=False).encode()) + 2 + fields + self.window * event
                        for s in self.scenes)
-
-    def with_(self, **changes) -> "StreamConfig":
-        return replace(self, **changes)
 
     @classmethod
     def from_env(cls, **overrides) -> "StreamConfig":

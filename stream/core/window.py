@@ -138,7 +138,7 @@ class Window:
         return [raw[end - size:end].decode("utf-8", "surrogatepass") for end, size in zip(ends, sizes)]
 
     def columns(self) -> dict:
-        """The changelog's form of the window (stream/state.py): per field one list, oldest first, the event ids as
+        """The changelog's form of the window (stream/live/state.py): per field one list, oldest first, the event ids as
         one string with their sizes in bytes of UTF-8. Names, not this process's numbers; cut from the buffer
         without building a row per event."""
         t = self.table()

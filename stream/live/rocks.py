@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-from .core.popularity import Popularity
+from ..core.popularity import Popularity
 
 # Users are keyed by their id; the rest by keys that start with a control character, which no valid id has
 COVERED_KEY, APPLIED_KEY, COUNT_PREFIX, SEPARATOR = b"\x00covered", b"\x00applied", b"\x00count\x1f", b"\x1f"
@@ -51,7 +51,7 @@ class DiskPartition:
         self.applied = int(self.db.get(APPLIED_KEY) or b"-1")
 
     def get(self, user: str) -> Optional[bytes]:
-        """The user's state as the changelog writes one (stream/state.py, `encode_state`)."""
+        """The user's state as the changelog writes one (stream/live/state.py, `encode_state`)."""
         return self.db.get(user.encode())
 
     def has(self, user: str) -> bool:

@@ -2,7 +2,7 @@
 
 Views parse and validate a request, then call recommend.py and the micro-batch service; no recommendation logic
 lives here. Requests for a user are forwarded to the worker that owns the user's partition of the clicks topic
-(the group's partition -> URL table, stream/feeder.py), so any worker answers for any user. Bad parameters get a
+(the group's partition -> URL table, stream/live/feeder.py), so any worker answers for any user. Bad parameters get a
 4xx with a JSON error, never a 5xx. The API is described in openapi.yaml.
 
 One aiohttp middleware guards every route, Faust's own views (/router/, /table/, ...) included: a per-client rate
@@ -12,7 +12,6 @@ limit, then, when an API token is set, `Authorization: Bearer <token>` on every 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import math
 import time
 from typing import Callable, Optional
@@ -22,9 +21,9 @@ from aiohttp import web as aioweb
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .core.batch import record_json
-from .core.config import StreamConfig
-from .core.events import Rejection, check_id
+from ..core.batch import record_json
+from ..core.config import StreamConfig
+from ..core.events import Rejection, check_id
 from .recommend import recommendation
 
 MAX_K = 1000
@@ -33,23 +32,6 @@ TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})   # probes (a kubelet sends no token); everything else needs it
 FORWARD_TIMEOUT_S = 3.0   # a forwarded request's whole round trip; past it the client gets a 503
 RELAYED = ("Retry-After", "WWW-Authenticate")   # headers of the owner's answer that the client gets too
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:   # a host name: not known to be loopback
-        return False
-
-
-def bind_problem(host: str, canonical_url: str) -> Optional[str]:
-    """Why the worker cannot bind `host` as configured, or None: a non-loopback bind needs the URL the other
-    workers reach it at (a bind address such as 0.0.0.0 is none, and a pod's hostname does not resolve)."""
-    if is_loopback(host) or canonical_url:
-        return None
-    return (f"--web-host {host} is not a loopback address: set --canonical-url (SCENESTREAM_WORKER_CANONICAL_URL) "
-            f"to the URL other workers reach this one at; on Kubernetes http://$(POD_IP):PORT, POD_IP from the "
-            f"downward API (status.podIP)")
 
 
 def authorized(header: Optional[str], token: str) -> bool:
@@ -186,7 +168,7 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
             state = service.state_of(user)
             found = await service.user_record(user, model)
             return self.json(recommendation(user, scene, k, exclude_seen, state, found, model.index,
-                                            service.popular(), model.version))
+                                            service.popularity.popular(), model.version))
 
     @app.page("/users/{user_id}/interests")
     class Interests(View):

@@ -13,8 +13,8 @@ import numpy as np
 
 from scenestream.index import ItemIndex
 
-from .core.popularity import Popularity
-from .core.window import UserState
+from ..core.popularity import Popularity
+from ..core.window import UserState
 
 EXPLAINED_HISTORY = 5   # history items shown in an explanation
 POPULAR_TOP = 2000      # items per scene ranked once per popularity sum: the API's largest k, and as many excluded

@@ -18,9 +18,9 @@ from scenestream.model.model import FIRST_ITEM
 from scenestream.model.train import TrainConfig, train_model
 from scenestream.model.vocab import ItemVocab
 
-from .core.events import Event
-from .core.popularity import Popularity
-from .core.window import apply_user
+from ..core.events import Event
+from ..core.popularity import Popularity
+from ..core.window import apply_user
 
 
 @dataclass

@@ -17,7 +17,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import faust
@@ -26,79 +25,24 @@ from faust.app.base import BootStrategy
 from scenestream.index import IndexSpec, ItemIndex
 from scenestream.model.infer import InterestEncoder
 
-from .broker import bootstrap_servers
 from .catalog import CATALOG_CONFIG, CatalogFollower
 from .metrics import WorkerMetrics
 from .feeder import ClicksFeeder
-from .rekey import Rekeyer, by_user_topic
-from .kafka_security import NO_SECURITY, KafkaSecurity
-from .service import POPULARITY_CONFIG, MicroBatchService
-from .state import CHANGELOG_CONFIG, ChangelogStore, ensure_topic, partition_count
+from .rekey import Rekeyer
+from .config import HEARTBEAT_INTERVAL_S, REBALANCE_TIMEOUT_S, SESSION_TIMEOUT_S, WorkerConfig, bootstrap_servers, \
+    is_loopback
+from .kafka_security import NO_SECURITY
+from .service import MicroBatchService
+from .shared_popularity import POPULARITY_CONFIG
+from .state import CHANGELOG_CONFIG, ChangelogStore
+from .topics import ensure_topic, partition_count
 from .swap import ModelWatcher, load_model
-from .web import is_loopback, register as register_web
+from .web import register as register_web
 
 log = logging.getLogger(__name__)
 
 BROKER_STALE_S = 5.0   # seconds without an answer from the broker before /readyz says so
 EXIT_CRASH, EXIT_BROKER_OUTAGE = 70, 69   # sysexits: EX_SOFTWARE, EX_UNAVAILABLE
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    broker: str                          # kafka://host:port[,host:port]
-    app_id: str = "scenestream"
-    clicks_topic: str = "clicks"
-    dlq_topic: str = "clicks-dlq"
-    output_topic: str = "user-interests"
-    changelog_topic: str = ""            # default: <app_id>-state-changelog
-    partitions: int = 4                  # used when the worker creates the topics
-    batch_max: int = 5000                # events per micro-batch (a cap: a batch is what the consumer has buffered)
-    batch_wait: float = 0.2              # longest wait, in seconds, for a first record when none is buffered
-    fetch_wait: float = 0.05             # longest hold of an empty fetch of clicks by the broker, seconds
-    web_host: str = "127.0.0.1"
-    web_port: int = 6066
-    canonical_url: str = ""              # how other workers reach this one's API (forwarding); default from host
-    api_token: str = field(default="", repr=False)   # required of API requests but the probes; "" = none
-    rate_limit: float = 100.0            # API requests per second per client address; 0 = no limit
-    catalog_topic: str = "item-catalog"  # live catalog updates (stream/catalog.py), read in full by every worker
-    index_kind: str = "auto"             # index/spec.py: exact up to 100k items, else the measured ANN default
-    index_path: str = ""                 # load a saved index (`scenestream index build`) instead of building one
-    replication_factor: int = 1          # of the topics the worker creates (changelog, catalog, outputs)
-    max_clock_skew: float = 3600.0       # seconds an event's ts may be ahead of its record's broker timestamp
-    popularity_interval: float = 5.0     # seconds between publications of a partition's changed popularity
-    checkpoint: str = ""                 # the checkpoint folder, watched for new models (swap.py); "": not watched
-    model_poll: float = 30.0             # seconds between looks at the checkpoint folder; 0: never swap
-    security: KafkaSecurity = KafkaSecurity()   # TLS / SASL of every Kafka client (kafka_security.py)
-    state: str = "memory"                # memory | rocksdb (stream/rocks.py)
-    state_dir: str = "scenestream-state"  # the rocksdb state's directory
-    max_users_in_memory: int = 0         # rocksdb: most users in RAM (0: no cap)
-    idle_user_ttl: float = 0.0           # rocksdb: seconds untouched before a user leaves RAM (0: never)
-    broker_outage_limit: float = 30.0    # seconds without an answer from the broker before the worker exits (69)
-    isolation_level: str = "read_committed"   # of the clicks and catalog consumers: aborted transactions unread
-    compression: str = "zstd"            # codec of the records the worker writes (outputs, changelog, dead letters)
-    rekey: bool = False                  # clicks not keyed by user_id: re-key them first (stream/rekey.py)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host   # an IPv6 address
-        return self.canonical_url or f"http://{host}:{self.web_port}"   # bind_problem: set for non-loopback binds
-
-    @property
-    def bootstrap(self) -> str:
-        return bootstrap_servers(self.broker)
-
-    @property
-    def changelog(self) -> str:
-        return self.changelog_topic or f"{self.app_id}-state-changelog"
-
-    @property
-    def popularity_topic(self) -> str:
-        return f"{self.app_id}-popularity"
-
-    @property
-    def feed_topic(self) -> str:
-        """What the micro-batches read: the clicks topic, or with `rekey` its copy keyed by user_id."""
-        return by_user_topic(self.app_id) if self.rekey else self.clicks_topic
 
 
 def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
@@ -109,20 +53,19 @@ def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
 
 
 def faust_settings(cfg: WorkerConfig) -> dict:
-    """The worker's faust.App keyword settings (also what bench/live.py's no-op agent runs with)."""
-    # Settings found by measurement (BENCHMARKS.md, bench/startup.py): with Faust's default session (60 s) and
-    # rebalance (60 s) timeouts the first group join on the embedded broker took ~32 s; with 6 s / 10 s and a 1 s
-    # heartbeat it takes ~4.7 s, and a restarted worker does not wait a minute for its dead predecessor's session.
-    # topic_disable_leader only saves a topic (it does not change the join time).
-    # Faust makes an (empty, with the memory store) `<app id>-data` folder for its tables; it holds nothing of ours,
-    # so it goes under the system temp folder rather than into whatever folder the worker was started from
+    """The worker's faust.App keyword settings (also what bench/live.py's no-op agent runs with). The worker's own
+    consumers (the feeder, the re-keying stage) are not Faust's, whose consumer is off (`_Boot`); the group timeouts
+    here are theirs (config.py), for an app that does consume through Faust, as bench/live.py's no-op agent."""
+    # topic_disable_leader only saves a topic. Faust makes an (empty, with the memory store) `<app id>-data` folder
+    # for its tables; it holds nothing of ours, so it goes under the system temp folder rather than into whatever
+    # folder the worker was started from
     return dict(
         broker=cfg.broker, broker_credentials=cfg.security.faust_credentials(), store="memory://", autodiscover=False,
         datadir=os.path.join(tempfile.gettempdir(), f"scenestream-faust-{cfg.app_id}"),
         topic_partitions=cfg.partitions, topic_disable_leader=True,
         consumer_auto_offset_reset="earliest", producer_acks=-1,
-        broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
-        broker_commit_interval=1.0, stream_wait_empty=False,
+        broker_session_timeout=SESSION_TIMEOUT_S, broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        broker_rebalance_timeout=REBALANCE_TIMEOUT_S, broker_commit_interval=1.0, stream_wait_empty=False,
         web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host, canonical_url=cfg.url,
     )
 
@@ -196,12 +139,8 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
         async def watch_model():   # never crashes: a checkpoint it cannot serve is refused and logged
             await watcher.run(cfg.model_poll)
 
-    @app.task
-    async def declare_topics():
-        for topic in (cfg.output_topic, cfg.dlq_topic):
-            await app.topic(topic, partitions=cfg.partitions, replicas=cfg.replication_factor).maybe_declare()
-        log.info("worker %s consuming %s on %s%s", cfg.app_id, cfg.clicks_topic, cfg.broker,
-                 f", re-keyed into {cfg.feed_topic}" if cfg.rekey else "")
+    log.info("worker %s consuming %s on %s%s", cfg.app_id, cfg.clicks_topic, cfg.broker,
+             f", re-keyed into {cfg.feed_topic}" if cfg.rekey else "")
 
     @app.task
     async def follow_catalog():   # a restart rebuilds the index from the catalog topic
@@ -209,11 +148,11 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
 
     @app.task
     async def follow_popularity():   # every worker sums the same latest counts per partition
-        await or_crash(service.follow_popularity(cfg.popularity_topic), "the popularity follower", broker)
+        await or_crash(service.popularity.follow(cfg.popularity_topic), "the popularity follower", broker)
 
     @app.timer(interval=cfg.popularity_interval)
     async def share_popularity():   # each held partition's counts, when they changed
-        await service.publish_popularity(cfg.popularity_topic)
+        await service.popularity.publish(service.store.producer, cfg.popularity_topic)
 
     @app.timer(interval=1.0)
     async def watch_broker():   # logs an outage once, its end once; exits past --broker-outage-limit
@@ -317,11 +256,11 @@ def run_worker(cfg: WorkerConfig, encoder: InterestEncoder, loglevel: str = "inf
 
 
 async def prepare_topics(cfg: WorkerConfig) -> None:
-    """Before the app starts: the changelog created compacted with infinite retention, with a partition for every
-    clicks partition (state partition p holds source partition p), and the catalog and popularity topics
-    compacted. An existing
-    topic is never changed: wrong settings are logged as warnings; too few changelog partitions stop the worker
-    (its writes would fail on every start)."""
+    """Before the app starts, every topic the worker reads or writes that is missing: the changelog compacted with
+    infinite retention, with a partition for every clicks partition (state partition p holds source partition p);
+    the catalog and popularity topics compacted; clicks (as producers would find it), its re-keyed copy, the
+    outputs and the dead letters with --partitions. An existing topic is never changed: wrong settings are logged
+    as warnings; too few changelog partitions stop the worker (its writes would fail on every start)."""
     security = cfg.security.client_kwargs()
     clicks = await partition_count(cfg.bootstrap, cfg.clicks_topic, security)
     if clicks is None:   # created as producers would find it; an existing one is theirs and never changed
@@ -334,7 +273,8 @@ async def prepare_topics(cfg: WorkerConfig) -> None:
         clicks = await partition_count(cfg.bootstrap, cfg.feed_topic, security) or cfg.partitions
     for topic, partitions, config in ((cfg.changelog, clicks, CHANGELOG_CONFIG),
                                       (cfg.catalog_topic, cfg.partitions, CATALOG_CONFIG),
-                                      (cfg.popularity_topic, 1, POPULARITY_CONFIG)):
+                                      (cfg.popularity_topic, 1, POPULARITY_CONFIG),
+                                      (cfg.output_topic, cfg.partitions, {}), (cfg.dlq_topic, cfg.partitions, {})):
         for problem in await ensure_topic(cfg.bootstrap, topic, partitions, cfg.replication_factor, config, security):
             log.warning("%s", problem)
     have = await partition_count(cfg.bootstrap, cfg.changelog, security) or 0

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
-from .core.config import DEFAULT_ACTIONS, StreamConfig
-from .core.events import Decoded, Event, Rejection, decode, encode, validate_record
+from ..core.config import DEFAULT_ACTIONS, StreamConfig
+from ..core.events import Decoded, Event, Rejection, decode, encode, validate_record
 
 if TYPE_CHECKING:
-    from .synthetic import SyntheticSpec
+    from ..datasets.synthetic import SyntheticSpec
 
 DATASETS = ("synthetic", "ml-1m", "ml-1m-5core", "ml-100k")
 
@@ -82,7 +82,7 @@ def collect(decoded, config: StreamConfig) -> LoadedEvents:
 
 def synthetic_lines(spec: Optional["SyntheticSpec"] = None, clean: bool = False) -> list[bytes]:
     """Exactly the lines `scenestream generate` writes for this spec (default: `generate`'s defaults)."""
-    from .synthetic import SyntheticSpec, generate, log_lines
+    from ..datasets.synthetic import SyntheticSpec, generate, log_lines
     spec = spec or SyntheticSpec()
     events, _ = generate(spec)
     return log_lines(events, 0.0 if clean else spec.malformed_fraction, spec.seed)
@@ -110,12 +110,12 @@ def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] 
         config = config or StreamConfig()
         return collect(decode_log(input_path, config), config)
     if dataset == "synthetic":
-        from .synthetic import SyntheticSpec
+        from ..datasets.synthetic import SyntheticSpec
         spec = spec or SyntheticSpec()
         config = StreamConfig(scenes=spec.scenes)
         return collect((decode(line, config) for line in synthetic_lines(spec)), config)
     if dataset in ("ml-1m", "ml-1m-5core", "ml-100k"):
-        from .movielens import dataset_scenes, load_movielens
+        from ..datasets.movielens import dataset_scenes, load_movielens
         # The files are sorted by user, not an arrival log: give them in the order they happened (ties: file
         # order, which event_id encodes), so replay and produce stream them as a live system would see them.
         events = sorted(load_movielens(dataset, scenes=scenes_mode), key=lambda e: e.order_key)

@@ -1,7 +1,7 @@
 """Where SceneStream keeps what it downloads or trains on a user's behalf: $SCENESTREAM_CACHE, by default
 ~/.cache/scenestream. One layout, used by everything that caches:
 
-    <cache>/datasets/<name>/    MovieLens atomic files (stream/movielens.py)
+    <cache>/datasets/<name>/    MovieLens atomic files (stream/datasets/movielens.py)
     <cache>/models/<name>/      the demo model of `scenestream run`
     <cache>/run/worker.log      the worker log of `scenestream run`
 """

@@ -26,17 +26,15 @@ from typing import Any, Mapping, Optional
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from .core.config import StreamConfig
-from .core.events import Event, Rejection, decode
+from ..core.config import StreamConfig
+from ..core.events import Event, Rejection, decode
+from .config import HEARTBEAT_INTERVAL_S, REBALANCE_TIMEOUT_S, SESSION_TIMEOUT_S, WorkerConfig
 from .kafka_security import NO_SECURITY
+from .record import Record, dead_letter
 from .record_batches import RecordBatches, codec_setting, key_partitions
 from .undecodable import getmany_past_undecodable
 
 log = logging.getLogger(__name__)
-
-
-def by_user_topic(app_id: str) -> str:
-    return f"{app_id}-clicks-by-user"
 
 
 def user_key(value: Optional[bytes], config: StreamConfig) -> Optional[bytes]:
@@ -64,7 +62,8 @@ class Rekeyer:
     """Source topic in, `target` out keyed by user_id; dead letters of undecodable source batches to `dlq_topic`."""
 
     def __init__(self, bootstrap: str, source: str, target: str, group: str, dlq_topic: str, config: StreamConfig,
-                 batch_max: int = 5000, isolation_level: str = "read_committed", compression: str = "none",
+                 batch_max: int = WorkerConfig.batch_max, isolation_level: str = WorkerConfig.isolation_level,
+                 compression: str = WorkerConfig.compression,
                  security: Mapping[str, Any] = NO_SECURITY):
         self.source, self.target, self.dlq_topic, self.config = source, target, dlq_topic, config
         self.batch_max = batch_max
@@ -72,7 +71,9 @@ class Rekeyer:
                                        compression_type=codec_setting(compression), **security)
         self._settings = dict(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                               auto_offset_reset="earliest", isolation_level=isolation_level,
-                              session_timeout_ms=6000, heartbeat_interval_ms=1000, rebalance_timeout_ms=10000,
+                              session_timeout_ms=int(SESSION_TIMEOUT_S * 1000),
+                              heartbeat_interval_ms=int(HEARTBEAT_INTERVAL_S * 1000),
+                              rebalance_timeout_ms=int(REBALANCE_TIMEOUT_S * 1000),
                               fetch_max_wait_ms=50, max_poll_records=batch_max, **security)
         self.counts = {"rekeyed": 0, "forwarded": 0, "undecodable": 0}
         self._stopping = asyncio.Event()
@@ -81,7 +82,6 @@ class Rekeyer:
         self._stopping.set()
 
     async def run(self) -> None:
-        from .service import Record, dead_letter
         consumer = AIOKafkaConsumer(**self._settings)
         positions: dict = {}
         consumer.subscribe([self.source], listener=_Forget(positions))
@@ -107,8 +107,7 @@ class Rekeyer:
                 for batch in bad:
                     log.warning("%s; it goes to the dead-letter topic (reason undecodable_batch) and the re-keying "
                                 "stage reads on after it", batch.describe())
-                    key, value = dead_letter(Record(batch.topic, batch.partition, batch.last, None, batch.raw, 0),
-                                             Rejection("undecodable_batch", batch.describe()))
+                    key, value = dead_letter(Record.of_batch(batch), Rejection("undecodable_batch", batch.describe()))
                     sends.append(await producer.send(self.dlq_topic, value, key=key))
                 if not sends:
                     continue

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .core.config import DEFAULT_ACTIONS, DEFAULT_SCENES
-from .core.events import Event, encode
+from ..core.config import DEFAULT_ACTIONS, DEFAULT_SCENES
+from ..core.events import Event, encode
 
 BASE_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 

@@ -17,13 +17,14 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .broker import EmbeddedBroker, bootstrap_servers
-from .cache import cache_dir
-from .kafka_security import KafkaSecurity
-from .logs import synthetic_lines
+from ..live.config import bootstrap_servers
+from .broker import EmbeddedBroker
+from ..datasets.cache import cache_dir
+from ..live.kafka_security import KafkaSecurity
+from ..offline.logs import synthetic_lines
 from .processes import spawn
-from .produce import line_key, produce_lines
-from .synthetic import SyntheticSpec
+from ..live.produce import line_key, produce_lines
+from ..datasets.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ def demo_checkpoint(epochs: int = 3) -> Path:
     from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from scenestream.model.train import TrainConfig
 
-    from .core.config import DEFAULT_ACTIONS
-    from .leave_one_out import fit
-    from .logs import load_events
+    from ..core.config import DEFAULT_ACTIONS
+    from ..offline.leave_one_out import fit
+    from ..offline.logs import load_events
     out = cache_dir("models", f"synthetic-demo-e{epochs}")
     try:
         load_checkpoint(out)

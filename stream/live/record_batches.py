@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from .core.config import CODECS
+from ..core.config import CODECS
 
 _M = np.uint32(0x5BD1E995)
 _SEED = 0x9747B28C

@@ -14,7 +14,7 @@ again from the checkpoint's item table, which the catalog only amends. A new ite
 `cold_start_vector`): it scores like an average item of the scene, so it is recommendable without swamping
 recommendations until a vector from a retrained model arrives.
 
-A model swap (stream/swap.py) brings a new index built from the new checkpoint: `switch` applies to it every catalog
+A model swap (stream/live/swap.py) brings a new index built from the new checkpoint: `switch` applies to it every catalog
 record applied so far, read again from the topic (what a restart with that checkpoint would do), and hands it over
 while no other record is being applied, so no record reaches only the old index.
 
@@ -32,10 +32,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .core.config import StreamConfig
-from .core.events import Rejection, _slow_loads, check_id
+from ..core.config import StreamConfig
+from ..core.events import Rejection, _slow_loads, check_id
+from .config import WorkerConfig
 from .kafka_security import NO_SECURITY
-from .state import CHANGELOG_CONFIG
+from .topics import COMPACTED
+from .reading import read_range
 from .undecodable import getmany_past_undecodable
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class CatalogUpdate:
 
 
 # Compacted by item id: each item's latest record is all a worker needs (deletes are records, never tombstones).
-CATALOG_CONFIG = CHANGELOG_CONFIG   # compacted, kept forever
+CATALOG_CONFIG = COMPACTED   # compacted, kept forever
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -160,7 +162,7 @@ class CatalogFollower:
 
     def __init__(self, bootstrap: str, topic: str, index, config: StreamConfig, dim: int,
                  count: Callable[[str, int], None] = lambda outcome, n: None,
-                 security: Mapping[str, Any] = NO_SECURITY, isolation_level: str = "read_committed"):
+                 security: Mapping[str, Any] = NO_SECURITY, isolation_level: str = WorkerConfig.isolation_level):
         self.bootstrap, self.topic, self.index, self.security = bootstrap, topic, index, security
         self.isolation_level = isolation_level   # records of aborted transactions are never applied
         self.config, self.dim = config, dim
@@ -206,7 +208,6 @@ class CatalogFollower:
         """Apply every record applied so far to `index` (read again from the topic, decoded for its dimension) and
         make it the index followed from now on, then call `then()` (no await between: nothing is applied to either
         index in between). Returns the number of records read again."""
-        from .service import read_range
         async with self.lock:
             updates, n = [], 0
             for partition, last in sorted(self.applied.items()):

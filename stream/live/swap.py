@@ -4,8 +4,8 @@ Every `--model-poll` seconds the watcher looks at the folder's files (size and m
 that config.json names: a few bytes read). When they changed and name a version other than the one in use, it loads
 the checkpoint and builds its item index in a thread of its own (the event loop keeps going: batches and requests),
 checks that the model reads the state the worker holds (same scenes, actions and window), applies the catalog to
-the new index (stream/catalog.py, `switch`) and then replaces the service's `Serving` bundle in one assignment
-(stream/service.py). What is refused (a folder that does not load, half copied, or a model of other scenes) is
+the new index (stream/live/catalog.py, `switch`) and then replaces the service's `Serving` bundle in one assignment
+(stream/live/service.py). What is refused (a folder that does not load, half copied, or a model of other scenes) is
 logged once, counted (`scenestream_model_swaps_total{outcome="refused"}`) and the model in use keeps serving; the
 folder is tried again when its files change.
 

@@ -24,64 +24,24 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from itertools import accumulate
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Optional
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from .core.events import Event
-from .core.popularity import Popularity
-from .core.window import EMPTY, UserState, Window, apply_window, item_delta
+from ..core.popularity import Popularity
+from ..core.window import EMPTY, UserState, Window, apply_window, item_delta
+from .changelog import FENCE_KEY, MARKER_KEY, SCENE_SEPARATOR, decode_state, encode_state, state_key
+from .config import WorkerConfig, memory_cap_problem
+from .kafka_security import NO_SECURITY
+from .reading import read_to
 from .record_batches import RecordBatches, SentBatch, codec_setting
 from .rocks import DiskPartition
-from .kafka_security import NO_SECURITY
+from .topics import COMPACTED
 
 log = logging.getLogger(__name__)
 
-FENCE_KEY = b"\x00fence"
-MARKER_KEY = b"\x00applied"
 RECOVERY_DEADLINE_S = 300
-
-
-# The changelog topic keeps every user's newest record forever: compacted by key, never deleted by age (a user idle
-# for a week must not lose their windows, nor an offset marker expire). Created so by `ensure_topic`.
-CHANGELOG_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1"}
-
-
-SCENE_SEPARATOR = b"\x1f"   # a control character: never part of a valid id (core/events.py: check_id)
-
-
-def state_key(user: str, scene: str) -> bytes:
-    """The changelog key of one (user, scene) window: a micro-batch rewrites only the windows it changed, and
-    compaction keeps each window's newest record."""
-    return user.encode() + SCENE_SEPARATOR + scene.encode()
-
-
-def encode_state(state: UserState) -> bytes:
-    """A changelog value, {scene: columns} (one window, as the worker writes it; whole states read back the same):
-    compact JSON in UTF-8 (no ASCII escapes), per field one list (`Window.columns`), whose size
-    StreamConfig.state_record_bound bounds. Ids by name, so the log does not depend on any process's tables."""
-    return orjson.dumps({s: w.columns() for s, w in state.items()})
-
-
-def decode_state(user: str, raw: bytes, length: int) -> UserState:
-    """A changelog value as windows, each the join of its events (so a record that is out of order, has duplicates
-    or is longer than the window still reads as a window). Also reads the row form that changelogs written before
-    the column form hold: {scene: [[ts, event_id, item_id, action], ...]}."""
-    return {s: apply_window(EMPTY, _events(user, s, value), length)[0]
-            for s, value in orjson.loads(raw).items() if value}
-
-
-def _events(user: str, scene: str, value) -> list[Event]:
-    if isinstance(value, list):
-        return [Event(eid, user, item, scene, action, ts) for ts, eid, item, action in value]
-    ids, sizes = value["ids"].encode("utf-8", "surrogatepass"), value["id_bytes"]
-    if sum(sizes) != len(ids) or not len(sizes) == len(value["ts"]) == len(value["item"]) == len(value["action"]):
-        raise ValueError(f"a changelog window of {scene!r} whose columns do not line up")
-    ends = list(accumulate(sizes))
-    return [Event(ids[end - size:end].decode("utf-8", "surrogatepass"), user, item, scene, action, ts)
-            for end, size, ts, item, action in zip(ends, sizes, value["ts"], value["item"], value["action"])]
+CHANGELOG_CONFIG = COMPACTED   # the state: created so by topics.ensure_topic
 
 
 def count_deltas(pairs: Iterable[tuple[str, Mapping[str, int]]]) -> dict[str, Counter]:
@@ -101,70 +61,22 @@ def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
     return merged
 
 
-async def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int,
-                       config: dict[str, str], security: Mapping[str, Any] = NO_SECURITY) -> list[str]:
-    """Create the topic with these partitions, replication factor and configs. If it exists already, change
-    nothing and return what differs, one sentence each, for the operator (checked with DescribeTopics and
-    DescribeConfigs, which the embedded Tansu answers too)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
-    await admin.start()
-    try:
-        created = await admin.create_topics([NewTopic(topic, partitions, replication_factor, topic_configs=config)])
-        code = created.topic_errors[0][1]
-        if code == 0:
-            log.info("created topic %s: %d partitions, replication factor %d, %s", topic, partitions,
-                     replication_factor, config)
-            return []
-        if code != 36:   # TOPIC_ALREADY_EXISTS
-            raise RuntimeError(f"could not create topic {topic}: {created.topic_errors[0]}")
-        problems = []
-        (meta,) = await admin.describe_topics([topic])
-        have = len(meta["partitions"])
-        if have < partitions:
-            problems.append(f"topic {topic} has {have} partitions, fewer than the {partitions} it needs")
-        replicas = min((len(p["replicas"]) for p in meta["partitions"]), default=0)
-        if replicas < replication_factor:
-            problems.append(f"topic {topic} has replication factor {replicas}, below {replication_factor}")
-        (described,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-        current = {entry[0]: entry[1] for entry in described.resources[0][4]}
-        for name, want in config.items():
-            if current.get(name) != want:
-                problems.append(f"topic {topic} has {name}={current.get(name, '(broker default)')}, "
-                                f"it should be {want}")
-        return problems
-    finally:
-        await admin.close()
-
-
-async def partition_count(bootstrap: str, topic: str, security: Mapping[str, Any] = NO_SECURITY) -> Optional[int]:
-    """Partitions of an existing topic; None when it does not exist (yet)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
-    await admin.start()
-    try:
-        (meta,) = await admin.describe_topics([topic])
-        return len(meta["partitions"]) if meta["error_code"] == 0 and meta["partitions"] else None
-    finally:
-        await admin.close()
-
-
 class ChangelogStore:
     """state[partition][user] -> UserState, recovered lazily per partition before its first event is applied.
 
-    With `state_dir` (`--state rocksdb`) every partition also lives on local disk (stream/rocks.py): recovery reads
+    With `state_dir` (`--state rocksdb`) every partition also lives on local disk (stream/live/rocks.py): recovery reads
     only the changelog's tail, and memory holds at most `max_users` users (least recently used go first, never one
     a micro-batch in flight has changed; 0 = no cap) and none idle for longer than `idle_s` (0 = no limit). A user
     not in memory is read back from disk when touched."""
 
     def __init__(self, bootstrap: str, topic: str, window: int, security: Mapping[str, Any] = NO_SECURITY,
-                 state_dir: Optional[str] = None, max_users: int = 0, idle_s: float = 0.0, compression: str = "none"):
+                 state_dir: Optional[str] = None, max_users: int = 0, idle_s: float = 0.0,
+                 compression: str = WorkerConfig.compression):
         self.bootstrap, self.topic, self.window, self.security = bootstrap, topic, window, security
         self.compression = codec_setting(compression)   # of every record the worker writes (this producer's)
         self.state_dir, self.max_users, self.idle_s = state_dir, max_users, idle_s
-        if (max_users or idle_s) and not state_dir:
-            raise ValueError("a memory cap or an idle-user TTL needs the rocksdb state (users leave memory for disk)")
+        if problem := memory_cap_problem(bool(state_dir), max_users, idle_s):
+            raise ValueError(problem)
         self.partitions: dict[int, OrderedDict[str, UserState]] = {}   # in memory, least recently used first
         self.touched: dict[int, dict[str, float]] = {}                 # when each user in memory was last used
         self.disk: dict[int, DiskPartition] = {}
@@ -172,7 +84,8 @@ class ChangelogStore:
         self.stats = {"loads": 0, "evictions": 0}
         self.on_evict: Callable[[str], None] = lambda user: None
         self.applied: dict[int, int] = {}   # source partition -> highest source offset applied in memory (-1: none)
-        self.durable: dict[int, int] = {}   # source partition -> highest source offset whose marker was sent
+        self.marked: dict[int, int] = {}    # source partition -> highest source offset whose marker was sent
+        self.durable: dict[int, int] = {}   # ... whose marker the broker acknowledged (what the lag metric reads)
         self.producer: Optional[AIOKafkaProducer] = None
         self._locks: dict[int, asyncio.Lock] = {}
 
@@ -197,6 +110,7 @@ class ChangelogStore:
             self.touched.pop(p, None)
             self.pinned.pop(p, None)
             self.applied.pop(p, None)
+            self.marked.pop(p, None)
             self.durable.pop(p, None)
             disk = self.disk.pop(p, None)
             if disk is not None:   # kept: a later recovery joins it with the changelog written since
@@ -277,7 +191,7 @@ class ChangelogStore:
             self.partitions[partition] = OrderedDict(state)
             self.touched[partition] = dict.fromkeys(state, time.monotonic())
             self.pinned[partition] = Counter()
-            self.applied[partition] = self.durable[partition] = marker
+            self.applied[partition] = self.marked[partition] = self.durable[partition] = marker
             return True
 
     async def recover(self, partition: int) -> tuple[dict[str, UserState], int]:
@@ -325,14 +239,11 @@ class ChangelogStore:
             else:
                 await consumer.seek_to_beginning(tp)
             last = (await self.producer.send_and_wait(self.topic, b"", key=FENCE_KEY, partition=partition)).offset
-            deadline = time.monotonic() + RECOVERY_DEADLINE_S
-            while await consumer.position(tp) <= last:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"recovery of {self.topic}[{partition}] did not reach offset {last} within "
-                                       f"{RECOVERY_DEADLINE_S} s")
-                for m in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    if m.offset <= last:
-                        yield m
+            async for records, bad in read_to(consumer, tp, start, last, RECOVERY_DEADLINE_S):
+                if bad:   # the state itself: never stepped over
+                    raise RuntimeError(f"recovery of {self.topic}[{partition}]: {bad[0].describe()}")
+                for m in records:
+                    yield m
         finally:
             await consumer.stop()
 
@@ -351,8 +262,10 @@ class ChangelogStore:
 
     def settle(self, partition: int, updates: dict[str, UserState], deltas: list, offsets: list[int],
                applied_offset: int) -> None:
-        """A micro-batch's changelog records were acknowledged at `offsets`: write its states to disk (if any), with
-        `covered` moved up to them when they follow it without a gap, and unpin its users."""
+        """A micro-batch's changelog records were acknowledged at `offsets`, its marker among them: the partition is
+        durable up to `applied_offset`; its states go to disk (if any), with `covered` moved up to them when they
+        follow it without a gap, and its users are unpinned."""
+        self.durable[partition] = max(applied_offset, self.durable.get(partition, -1))
         disk = self.disk.get(partition)
         if disk is None:
             return
@@ -371,13 +284,7 @@ class ChangelogStore:
         batches = RecordBatches(self.producer)
         for user, scene, w in windows:
             batches.add(self.topic, partition, state_key(user, scene), encode_state({scene: w}))
-        if applied_offset > self.durable.get(partition, -1):
-            self.durable[partition] = applied_offset
+        if applied_offset > self.marked.get(partition, -1):
+            self.marked[partition] = applied_offset
             batches.add(self.topic, partition, MARKER_KEY, str(applied_offset).encode())
         return await batches.send()
-
-    async def write(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> list:
-        """put, then send every window of the updated users."""
-        self.put(partition, updates, applied_offset)
-        return await self.send(partition, [(u, s, w) for u, st in updates.items() for s, w in st.items()],
-                               applied_offset)

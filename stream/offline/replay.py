@@ -38,10 +38,10 @@ from tqdm import tqdm
 from scenestream.index import ItemIndex
 from scenestream.model.infer import InterestEncoder
 
-from .core.batch import apply_batch, interest_record
-from .core.events import Event
-from .core.popularity import RunningTop
-from .core.window import UserState
+from ..core.batch import apply_batch, interest_record
+from ..core.events import Event
+from ..core.popularity import RunningTop
+from ..core.window import UserState
 from .logs import LoadedEvents, time_cutoff
 
 log = logging.getLogger(__name__)

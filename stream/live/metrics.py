@@ -40,7 +40,7 @@ class WorkerMetrics:
         self.registry.register(self._caches)
 
     def watch_state(self, store) -> None:
-        """Export the state store's users in memory and its disk loads and evictions (stream/state.py)."""
+        """Export the state store's users in memory and its disk loads and evictions (stream/live/state.py)."""
         self.registry.register(_StateCollector(store))
 
     def retire_cache(self, caches: Iterable) -> None:

@@ -25,10 +25,10 @@ A partition can be revoked, and given back, at any await. Each assignment gets a
 its partition's epoch is still the one it started under, else the new owner (maybe this worker again) redoes it.
 
 The durable marker, not the group's committed offset, says where durable state ends: at assignment the consumer
-is positioned right after it (stream/feeder.py), and a batch that starts past it first re-reads the gap.
+is positioned right after it (stream/live/feeder.py), and a batch that starts past it first re-reads the gap.
 
 The model in use is one immutable `Serving` bundle (encoder and item index, whose version is the encoder's),
-replaced in one assignment by a model swap (stream/swap.py). A micro-batch takes the bundle once, when it starts
+replaced in one assignment by a model swap (stream/live/swap.py). A micro-batch takes the bundle once, when it starts
 encoding, and a request once, when it starts, so neither ever mixes two models. Windows are raw events and stay;
 a record published under another model is recomputed under the one in use when a request reads it.
 
@@ -40,45 +40,30 @@ ranks the sum of every partition's latest counts, the same on every worker (docs
 from __future__ import annotations
 
 import asyncio
-import gc
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
-import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from scenestream.index import ItemIndex
 from scenestream.model.infer import InterestEncoder
 
-from .core.batch import BatchOutcome, apply_batch, interest_records, record_json
-from .core.config import StreamConfig
-from .core.events import Event, Rejection, check_key, decode
-from .core.popularity import PartitionCounts, Popularity, merge_partitions, top_counts
-from .core.window import UserState, Window, item_delta
-from .kafka_security import NO_SECURITY
+from ..core.batch import BatchOutcome, apply_batch, interest_records, record_json
+from ..core.config import StreamConfig
+from ..core.events import Event, Rejection, check_key, decode
+from ..core.window import UserState, Window, item_delta
+from .config import WorkerConfig
+from .heap import FrozenHeap
 from .metrics import WorkerMetrics
+from .reading import read_range
+from .record import Record, dead_letter
 from .record_batches import RecordBatches, key_partitions
-from .state import CHANGELOG_CONFIG, ChangelogStore
-from .undecodable import getmany_past_undecodable
+from .shared_popularity import SharedPopularity
+from .state import ChangelogStore
 
 log = logging.getLogger(__name__)
-
-DEAD_LETTER_RAW_BYTES = 4096   # a dead letter keeps this much of the payload (all of any payload the decoder reads)
-DEAD_LETTER_KEY_BYTES = 256    # a longer key is replaced by its SHA-256
-GAP_PAGE = 1000                # events per page of a gap re-read
-GAP_DEADLINE_S = 120.0         # a gap not read by then: crash, and let the restart try again
-FULL_GC_EVERY_S = 600.0        # a full collection of the frozen heap this often (see _complete)
-POPULAR_DEPTH = 2000           # items per scene in a partition's popularity record: twice the API's largest k
-POPULAR_RECORD_BYTES = 900_000  # a popularity record fits Kafka's default 1 MiB: fewer items per scene if need be
-# The shared popularity topic keeps each clicks partition's latest counts (key: the partition number), compacted with
-# infinite retention like the changelog: a partition idle for a week still counts.
-POPULARITY_CONFIG = CHANGELOG_CONFIG
-
 
 @dataclass(frozen=True)
 class Serving:
@@ -89,95 +74,6 @@ class Serving:
     @property
     def version(self) -> str:
         return self.encoder.version
-
-
-class Record(NamedTuple):
-    """One Kafka record, as the service needs it: a named tuple, built ~3x faster than a frozen dataclass (one per
-    event on the worker's hot path)."""
-    topic: str
-    partition: int
-    offset: int
-    key: Optional[bytes]
-    value: Optional[bytes]
-    timestamp_ms: int            # the broker's (or producer's) timestamp; <= 0 when unknown
-    broken: str = ""             # a record batch that could not be decoded (stream/undecodable.py): why, its
-                                 # bytes in `value`, its last offset in `offset`; rejected, never decoded
-
-    @classmethod
-    def from_aiokafka(cls, m) -> "Record":
-        return cls(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp or 0)
-
-
-def popularity_value(popularity: Popularity, depth: int = POPULAR_DEPTH, limit: int = POPULAR_RECORD_BYTES) -> bytes:
-    """A partition's record in the shared popularity topic, {"counts": {scene: [[item_id, count], ...]}}: the
-    `depth` most counted items of each scene, fewer when that would pass `limit` bytes."""
-    while True:
-        raw = orjson.dumps({"counts": top_counts(popularity, depth)})
-        if len(raw) <= limit or depth <= 1:
-            return raw
-        depth //= 2
-
-
-def decode_popularity(key: Optional[bytes], raw: Optional[bytes], scenes: Sequence[str]
-                      ) -> Union[tuple[int, Optional[PartitionCounts]], str]:
-    """(partition, counts) of a shared popularity record (counts None for a null value: the entry is dropped), or
-    why it is refused. Total: a bad record is skipped, never a reason to stop following."""
-    try:
-        partition = int(key.decode("ascii")) if key else -1
-        if partition < 0:
-            return f"bad key {key[:32]!r}" if key else "no key"
-        if raw is None:
-            return partition, None
-        counts = orjson.loads(raw)["counts"]
-        return partition, {scene: [(item, c) for item, c in pairs
-                                   if isinstance(item, str) and type(c) is int and c > 0]
-                           for scene, pairs in counts.items() if scene in scenes}
-    except Exception as exc:   # noqa: BLE001 - whatever the bytes
-        return f"{type(exc).__name__}: {str(exc)[:100]}"
-
-
-def dead_letter(record: Record, rejection: Rejection) -> tuple[Optional[bytes], bytes]:
-    """(key, value) of the dead letter for a rejected record: bounded whatever the payload (a prefix of the raw
-    bytes, their size and hash), so sending it can never fail for size."""
-    raw = record.value or b""
-    key = record.key
-    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
-        key = hashlib.sha256(key).hexdigest().encode()
-    value = json.dumps({"reason": rejection.reason, "detail": rejection.detail[:500], "topic": record.topic,
-                        "partition": record.partition, "offset": record.offset,
-                        "raw": raw[:DEAD_LETTER_RAW_BYTES].decode("latin-1"), "raw_size": len(raw),
-                        "raw_truncated": len(raw) > DEAD_LETTER_RAW_BYTES,
-                        "raw_sha256": hashlib.sha256(raw).hexdigest()})
-    return key, value.encode()
-
-
-async def read_range(bootstrap: str, topic: str, partition: int, first: int, last: int, page: int = GAP_PAGE,
-                     deadline_s: float = GAP_DEADLINE_S, security: Mapping[str, Any] = NO_SECURITY,
-                     isolation_level: str = "read_committed") -> AsyncIterator[list[Record]]:
-    """Records first..last of one partition (read directly, not through the consumer group), in pages of at most
-    `page`; a batch that cannot be decoded comes as one record with `broken` set. Reads until the position passes
-    `last`, through empty fetches; raises TimeoutError after `deadline_s` seconds without getting there (the caller
-    crashes; a restart tries again)."""
-    tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                                isolation_level=isolation_level, **security)
-    await consumer.start()
-    try:
-        consumer.assign([tp])
-        consumer.seek(tp, first)
-        positions = {tp: first}
-        deadline = time.monotonic() + deadline_s
-        while await consumer.position(tp) <= last:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}[{partition}]: re-reading {first}..{last} did not reach offset {last} "
-                                   f"within {deadline_s:g} s (at {await consumer.position(tp)})")
-            got, bad = await getmany_past_undecodable(consumer, positions, timeout_ms=1000, max_records=page)
-            chunk = [Record.from_aiokafka(m) for m in got.get(tp, ()) if first <= m.offset <= last]
-            chunk += [Record(topic, partition, b.last, None, b.raw, 0, b.describe()) for b in bad if b.last <= last]
-            if chunk:
-                yield chunk
-    finally:
-        await consumer.stop()
 
 
 @dataclass
@@ -203,8 +99,9 @@ class _Batch:
 
 class MicroBatchService:
     def __init__(self, encoder: InterestEncoder, store: ChangelogStore, output_topic: str, dlq_topic: str,
-                 bootstrap: str, metrics: Optional[WorkerMetrics] = None, max_clock_skew_s: float = 3600.0,
-                 index: Optional[ItemIndex] = None, isolation_level: str = "read_committed"):
+                 bootstrap: str, metrics: Optional[WorkerMetrics] = None,
+                 max_clock_skew_s: float = WorkerConfig.max_clock_skew,
+                 index: Optional[ItemIndex] = None, isolation_level: str = WorkerConfig.isolation_level):
         self.model = Serving(encoder, index)   # replaced whole by a swap (`use`), never changed in place
         self.isolation_level = isolation_level   # of the gap re-read: as the feeder reads clicks
         self.store = store
@@ -214,18 +111,15 @@ class MicroBatchService:
         self.metrics = metrics or WorkerMetrics()
         self.max_clock_skew_ms = int(max_clock_skew_s * 1000)
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
-        self.partition_popularity: dict[int, Popularity] = {}      # items in the windows held, per partition
-        self._own: Optional[Popularity] = None                      # their sum, until one of them changes
-        self.unpublished: set[int] = set()                          # partitions whose counts changed since published
-        self.shared_counts: dict[int, PartitionCounts] = {}         # partition -> latest counts in the shared topic
-        self.shared: Optional[Popularity] = None                    # their sum (None: nothing shared yet)
+        # the items in the windows held, and every worker's: the store's cluster and settings
+        self.popularity = SharedPopularity(self.config.scenes, bootstrap, store.security)
         self.latest: dict[str, tuple[dict, float]] = {}             # user -> (newest published record, applied at)
         self.assigned: set[int] = set()
         self.epoch: dict[int, int] = {}                             # partition -> assignment number
         self._epochs = 0
         self._tail: Optional[asyncio.Future[None]] = None          # the last batch submitted, until durable
         self._published: Optional[asyncio.Future[None]] = None     # its outputs, until acknowledged
-        self._full_gc_at = time.monotonic()
+        self.heap = FrozenHeap()
 
     @property
     def encoder(self) -> InterestEncoder:
@@ -255,9 +149,7 @@ class MicroBatchService:
         for p in partitions:
             for user in self.store.partitions.get(p, {}):
                 self.latest.pop(user, None)
-            self.partition_popularity.pop(p, None)   # its shared entry stays until its new owner publishes
-            self._own = None
-            self.unpublished.discard(p)
+            self.popularity.release(p)
             self.epoch.pop(p, None)
         self.assigned -= partitions
         self.store.forget(partitions)
@@ -271,9 +163,7 @@ class MicroBatchService:
             if self.epoch.get(partition) != epoch:   # revoked while recovering: what we read may change elsewhere
                 self.store.forget({partition})
                 return False
-            self.partition_popularity[partition] = self.store.popularity(partition)   # follows the windows held
-            self._own = None
-            self.unpublished.add(partition)   # a new owner overwrites the old owner's entry
+            self.popularity.hold(partition, self.store.popularity(partition))   # follows the windows held
         return self.owns(partition, epoch)
 
     @property
@@ -289,10 +179,6 @@ class MicroBatchService:
         await self.store.stop()
 
     # ---- one micro-batch ----------------------------------------------------------------------------------------
-
-    async def handle(self, records: Sequence[Record]) -> None:
-        """One micro-batch; returns once everything it changed is durable (or was left to a partition's new owner)."""
-        await (await self.submit(records))
 
     async def submit(self, records: Sequence[Record]) -> "asyncio.Future[None]":
         """Apply a micro-batch in memory and encode it; returns a future that is done once the batch is durable.
@@ -346,18 +232,7 @@ class MicroBatchService:
         if before is not None:
             await before
         await self._write_state(batch)
-        # The state is millions of small long-lived objects without reference cycles (events, window tuples,
-        # dicts): the cycle collector re-walked all of them again and again for nothing, ~25% of the worker's CPU
-        # (BENCHMARKS.md). Whatever is alive once a batch is durable goes to the permanent generation: refcounting
-        # still frees it, the collector no longer walks it. What that would leak is cyclic garbage alive at that
-        # moment: a batch leaves none (tests/test_nothing_lost.py), but the rest of the process (web requests,
-        # client libraries) may, so every FULL_GC_EVERY_S the whole heap is collected once, as Python's own
-        # schedule would have done far more often.
-        if time.monotonic() - self._full_gc_at > FULL_GC_EVERY_S:
-            gc.unfreeze()
-            gc.collect()
-            self._full_gc_at = time.monotonic()
-        gc.freeze()
+        self.heap.settle()   # heap.py: what is alive now is frozen
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
         stamps = np.fromiter((r.timestamp_ms for r in batch.records), np.float64, len(batch.records))
@@ -397,7 +272,6 @@ class MicroBatchService:
         old = {}
         outcome = apply_batch(lambda user: old.setdefault(user, self.store.get(partition, user)), events,
                               self.config.window)
-        popularity = self.partition_popularity[partition]
         changed, deltas = [], []
         for user, state in outcome.updates.items():
             before_state = old.get(user) or {}
@@ -406,10 +280,7 @@ class MicroBatchService:
                 if window is not before:
                     changed.append((user, scene, window))
                     deltas.append((scene, item_delta(before, window)))
-                    popularity.shift(scene, deltas[-1][1])
-        if changed:
-            self.unpublished.add(partition)
-            self._own = None
+                    self.popularity.shift(partition, scene, deltas[-1][1])
         self.store.put(partition, outcome.updates, recs[-1].offset)
         return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed, deltas)
 
@@ -488,75 +359,6 @@ class MicroBatchService:
         """The newest event time a record may carry: its broker timestamp (else now) plus the allowed clock skew."""
         base = record.timestamp_ms if record.timestamp_ms > 0 else int(time.time() * 1000)
         return base + self.max_clock_skew_ms
-
-    # ---- shared popularity ---------------------------------------------------------------------------------------
-
-    async def publish_popularity(self, topic: str) -> int:
-        """Send the counts of each held partition that changed since it was last published to the shared topic,
-        keyed by the partition number; returns how many were sent. A failed send is retried at the next call."""
-        producer = self.store.producer
-        due = sorted(p for p in self.unpublished if p in self.partition_popularity)
-        if producer is None or not due:
-            return 0
-        sends = []
-        for p in due:
-            self.unpublished.discard(p)
-            sends.append((p, await producer.send(topic, popularity_value(self.partition_popularity[p]),
-                                                 key=str(p).encode())))
-        for p, sent in sends:
-            try:
-                await sent
-            except Exception:   # noqa: BLE001 - the counts are in memory; the next call sends them again
-                log.warning("popularity of partition %d not published; retrying", p, exc_info=True)
-                self.unpublished.add(p)
-        return len(sends)
-
-    def take_popularity(self, key: Optional[bytes], raw: Optional[bytes]) -> bool:
-        """Apply one record of the shared topic (the partition's latest counts replace its earlier ones); whether
-        it was valid. The caller re-sums (`merge_shared`) after a batch of them."""
-        got = decode_popularity(key, raw, self.config.scenes)
-        if isinstance(got, str):
-            log.warning("popularity record refused: %s", got)
-            return False
-        partition, counts = got
-        if counts is None:
-            self.shared_counts.pop(partition, None)
-        else:
-            self.shared_counts[partition] = counts
-        return True
-
-    def merge_shared(self) -> None:
-        self.shared = merge_partitions(self.shared_counts.values()) if self.shared_counts else None
-
-    async def follow_popularity(self, topic: str) -> None:
-        """Read the shared popularity topic from its start and keep following it (every worker, outside the group)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", metadata_max_age_ms=5000, **self.store.security)
-        await consumer.start()
-        try:
-            while topic not in await consumer.topics():   # the worker creates it at start
-                await asyncio.sleep(0.5)
-            consumer.subscribe([topic])
-            while True:
-                fetched = await consumer.getmany(timeout_ms=1000)
-                taken = [self.take_popularity(m.key, m.value) for tp in sorted(fetched, key=lambda t: t.partition)
-                         for m in fetched[tp]]
-                if any(taken):
-                    self.merge_shared()
-        finally:
-            await consumer.stop()
-
-    @property
-    def popularity(self) -> Popularity:
-        """This worker's own counts: the items in the windows of the partitions it holds."""
-        if self._own is None:   # summed once per change, not per request: the popular fallback ranks it per sum
-            self._own = merge_partitions(p.counts for p in self.partition_popularity.values())
-        return self._own
-
-    def popular(self) -> Popularity:
-        """What the popular fallback ranks: every partition's latest shared counts, summed (the same on every
-        worker once they have read the same records); this worker's own counts until anything is shared."""
-        return self.shared if self.shared is not None else self.popularity
 
     # ---- what serving reads -------------------------------------------------------------------------------------
 

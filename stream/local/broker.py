@@ -40,11 +40,6 @@ def tansu_binary() -> Path:
     return path
 
 
-def bootstrap_servers(url: str) -> str:
-    """'kafka://h1:9092,kafka://h2:9092' (Faust's form) -> 'h1:9092,h2:9092' (aiokafka's)."""
-    return ",".join(u.split("://", 1)[-1] for u in url.split(","))
-
-
 def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
     url = f"tcp://{host}:{port}"
     return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,

@@ -36,7 +36,7 @@ and 999,611 of the 1,000,209 ratings (every ML-1M user has at least 20, so only 
 
 Folder holding the files, first match wins: `cache_dir` argument (as `<cache_dir>/<name>/`), then
 SCENESTREAM_ML1M_DIR / SCENESTREAM_ML100K_DIR (a folder holding the files themselves; never downloaded into), then
-the cache's `datasets/<name>/` (stream/cache.py: `$SCENESTREAM_CACHE`, default `~/.cache/scenestream`).
+the cache's `datasets/<name>/` (stream/datasets/cache.py: `$SCENESTREAM_CACHE`, default `~/.cache/scenestream`).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ import zipfile
 from collections import Counter
 
 from .cache import cache_dir as default_cache
-from .core.events import Event
+from ..core.events import Event
 
 log = logging.getLogger(__name__)
 

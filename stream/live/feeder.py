@@ -29,9 +29,11 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from .config import HEARTBEAT_INTERVAL_S, REBALANCE_TIMEOUT_S, SESSION_TIMEOUT_S, WorkerConfig
 from .kafka_security import NO_SECURITY
 from .record_batches import key_partitions
-from .service import MicroBatchService, Record
+from .record import Record
+from .service import MicroBatchService
 from .undecodable import getmany_past_undecodable
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
 class ClicksFeeder:
     def __init__(self, service: MicroBatchService, bootstrap: str, topic: str, group: str, url: str,
-                 batch_max: int, batch_wait: float, session_timeout: float = 6.0, heartbeat_interval: float = 1.0,
-                 rebalance_timeout: float = 10.0, fetch_wait: float = 0.05, depth: int = 2,
-                 isolation_level: str = "read_committed", security: Mapping[str, Any] = NO_SECURITY):
+                 batch_max: int, batch_wait: float, fetch_wait: float = WorkerConfig.fetch_wait, depth: int = 2,
+                 isolation_level: str = WorkerConfig.isolation_level, security: Mapping[str, Any] = NO_SECURITY):
         self.service, self.topic, self.group = service, topic, group
         # micro-batches in flight (applied in memory, not yet durable): 2 lets the next batch be read, applied and
         # encoded while the one before waits on the broker; more would only queue batches waiting to send, while the
@@ -93,8 +94,8 @@ class ClicksFeeder:
         # that outlasts the wait with nothing: at 10 ms a consumer of a long partition stalled (BENCHMARKS.md, "Soak")
         self._settings = dict(
             bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
-            partition_assignment_strategy=(self.assignor,), session_timeout_ms=int(session_timeout * 1000),
-            heartbeat_interval_ms=int(heartbeat_interval * 1000), rebalance_timeout_ms=int(rebalance_timeout * 1000),
+            partition_assignment_strategy=(self.assignor,), session_timeout_ms=int(SESSION_TIMEOUT_S * 1000),
+            heartbeat_interval_ms=int(HEARTBEAT_INTERVAL_S * 1000), rebalance_timeout_ms=int(REBALANCE_TIMEOUT_S * 1000),
             fetch_max_wait_ms=int(fetch_wait * 1000), max_poll_records=batch_max, isolation_level=isolation_level,
             **security)
         self.consumer: Optional[AIOKafkaConsumer] = None   # made in run(): aiokafka wants the running loop
@@ -155,8 +156,7 @@ class ClicksFeeder:
                 for batch in bad:   # a dead letter of its own, and the partition goes on after it
                     log.warning("%s; it goes to the dead-letter topic (reason undecodable_batch) and %s[%d] is read "
                                 "on from offset %d", batch.describe(), batch.topic, batch.partition, batch.last + 1)
-                    records.append(Record(batch.topic, batch.partition, batch.last, None, batch.raw, 0,
-                                          batch.describe()))
+                    records.append(Record.of_batch(batch))
                 if records:
                     read = [tp for tp, msgs in got.items() if msgs]
                     read += [TopicPartition(b.topic, b.partition) for b in bad]
