@@ -24,7 +24,8 @@ import torch
 
 from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.config import ModelConfig
+from scenestream.model.model import InterestModel
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 def setup(mode: str, users: int, batches: int):
     from scenestream.model import train as T
-    from scenestream.model.model import InterestModel, ModelConfig
-    from scenestream.model.presets import preset
+    from scenestream.model.config import ModelConfig, preset
+    from scenestream.model.model import InterestModel
     from scenestream.model.vocab import ItemVocab
     from scenestream.stream.cli.common import load
     from scenestream.stream.core.config import StreamConfig

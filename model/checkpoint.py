@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import InterestModel, ModelConfig
+from .config import ModelConfig
+from .model import InterestModel
 from .vocab import ItemVocab
 
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"

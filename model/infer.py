@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .model import FIRST_ITEM, OOV
-from .presets import ENCODER_CACHE_MB
+from .config import ENCODER_CACHE_MB
 from .vocab import Codes, concat_rows, tensorize
 from .window_cache import WindowCache
 

@@ -15,7 +15,7 @@ on, and what the per-scene windows alone never show). With `scene_layers` > 0 th
 of their own (sharing the embeddings), so the timeline's blocks serve the timeline alone; 0 shares one stack.
 
 SceneFusion ("interest transfer"): for target scene j, a_ij = softmax_i(q_j . k(h_i + e_i) / sqrt(d)) over the
-scenes i where the user has history, H_j = sum_i a_ij v(h_i) + recent. A user with no history in j still gets H_j
+scenes i where the user has history, H_j = LayerNorm(sum_i a_ij v(h_i) + recent). A user with no history in j still gets H_j
 from the other scenes and their recent sequence: that is the transfer. A learned global query gives the global
 vector the same way; with one scene h_s is `recent`, and the global vector is the plain sequence model's output mixed
 once with itself.
@@ -25,52 +25,17 @@ Scores are inner products with the (tied) item embeddings: <H_j, E_item>.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ModelConfig
+
 PAD, OOV = 0, 1  # item index 0 pads a window, 1 stands for items the model never saw
 FIRST_ITEM = 2   # rows before this are PAD and OOV: never a target, never recommended; item i is row FIRST_ITEM + i
-
-
-def receptive_field(n_layers: int, span: int) -> int:
-    """Events the last position depends on: n_layers hops of `span` back, plus the event whose timestamp gives the
-    oldest one its time gap, plus the last event itself."""
-    return n_layers * span + 2
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    n_items: int                  # vocabulary size including PAD and OOV
-    n_scenes: int
-    n_actions: int
-    d_model: int = 64
-    n_heads: int = 2
-    n_layers: int = 2
-    span: int = 24                # attention look-back per layer
-    gap_buckets: int = 32         # log2-second buckets of the time since the previous event in the window
-    dropout: float = 0.2
-    scene_layers: int = 0         # blocks of the per-scene windows' own stack; 0: they share the timeline's blocks
-
-    @property
-    def receptive_field(self) -> int:
-        """Of the deeper stack: what a window must hold for every vector to see all the model would."""
-        return receptive_field(max(self.layers(False), self.layers(True)), self.span)
-
-    @property
-    def own_scene_stack(self) -> bool:
-        """Per-scene windows go through blocks of their own (with one scene there are none: h_s is `recent`)."""
-        return self.scene_layers > 0 and self.n_scenes > 1
-
-    def layers(self, scene: bool) -> int:
-        """Blocks a window goes through: a scene window's stack, or the merged timeline's."""
-        return self.scene_layers if scene and self.own_scene_stack else self.n_layers
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:

@@ -48,27 +48,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .model import FIRST_ITEM, InterestModel, ModelConfig, gap_bucket
+from .config import ModelConfig, TrainConfig
+from .model import FIRST_ITEM, InterestModel, gap_bucket
 from .vocab import ItemVocab
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_users: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    max_events: int = 1000      # newest events per user used for training
-    segment: int = 32           # targets per training segment: long users are cut so attention stays short
-    scene_dropout: float = 0.25
-    warmup_steps: int = 100     # linear warm-up (at most 10% of all steps), then cosine decay to 0 at the last
-                                # planned epoch
-    patience: int = 3           # epochs without a better validation NDCG@10 before stopping
-    val_users: int = 2000       # validation sample size (0 = all users)
-    seed: int = 0
-    threads: int = 0            # torch CPU threads (0 = torch's default)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:

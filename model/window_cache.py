@@ -28,7 +28,8 @@ from typing import Hashable, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import ModelConfig, Past, receptive_field
+from .config import ModelConfig, receptive_field
+from .model import Past
 
 ENTRY_OVERHEAD_BYTES = 600   # the entry object, its key and the bytes of the last `cone` rows
 

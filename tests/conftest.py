@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from scenestream.model.checkpoint import save_checkpoint
-from scenestream.model.presets import preset
-from scenestream.model.train import TrainConfig
+from scenestream.model.config import preset
+from scenestream.model.config import TrainConfig
 from scenestream.stream.offline.leave_one_out import fit
 from scenestream.stream.local.broker import EmbeddedBroker
 from scenestream.stream.local.processes import die_with_parent, free_port

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.config import ModelConfig
+from scenestream.model.model import InterestModel
 from scenestream.model.window_cache import Entry, WindowCache, _reusable, _scan
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event

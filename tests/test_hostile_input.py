@@ -16,7 +16,8 @@ from scenestream.index import item_index as item_index_module
 from scenestream.index.item_index import IndexFormatError
 from scenestream.model import checkpoint as checkpoint_module
 from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.config import ModelConfig
+from scenestream.model.model import InterestModel
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.live.catalog import (CATALOG_REASONS, CatalogFollower, CatalogUpdate, apply_updates,
                                         decode_update, max_record_bytes)

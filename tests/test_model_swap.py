@@ -15,8 +15,8 @@ import pytest
 
 from scenestream.model.checkpoint import load_checkpoint, save_checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.model.presets import preset
-from scenestream.model.train import TrainConfig
+from scenestream.model.config import preset
+from scenestream.model.config import TrainConfig
 from scenestream.stream.core.config import DEFAULT_ACTIONS
 from scenestream.stream.core.events import Event, encode
 from scenestream.stream.offline.leave_one_out import fit

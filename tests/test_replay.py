@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from scenestream.index import ItemIndex
 from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.config import ModelConfig
+from scenestream.model.model import InterestModel
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.offline import replay as replay_module
 from scenestream.stream.core.batch import apply_batch, interest_record

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from scenestream.model import train
 from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
-from scenestream.model.model import InterestModel, ModelConfig
+from scenestream.model.config import ModelConfig
+from scenestream.model.model import InterestModel
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.window import apply_user

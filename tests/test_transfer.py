@@ -6,7 +6,7 @@ import pytest
 
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.metrics import ndcg_at, recall_at
-from scenestream.model.train import TrainConfig
+from scenestream.model.config import TrainConfig
 from scenestream.stream.offline.leave_one_out import fit
 from scenestream.stream.core.config import DEFAULT_ACTIONS
 from scenestream.stream.datasets.synthetic import SyntheticSpec, generate

@@ -41,7 +41,7 @@ def torch_threads_option(f):
 
 
 def encoder_cache_option(f):
-    from scenestream.model.presets import ENCODER_CACHE_MB
+    from scenestream.model.config import ENCODER_CACHE_MB
     return click.option("--encoder-cache-mb", type=click.FloatRange(min=0), default=ENCODER_CACHE_MB,
                         envvar="SCENESTREAM_ENCODER_CACHE_MB", show_default=True,
                         help="Memory for the incremental encoder's cache: per window (each (user, scene) window "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from scenestream.model.presets import presets_help
+from scenestream.model.config import ModelConfig, TrainConfig, presets_help
 
 from ..core.config import StreamConfig
 from .common import device_option, encoder_cache_option, torch_threads_option, load, model_and_events, source_options
@@ -45,8 +45,8 @@ Defaults per data set (any flag overrides them):
 @device_option
 @click.option("--window", type=int, default=None, envvar="SCENESTREAM_WINDOW",
               help="Events kept per (user, scene): L. [default: layers*span+2]")
-@click.option("--dim", default=64, help="Model width d.")
-@click.option("--layers", default=2, help="Attention layers of the merged timeline's stack (and of every window's, "
+@click.option("--dim", default=ModelConfig.d_model, help="Model width d.")
+@click.option("--layers", default=ModelConfig.n_layers, help="Attention layers of the merged timeline's stack (and of every window's, "
                                           "with --scene-layers 0).")
 @click.option("--scene-layers", type=click.IntRange(min=0), default=None, help="Attention layers of a stack of their own for the "
               "per-scene windows (0: they share the timeline's blocks; ignored with one scene). [default: per data "
@@ -58,16 +58,14 @@ Defaults per data set (any flag overrides them):
                                                             "set]")
 @click.option("--segment", type=int, default=None, help="Targets per user segment. [default: per data set]")
 @click.option("--lr", type=float, default=None, help="Peak AdamW learning rate. [default: per data set]")
-@click.option("--patience", default=3, help="Epochs without improvement before stopping.")
-@click.option("--seed", default=0, help="Training seed.")
+@click.option("--patience", default=TrainConfig.patience, help="Epochs without improvement before stopping.")
+@click.option("--seed", default=TrainConfig.seed, help="Training seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 def train(dataset, input_path, scenes_mode, out, epochs, cutoff, device, window, dim, layers, scene_layers, span,
           batch_users, segment, lr, patience, seed, as_json):
     from scenestream.model.checkpoint import save_checkpoint
     from scenestream.model.infer import resolve_device
-    from scenestream.model.model import receptive_field
-    from scenestream.model.presets import preset
-    from scenestream.model.train import TrainConfig
+    from scenestream.model.config import preset, receptive_field
 
     from ..offline.leave_one_out import fit
     from ..offline.logs import time_cutoff

@@ -35,7 +35,7 @@ DEMO_TRAIN_USERS = 1000      # the cached demo model trains on the first 1000 us
 def demo_checkpoint(epochs: int = 3) -> Path:
     """A small model trained on the synthetic data, cached so the second run starts at once."""
     from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from scenestream.model.train import TrainConfig
+    from scenestream.model.config import TrainConfig
 
     from ..core.config import DEFAULT_ACTIONS
     from ..offline.leave_one_out import fit

@@ -15,7 +15,8 @@ from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.metrics import rank_targets, ranking_report
 from scenestream.model.model import FIRST_ITEM
-from scenestream.model.train import TrainConfig, train_model
+from scenestream.model.config import TrainConfig
+from scenestream.model.train import train_model
 from scenestream.model.vocab import ItemVocab
 
 from ..core.events import Event
