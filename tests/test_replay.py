@@ -83,7 +83,7 @@ def tiny_world():
     torch.manual_seed(2)
     vocab = ItemVocab(world.item_ids, [world.item_scene[i] for i in world.item_ids])
     cfg = ModelConfig(n_items=len(vocab), n_scenes=len(SPEC.scenes), n_actions=len(DEFAULT_ACTIONS),
-                      d_model=16, n_heads=2, n_layers=2, span=3, dropout=0.0)
+                      d_model=16, n_heads=2, n_layers=2, span=3, dropout=0.0, scene_layers=0)
     model = InterestModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
