@@ -1,4 +1,4 @@
-"""Chaos (issue 16): three real workers in one group over 8 partitions of the embedded broker (Tansu) while
+"""Chaos: three real workers in one group over 8 partitions of the embedded broker (Tansu) while
 --events records are produced at a steady --rate, --malformed of them malformed; at --kills random moments a random
 worker is SIGKILLed and started again at once, and at one random moment the broker is frozen for --freeze seconds
 (SIGSTOP, then SIGCONT). Any worker that exits by itself (not killed here) is started again too, and its exit

@@ -1,4 +1,4 @@
-"""Fuzzing (issue 16, check 5): seeded hostile payloads through the event decoder (`decode`) and the catalog record
+"""Fuzzing: seeded hostile payloads through the event decoder (`decode`) and the catalog record
 parser (`decode_update`), counting outcomes; no exception may escape and no payload may reach `decoder_error`.
 
 Payloads are the suite's (tests/fuzz_payloads.py): structured mutations of valid events and catalog records (wrong

@@ -686,7 +686,7 @@ def main() -> None:
     ratios = {}
     if wr and base and base.get("events_per_s"):
         ratios["worker_over_noop"] = wr / base["events_per_s"]
-    # the yardstick is the raw consumer with the stdlib's json.loads; orjson's is reported beside it
+    # the yardstick is the raw consumer with the stdlib's json.loads; orjson's is reported beside it
     for decoder in ("json", "orjson"):
         suffix = "" if decoder == "json" else "_orjson"
         if wr and raw.get(decoder):

@@ -1,4 +1,4 @@
-"""The rocksdb state at scale (issue 15, check 2): a real worker with `--state rocksdb` and a memory cap holds many
+"""The rocksdb state at scale: a real worker with `--state rocksdb` and a memory cap holds many
 users within bounded RSS and answers any of them; a restart with its directory intact is ready fast; a worker with
 the in-memory state is ready only after replaying the whole changelog. Against one embedded broker.
 

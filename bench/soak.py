@@ -1,4 +1,4 @@
-"""Soak (issue 16): real workers under a steady load of half their measured maximum for --minutes, sampled every
+"""Soak: real workers under a steady load of half their measured maximum for --minutes, sampled every
 --interval seconds, so an operator sees memory, lag and latency stay flat. Needs matplotlib for the plot:
 `pip install -e '.[bench]'`.
 

@@ -1,4 +1,4 @@
-"""State size (issue 15, check 1): bytes per (user, scene) window in RAM and in the changelog, and the RSS of a
+"""State size: bytes per (user, scene) window in RAM and in the changelog, and the RSS of a
 process holding N users in state.
 
 Every user gets `--scenes` scenes of exactly `--events-per-window` events (full windows), with the id shapes of

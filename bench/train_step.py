@@ -1,10 +1,10 @@
-"""Where a training step's time goes, genre scenes against one scene (issue 14, check 4), in one process.
+"""Where a training step's time goes, genre scenes against one scene, in one process.
 
 Both models get the same users' ML-1M segments, built as `scenestream train --dataset ml-1m` builds them (preset
 segment, span and scene stack; leave-one-out's held-out events removed), and take full steps in turn, batch by batch:
 collate, loss, backward, clipping, AdamW. Then the genre-only parts alone: the scene stack's forward and backward
 (the minimum over passes), and the two in-scene CE terms against the global one on the inputs the steps gave them.
-In-process figures understate the epoch ratio a little (BENCHMARKS.md, "Check 4, fifth pass"); the check itself is
+In-process figures understate the epoch ratio a little (BENCHMARKS.md, "Training cost"); the ratio itself is
 `scenestream train --epochs 1` timed for each model.
 
     python bench/train_step.py [--users 800] [--batches 70] [--passes 2] [--threads 2]

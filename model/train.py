@@ -279,7 +279,7 @@ def _steady_heap() -> None:
     """Keep freed tensor memory in glibc's heap rather than unmapping it. Each step allocates and frees the same
     few tens-of-MB tensors (logits, their gradients); by default glibc returns a large block to the kernel on free
     and takes page faults to zero it again on the next step, until its adaptive threshold catches up: a genre epoch
-    ran ~8% slower for it, the first epoch most (BENCHMARKS.md, issue 14). Elsewhere than glibc, nothing to do."""
+    ran ~8% slower for it, the first epoch most (measured on ML-1M). Elsewhere than glibc, nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -1,4 +1,4 @@
-"""Broker outage (issue 16): the embedded Tansu broker frozen with SIGSTOP (it stops answering and keeps its data, as
+"""Broker outage: the embedded Tansu broker frozen with SIGSTOP (it stops answering and keeps its data, as
 a partitioned or overloaded broker would; Tansu 0.6.0 keeps topics only in memory, so it cannot be restarted), and a
 broker that refuses connections at start. A short outage is ridden out (/readyz answers 503 meanwhile, nothing
 exits); one past --broker-outage-limit ends the worker with code 69 and one line, and a restart recovers; either

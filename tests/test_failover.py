@@ -1,4 +1,4 @@
-"""Failover (issue 15, acceptance check 3): three workers in one group over eight partitions; one is SIGKILLed
+"""Failover: three workers in one group over eight partitions; one is SIGKILLed
 mid-stream; the survivors take its partitions, every user's final vectors equal offline replay within 1e-5, and the
 API answers for the dead worker's users within 30 s of the kill."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fuzz (issue 16, check 5): generated hostile payloads through the event decoder (`decode`) and the catalog record
+"""Fuzz: generated hostile payloads through the event decoder (`decode`) and the catalog record
 parser (`decode_update`). No exception escapes, no payload reaches a decoder's own-bug reason (`decoder_error`),
 and the few unmutated payloads are accepted. Payloads: tests/fuzz_payloads.py (seeded structured mutations).
 

@@ -1,4 +1,4 @@
-"""Hostile input (issue 16): catalog records, checkpoints and saved indexes that are malformed, oversized or carry a
+"""Hostile input: catalog records, checkpoints and saved indexes that are malformed, oversized or carry a
 pickle are refused with a reason and change nothing; `ItemIndex.save` replaces a folder in one rename."""
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,8 +20,13 @@ HEAVY = ("torch", "faiss", "faust", "aiokafka", "aiohttp")
 
 def test_the_wheel_installs_only_the_scenestream_namespace(tmp_path):
     """pip builds the wheel from pyproject.toml; every file in it lives under scenestream/ (or its dist-info)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    had_build = (ROOT / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    finally:   # setuptools builds in the checkout's build/: leave none behind
+        if not had_build:
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = tmp_path.glob("scenestream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names}
@@ -190,3 +196,83 @@ def test_every_cited_document_exists():
             if not (path.parent / name).exists() and not any(f == name or f.endswith("/" + name) for f in files):
                 cited.append(f"{path.relative_to(ROOT)}: {name}")
     assert not cited, cited
+
+
+# ---- documented defaults ----------------------------------------------------------------------------------------
+
+DOCS = ("README.md", "SCALING.md", "docs/design.md", "docs/operations.md")
+UNITS = {"h": 3600.0, "s": 1.0, "ms": 0.001, "MB": 1.0, "layer": 1.0, "layers": 1.0, "": 1.0}
+# "`--flag` ... default X [unit]", and after it "(N for DATA SET[, DATA SET and DATA SET])" for a preset's value
+# (a default said in words, "by default `http://WEB_HOST:WEB_PORT`", "default: the system's CAs", is not a value)
+STATED = re.compile(r"`(--[a-z0-9-]+)`[^`.;]{0,40}?(?<!by )\bdefault\s+(?:(\d[\d.]*)(?:\s(h|s|ms|MB|layers?)\b)?|"
+                    r"`([^`]+)`)(?:\s\((\d[\d.]*) for (?:the )?([\w\- ,]+?)(?: presets?)?\))?")
+
+
+def cli_defaults() -> dict[str, set]:
+    """Every option's default over all commands (an option several commands share may differ between them);
+    the model's options that default per data set give the preset of other input."""
+    from scenestream.model.config import preset
+    from scenestream.stream.cli import main
+    out: dict[str, set] = {}
+    for _, cmd in _all_commands(main):
+        for p in cmd.params:
+            for flag in p.opts:
+                default = p.default
+                if default is None and (key := flag[2:].replace("-", "_")) in preset(None):
+                    default = preset(None)[key]
+                out.setdefault(flag, set()).add(default)
+    return out
+
+
+def default_mismatches(text: str, where: str) -> list[str]:
+    """What a document states as a default that the code does not have: a CLI option's default, or a data set's
+    preset value."""
+    from scenestream.model.config import preset
+    defaults, bad = cli_defaults(), []
+    for m in STATED.finditer(text):
+        flag, number, unit, literal, preset_value, datasets = m.groups()
+        value = number if number is not None else literal
+        if flag not in defaults:
+            bad.append(f"{where}: {flag} is no option of any command")
+            continue
+        if not any(_same(value, unit, d) for d in defaults[flag]):
+            bad.append(f"{where}: {flag} documented default {value}{' ' + unit if unit else ''}, "
+                       f"the code's {sorted(map(str, defaults[flag]))}")
+        if preset_value:
+            key = flag[2:].replace("-", "_")
+            for name in re.split(r",\s*|\s+and\s+", datasets.strip()):
+                if preset(name.strip()).get(key) != float(preset_value) or name.strip() not in _presets():
+                    bad.append(f"{where}: {flag} {preset_value} for {name}, the preset's "
+                               f"{preset(name.strip()).get(key)}")
+    return bad
+
+
+def _presets():
+    from scenestream.model.config import PRESETS
+    return set(PRESETS) - {None}
+
+
+def _same(value: str, unit: str | None, default) -> bool:
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return value == str(default)
+    try:
+        return abs(float(value) * UNITS[unit or ""] - float(default)) < 1e-9
+    except ValueError:
+        return False
+
+
+def test_every_documented_default_is_the_codes():
+    found = [m for doc in DOCS for m in STATED.finditer((ROOT / doc).read_text())]
+    assert len(found) >= 10, "the documents state defaults; the pattern finds too few of them"
+    bad = [b for doc in DOCS for b in default_mismatches((ROOT / doc).read_text(), doc)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_default_check_sees_a_wrong_default():
+    """One planted error of each kind: a CLI default, a unit, a preset value, a data set, an unknown option."""
+    planted = ["`--batch-max` (default 500)", "`--max-clock-skew` (default 2 h)", "`--span`, default 24 (32 for ml-1m)",
+               "`--span`, default 24 (48 for ml-1m and ml-2m)", "`--no-such-flag` (default 1)"]
+    for text in planted:
+        assert len(default_mismatches(text, "planted")) == 1, text
+    assert default_mismatches("`--batch-max` (default 5000); `--max-clock-skew` (default 1 h); `--span`, default 24 "
+                              "(48 for ml-1m, ml-1m-5core and ml-100k)", "right") == []

@@ -163,7 +163,7 @@ def test_a_batch_no_client_can_decode_is_dead_lettered_and_the_worker_goes_on(br
 
 def test_getmany_past_undecodable_loses_no_record_of_any_partition(broker):
     """aiokafka raises after moving the positions of the partitions it drained earlier in the same call, whose
-    records it then drops: the helper hands over every good record of every partition exactly once, and the bad
+    records it then drops: getmany_past_undecodable hands over every good record of every partition exactly once, and the bad
     batch once. Which partitions a call drains before the bad one is up to the fetch order (aiokafka shuffles it),
     so the scenario runs on three topics of eight partitions: that some go first is all but certain."""
     async def scenario(topic):

@@ -169,7 +169,7 @@ def _leaves(record, path=()):
 
 def test_a_record_keeps_its_own_vectors_not_the_batch_s_arrays():
     """The worker keeps each user's newest record: a record holding views kept its whole micro-batch's arrays
-    alive for as long as any of the batch's users stayed untouched (the memory issue 15's cap could not bound)."""
+    alive for as long as any of the batch's users stayed untouched (memory the cap could not bound)."""
     import gc
     import weakref
     from types import SimpleNamespace

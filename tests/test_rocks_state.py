@@ -119,7 +119,7 @@ def test_a_cap_needs_the_disk():
 
 def test_the_cap_evicts_the_least_recently_used_over_every_partition(tmp_path):
     """One order over all partitions: each partition's oldest in turn emptied the first partitions, their newest
-    users too, while the last kept users far older (which pinned their batches' vectors: issue 15, check 2)."""
+    users too, while the last kept users far older (which pinned their batches' vectors)."""
     from collections import Counter, OrderedDict
     store = ChangelogStore("localhost:1", "t", 50, state_dir=str(tmp_path), max_users=4)
     evicted = []
