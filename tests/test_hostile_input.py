@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from scenestream.index import ItemIndex
-from scenestream.index import item_index as item_index_module
-from scenestream.index.item_index import IndexFormatError
+from scenestream.index import ItemIndex, load_index, save_index
+from scenestream.index import persist as persist_module
+from scenestream.index.persist import IndexFormatError
 from scenestream.model import checkpoint as checkpoint_module
 from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scenestream.model.config import ModelConfig
@@ -193,7 +193,7 @@ def small_index() -> ItemIndex:
 
 @pytest.fixture
 def saved(tmp_path) -> Path:
-    return small_index().save(tmp_path / "ix", "v1")
+    return save_index(small_index(), tmp_path / "ix", "v1")
 
 
 def edit_manifest(path: Path, change) -> None:
@@ -203,7 +203,7 @@ def edit_manifest(path: Path, change) -> None:
 
 
 def test_a_saved_index_round_trips(saved):
-    assert len(ItemIndex.load(saved, "v1")) == 60
+    assert len(load_index(saved, "v1")) == 60
     assert sorted(p.name for p in saved.iterdir()) == ["arrays.safetensors", "global.faiss", "manifest.json",
                                                        "scene-1.faiss", "scene-2.faiss", "scene-3.faiss"]
 
@@ -214,7 +214,7 @@ def test_the_manifest_names_bare_file_names_only(saved, name):
     (saved / "link.faiss").symlink_to(saved / "global.faiss")
     edit_manifest(saved, lambda m: m["scopes"][0].update(file=name))
     with pytest.raises(IndexFormatError, match="is not a bare file name in the folder"):
-        ItemIndex.load(saved, "v1")
+        load_index(saved, "v1")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -237,7 +237,7 @@ def test_the_manifest_names_bare_file_names_only(saved, name):
 def test_a_tampered_manifest_is_refused_with_what_is_wrong(saved, change, message):
     edit_manifest(saved, change)
     with pytest.raises(IndexFormatError, match=message):
-        ItemIndex.load(saved, "v1")
+        load_index(saved, "v1")
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -249,7 +249,7 @@ def test_a_tampered_manifest_is_refused_with_what_is_wrong(saved, change, messag
 def test_index_files_of_the_wrong_kind_are_refused(saved, name, content, message):
     (saved / name).write_bytes(content)
     with pytest.raises(IndexFormatError, match=message):
-        ItemIndex.load(saved, "v1")
+        load_index(saved, "v1")
 
 
 def test_arrays_of_the_wrong_dtype_or_slots_out_of_range_are_refused(saved):
@@ -257,38 +257,38 @@ def test_arrays_of_the_wrong_dtype_or_slots_out_of_range_are_refused(saved):
     arrays = load_file(saved / "arrays.safetensors")
     save_file({**arrays, "slots": arrays["slots"] + 1000}, saved / "arrays.safetensors")
     with pytest.raises(IndexFormatError, match="slots must be 60 distinct int64"):
-        ItemIndex.load(saved, "v1")
+        load_index(saved, "v1")
     save_file({**arrays, "vectors": arrays["vectors"].astype(np.float64)}, saved / "arrays.safetensors")
     with pytest.raises(IndexFormatError, match="vectors must be finite float32"):
-        ItemIndex.load(saved, "v1")
+        load_index(saved, "v1")
 
 
 def test_index_files_over_the_size_limit_are_refused(saved, monkeypatch):
-    monkeypatch.setattr(item_index_module, "MAX_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(persist_module, "MAX_MANIFEST_BYTES", 100)
     with pytest.raises(IndexFormatError, match="manifest.json is over the 100-byte limit"):
-        ItemIndex.load(saved, "v1")
-    monkeypatch.setattr(item_index_module, "MAX_MANIFEST_BYTES", 1 << 30)
-    monkeypatch.setattr(item_index_module, "MAX_BYTES", 2000)
+        load_index(saved, "v1")
+    monkeypatch.setattr(persist_module, "MAX_MANIFEST_BYTES", 1 << 30)
+    monkeypatch.setattr(persist_module, "MAX_BYTES", 2000)
     with pytest.raises(IndexFormatError, match="arrays.safetensors is over the 2,000-byte limit"):
-        ItemIndex.load(saved, "v1")
+        load_index(saved, "v1")
 
 
 def test_save_replaces_the_folder_in_one_rename_and_leaves_nothing_behind(tmp_path, monkeypatch):
     wide = small_index()
-    wide.save(tmp_path / "ix", "v1")
+    save_index(wide, tmp_path / "ix", "v1")
     one_scene = ItemIndex.build(["x", "y"], ["video", "video"], np.ones((2, 8), np.float32))
-    one_scene.save(tmp_path / "ix", "v2")          # fewer files: the old scene files must not survive
+    save_index(one_scene, tmp_path / "ix", "v2")          # fewer files: the old scene files must not survive
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["arrays.safetensors", "global.faiss",
                                                                    "manifest.json"]
-    assert ItemIndex.load(tmp_path / "ix", "v2").item_ids == ["x", "y"]
+    assert load_index(tmp_path / "ix", "v2").item_ids == ["x", "y"]
     assert [p.name for p in tmp_path.iterdir()] == ["ix"]        # no temporary folder left
 
     def fail(*a):
         raise OSError("disk full")
-    monkeypatch.setattr(item_index_module.faiss, "write_index", fail)
+    monkeypatch.setattr(persist_module.faiss, "write_index", fail)
     with pytest.raises(OSError, match="disk full"):
-        wide.save(tmp_path / "ix", "v3")
-    assert ItemIndex.load(tmp_path / "ix", "v2").item_ids == ["x", "y"]   # the old index is untouched
+        save_index(wide, tmp_path / "ix", "v3")
+    assert load_index(tmp_path / "ix", "v2").item_ids == ["x", "y"]   # the old index is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ix"]
 
 
@@ -296,7 +296,7 @@ def test_save_never_replaces_a_folder_that_is_not_an_index(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="is not a saved index"):
-        small_index().save(tmp_path / "data", "v1")
+        save_index(small_index(), tmp_path / "data", "v1")
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()
-    assert len(ItemIndex.load(small_index().save(tmp_path / "empty", "v1"), "v1")) == 60
+    assert len(load_index(save_index(small_index(), tmp_path / "empty", "v1"), "v1")) == 60

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scenestream.index import IndexSpec, IndexVersionError, ItemIndex
+from scenestream.index import IndexSpec, IndexVersionError, ItemIndex, load_index, save_index
 from scenestream.index import kinds as kinds_module
 from scenestream.index import spec as spec_module
 from scenestream.index.spec import scope_kind
@@ -287,8 +287,8 @@ def test_save_load_round_trip_and_version_check(kind, tmp_path):
     idx = ItemIndex.build(ids, scenes, vecs, weak(kind))
     idx.remove(ids[10:60])  # tombstones (HNSW) and spent slots must survive the round trip
     idx.upsert(["new"], ["b"], vecs[:1])
-    idx.save(tmp_path / "ix", model_version="v1")
-    back = ItemIndex.load(tmp_path / "ix", "v1")
+    save_index(idx, tmp_path / "ix", model_version="v1")
+    back = load_index(tmp_path / "ix", "v1")
     assert (back.item_ids, back.item_scenes, back.scenes, back.kinds, back.spec, len(back)) == \
         (idx.item_ids, idx.item_scenes, idx.scenes, idx.kinds, idx.spec, len(idx))
     np.testing.assert_array_equal(back.vectors, idx.vectors)
@@ -303,10 +303,10 @@ def test_save_load_round_trip_and_version_check(kind, tmp_path):
     back.upsert(["later"], ["a"], vecs[1:2])  # a loaded index takes updates
     assert "later" in {i for i, _ in back.search(vecs[1], scene="a", k=1000)[0]}
     with pytest.raises(IndexVersionError, match="built for model v1, checkpoint is v2.*scenestream index build"):
-        ItemIndex.load(tmp_path / "ix", "v2")
+        load_index(tmp_path / "ix", "v2")
     assert issubclass(IndexVersionError, ValueError)
     with pytest.raises(FileNotFoundError):
-        ItemIndex.load(tmp_path / "nothing", "v1")
+        load_index(tmp_path / "nothing", "v1")
 
 
 def test_cold_start_vector():
@@ -348,7 +348,7 @@ def test_cli_build_saves_a_loadable_index(tmp_path, monkeypatch):
     result = CliRunner().invoke(index_group, ["build", "--checkpoint", "ckpt", "--kind", "ivf-flat", "--nprobe", "3",
                                               "--out", str(out)])
     assert result.exit_code == 0, result.output
-    idx = ItemIndex.load(out, "v-test")
+    idx = load_index(out, "v-test")
     assert idx.spec.kind == "ivf-flat" and idx.spec.nprobe == 3 and idx.item_ids == ids
     q = vecs[:4]
     assert idx.search(q, k=7) == ItemIndex.build(ids, scenes, vecs, idx.spec).search(q, k=7)

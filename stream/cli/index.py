@@ -32,7 +32,7 @@ def index_group() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 def build(checkpoint, kind, nlist, nprobe, hnsw_m, ef_search, pq_m, device, out):
     """Build the item index over a checkpoint's item vectors and save it with the model version."""
-    from scenestream.index import ItemIndex
+    from scenestream.index import ItemIndex, save_index
     from scenestream.model.checkpoint import CheckpointError, load_checkpoint
     from scenestream.model.infer import InterestEncoder
     try:
@@ -44,7 +44,7 @@ def build(checkpoint, kind, nlist, nprobe, hnsw_m, ef_search, pq_m, device, out)
     t0 = time.perf_counter()
     index = ItemIndex.build(*encoder.item_vectors(), spec=spec)
     seconds = time.perf_counter() - t0
-    index.save(out, encoder.version)
+    save_index(index, out, encoder.version)
     kinds = {("*" if s is None else s): k for s, k in index.kinds.items()}
     click.echo(json.dumps({"out": str(out), "model_version": encoder.version, "items": len(index),
                            "build_s": round(seconds, 3), "kinds": kinds}))

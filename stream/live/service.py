@@ -3,7 +3,8 @@
     records --decode, key check--> events (bad -> dead letters) --apply_batch--> windows --encode--> output records
 
 Order of durability, per batch: output records and dead letters first, then the new windows and the partition's
-"applied up to" offset marker in the changelog, and only then may Faust commit the batch's offsets. A crash anywhere
+"applied up to" offset marker in the changelog, and only then does the feeder commit the batch's offsets
+(stream/live/feeder.py). A crash anywhere
 leaves either nothing durable (the batch is redone from the marker) or the outputs without the state (the batch is
 redone, its outputs published again: at-least-once outputs, exactly-once state); never state that says "done" for
 outputs that were lost. Whatever is re-delivered joins into the windows without effect (the lattice,

@@ -13,9 +13,10 @@ What we do instead:
   the broker acknowledged it on produce. No high watermark is trusted.
 - Each micro-batch also writes, per source partition, the highest source offset it applied (an offset marker,
   after the state records, in the same changelog partition). The marker, not the consumer group's committed
-  offset, says where durable state ends: Faust was seen committing offsets of events it had buffered but not
-  processed when stopped by SIGTERM. After recovery the worker re-reads any gap between the marker and the first
-  offset Faust delivers; whatever is read twice joins in harmlessly.
+  offset, says where durable state ends: a committed offset can be ahead of what was applied (Faust, which fed the
+  worker once, was seen committing offsets of events it had buffered but not processed when stopped by SIGTERM).
+  After recovery the feeder reads from right after the marker, and a batch that starts past it first re-reads the
+  gap; whatever is read twice joins in harmlessly.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import faust
 from faust.app.base import BootStrategy
 
-from scenestream.index import IndexSpec, ItemIndex
+from scenestream.index import IndexSpec, ItemIndex, load_index
 from scenestream.model.infer import InterestEncoder
 
 from .catalog import CATALOG_CONFIG, CatalogFollower
@@ -48,7 +48,7 @@ EXIT_CRASH, EXIT_BROKER_OUTAGE = 70, 69   # sysexits: EX_SOFTWARE, EX_UNAVAILABL
 def open_index(cfg: WorkerConfig, encoder: InterestEncoder) -> ItemIndex:
     """The saved index at cfg.index_path (refused unless built for this model), else one built from the model."""
     if cfg.index_path:
-        return ItemIndex.load(cfg.index_path, encoder.version)
+        return load_index(cfg.index_path, encoder.version)
     return ItemIndex.build(*encoder.item_vectors(), spec=IndexSpec(kind=cfg.index_kind))
 
 
