@@ -168,7 +168,7 @@ def ram_per_window(form: str, path: str, n_users: int, scenes: tuple[str, ...], 
                                           sorted(kinds.items(), key=lambda kv: -kv[1]["bytes"])},
            "objects": {k: f"{v['refs']} refs, {v['distinct']} distinct" for k, v in kinds.items()},
            "windows": windows}
-    if path == "live":
+    if path == "live" and form == "packed":   # the changelog holds the worker's packed windows
         out["changelog_bytes_per_window"] = round(sum(len(encode_state({s: w})) + len(state_key(u, s))
                                                       for u, st in users.items() for s, w in st.items()) / windows, 1)
     return out
@@ -238,7 +238,8 @@ def main() -> None:
     ap.add_argument("--max-rss-gb", type=float, default=None,
                     help="RSS budget of the build (GB, 1e9 bytes; default 70%% of MemAvailable).")
     ap.add_argument("--chunk", type=int, default=10_000, help="Users built between two RSS checks.")
-    ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    ap.add_argument("--forms", nargs="+", default=["packed"], choices=list(FORMS),
+                    help="packed: the worker's windows; object: tuples of Event objects, the state before packing.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -252,7 +253,8 @@ def main() -> None:
     for form in args.forms:
         figures = {path: ram_per_window(form, path, args.sample_users, scenes, length, config, args.seed)
                    for path in PATHS}
-        figures["changelog_bytes_per_window"] = figures["live"].pop("changelog_bytes_per_window")
+        # the changelog holds packed windows only: for the object form (the state before packing) there is none
+        figures["changelog_bytes_per_window"] = figures["live"].pop("changelog_bytes_per_window", None)
         gc.collect()
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:   # a fresh process: the parent's allocations do not count
             figures["rss"] = pool.submit(build_rss, form, args.users, scenes, length, budget, args.chunk,
@@ -268,7 +270,8 @@ def main() -> None:
         for path in PATHS:
             print(f"  RAM per window ({path:9s}) {f[path]['tracemalloc_bytes_per_window']:>8} B "
                   f"({f[path]['tracemalloc_bytes_per_event']} B/event)")
-        print(f"  changelog per window        {f['changelog_bytes_per_window']:>8} B")
+        if f["changelog_bytes_per_window"] is not None:
+            print(f"  changelog per window        {f['changelog_bytes_per_window']:>8} B")
         note = f" (extrapolated from {rss['extrapolated_from_users']} users)" if "extrapolated_from_users" in rss else ""
         print(f"  RSS per window              {rss['rss_bytes_per_window']:>8} B")
         print(f"  RSS for {args.users} users      {rss['rss_for_users_bytes'] / 2**30:8.2f} GiB{note}")

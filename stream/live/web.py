@@ -28,7 +28,8 @@ from .recommend import recommendation
 
 MAX_K = 1000
 FORWARDED = "X-SceneStream-Forwarded-By"   # a forwarded request is answered where it lands: never forwarded twice
-TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+TRUE, FALSE = {"true", "True", "1", "yes"}, {"false", "False", "0", "no"}   # openapi.yaml lists them
+QUERY = frozenset({"scene", "k", "exclude_seen"})   # what /users/{user_id}/recommendations takes
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})   # probes (a kubelet sends no token); everything else needs it
 FORWARD_TIMEOUT_S = 3.0   # a forwarded request's whole round trip; past it the client gets a 503
 RELAYED = ("Retry-After", "WWW-Authenticate")   # headers of the owner's answer that the client gets too
@@ -59,8 +60,9 @@ class RateLimiter:
 
 
 def guard(token: str, limiter: Optional[RateLimiter], count: Callable[[int], None] = lambda status: None):
-    """The aiohttp middleware: 429 past the client's rate (a peer worker's forwarded request, proven by the token,
-    is not counted again), then 401 without the token on any path but OPEN_PATHS."""
+    """The aiohttp middleware: 401 without the token on any path but OPEN_PATHS, then 429 past the client's rate (a
+    peer worker's forwarded request, proven by the token, is not counted again). A request without the right token
+    is refused for that, whatever its rate: the refusal costs what the limiter would, and says what to fix."""
     def reject(status: int, message: str, headers: dict) -> aioweb.Response:
         count(status)
         return aioweb.json_response({"error": message, "status": status}, status=status, headers=headers)
@@ -68,13 +70,13 @@ def guard(token: str, limiter: Optional[RateLimiter], count: Callable[[int], Non
     @aioweb.middleware
     async def middleware(request: aioweb.Request, handler):
         authed = bool(token) and authorized(request.headers.get("Authorization"), token)
+        if token and not authed and request.path not in OPEN_PATHS:
+            return reject(401, "missing or wrong Authorization: Bearer token", {"WWW-Authenticate": "Bearer"})
         if limiter and not (authed and FORWARDED in request.headers):
             wait = limiter.wait(request.remote or "", time.monotonic())
             if wait:
                 return reject(429, "too many requests from this client; retry later",
                               {"Retry-After": str(math.ceil(wait))})
-        if token and not authed and request.path not in OPEN_PATHS:
-            return reject(401, "missing or wrong Authorization: Bearer token", {"WWW-Authenticate": "Bearer"})
         return await handler(request)
     return middleware
 
@@ -83,14 +85,21 @@ class BadRequest(ValueError):
     pass
 
 
-def parse_user(user: str, config: StreamConfig) -> str:
-    checked = check_id(user, "user_id", config)
-    if isinstance(checked, Rejection):
-        raise BadRequest(checked.detail)
-    return checked
+def valid_user(user: str, config: StreamConfig) -> bool:
+    """Whether the path's user id can be anyone's: an id the event rule refuses (too long, control or unassigned
+    characters) never reaches the state, so it is answered as an unknown user without looking."""
+    return not isinstance(check_id(user, "user_id", config), Rejection)
+
+
+def no_other_parameters(query, allowed: frozenset = frozenset()) -> None:
+    """A parameter the endpoint does not take is refused (a misspelt `scen=shop` would otherwise be ignored)."""
+    other = sorted(set(query) - allowed)
+    if other:
+        raise BadRequest(f"unknown parameter {other[0][:64]!r}; this endpoint takes {sorted(allowed) or 'none'}")
 
 
 def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
+    no_other_parameters(query, QUERY)
     scene = query.get("scene")
     if scene is not None and scene not in scenes:
         raise BadRequest(f"unknown scene {scene[:64]!r}; scenes are {list(scenes)}")
@@ -101,7 +110,7 @@ def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
         raise BadRequest(f"k must be an integer, got {str(raw_k)[:32]!r}") from None
     if not 1 <= k <= MAX_K:
         raise BadRequest(f"k must be between 1 and {MAX_K}")
-    raw_ex = str(query.get("exclude_seen", "true")).lower()
+    raw_ex = str(query.get("exclude_seen", "true"))
     if raw_ex not in TRUE | FALSE:
         raise BadRequest("exclude_seen must be true or false")
     return scene, k, raw_ex in TRUE
@@ -162,12 +171,12 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
         @routed
         @counted("recommendations")
         async def get(self, request: Request, user_id: str) -> Response:
-            user = parse_user(user_id, config)
             scene, k, exclude_seen = parse_query(request.query, config.scenes)
             model = service.model   # once: the user's vector and the items it ranks come from one model
-            state = service.state_of(user)
-            found = await service.user_record(user, model)
-            return self.json(recommendation(user, scene, k, exclude_seen, state, found, model.index,
+            known = valid_user(user_id, config)
+            state = service.state_of(user_id) if known else None
+            found = await service.user_record(user_id, model) if known else None
+            return self.json(recommendation(user_id, scene, k, exclude_seen, state, found, model.index,
                                             service.popularity.popular(), model.version))
 
     @app.page("/users/{user_id}/interests")
@@ -175,10 +184,10 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
         @routed
         @counted("interests")
         async def get(self, request: Request, user_id: str) -> Response:
-            user = parse_user(user_id, config)
-            found = await service.user_record(user)
+            no_other_parameters(request.query)
+            found = await service.user_record(user_id) if valid_user(user_id, config) else None
             if found is None:
-                return error(self, 404, f"no interests for user {user!r}")
+                return error(self, 404, f"no interests for user {user_id[:200]!r}")
             return self.bytes(record_json(found[0]), content_type="application/json")
 
     @app.page("/healthz")
