@@ -276,3 +276,22 @@ def test_the_default_check_sees_a_wrong_default():
         assert len(default_mismatches(text, "planted")) == 1, text
     assert default_mismatches("`--batch-max` (default 5000); `--max-clock-skew` (default 1 h); `--span`, default 24 "
                               "(48 for ml-1m, ml-1m-5core and ml-100k)", "right") == []
+
+
+# ---- the results page ---------------------------------------------------------------------------------------------
+
+def test_the_headline_tables_are_what_bench_results_json_gives():
+    """BENCHMARKS.md and README.md hold the tables bench/results_page.py renders from bench/results.json, where each
+    headline figure has its date and command; the page stays a results page."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_page
+    results = results_page.load()
+    for name, kind in results_page.PAGES.items():
+        text = (ROOT / name).read_text()
+        assert results_page.block(text) == results_page.render(results, kind), \
+            f"{name}: stale headline table; run python bench/results_page.py"
+    assert all(f["date"] and f["command"] and f["value"] for f in results["figures"])
+    assert len((ROOT / "BENCHMARKS.md").read_bytes()) <= 20_000
+    # and the check can fail: a figure changed in the source is a stale page
+    results["figures"][0]["value"] += " (changed)"
+    assert results_page.block((ROOT / "BENCHMARKS.md").read_text()) != results_page.render(results, "page")
