@@ -12,6 +12,7 @@ On a shared machine the same code measures +-15% from run to run, which hides a 
 the same batches in a second process, the two taking turns batch by batch, so both see the same machine:
 
     python bench/core_path.py [--checkpoint CKPT] [--against /tmp/base] [--json]
+    python bench/core_path.py --events 4000 --batch 500 --fresh-batches 2 --fresh-users 50   # a smoke run
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def _run_side(args) -> dict:
     cfg = StreamConfig.from_env()
     encoder = InterestEncoder(load_checkpoint(args.checkpoint), device="cpu")
     events, _ = generate(SyntheticSpec())
+    if args.events:
+        events = events[:args.events]
     rng = random.Random(0)
     part = {u: rng.randrange(4) for u in sorted({e.user_id for e in events})}
     records = [[(e.user_id.encode(), encode(e)) for e in events if part[e.user_id] == p] for p in range(4)]
@@ -119,7 +122,7 @@ def _lockstep(args, checkpoint: str) -> dict:
     a_in, b_out = os.pipe()
     b_in, a_out = os.pipe()
     common = [sys.executable, __file__, "--checkpoint", checkpoint, "--batch", str(args.batch), "--fresh-batches",
-              str(args.fresh_batches), "--fresh-users", str(args.fresh_users), "--side"]
+              str(args.fresh_batches), "--fresh-users", str(args.fresh_users), "--events", str(args.events), "--side"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     procs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,6 +151,8 @@ def main() -> None:
     ap.add_argument("--against", help="A checkout of another commit, run side by side (lockstep).")
     ap.add_argument("--batch", type=int, default=5000, help="Backlog batch size (default 5000, the worker's "
                                                              "--batch-max).")
+    ap.add_argument("--events", type=int, default=0, help="Backlog: only the first N events of the synthetic log "
+                                                           "(default 0: all of it, ~119k).")
     ap.add_argument("--fresh-batches", type=int, default=40, help="Fresh batches (default 40).")
     ap.add_argument("--fresh-users", type=int, default=300, help="Events (users) per fresh batch (default 300).")
     ap.add_argument("--side", nargs=2, type=int, metavar=("IN", "OUT"), help=argparse.SUPPRESS)

@@ -28,6 +28,7 @@ from scenestream.model.config import ModelConfig
 from scenestream.model.model import InterestModel
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
+from scenestream.stream.core.window import Window
 
 SCENES = ("video", "article", "shop")
 ACTIONS = ("view", "click", "like", "buy")
@@ -67,7 +68,7 @@ def measure(window: int, batch: int, device: str, repeats: int, dtype: torch.dty
     users = [f"u{u}" for u in range(batch)]
 
     def states(step: int) -> list[dict]:
-        return [{"video": tuple(s[step:step + window])} for s in streams]
+        return [{"video": Window.of(s[step:step + window])} for s in streams]   # the worker's packed windows
 
     inc_enc._sources(states(0), users)          # fill the cache (a miss per window)
     full_t, inc_t, worst = [], [], 0.0

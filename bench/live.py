@@ -63,7 +63,7 @@ PARTITIONS = 4
 #   quiet_monitor  the `Monitor` setting set to a Monitor whose per-message/per-event hooks do nothing
 #   no_sensors  app.sensors.remove(app.monitor) once the app has started: no sensor at all on the per-event path
 #   env         environment of the child (NO_CYTHON=1: Faust's pure-Python stream iterator instead of the Cython one)
-#   batch_max / batch_wait  take_events' arguments (default: WorkerConfig's 1000 / 0.2 s)
+#   batch_max / batch_wait  take_events' arguments (default: WorkerConfig's batch_max / batch_wait)
 #   iterate     "take_events" (the worker's way), "events" (async for ev in stream.events(): no take buffer)
 # `--noop-variants all` runs every one against the same topic; `--repeat N` runs the list N times, interleaved.
 MB = 1024 * 1024

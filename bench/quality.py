@@ -1,6 +1,6 @@
 """Recommendation quality on MovieLens: this model against MostPop and published SASRec/BERT4Rec/gSASRec figures,
-live versus stale (prequential), and cross-scene transfer. Writes the "Recommendation quality" section of
-BENCHMARKS.md.
+live versus stale (prequential), and cross-scene transfer. Prints the tables; ML-1M's headline figures also go to
+bench/results.json and the headline tables of BENCHMARKS.md and README.md (unless --no-write).
 
     python bench/quality.py [--datasets ml-100k ml-1m ml-1m-5core] [--seeds 0 1 2] [--genre-seeds 0 1 2] [--no-prequential]
 
@@ -27,7 +27,6 @@ from scenestream.stream.datasets.movielens import load_movielens
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 # Published ML-1M full-ranking figures (all items ranked). See the notes under the table for each protocol.
 PUBLISHED = [
@@ -119,7 +118,7 @@ def run(args) -> dict:
                 res["mostpop"] = most_popular_loo(cases)
             for seed in seeds:
                 ckpt = args.workdir / f"{dataset}-{scenes}-s{seed}"
-                epochs = args.genre_epochs if scenes == "genre" else None
+                epochs = args.genre_epochs if scenes == "genre" else args.epochs
                 res.setdefault(scenes, []).append({"seed": seed, "train": train(dataset, scenes, seed, ckpt, epochs=epochs,
                                                                                  batch_users=args.batch_users),
                                                    **evaluate(ckpt, cases, scenes == "genre")})
@@ -130,7 +129,7 @@ def run(args) -> dict:
 
 
 def table(results: dict, command: str) -> str:
-    lines = [BEGIN, "## Recommendation quality (MovieLens)", "", f"Command: `{command}`", "",
+    lines = ["## Recommendation quality (MovieLens)", "", f"Command: `{command}`", "",
              "Leave-one-out by time (each user's last rating is the test item, the second last validates), every "
              "item ranked, the user's other rated items masked; mean ± standard deviation over seeds. Ties in "
              "timestamps keep the file's line order. Training time is wall-clock on this 2-core CPU.", ""]
@@ -186,17 +185,37 @@ def table(results: dict, command: str) -> str:
                       f"{p['live'][k] / p['stale'][k]:.2f}x |", "",
                       f"Training {p['train']['seconds'] / 60:.1f} min; replay {p['replay_seconds']:.0f} s "
                       f"({p['events_per_s']:.0f} events/s).", ""]
-    lines.append(END)
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+def record(results: dict, command: str, root: Path = ROOT) -> int:
+    """ML-1M's headline figures into bench/results.json, and the pages' headline tables rendered again
+    (bench/results_page.py); returns how many figures were updated."""
+    import results_page
+    res = results.get("ml-1m", {})
+    source = root / results_page.RESULTS.relative_to(results_page.ROOT)
+    page = results_page.load(source)
+    by_key = {f["key"]: f for f in page["figures"]}
+    today, updated = time.strftime("%Y-%m-%d"), 0
+    for scenes, key in (("single", "quality-single"), ("genre", "quality-genre")):
+        runs = res.get(scenes)
+        if runs:
+            ndcg, recall = ([r["global"][m] for r in runs] for m in ("ndcg@10", "recall@10"))
+            by_key[key].update(value=f"{spread(ndcg)} / {spread(recall)}", date=today, command=command,
+                               figure=re.sub(r"\d+ seeds?$", f"{len(runs)} seed{'s' * (len(runs) > 1)}",
+                                             by_key[key]["figure"]))
+            if "readme_value" in by_key[key]:
+                by_key[key]["readme_value"] = f"{statistics.mean(ndcg):.4f}"
+            updated += 1
+    runs = res.get("genre")
+    if runs:
+        fused, alone = (statistics.mean(r[k]["ndcg@10"] for r in runs) for k in ("sparse_fused", "sparse_scene_only"))
+        by_key["transfer"].update(value=f"{fused:.4f} / {alone:.4f} = {fused / alone:.2f}x", date=today,
+                                  command=command)
+        updated += 1
+    source.write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
+    results_page.write(page, root)
+    return updated
 
 
 def main() -> None:
@@ -207,6 +226,8 @@ def main() -> None:
     ap.add_argument("--no-prequential", dest="prequential", action="store_false",
                     help="Skip the ML-1M prequential run (one more training run plus a full replay).")
     ap.add_argument("--cutoff", type=float, default=0.8, help="Prequential time cutoff.")
+    ap.add_argument("--epochs", type=int, default=None, help="Epochs of the one-scene models (default: the data "
+                    "set's training default).")
     ap.add_argument("--genre-epochs", type=int, default=None, help="Epochs of the genre-scene models (default: the "
                     "data set's training default).")
     ap.add_argument("--batch-users", type=int, default=None, help="User segments per training step of the one-scene "
@@ -214,8 +235,9 @@ def main() -> None:
     ap.add_argument("--prequential-epochs", type=int, default=None, help="Epochs of the prequential model.")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "quality",
                     help="Checkpoints (reused when present) and results.json.")
-    ap.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--no-write", dest="write", action="store_false", help="Print the table; leave BENCHMARKS.md.")
+    ap.add_argument("--no-write", dest="write", action="store_false",
+                    help="Print the table only; by default ML-1M's figures also go to bench/results.json and the "
+                         "headline tables of BENCHMARKS.md and README.md.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = run(args)
@@ -223,7 +245,7 @@ def main() -> None:
     section = table(results, "python bench/quality.py " + " ".join(sys.argv[1:]))
     print(section)
     if args.write:
-        write_section(args.benchmarks, section)
+        print(f"{record(results, 'python bench/quality.py ' + ' '.join(sys.argv[1:]))} headline figures updated")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The headline tables of BENCHMARKS.md and README.md, generated from bench/results.json (the one source of every
-headline figure: its value, date and command). tests/test_bench.py checks that both pages hold what this renders.
+headline figure: its value, date and command). tests/test_layout.py checks that both pages hold what this renders.
 
     python bench/results_page.py          # rewrite both tables after editing bench/results.json
 """

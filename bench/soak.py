@@ -1,6 +1,6 @@
 """Soak: real workers under a steady load of half their measured maximum for --minutes, sampled every
 --interval seconds, so an operator sees memory, lag and latency stay flat. Needs matplotlib for the plot:
-`pip install -e '.[bench]'`.
+`pip install -e '.[bench]'` (--no-plot: no plot, no matplotlib).
 
 1. The embedded broker (Tansu) and `--workers` real workers (one group, `clicks` with 4 partitions, outputs to
    `user-interests`), serving --checkpoint (default: bench/tiny_checkpoint.py's).
@@ -294,11 +294,18 @@ def main() -> None:
                     help="The load producer's batching (default 250; docstring, step 3).")
     ap.add_argument("--warmup", type=float, default=2.0, help="Warm-up minutes, left out of the RSS growth.")
     ap.add_argument("--plot", default=str(ROOT / "soak.png"), help="PNG path (default soak.png at the root).")
+    ap.add_argument("--no-plot", dest="draw", action="store_false",
+                    help="Draw no plot (matplotlib not needed); everything else is measured and reported.")
     ap.add_argument("--samples", default=None, help="JSON of the samples (default: a temp directory).")
     ap.add_argument("--checkpoint", default=None, help="Default: train bench/tiny_checkpoint.py's (~20 s).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     t_start = time.monotonic()
+    if args.draw:
+        try:   # before the run, not after it
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("the plot needs matplotlib: pip install -e '.[bench]' (or run with --no-plot)")
 
     from scenestream.stream.local.broker import EmbeddedBroker
     from scenestream.stream.core.events import encode
@@ -397,9 +404,10 @@ def main() -> None:
     report["load"] = {**load, "drain_seconds": drained, "latency_ms_bucket_bound": lat}
     samples_path.write_text(json.dumps(samples, indent=1))
     report["samples"] = str(samples_path)
-    plot(samples, args.warmup * 60, Path(args.plot),
-         f"soak: {rate:,.0f} events/s ({args.fraction:g} x max) for {args.minutes:g} min, {args.workers} worker(s)")
-    report["plot"] = str(args.plot)
+    if args.draw:
+        plot(samples, args.warmup * 60, Path(args.plot), f"soak: {rate:,.0f} events/s ({args.fraction:g} x max) for "
+             f"{args.minutes:g} min, {args.workers} worker(s)")
+    report["plot"] = str(args.plot) if args.draw else None
     report["run_seconds"] = round(time.monotonic() - t_start, 1)
     report["table"] = minute_table(samples)
     say(report["table"])
@@ -409,7 +417,7 @@ def main() -> None:
         f"{lat['p50'] or 0:,.0f} ms, p99 <= {lat['p99'] or 0:,.0f} ms (histogram bucket bounds); sent "
         f"{load['sent']:,} ({load['failed_sends']} failed), drained "
         + (f"{drained:.1f} s after the last send" if drained is not None else "NOT within 60 s of the last send")
-        + f"; worker exits {report['exits'] or 'none'}; plot {args.plot}; {report['run_seconds']} s in all")
+        + f"; worker exits {report['exits'] or 'none'}; plot {report['plot']}; {report['run_seconds']} s in all")
     if args.json:
         print(json.dumps(report))
 

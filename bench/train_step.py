@@ -1,13 +1,15 @@
 """Where a training step's time goes, genre scenes against one scene, in one process.
 
-Both models get the same users' ML-1M segments, built as `scenestream train --dataset ml-1m` builds them (preset
-segment, span and scene stack; leave-one-out's held-out events removed), and take full steps in turn, batch by batch:
-collate, loss, backward, clipping, AdamW. Then the genre-only parts alone: the scene stack's forward and backward
-(the minimum over passes), and the two in-scene CE terms against the global one on the inputs the steps gave them.
+Both models get the same users' segments of a MovieLens data set (--dataset, default ML-1M), built as `scenestream
+train --dataset ml-1m` builds them (preset segment, span and scene stack; leave-one-out's held-out events removed),
+and take full steps in turn, batch by batch: collate, loss, backward, clipping, AdamW. Then the genre-only parts
+alone: the scene stack's forward and backward (the minimum over passes), and the two in-scene CE terms against the
+global one on the inputs the steps gave them.
 In-process figures understate the epoch ratio a little (BENCHMARKS.md, "Training cost"); the ratio itself is
 `scenestream train --epochs 1` timed for each model.
 
-    python bench/train_step.py [--users 800] [--batches 70] [--passes 2] [--threads 2]
+    python bench/train_step.py [--users 800] [--batches 70] [--passes 2] [--threads 2] [--dataset ml-1m]
+    python bench/train_step.py --dataset ml-100k --users 40 --batches 3 --passes 1     # a smoke run, seconds
 """
 from __future__ import annotations
 
@@ -20,17 +22,18 @@ import torch
 import torch.nn.functional as F
 
 
-def setup(mode: str, users: int, batches: int):
+def setup(mode: str, users: int, batches: int, dataset: str = "ml-1m"):
     from scenestream.model import train as T
-    from scenestream.model.config import ModelConfig, preset
+    from scenestream.model.config import ModelConfig, preset, receptive_field
     from scenestream.model.model import InterestModel
     from scenestream.model.vocab import ItemVocab
     from scenestream.stream.cli.common import load
     from scenestream.stream.core.config import StreamConfig
     from scenestream.stream.offline.leave_one_out import timelines
 
-    p = preset("ml-1m")
-    loaded = load("ml-1m", None, mode, StreamConfig.from_env(window=98))
+    p = preset(dataset)
+    window = receptive_field(max(ModelConfig.n_layers, p["scene_layers"]), p["span"])   # as train: 98 for ML-1M
+    loaded = load(dataset, None, mode, StreamConfig.from_env(window=window))
     tls = timelines(loaded.events)
     vocab = ItemVocab.from_events(e for tl in tls.values() for e in tl)
     train_tls = [tl[:-2][-T.TrainConfig.max_events:] for tl in tls.values() if len(tl) > 2]
@@ -59,7 +62,9 @@ def setup(mode: str, users: int, batches: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--users", type=int, default=800, help="ML-1M users whose segments make the batches (default 800)")
+    ap.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"],
+                    help="MovieLens data set whose segments make the batches, with its training preset (default ml-1m)")
+    ap.add_argument("--users", type=int, default=800, help="Users whose segments make the batches (default 800)")
     ap.add_argument("--batches", type=int, default=70, help="Batches per pass (default 70)")
     ap.add_argument("--passes", type=int, default=2, help="Passes over the batches (default 2)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -67,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from scenestream.model import train as T
     T._steady_heap()
-    models = {mode: setup(mode, args.users, args.batches) for mode in ("genre", "single")}
+    models = {mode: setup(mode, args.users, args.batches, args.dataset) for mode in ("genre", "single")}
     n = min(len(m[2]) for m in models.values())
     captured = []   # the in-scene CE's inputs of the genre steps, to time it alone
     in_scene = T._in_scene_ce
