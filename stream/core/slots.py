@@ -1,0 +1,336 @@
+"""Users as slots: every held (user, scene) window a row of preallocated arrays, and a micro-batch joined into them
+with sorts and masks over the batch's rows.
+
+The live worker's per-user Python objects (a window object per scene, dicts of states, a record per user) cost a
+fresh event, which brings its user alone to a micro-batch, several times what the join's work is worth. Here, as in
+vLLM's persistent batch or SGLang's request-to-token pool, the only per-user object is one `user -> slot` entry;
+each (user, scene) pair that has events has a window slot, and a window is row `w` of:
+
+    ts[w, :], hash[w, :], item[w, :], action[w, :], idlen[w, :]   right-aligned: the newest event in column L-1,
+    n[w]                                                           the window's n events in columns L-n .. L-1
+    ids[w]                                                         its event ids back to back, oldest first
+
+`hash` is the 64-bit hash of the event id that packed windows carry (core/window.py: the same rows, the same
+numbers); `ids` keeps the ids whole, so the lattice still orders ties in time by event id and never takes two ids
+for one event.
+
+`join` is `apply_batch` (core/batch.py) on slots, with the same result for every input (tests/test_slots.py holds
+the two to it). The common case, every event of a window newer than all of it and none a copy of one it holds (live
+traffic; a backlog in order), is array work for the whole batch at once: the new rows are appended by one gather
+per field, the oldest dropped. A window whose events are not all newer, or that meets a copy of an event (a
+re-delivery after a crash, a duplicate), is joined by the packed-window rules themselves (`apply_window`) and written
+back: rare, and exact by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .events import Event
+from .window import ACTIONS, EMPTY, ITEMS, ROW_DTYPE, SCENES, UserState, Window, apply_window, id_hash
+
+_EMPTY_I = np.zeros(0, np.int64)
+
+
+@dataclass
+class SlotJoin:
+    """What a micro-batch changed. Windows are window slots; for each changed window, `appended` is how many new
+    rows end it, all after rows that were there before (so an encoder's cached positions still hold), or -1 when it
+    was rewritten (its cached positions do not)."""
+    windows: np.ndarray         # changed window slots
+    appended: np.ndarray        # per changed window: new rows at its end, or -1
+    users: np.ndarray           # user slots with a changed window, each once, in the order first met
+    late_dropped: int           # new events that did not make it into their window
+    added: np.ndarray           # window slot of each item that entered a window (one per row) ...
+    added_items: np.ndarray     # ... and its item code
+    removed: np.ndarray         # window slot of each item that left a window ...
+    removed_items: np.ndarray   # ... and its item code
+
+
+class SlotWindows:
+    """The windows of every held user, for the scenes of one model (`scenes`), L events long."""
+
+    def __init__(self, scenes: Sequence[str], length: int, capacity: int = 256):
+        self.scenes, self.length = tuple(scenes), length
+        self.scene_index = {s: i for i, s in enumerate(self.scenes)}
+        self.scene_code = np.array([SCENES.id(s) for s in self.scenes], np.uint8)   # row code of each scene
+        self.slot_of: dict[str, int] = {}          # user -> user slot: the one object per user
+        self.user_names: list[Optional[str]] = []  # user slot -> user (None: free)
+        self._user_free: list[int] = []
+        self.win = np.full((0, len(self.scenes)), -1, np.int32)   # user slot, scene -> window slot (-1: none)
+        self.ts = np.zeros((0, length), np.int64)
+        self.hash = np.zeros((0, length), np.int64)
+        self.item = np.zeros((0, length), np.int32)
+        self.action = np.zeros((0, length), np.uint8)
+        self.idlen = np.zeros((0, length), np.uint16)
+        self.n = np.zeros(0, np.int32)
+        self.ids = np.empty(0, object)
+        self.owner = np.zeros(0, np.int32)         # window slot -> user slot
+        self.scene_of = np.zeros(0, np.int16)      # window slot -> scene index
+        self._win_free: list[int] = []
+        self._grow_users(capacity)
+        self._grow_windows(capacity)
+
+    # ---- slots ----------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def __contains__(self, user: str) -> bool:
+        return user in self.slot_of
+
+    def _grow_users(self, need: int) -> None:
+        have = len(self.user_names)
+        if need <= have:
+            return
+        size = max(need, 2 * have, 16)
+        self.win = np.concatenate([self.win, np.full((size - have, len(self.scenes)), -1, np.int32)])
+        self.user_names.extend([None] * (size - have))
+        self._user_free.extend(range(size - 1, have - 1, -1))
+
+    def _grow_windows(self, need: int) -> None:
+        have = len(self.n)
+        if need <= have:
+            return
+        size, L = max(need, 2 * have, 16), self.length
+        for name, dtype in (("ts", np.int64), ("hash", np.int64), ("item", np.int32), ("action", np.uint8),
+                            ("idlen", np.uint16)):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((size - have, L), dtype)]))
+        self.n = np.concatenate([self.n, np.zeros(size - have, np.int32)])
+        self.ids = np.concatenate([self.ids, np.full(size - have, b"", object)])
+        self.owner = np.concatenate([self.owner, np.full(size - have, -1, np.int32)])
+        self.scene_of = np.concatenate([self.scene_of, np.full(size - have, -1, np.int16)])
+        self._win_free.extend(range(size - 1, have - 1, -1))
+
+    def user_slot(self, user: str) -> int:
+        """The user's slot, taken from the free ones the first time."""
+        slot = self.slot_of.get(user)
+        if slot is None:
+            if not self._user_free:
+                self._grow_users(len(self.user_names) + 1)
+            slot = self.slot_of[user] = self._user_free.pop()
+            self.user_names[slot] = user
+        return slot
+
+    def _window_slots(self, users: np.ndarray, scenes: np.ndarray) -> np.ndarray:
+        """The window slot of each (user slot, scene index) pair, new ones taken for pairs without one."""
+        slots = self.win[users, scenes]
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            pairs = np.unique(users[missing].astype(np.int64) * len(self.scenes) + scenes[missing])
+            if len(self._win_free) < len(pairs):
+                self._grow_windows(len(self.n) + len(pairs))
+            taken = np.array([self._win_free.pop() for _ in range(len(pairs))], np.int32)
+            u, s = np.divmod(pairs, len(self.scenes))
+            self.win[u, s], self.owner[taken], self.scene_of[taken] = taken, u, s
+            self.n[taken], self.ids[taken] = 0, b""
+            slots = self.win[users, scenes]
+        return slots
+
+    def drop(self, users: Iterable[str]) -> None:
+        """Forget users (a revoked partition, users leaving memory for disk): their slots are free again."""
+        for user in users:
+            slot = self.slot_of.pop(user, None)
+            if slot is None:
+                continue
+            windows = self.win[slot][self.win[slot] >= 0]
+            self.n[windows], self.ids[windows], self.owner[windows] = 0, b"", -1
+            self._win_free.extend(windows.tolist())
+            self.win[slot] = -1
+            self.user_names[slot] = None
+            self._user_free.append(slot)
+
+    # ---- windows as packed windows (core/window.py) --------------------------------------------------------------
+
+    def window(self, w: int) -> Window:
+        """Window slot w as a packed window: the same rows, the same ids."""
+        n = int(self.n[w])
+        if not n:
+            return EMPTY
+        rows = np.zeros(n, ROW_DTYPE)
+        cut = slice(self.length - n, self.length)
+        rows["ts"], rows["hash"], rows["item"] = self.ts[w, cut], self.hash[w, cut], self.item[w, cut]
+        rows["action"], rows["id_bytes"] = self.action[w, cut], self.idlen[w, cut]
+        rows["scene"] = self.scene_code[self.scene_of[w]]
+        return Window(rows.tobytes() + self.ids[w], n)
+
+    def state(self, user: str) -> Optional[UserState]:
+        """The user's windows by scene (None: not held)."""
+        slot = self.slot_of.get(user)
+        if slot is None:
+            return None
+        return {self.scenes[s]: self.window(int(w)) for s, w in enumerate(self.win[slot]) if w >= 0 and self.n[w]}
+
+    def put(self, user: str, state: UserState) -> None:
+        """Hold the user's windows (recovered, or read back from disk), replacing any held."""
+        slot = self.user_slot(user)
+        scenes = [self.scene_index[s] for s, w in state.items() if w and s in self.scene_index]
+        if not scenes:
+            return
+        slots = self._window_slots(np.full(len(scenes), slot, np.int32), np.array(scenes, np.int32))
+        for w, s in zip(slots.tolist(), scenes):
+            self._write(w, state[self.scenes[s]])
+
+    def _write(self, w: int, window: Window) -> None:
+        n, L = len(window), self.length
+        t = window.table()[-L:] if n else window.table()
+        n = len(t)
+        self.n[w] = n
+        cut = slice(L - n, L)
+        self.ts[w, cut], self.hash[w, cut], self.item[w, cut] = t["ts"], t["hash"], t["item"]
+        self.action[w, cut], self.idlen[w, cut] = t["action"], t["id_bytes"]
+        ids = window.buf[window.n * ROW_DTYPE.itemsize:]
+        self.ids[w] = ids[len(ids) - int(t["id_bytes"].sum()):] if n else b""
+
+    # ---- the micro-batch -----------------------------------------------------------------------------------------
+
+    def join(self, events: Sequence[Event]) -> SlotJoin:
+        """Join a micro-batch's valid events into their windows (the lattice: apply_batch's result)."""
+        if not events:
+            e = _EMPTY_I
+            return SlotJoin(e, e, e, 0, e, e, e, e)
+        L = self.length
+        users = np.fromiter((self.user_slot(e.user_id) for e in events), np.int32, len(events))
+        scenes = np.fromiter((self.scene_index[e.scene] for e in events), np.int32, len(events))
+        wins = self._window_slots(users, scenes)
+        ts = np.fromiter((e.ts for e in events), np.int64, len(events))
+        ids = [e.event_id.encode("utf-8", "surrogatepass") for e in events]
+        hashes = np.fromiter(map(id_hash, ids), np.int64, len(events))
+
+        # the batch in window order, then (ts, event id): ties in time by id, as the lattice orders
+        order = np.lexsort((ts, wins))
+        ws, tss = wins[order], ts[order]
+        same = (ws[1:] == ws[:-1]) & (tss[1:] == tss[:-1])
+        if same.any():
+            order = _by_id_within_ties(order, same, ids)
+            ws, tss = wins[order], ts[order]
+        starts = np.flatnonzero(np.r_[True, ws[1:] != ws[:-1]])
+        groups, counts = ws[starts], np.diff(np.r_[starts, len(ws)])
+
+        # the common case per window: newer than all it holds, no copy of a held event, no id twice in the batch
+        n_old = self.n[groups]
+        first = order[starts]
+        held_last = self.ts[groups, L - 1]
+        newer = (n_old == 0) | (ts[first] > held_last)
+        tied = (n_old > 0) & (ts[first] == held_last)
+        for g in np.flatnonzero(tied).tolist():   # the newest held event has the first new one's time: by id
+            w = int(groups[g])
+            newer[g] = ids[first[g]] > self.ids[w][len(self.ids[w]) - int(self.idlen[w, L - 1]):]
+        group_of = np.repeat(np.arange(len(groups)), counts)
+        hs = hashes[order]
+        columns = np.arange(L)[None, :]
+        held = (self.hash[ws] == hs[:, None]) & (columns >= L - self.n[ws][:, None])
+        copies = np.zeros(len(groups), bool)
+        np.logical_or.at(copies, group_of, held.any(1))
+        twice = _repeated(group_of, hs)
+        common = newer & ~copies & ~twice
+
+        changed, appended, late = [], [], 0
+        added, added_items, removed, removed_items = [], [], [], []
+        c = np.flatnonzero(common)
+        if len(c):
+            got = self._append(groups[c], counts[c], starts[c], order, ts, hashes, ids, events)
+            changed.append(groups[c])
+            appended.append(got["kept"])
+            late += int(got["late"])
+            added += [got["added"]]
+            added_items += [got["added_items"]]
+            removed += [got["removed"]]
+            removed_items += [got["removed_items"]]
+        for g in np.flatnonzero(~common).tolist():
+            w = int(groups[g])
+            rows = order[starts[g]:starts[g] + counts[g]]
+            old = self.window(w)
+            new, dropped = apply_window(old, [events[i] for i in rows.tolist()], L)
+            late += dropped
+            if new == old:
+                continue
+            before, after = old.table()["item"], new.table()["item"]
+            self._write(w, new)
+            changed.append(np.array([w], np.int32))
+            appended.append(np.array([-1], np.int64))
+            plus, minus = _multiset_difference(after, before)
+            added += [np.full(len(plus), w, np.int32)]
+            added_items += [plus]
+            removed += [np.full(len(minus), w, np.int32)]
+            removed_items += [minus]
+        windows = np.concatenate(changed) if changed else _EMPTY_I.astype(np.int32)
+        owners = self.owner[windows]
+        _, first_seen = np.unique(owners, return_index=True)
+        return SlotJoin(windows, np.concatenate(appended) if appended else _EMPTY_I,
+                        owners[np.sort(first_seen)], late, _cat(added, np.int32), _cat(added_items, np.int32),
+                        _cat(removed, np.int32), _cat(removed_items, np.int32))
+
+    def _append(self, groups, counts, starts, order, ts, hashes, ids, events) -> dict:
+        """The common case, for all its windows at once: each window's newest L of (its rows, then its new ones).
+        Group g's new events are order[starts[g] : starts[g] + counts[g]], ascending."""
+        L, G = self.length, len(groups)
+        kept = np.minimum(counts, L)                  # new events that stay: at most L
+        skip = counts - kept                          # each group's oldest new events, pushed out by its newer ones
+        before = np.repeat(np.cumsum(counts) - counts, counts)
+        rank = np.arange(int(counts.sum())) - before  # an event's place in its group
+        rows = order[np.repeat(starts, counts) + rank]
+        keep = rank >= np.repeat(skip, counts)
+        rows, col = rows[keep], (rank - np.repeat(skip, counts))[keep]   # kept events, their column in the block
+        g_of = np.repeat(np.arange(G), kept)
+        n_old = self.n[groups]
+        drop = np.maximum(0, n_old + kept - L)        # held rows pushed out, oldest first
+        cols = np.arange(L)[None, :]
+        gone = (cols >= (L - n_old)[:, None]) & (cols < (L - n_old + drop)[:, None])
+        removed_items = self.item[groups][gone]
+        skip_bytes = (self.idlen[groups].astype(np.int64) * gone).sum(1)
+        picked = rows.tolist()
+        new = {"ts": ts[rows], "hash": hashes[rows],
+               "item": np.fromiter((ITEMS.id(events[i].item_id) for i in picked), np.int32, len(picked)),
+               "action": np.fromiter((ACTIONS.id(events[i].action) for i in picked), np.uint8, len(picked)),
+               "idlen": np.fromiter((len(ids[i]) for i in picked), np.uint16, len(picked))}
+        take = kept[:, None] + cols                   # the new window: columns kept .. kept + L of [held | block]
+        kmax = int(kept.max())
+        for name, values in new.items():
+            held = getattr(self, name)
+            block = np.zeros((G, kmax), held.dtype)
+            block[g_of, col] = values
+            held[groups] = np.take_along_axis(np.concatenate([held[groups], block], axis=1), take, axis=1)
+        self.n[groups] = np.minimum(L, n_old + kept)
+        new_ids = [ids[i] for i in picked]
+        at = np.r_[0, np.cumsum(kept)].tolist()
+        for g, (w, cut) in enumerate(zip(groups.tolist(), skip_bytes.tolist())):
+            self.ids[w] = self.ids[w][cut:] + b"".join(new_ids[at[g]:at[g + 1]])
+        return {"kept": kept.astype(np.int64), "late": int(skip.sum()), "added": np.repeat(groups, kept),
+                "added_items": new["item"], "removed": np.repeat(groups, drop), "removed_items": removed_items}
+
+
+def _by_id_within_ties(order: np.ndarray, same: np.ndarray, ids: list[bytes]) -> np.ndarray:
+    """`order` (by window, then time) with each run of equal (window, time) put in event id order; same[i]: the
+    events at order[i] and order[i + 1] share window and time."""
+    order = order.copy()
+    edges = np.flatnonzero(np.diff(np.r_[0, same.astype(np.int8), 0]))
+    for a, e in zip(edges[::2].tolist(), edges[1::2].tolist()):   # a run: order[a .. e], both ends in
+        order[a:e + 1] = sorted(order[a:e + 1].tolist(), key=ids.__getitem__)
+    return order
+
+
+def _repeated(group_of: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Per group: whether two of its rows share an id hash (a duplicate, or a collision: both go the exact way)."""
+    out = np.zeros(int(group_of.max()) + 1 if len(group_of) else 0, bool)
+    pairs = np.lexsort((hashes, group_of))
+    g, h = group_of[pairs], hashes[pairs]
+    dup = (g[1:] == g[:-1]) & (h[1:] == h[:-1])
+    out[g[1:][dup]] = True
+    return out
+
+
+def _multiset_difference(after: np.ndarray, before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(items in `after` not matched in `before`, items in `before` not matched in `after`), with multiplicity."""
+    values = np.union1d(after, before)
+    a = np.searchsorted(values, after)
+    b = np.searchsorted(values, before)
+    delta = np.bincount(a, minlength=len(values)) - np.bincount(b, minlength=len(values))
+    return (np.repeat(values, np.maximum(delta, 0)).astype(np.int32),
+            np.repeat(values, np.maximum(-delta, 0)).astype(np.int32))
+
+
+def _cat(parts: list, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)

@@ -1,0 +1,94 @@
+"""Users as slots (stream/core/slots.py) against the packed windows' join (apply_batch): any stream in any batches,
+with duplicates, copies of held events, late events, ties in time and events pushed out within a batch, gives the
+same windows, the same late count, the same changed users and the same item counts; slots are reused after users
+leave."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scenestream.stream.core.batch import apply_batch
+from scenestream.stream.core.events import Event
+from scenestream.stream.core.slots import SlotWindows
+from scenestream.stream.core.window import ITEMS, item_delta
+
+from .test_window import SCENES, TS0, event_sets
+
+ALL_SCENES = (*SCENES, "radio")   # the model's scenes: some never get an event
+
+
+@st.composite
+def streams(draw):
+    """A stream with copies (re-deliveries, conflicting duplicates of one event id) cut into micro-batches."""
+    events = draw(event_sets(max_size=40, users=4))
+    log = list(events)
+    for e in draw(st.lists(st.sampled_from(events), max_size=10)) if events else []:
+        log.insert(draw(st.integers(0, len(log))), e if draw(st.booleans()) else
+                   e._replace(item_id=f"i{draw(st.integers(0, 4))}", ts=e.ts + draw(st.integers(-2, 2))))
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(log)), max_size=6))) | {0, len(log)})
+    return [log[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def item_counts(slots: SlotWindows) -> Counter:
+    return Counter((int(slots.scene_of[w]), ITEMS.names[i]) for w in range(len(slots.n))
+                   for i in slots.item[w, slots.length - slots.n[w]:].tolist())
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams(), st.integers(1, 5))
+def test_slot_join_is_apply_batch(batches, length):
+    slots, store = SlotWindows(ALL_SCENES, length, capacity=2), {}
+    counted: Counter = Counter()
+    for batch in batches:
+        want = apply_batch(store.get, batch, length)
+        got = slots.join(batch)
+        assert got.late_dropped == want.late_dropped
+        assert sorted(slots.user_names[u] for u in got.users.tolist()) == sorted(want.updates)
+        for user, state in want.updates.items():
+            before = store.get(user) or {}
+            for scene, w in state.items():   # the item counts move as item_delta says
+                for item, d in item_delta(before.get(scene), w).items():
+                    counted[(slots.scene_index[scene], item)] += d
+        store.update(want.updates)
+        for w, k in zip(got.windows.tolist(), got.appended.tolist()):
+            if k >= 0:   # appended: the new rows end the window, after rows it held before
+                user, scene = slots.user_names[slots.owner[w]], slots.scenes[slots.scene_of[w]]
+                assert slots.window(w).events(user)[-k:] == tuple(e for e in store[user][scene].events(user)[-k:])
+        for scene_item, d in Counter(zip(slots.scene_of[got.added].tolist(),
+                                         [ITEMS.names[i] for i in got.added_items.tolist()])).items():
+            counted[scene_item] -= d
+        for scene_item, d in Counter(zip(slots.scene_of[got.removed].tolist(),
+                                         [ITEMS.names[i] for i in got.removed_items.tolist()])).items():
+            counted[scene_item] += d
+        assert not +counted and not -counted, counted   # every change in counts accounted for, nothing else
+        for user in store:
+            assert slots.state(user) == {s: w for s, w in store[user].items() if w}, user
+    assert item_counts(slots) == Counter((slots.scene_index[s], i) for state in store.values()
+                                         for s, w in state.items() for i in w.item_ids())
+
+
+def test_fresh_events_take_the_array_path_and_late_ones_the_exact_one():
+    slots = SlotWindows(SCENES, 3)
+    first = [Event(f"e{k}", "u", f"i{k}", "video", "click", TS0 + k) for k in range(5)]
+    got = slots.join(first)
+    assert got.appended.tolist() == [3] and got.late_dropped == 2 and slots.n.max() == 3
+    got = slots.join([Event("late", "u", "i9", "video", "click", TS0 - 1)])   # behind a full window
+    assert len(got.windows) == 0 and got.late_dropped == 1
+    got = slots.join([Event("mid", "u", "i9", "video", "click", TS0 + 3)])    # between held events: rewritten
+    assert got.appended.tolist() == [-1]
+    assert [e.event_id for e in slots.state("u")["video"]] == ["e3", "mid", "e4"]
+
+
+def test_a_user_who_leaves_frees_their_slots_for_the_next():
+    slots = SlotWindows(SCENES, 4, capacity=1)
+    slots.join([Event("a", "u1", "i", "video", "click", TS0), Event("b", "u1", "i", "shop", "click", TS0)])
+    held = set(slots.win[slots.slot_of["u1"]].tolist()) - {-1}
+    slots.drop(["u1"])
+    assert "u1" not in slots and slots.state("u1") is None
+    slots.join([Event("c", "u2", "j", "video", "click", TS0), Event("d", "u2", "j", "shop", "click", TS0)])
+    assert set(slots.win[slots.slot_of["u2"]].tolist()) - {-1} == held   # the same window slots, reused
+    assert [e.event_id for w in slots.state("u2").values() for e in w] == ["c", "d"]
+    assert np.count_nonzero(slots.n) == 2
