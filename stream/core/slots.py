@@ -47,6 +47,27 @@ class SlotJoin:
     added_items: np.ndarray     # ... and its item code
     removed: np.ndarray         # window slot of each item that left a window ...
     removed_items: np.ndarray   # ... and its item code
+    timeline_appended: np.ndarray   # per user (as `users`): events appended to their merged timeline since it
+                                    # was last encoded, -1 when it changed otherwise
+
+
+@dataclass
+class Windows:
+    """Windows as the encoder reads them (model/slot_encoder.py): row b of each array is window b, right-aligned (its
+    n[b] events in columns L-n[b] .. L-1, oldest first), item, action and scene as codes of core/window.py's
+    tables; keyed by slot, with the slot's version and how many rows were appended since it was last encoded."""
+    keys: np.ndarray
+    version: np.ndarray
+    appended: np.ndarray
+    n: np.ndarray
+    ts: np.ndarray
+    hash: np.ndarray
+    item: np.ndarray
+    action: np.ndarray
+    scene: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class SlotWindows:
@@ -68,6 +89,10 @@ class SlotWindows:
         self.n = np.zeros(0, np.int32)
         self.ids = np.empty(0, object)
         self.owner = np.zeros(0, np.int32)         # window slot -> user slot
+        self.wver = np.zeros(0, np.int64)          # window slot -> version: new when written other than appended
+        self.uver = np.zeros(0, np.int64)          # user slot -> version: new when its slot changes hands or
+                                                   # its windows are written other than appended
+        self.newest = np.zeros(0, np.int64)        # user slot -> ts of the user's newest event held
         self.scene_of = np.zeros(0, np.int16)      # window slot -> scene index
         self._win_free: list[int] = []
         self._grow_users(capacity)
@@ -87,6 +112,8 @@ class SlotWindows:
             return
         size = max(need, 2 * have, 16)
         self.win = np.concatenate([self.win, np.full((size - have, len(self.scenes)), -1, np.int32)])
+        self.uver = np.concatenate([self.uver, np.zeros(size - have, np.int64)])
+        self.newest = np.concatenate([self.newest, np.full(size - have, np.iinfo(np.int64).min, np.int64)])
         self.user_names.extend([None] * (size - have))
         self._user_free.extend(range(size - 1, have - 1, -1))
 
@@ -102,6 +129,7 @@ class SlotWindows:
         self.ids = np.concatenate([self.ids, np.full(size - have, b"", object)])
         self.owner = np.concatenate([self.owner, np.full(size - have, -1, np.int32)])
         self.scene_of = np.concatenate([self.scene_of, np.full(size - have, -1, np.int16)])
+        self.wver = np.concatenate([self.wver, np.zeros(size - have, np.int64)])
         self._win_free.extend(range(size - 1, have - 1, -1))
 
     def user_slot(self, user: str) -> int:
@@ -112,6 +140,8 @@ class SlotWindows:
                 self._grow_users(len(self.user_names) + 1)
             slot = self.slot_of[user] = self._user_free.pop()
             self.user_names[slot] = user
+            self.uver[slot] += 1
+            self.newest[slot] = np.iinfo(np.int64).min
         return slot
 
     def _window_slots(self, users: np.ndarray, scenes: np.ndarray) -> np.ndarray:
@@ -126,6 +156,7 @@ class SlotWindows:
             u, s = np.divmod(pairs, len(self.scenes))
             self.win[u, s], self.owner[taken], self.scene_of[taken] = taken, u, s
             self.n[taken], self.ids[taken] = 0, b""
+            self.wver[taken] += 1
             slots = self.win[users, scenes]
         return slots
 
@@ -137,6 +168,8 @@ class SlotWindows:
                 continue
             windows = self.win[slot][self.win[slot] >= 0]
             self.n[windows], self.ids[windows], self.owner[windows] = 0, b"", -1
+            self.wver[windows] += 1
+            self.uver[slot] += 1
             self._win_free.extend(windows.tolist())
             self.win[slot] = -1
             self.user_names[slot] = None
@@ -172,8 +205,11 @@ class SlotWindows:
         slots = self._window_slots(np.full(len(scenes), slot, np.int32), np.array(scenes, np.int32))
         for w, s in zip(slots.tolist(), scenes):
             self._write(w, state[self.scenes[s]])
+        self.uver[slot] += 1
+        self.newest[slot] = max(int(self.ts[w, self.length - 1]) for w in slots.tolist() if self.n[w])
 
     def _write(self, w: int, window: Window) -> None:
+        self.wver[w] += 1
         n, L = len(window), self.length
         t = window.table()[-L:] if n else window.table()
         n = len(t)
@@ -190,7 +226,7 @@ class SlotWindows:
         """Join a micro-batch's valid events into their windows (the lattice: apply_batch's result)."""
         if not events:
             e = _EMPTY_I
-            return SlotJoin(e, e, e, 0, e, e, e, e)
+            return SlotJoin(e, e, e, 0, e, e, e, e, e)
         L = self.length
         users = np.fromiter((self.user_slot(e.user_id) for e in events), np.int32, len(events))
         scenes = np.fromiter((self.scene_index[e.scene] for e in events), np.int32, len(events))
@@ -257,11 +293,88 @@ class SlotWindows:
             removed += [np.full(len(minus), w, np.int32)]
             removed_items += [minus]
         windows = np.concatenate(changed) if changed else _EMPTY_I.astype(np.int32)
+        appended = np.concatenate(appended) if appended else _EMPTY_I
         owners = self.owner[windows]
         _, first_seen = np.unique(owners, return_index=True)
-        return SlotJoin(windows, np.concatenate(appended) if appended else _EMPTY_I,
-                        owners[np.sort(first_seen)], late, _cat(added, np.int32), _cat(added_items, np.int32),
-                        _cat(removed, np.int32), _cat(removed_items, np.int32))
+        touched = owners[np.sort(first_seen)]
+        return SlotJoin(windows, appended, touched, late, _cat(added, np.int32), _cat(added_items, np.int32),
+                        _cat(removed, np.int32), _cat(removed_items, np.int32),
+                        self._timelines_grown(touched, windows, appended))
+
+    def _timelines_grown(self, users: np.ndarray, windows: np.ndarray, appended: np.ndarray) -> np.ndarray:
+        """Per touched user, how many events their merged timeline (the newest L of all their windows) gained at its
+        end, or -1: every changed window of theirs appended, all after their newest event before, so the timeline
+        is its old self followed by them. Moves `newest` on."""
+        L = self.length
+        by_slot = np.argsort(users)
+        row = by_slot[np.searchsorted(users, self.owner[windows], sorter=by_slot)]   # each window's user's row
+        k = np.maximum(appended, 0)
+        first_new = self.ts[windows, np.clip(L - k, 0, L - 1)]
+        last = self.ts[windows, L - 1]
+        never = np.iinfo(np.int64).max
+        earliest = np.full(len(users), never, np.int64)
+        np.minimum.at(earliest, row, np.where(appended > 0, first_new, never))
+        rewritten = np.zeros(len(users), bool)
+        np.logical_or.at(rewritten, row, appended < 0)
+        grown = np.zeros(len(users), np.int64)
+        np.add.at(grown, row, k)
+        prev = self.newest[users]
+        out = np.where(rewritten | (earliest <= prev), -1, np.minimum(grown, L))
+        newest = prev.copy()
+        np.maximum.at(newest, row, last)
+        self.newest[users] = newest
+        return out
+
+    # ---- what the encoder reads ---------------------------------------------------------------------------------
+
+    def scene_windows(self, users: np.ndarray, join: SlotJoin) -> tuple[Windows, np.ndarray, np.ndarray]:
+        """Every window of the users (theirs that did not change: appended 0), with the row of `users` and the
+        scene index each belongs to."""
+        W = self.win[users]
+        present = (W >= 0) & (self.n[np.maximum(W, 0)] > 0)
+        rows, scenes = np.nonzero(present)
+        wins = W[rows, scenes]
+        appended = np.zeros(len(wins), np.int64)
+        if len(join.windows):
+            order = np.argsort(join.windows)
+            at = np.searchsorted(join.windows, wins, sorter=order).clip(0, len(order) - 1)
+            hit = join.windows[order[at]] == wins
+            appended[hit] = join.appended[order[at[hit]]]
+        codes = np.broadcast_to(self.scene_code[self.scene_of[wins]][:, None], (len(wins), self.length))
+        return (Windows(wins.astype(np.int64), self.wver[wins], appended, self.n[wins].astype(np.int64),
+                        self.ts[wins], self.hash[wins], self.item[wins], self.action[wins], codes), rows, scenes)
+
+    def timelines(self, users: np.ndarray, appended: np.ndarray) -> Windows:
+        """The users' merged timelines: the newest L events over all their windows, ascending by (ts, event id)."""
+        L, S = self.length, len(self.scenes)
+        W = self.win[users]
+        Wc = np.maximum(W, 0)
+        valid = (W >= 0)[:, :, None] & (np.arange(L)[None, None, :] >= L - self.n[Wc][:, :, None])
+        flat = lambda a: a[Wc].reshape(len(users), S * L)   # noqa: E731
+        ts = np.where(valid.reshape(len(users), S * L), flat(self.ts), np.iinfo(np.int64).min)
+        order = np.argsort(ts, axis=1, kind="stable")
+        sorted_ts = np.take_along_axis(ts, order, axis=1)
+        counts = valid.reshape(len(users), -1).sum(1)
+        ties = (sorted_ts[:, 1:] == sorted_ts[:, :-1]) & (sorted_ts[:, 1:] > np.iinfo(np.int64).min)
+        for u in np.flatnonzero(ties.any(1)).tolist():   # ties in time: by event id (rare)
+            keys = [(int(t), i) for w in W[u] if w >= 0 for t, i in zip(self.ts[w, L - self.n[w]:].tolist(),
+                                                                       self._row_ids(int(w)))]
+            cells = [(j, c) for j, w in enumerate(W[u].tolist()) if w >= 0 for c in range(L - int(self.n[w]), L)]
+            ranked = sorted(range(len(keys)), key=keys.__getitem__)
+            order[u, S * L - len(keys):] = [cells[r][0] * L + cells[r][1] for r in ranked]
+        order = order[:, -L:]
+        take = lambda a: np.take_along_axis(a, order, axis=1)   # noqa: E731
+        scene = np.broadcast_to(self.scene_code[self.scene_of[Wc]][:, :, None], (len(users), S, L))
+        return Windows(users.astype(np.int64), self.uver[users], appended, np.minimum(counts, L).astype(np.int64),
+                       take(ts), take(flat(self.hash)), take(flat(self.item)), take(flat(self.action)),
+                       take(scene.reshape(len(users), S * L)))
+
+    def _row_ids(self, w: int) -> list[bytes]:
+        n, L = int(self.n[w]), self.length
+        sizes = self.idlen[w, L - n:].tolist()
+        ends = np.cumsum(sizes).tolist()
+        raw = self.ids[w]
+        return [raw[e - s:e] for e, s in zip(ends, sizes)]
 
     def _append(self, groups, counts, starts, order, ts, hashes, ids, events) -> dict:
         """The common case, for all its windows at once: each window's newest L of (its rows, then its new ones).

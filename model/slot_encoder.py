@@ -1,0 +1,255 @@
+"""The encoder for windows held as slots: the keys and values of every cached window in slot-indexed tensors, a
+micro-batch's windows encoded as one gather of their cached rows, one forward of their new positions and one
+scatter, with no object per window or per user.
+
+The stream side (stream/core/slots.py) hands over, per stack (the scene windows; the users' merged timelines),
+`Windows`: a cache key per window (its slot), the key's version (new when the slot was reused or written other than
+by appending), how many rows were appended since the window was last encoded (-1: unknown), and the rows, right-
+aligned in fixed-width arrays. What is cached, and why reusing it is exact, is window_cache.py's rule (attention is
+local: the newest position and the newest `span` rows of each layer depend on the window's last receptive-field
+events only); here an entry is a slot of `Pool`, found by key, checked by version and by the last row it encoded,
+and evicted least recently used first. tests/test_slot_encoder.py holds every output to a full encode within 1e-5.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, receptive_field
+from .model import Past, gap_bucket
+
+
+# Windows of one stack, as the encoder reads them: any object with these arrays, row b of each being window b
+# (stream/core/slots.py: Windows). Rows are right-aligned, window b's n[b] events in columns L-n[b] .. L-1, oldest
+# first; item, action and scene are codes of the caller's codebook.
+#     keys      [B] int64  cache key (a slot)
+#     version   [B] int64  the key's version: another one means the cached rows are not this window's
+#     appended  [B] int64  rows appended since the window was last encoded, -1 when not known
+#     n         [B] int64
+#     ts, hash, item, action, scene   [B, L]   (hash: of the event id; with ts it names the row's event)
+Windows = object
+
+
+class Pool:
+    """Cache entries of one stack in preallocated tensors: per entry the keys and values of its window's newest
+    `span` positions in every layer (a ring), its output vector, and what identifies them (key, version, last row
+    encoded, rows then). A key's entry is `entry_of[key]`; the least recently used go first."""
+
+    def __init__(self, cfg: ModelConfig, layers: int, window: int, capacity: int, device: torch.device):
+        self.span, self.window, self.layers = cfg.span, window, layers
+        self.cone = receptive_field(layers, cfg.span)
+        self.extendable = window >= self.cone
+        hd = cfg.d_model // cfg.n_heads
+        self.capacity = capacity
+        self.kv = torch.zeros(capacity, cfg.span, layers, 2, cfg.n_heads, hd, device=device)
+        self.vec = torch.zeros(capacity, cfg.d_model, device=device)
+        self.key = np.full(capacity, -1, np.int64)
+        self.version = np.zeros(capacity, np.int64)
+        self.last_ts = np.zeros(capacity, np.int64)
+        self.last_hash = np.zeros(capacity, np.int64)
+        self.rows_then = np.zeros(capacity, np.int64)   # the window's rows when last encoded
+        self.ring = np.zeros(capacity, np.int64)        # valid rows in the ring
+        self.head = np.zeros(capacity, np.int64)        # ring index the next row goes to
+        self.stamp = np.zeros(capacity, np.int64)       # when last used
+        self.clock = 0
+        self.entry_of = np.full(0, -1, np.int64)        # key -> entry
+        self.free = list(range(capacity - 1, -1, -1))
+        self.stats = {"hits": 0, "extends": 0, "misses": 0, "evictions": 0}
+
+    def entry_bytes(self) -> int:
+        per = self.kv[0].numel() * self.kv.element_size() + self.vec[0].numel() * self.vec.element_size()
+        return per + 8 * 8
+
+    def entries(self, keys: np.ndarray) -> np.ndarray:
+        if len(keys) and int(keys.max()) >= len(self.entry_of):
+            size = max(int(keys.max()) + 1, 2 * len(self.entry_of))
+            self.entry_of = np.concatenate([self.entry_of, np.full(size - len(self.entry_of), -1, np.int64)])
+        return self.entry_of[keys]
+
+    def reserve(self, keys: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """An empty entry for each key (encoded whole now: its own, emptied, or one taken from the least recently
+        used), never one in `keep` (this micro-batch's); -1 for a key left uncached when every entry is in use."""
+        out = self.entries(keys).copy()
+        self.ring[out[out >= 0]], self.head[out[out >= 0]] = 0, 0
+        need = np.flatnonzero(out < 0)
+        if not len(need):
+            return out
+        taken = [self.free.pop() for _ in range(min(len(need), len(self.free)))]
+        short = len(need) - len(taken)
+        if short > 0:
+            stamps = self.stamp.copy()
+            stamps[keep[keep >= 0]] = np.iinfo(np.int64).max
+            stamps[np.asarray(taken, np.int64)] = np.iinfo(np.int64).max
+            stamps[out[out >= 0]] = np.iinfo(np.int64).max
+            victims = np.argsort(stamps, kind="stable")[:short]
+            victims = victims[stamps[victims] < np.iinfo(np.int64).max]
+            self.stats["evictions"] += len(victims)
+            self.entry_of[self.key[victims]] = -1
+            taken += victims.tolist()
+        got = np.asarray(taken, np.int64)
+        out[need[:len(got)]] = got
+        self.key[got] = keys[need[:len(got)]]
+        self.entry_of[keys[need[:len(got)]]] = got
+        self.ring[got], self.head[got] = 0, 0
+        return out
+
+    def past(self, entries: np.ndarray, new_pos: torch.Tensor) -> list[Past]:
+        """Each layer's cached keys and values of the entries, in ring order, with their positions (newest at -1)."""
+        dev = self.kv.device
+        e = torch.from_numpy(entries).to(dev)
+        rows = self.kv[e]                                                          # [B, span, L, 2, H, hd]
+        head = torch.from_numpy(self.head[entries]).to(dev)[:, None]
+        count = torch.from_numpy(self.ring[entries]).to(dev)[:, None]
+        pos = (torch.arange(self.span, device=dev)[None] - head) % self.span - self.span
+        valid = pos >= -count
+        return [Past(rows[:, :, layer, 0].transpose(1, 2), rows[:, :, layer, 1].transpose(1, 2), valid, pos,
+                     new_pos) for layer in range(self.layers)]
+
+    def store(self, entries: np.ndarray, w: Windows, b: np.ndarray, presents, counts: np.ndarray,
+              vec: torch.Tensor) -> None:
+        """Windows b were just encoded, their counts[i] newest positions the right end of `presents` (each layer's
+        keys and values [B, H, T, hd]): their rows go into the entries' rings, with what identifies them."""
+        live = np.flatnonzero(entries >= 0)
+        if not len(live):
+            return
+        span, T = self.span, presents[0][0].shape[2]
+        ent, ks = entries[live], counts[live]
+        w_rows = np.minimum(ks, span)                                  # rows written per entry
+        within = np.arange(int(w_rows.sum())) - np.repeat(np.cumsum(w_rows) - w_rows, w_rows)
+        b_idx = np.repeat(live, w_rows)
+        t_idx = T - np.repeat(w_rows, w_rows) + within
+        ring_idx = (np.repeat(self.head[ent] + ks - w_rows, w_rows) + within) % span
+        dev = self.kv.device
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+        stacked = torch.stack([torch.stack([k, v]) for k, v in presents])   # [L, 2, B, H, T, hd]
+        self.kv[as_t(np.repeat(ent, w_rows)), as_t(ring_idx)] = \
+            stacked[:, :, as_t(b_idx), :, as_t(t_idx)].to(self.kv.dtype)
+        self.vec[as_t(ent)] = vec[as_t(live)].to(self.vec.dtype)
+        self.head[ent] = (self.head[ent] + ks) % span
+        self.ring[ent] = np.minimum(span, self.ring[ent] + ks)
+        rows = b[live]
+        L = w.ts.shape[1]
+        self.last_ts[ent], self.last_hash[ent] = w.ts[rows, L - 1], w.hash[rows, L - 1]
+        self.version[ent], self.rows_then[ent] = w.version[rows], w.n[rows]
+
+
+class SlotEncoder:
+    """Outputs of windows held as slots, through `encoder`'s model (model/infer.py's InterestEncoder: its
+    checkpoint, its codes for the caller's codebook and its fusion)."""
+
+    def __init__(self, encoder, cache_mb: float, batch_size: int = 2048):
+        self.encoder, self.model, self.device = encoder, encoder.model, encoder.device
+        cfg, window = self.model.cfg, encoder.window
+        budget = int(cache_mb * 2**20)
+        probe = [Pool(cfg, cfg.layers(scene), window, 1, self.device) for scene in (True, False)]
+        if cfg.own_scene_stack:   # per user up to S scene windows and one timeline: the budget split so
+            share = probe[1].entry_bytes() / (cfg.n_scenes * probe[0].entry_bytes() + probe[1].entry_bytes())
+        else:
+            share = 1 / (cfg.n_scenes + 1)
+        self.scene_pool = Pool(cfg, cfg.layers(True), window, max(0, int(budget * (1 - share)) //
+                                                                   probe[0].entry_bytes()), self.device)
+        self.timeline_pool = Pool(cfg, cfg.layers(False), window, max(0, int(budget * share) //
+                                                                     probe[1].entry_bytes()), self.device)
+        self.batch_size = batch_size
+
+    @property
+    def pools(self) -> list[Pool]:
+        return [self.scene_pool, self.timeline_pool]
+
+    @property
+    def shared_stack(self) -> bool:
+        """Scene windows go through the timeline's blocks: a user with one scene has one window, both outputs."""
+        return not self.model.cfg.own_scene_stack
+
+    def vectors(self, w: Windows, book, scene: bool) -> np.ndarray:
+        """`outputs`, as a float32 array."""
+        return self.outputs(w, book, scene).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def outputs(self, w: Windows, book, scene: bool) -> torch.Tensor:
+        """[B, d] last-position outputs of the windows: cached ones read, appended ones extended against their
+        cached rows, the rest encoded whole (and cached)."""
+        pool = self.scene_pool if scene else self.timeline_pool
+        B, L = len(w), w.ts.shape[1]
+        out = torch.zeros(B, self.model.cfg.d_model, device=self.device)
+        if not B:
+            return out
+        pool.clock += 1
+        e = pool.entries(w.keys) if pool.capacity else np.full(B, -1, np.int64)
+        k = w.appended
+        rows, at = np.arange(B), np.maximum(e, 0)
+        before = np.clip(L - 1 - k, 0, L - 1)   # the row before the appended ones
+        ok = (e >= 0) & (k >= 0) & (k < w.n)
+        if pool.capacity:
+            ok &= pool.version[at] == w.version
+            ok &= (pool.last_ts[at] == w.ts[rows, before]) & (pool.last_hash[at] == w.hash[rows, before])
+            ok &= pool.rows_then[at] + k >= w.n       # every row since encoded is one of the appended ones
+            if not pool.extendable:                   # shorter than the receptive field: only if none dropped
+                ok &= pool.rows_then[at] + k == w.n
+        hit, grow = np.flatnonzero(ok & (k == 0)), np.flatnonzero(ok & (k > 0))
+        whole = np.flatnonzero(~ok)
+        pool.stats["hits"] += len(hit)
+        pool.stats["extends"] += len(grow)
+        pool.stats["misses"] += len(whole)
+        if len(hit):
+            out[torch.from_numpy(hit).to(self.device)] = pool.vec[torch.from_numpy(e[hit]).to(self.device)]
+        if len(grow):
+            self._encode(pool, w, grow, e[grow], k[grow], book, scene, out)
+        kept = e[np.r_[hit, grow]].astype(np.int64)
+        pool.stamp[kept] = pool.clock
+        if len(whole):
+            fresh = pool.reserve(w.keys[whole], kept) if pool.capacity else np.full(len(whole), -1, np.int64)
+            self._encode(pool, w, whole, fresh, np.minimum(w.n[whole], L), book, scene, out, past=False)
+            pool.stamp[fresh[fresh >= 0]] = pool.clock
+        return out
+
+    def _encode(self, pool: Pool, w: Windows, b: np.ndarray, entries: np.ndarray, new: np.ndarray, book,
+                scene: bool, out: torch.Tensor, past: bool = True) -> None:
+        """Windows b's newest `new` rows through the stack (against their entries' rows when `past`), in runs of
+        similar widths; outputs into `out`, rows into the entries (-1: not cached)."""
+        items, actions, scenes = self.encoder.codes(book)
+        L, dev, gap_buckets = w.ts.shape[1], self.device, self.model.cfg.gap_buckets
+        order = np.argsort(new, kind="stable")
+        for run in _runs(order, new, self.batch_size):
+            idx, width = b[run], int(new[run].max())
+            count = new[run]
+            cols = np.arange(L - width, L)
+            valid = cols[None, :] >= (L - count)[:, None]
+            ts = w.ts[idx][:, L - width:]
+            prev = w.ts[idx][:, L - width - 1:L - 1] if width < L else \
+                np.concatenate([np.zeros((len(idx), 1), np.int64), w.ts[idx][:, :L - 1]], axis=1)
+            # a row has a predecessor if the window holds one before it: not the window's first row
+            has_prev = cols[None, :] > (L - w.n[idx])[:, None]
+            gaps = torch.where(torch.from_numpy(has_prev & valid),
+                               gap_bucket(torch.from_numpy(ts - prev), gap_buckets), torch.zeros(1, dtype=torch.long))
+            inputs = [torch.from_numpy(np.where(valid, items(w.item[idx][:, L - width:]), 0)),
+                      torch.from_numpy(np.where(valid, actions(w.action[idx][:, L - width:]), 0)),
+                      torch.from_numpy(np.where(valid, scenes(w.scene[idx][:, L - width:]), 0)),
+                      gaps, torch.from_numpy(valid)]
+            inputs = [t.to(dev) for t in inputs]
+            cache_past = None
+            if past:
+                new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
+                cache_past = pool.past(entries[run], new_pos)
+            h, presents = self.model.encoder.extend(*inputs, cache_past, last_only=True, scene=scene)
+            out[torch.from_numpy(idx).to(dev)] = h
+            pool.store(entries[run], w, idx, presents, count, h)
+
+    @torch.inference_mode()
+    def fuse(self, h: np.ndarray, has: np.ndarray, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        as_t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        H, a = self.model.fusion(as_t(h), as_t(has), as_t(recent))
+        return H.float().cpu().numpy(), a.float().cpu().numpy()
+
+
+def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int = 32) -> list[np.ndarray]:
+    """`order` (ascending by size) cut into runs encoded together: at most batch_size rows, and a new run where the
+    size passes 1.5x the run's smallest once it has min_rows (few rows pad far; small runs share a forward)."""
+    runs, start = [], 0
+    sizes_sorted = sizes[order]
+    for i in range(1, len(order) + 1):
+        n = i - start
+        if i == len(order) or n >= batch_size or (n >= min_rows and sizes_sorted[i] > 1.5 * sizes_sorted[start]):
+            runs.append(order[start:i])
+            start = i
+    return runs

@@ -1,0 +1,112 @@
+"""The exactness contract on slots: every micro-batch's vectors from the slot encoder (cached positions gathered, new
+ones encoded, rows scattered back: model/slot_encoder.py, through core/slot_step.py) equal a full encode from
+scratch of the same windows within 1e-5: with late events, duplicates, ties in time, windows that fill and slide,
+a cache with room for two windows (evicting all the time), scene windows on their own stack or the timeline's, a
+window shorter than the receptive field, and slots that change hands."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scenestream.model.slot_encoder import SlotEncoder
+from scenestream.stream.core.events import Event
+from scenestream.stream.core.slot_step import encode
+from scenestream.stream.core.slots import SlotWindows
+
+from .test_exactness import ACTIONS, ITEMS, SCENES, WINDOW, _encoder
+
+# the test model served with its windows (the receptive field), and with shorter ones: a cut-off window
+ENCODERS = {(stack, window): _encoder(cache_mb=0, scene_layers=layers)
+            for stack, layers in (("shared", 0), ("own", 1)) for window in (WINDOW, WINDOW - 3)}
+for (_, window), _enc in ENCODERS.items():
+    _enc.ckpt.window = window
+
+
+def slot_encoder(stack: str, entries: int | None, window: int = WINDOW) -> SlotEncoder:
+    """The slot encoder over the test model: room for `entries` windows per pool (None: plenty)."""
+    enc = SlotEncoder(ENCODERS[stack, window], cache_mb=0 if entries == 0 else 64)
+    if entries:
+        for pool in enc.pools:   # as few entries as asked, whatever the budget gave
+            pool.capacity = entries
+            pool.free = list(range(entries - 1, -1, -1))
+            pool.kv, pool.vec = pool.kv[:entries], pool.vec[:entries]
+            for name in ("key", "version", "last_ts", "last_hash", "rows_then", "ring", "head", "stamp"):
+                setattr(pool, name, getattr(pool, name)[:entries])
+    return enc
+
+
+seconds_st = st.one_of(st.integers(0, 40), st.integers(0, 40), st.integers(0, 3), st.integers(-120, -1))
+stream_st = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 11), st.integers(0, 2), st.integers(0, 3),
+                               seconds_st, st.integers(0, 9)), min_size=20, max_size=70)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream_st, st.data(), st.sampled_from(["shared", "own"]), st.sampled_from([None, 2, 0]),
+       st.sampled_from([WINDOW, WINDOW - 3]))
+def test_slot_vectors_equal_a_full_encode_at_every_step(steps, data, stack, entries, length):
+    offline, streamed = ENCODERS[stack, length], slot_encoder(stack, entries, length)
+    slots = SlotWindows(SCENES, length, capacity=2)
+    ts, events = 1_700_000_000_000, []
+    for n, (u, i, s, a, dt, dup) in enumerate(steps):
+        ts += dt * 1000
+        e = Event(f"s{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts)
+        events.append(e)
+        if dup == 0 and events:   # now and then a copy of an earlier event, delivered again
+            events.append(events[data.draw(st.integers(0, len(events) - 1), label="copy")])
+    pos = 0
+    while pos < len(events):
+        size = data.draw(st.integers(1, 8), label="batch")
+        batch, pos = events[pos:pos + size], pos + size
+        if data.draw(st.integers(0, 9), label="leave") == 0 and slots.slot_of:   # a user leaves, comes back later
+            gone = sorted(slots.slot_of)[0]
+            held = slots.state(gone)
+            slots.drop([gone])
+            slots.put(gone, held)
+        join = slots.join(batch)
+        if not len(join.users):
+            continue
+        got = encode(slots, join.users, join, streamed)
+        users = [slots.user_names[u] for u in got.users.tolist()]
+        want = offline.interests({u: slots.state(u) for u in users})
+        assert want.users == users
+        np.testing.assert_allclose(got.h[got.has], want.h[want.has], atol=1e-5, rtol=0)
+        assert (got.has == want.has).all()
+        np.testing.assert_allclose(got.recent, want.recent, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.fused, want.fused, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.weights, want.weights, atol=1e-5, rtol=0)
+
+
+def test_appends_are_encoded_against_cached_rows():
+    """In-order traffic is the common case: every window after its first encode is extended, never re-encoded."""
+    streamed = slot_encoder("own", None)
+    slots = SlotWindows(SCENES, WINDOW)
+    ts = 1_700_000_000_000
+    for n in range(40):
+        join = slots.join([Event(f"e{n}", f"u{n % 2}", ITEMS[n % 10], SCENES[n % 3], "view", ts + n * 1000)])
+        encode(slots, join.users, join, streamed)
+    for pool in streamed.pools:
+        assert pool.stats["misses"] <= 2 * len(SCENES) and pool.stats["extends"] > 20, pool.stats
+
+
+def test_the_check_sees_a_cache_that_lies():
+    """The test above must be able to fail: a pool whose entries claim any version encodes appended rows against
+    another window's cached rows."""
+    streamed = slot_encoder("own", None)
+    slots = SlotWindows(SCENES, WINDOW)
+    ts = 1_700_000_000_000
+    for n in range(30):
+        join = slots.join([Event(f"a{n}", "u0", ITEMS[n % 10], "video", "view", ts + n * 1000),
+                           Event(f"b{n}", "u1", ITEMS[(n * 3) % 10], "video", "click", ts + n * 1000)])
+        encode(slots, join.users, join, streamed)
+    u0, u1 = slots.win[slots.slot_of["u0"], 0], slots.win[slots.slot_of["u1"], 0]
+    pool = streamed.scene_pool
+    assert pool.entry_of[u0] >= 0 and pool.entry_of[u1] >= 0
+    pool.entry_of[u1] = pool.entry_of[u0]   # u1's key now finds u0's rows
+    pool.last_ts[pool.entry_of[u0]] = slots.ts[u1, WINDOW - 1]
+    pool.last_hash[pool.entry_of[u0]] = slots.hash[u1, WINDOW - 1]
+    pool.version[pool.entry_of[u0]] = slots.wver[u1]
+    join = slots.join([Event("last", "u1", ITEMS[1], "video", "click", ts + 99_000)])
+    got = encode(slots, join.users, join, streamed)
+    want = ENCODERS["own", WINDOW].interests({"u1": slots.state("u1")})
+    assert np.abs(got.h[0, 0] - want.h[0, 0]).max() > 1e-4
