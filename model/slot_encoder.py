@@ -41,7 +41,8 @@ class Pool:
         self.extendable = window >= self.cone
         hd = cfg.d_model // cfg.n_heads
         self.capacity = capacity
-        self.kv = torch.zeros(capacity, cfg.span, layers, 2, cfg.n_heads, hd, device=device)
+        # entry, layer, key/value, head, ring row, head dim: a layer's keys of a batch of entries are one gather
+        self.kv = torch.zeros(capacity, layers, 2, cfg.n_heads, cfg.span, hd, device=device)
         self.vec = torch.zeros(capacity, cfg.d_model, device=device)
         self.key = np.full(capacity, -1, np.int64)
         self.version = np.zeros(capacity, np.int64)
@@ -97,13 +98,12 @@ class Pool:
         """Each layer's cached keys and values of the entries, in ring order, with their positions (newest at -1)."""
         dev = self.kv.device
         e = torch.from_numpy(entries).to(dev)
-        rows = self.kv[e]                                                          # [B, span, L, 2, H, hd]
+        rows = self.kv[e]                                                          # [B, L, 2, H, span, hd]
         head = torch.from_numpy(self.head[entries]).to(dev)[:, None]
         count = torch.from_numpy(self.ring[entries]).to(dev)[:, None]
         pos = (torch.arange(self.span, device=dev)[None] - head) % self.span - self.span
         valid = pos >= -count
-        return [Past(rows[:, :, layer, 0].transpose(1, 2), rows[:, :, layer, 1].transpose(1, 2), valid, pos,
-                     new_pos) for layer in range(self.layers)]
+        return [Past(rows[:, layer, 0], rows[:, layer, 1], valid, pos, new_pos) for layer in range(self.layers)]
 
     def store(self, entries: np.ndarray, w: Windows, b: np.ndarray, presents, counts: np.ndarray,
               vec: torch.Tensor) -> None:
@@ -121,9 +121,9 @@ class Pool:
         ring_idx = (np.repeat(self.head[ent] + ks - w_rows, w_rows) + within) % span
         dev = self.kv.device
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        stacked = torch.stack([torch.stack([k, v]) for k, v in presents])   # [L, 2, B, H, T, hd]
-        self.kv[as_t(np.repeat(ent, w_rows)), as_t(ring_idx)] = \
-            stacked[:, :, as_t(b_idx), :, as_t(t_idx)].to(self.kv.dtype)
+        stacked = torch.stack([torch.stack([k, v], 1) for k, v in presents], 1)   # [B, L, 2, H, T, hd]
+        rows = stacked[as_t(b_idx), :, :, :, as_t(t_idx)]                        # [R, L, 2, H, hd]
+        self.kv[as_t(np.repeat(ent, w_rows)), :, :, :, as_t(ring_idx)] = rows.to(self.kv.dtype)
         self.vec[as_t(ent)] = vec[as_t(live)].to(self.vec.dtype)
         self.head[ent] = (self.head[ent] + ks) % span
         self.ring[ent] = np.minimum(span, self.ring[ent] + ks)
@@ -157,18 +157,24 @@ class SlotEncoder:
         return [self.scene_pool, self.timeline_pool]
 
     @property
+    def width(self) -> int:
+        return self.model.cfg.d_model
+
+    @property
     def shared_stack(self) -> bool:
         """Scene windows go through the timeline's blocks: a user with one scene has one window, both outputs."""
         return not self.model.cfg.own_scene_stack
 
-    def vectors(self, w: Windows, book, scene: bool) -> np.ndarray:
+    def vectors(self, w: Windows, book, scene: bool, complete=None) -> np.ndarray:
         """`outputs`, as a float32 array."""
-        return self.outputs(w, book, scene).float().cpu().numpy()
+        return self.outputs(w, book, scene, complete).float().cpu().numpy()
 
     @torch.inference_mode()
-    def outputs(self, w: Windows, book, scene: bool) -> torch.Tensor:
+    def outputs(self, w: Windows, book, scene: bool, complete=None) -> torch.Tensor:
         """[B, d] last-position outputs of the windows: cached ones read, appended ones extended against their
-        cached rows, the rest encoded whole (and cached)."""
+        cached rows, the rest encoded whole (and cached). With `complete`, `w` may hold only each window's appended
+        rows and the row before them (what an extension reads); complete(rows) gives those windows whole, for the
+        rows that must be encoded whole."""
         pool = self.scene_pool if scene else self.timeline_pool
         B, L = len(w), w.ts.shape[1]
         out = torch.zeros(B, self.model.cfg.d_model, device=self.device)
@@ -199,14 +205,17 @@ class SlotEncoder:
         pool.stamp[kept] = pool.clock
         if len(whole):
             fresh = pool.reserve(w.keys[whole], kept) if pool.capacity else np.full(len(whole), -1, np.int64)
-            self._encode(pool, w, whole, fresh, np.minimum(w.n[whole], L), book, scene, out, past=False)
+            full, rows = (complete(whole), np.arange(len(whole))) if complete is not None else (w, whole)
+            self._encode(pool, full, rows, fresh, np.minimum(full.n[rows], L), book, scene, out, past=False,
+                         at=whole)
             pool.stamp[fresh[fresh >= 0]] = pool.clock
         return out
 
     def _encode(self, pool: Pool, w: Windows, b: np.ndarray, entries: np.ndarray, new: np.ndarray, book,
-                scene: bool, out: torch.Tensor, past: bool = True) -> None:
+                scene: bool, out: torch.Tensor, past: bool = True, at: np.ndarray | None = None) -> None:
         """Windows b's newest `new` rows through the stack (against their entries' rows when `past`), in runs of
-        similar widths; outputs into `out`, rows into the entries (-1: not cached)."""
+        similar widths; outputs into rows `at` (default b) of `out`, rows into the entries (-1: not cached)."""
+        at = b if at is None else at
         items, actions, scenes = self.encoder.codes(book)
         L, dev, gap_buckets = w.ts.shape[1], self.device, self.model.cfg.gap_buckets
         order = np.argsort(new, kind="stable")
@@ -232,7 +241,7 @@ class SlotEncoder:
                 new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
                 cache_past = pool.past(entries[run], new_pos)
             h, presents = self.model.encoder.extend(*inputs, cache_past, last_only=True, scene=scene)
-            out[torch.from_numpy(idx).to(dev)] = h
+            out[torch.from_numpy(at[run]).to(dev)] = h
             pool.store(entries[run], w, idx, presents, count, h)
 
     @torch.inference_mode()
@@ -244,12 +253,15 @@ class SlotEncoder:
 
 def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int = 32) -> list[np.ndarray]:
     """`order` (ascending by size) cut into runs encoded together: at most batch_size rows, and a new run where the
-    size passes 1.5x the run's smallest once it has min_rows (few rows pad far; small runs share a forward)."""
-    runs, start = [], 0
+    size passes 1.5x the run's smallest once it has min_rows (few rows pad far; small runs share a forward). Sizes
+    mostly repeat (one new event each, a full window), so the cuts are found per distinct size."""
     sizes_sorted = sizes[order]
-    for i in range(1, len(order) + 1):
-        n = i - start
-        if i == len(order) or n >= batch_size or (n >= min_rows and sizes_sorted[i] > 1.5 * sizes_sorted[start]):
-            runs.append(order[start:i])
-            start = i
-    return runs
+    values, starts = np.unique(sizes_sorted, return_index=True)
+    runs, start = [], 0
+    bounds = [*starts.tolist()[1:], len(order)]
+    for value, end in zip(values.tolist(), bounds):   # a run may end at a size boundary, or be cut to batch_size
+        if end - start >= min_rows and end < len(order) and sizes_sorted[end] > 1.5 * sizes_sorted[start]:
+            runs += [order[i:min(i + batch_size, end)] for i in range(start, end, batch_size)]
+            start = end
+    runs += [order[i:min(i + batch_size, len(order))] for i in range(start, len(order), batch_size)]
+    return [r for r in runs if len(r)]

@@ -17,6 +17,7 @@ from .window import Codebook
 
 class SlotEncoder(Protocol):
     shared_stack: bool
+    width: int   # d
 
     def vectors(self, windows: Windows, book, scene: bool) -> np.ndarray: ...
 
@@ -36,13 +37,19 @@ class SlotVectors:
     events: np.ndarray    # [U] events in the user's windows
 
 
-def encode(slots: SlotWindows, users: np.ndarray, join: SlotJoin, encoder: SlotEncoder) -> SlotVectors:
-    """The users' vectors (users: slots, a subset of the join's touched ones or all of them), from their windows as
-    they are now: cached positions reused as far as the join's appends allow (model/slot_encoder.py)."""
-    S = len(slots.scenes)
+def encode(slots: SlotWindows, join: SlotJoin, encoder: SlotEncoder) -> SlotVectors:
+    """The vectors of the users the join touched, from their windows as they are now: cached positions reused as far
+    as the join's appends allow (model/slot_encoder.py)."""
+    users, S = join.users, len(slots.scenes)
+    if not len(users):
+        d = encoder.width
+        empty = np.zeros((0, S, d), np.float32)
+        return SlotVectors(users, empty, np.zeros((0, S), bool), np.zeros((0, d), np.float32),
+                           np.zeros((0, S + 1, d), np.float32), np.zeros((0, S + 1, S), np.float32),
+                           np.zeros(0, np.int64), np.zeros(0, np.int64))
     scene_windows, rows, scenes = slots.scene_windows(users, join)
     out = encoder.vectors(scene_windows, Codebook, scene=True)
-    d = out.shape[1] if out.ndim == 2 and len(out) else 0
+    d = encoder.width
     h = np.zeros((len(users), S, d), np.float32)
     has = np.zeros((len(users), S), bool)
     h[rows, scenes], has[rows, scenes] = out, True
@@ -52,22 +59,23 @@ def encode(slots: SlotWindows, users: np.ndarray, join: SlotJoin, encoder: SlotE
         recent[alone] = h[alone, has[alone].argmax(1)]
     merged = np.flatnonzero(~(encoder.shared_stack & alone))
     if len(merged):
-        grown = _timeline_appended(users[merged], join)
-        recent[merged] = encoder.vectors(slots.timelines(users[merged], grown), Codebook, scene=False)
-    fused, weights = encoder.fuse(h, has, recent) if len(users) else (np.zeros((0, S + 1, d), np.float32),
-                                                                       np.zeros((0, S + 1, S), np.float32))
+        tails = _subset(join.timeline_tail, _rows_of(join.users, users[merged]))
+        recent[merged] = encoder.vectors(
+            tails, Codebook, scene=False,
+            complete=lambda rows: slots.timelines(users[merged][rows], np.full(len(rows), -1, np.int64)))
+    fused, weights = encoder.fuse(h, has, recent)
     W = slots.win[users]
     held = np.where(W >= 0, slots.n[np.maximum(W, 0)], 0)
     last = np.where(held > 0, slots.ts[np.maximum(W, 0), slots.length - 1], np.iinfo(np.int64).min)
     return SlotVectors(users, h, has, recent, fused, weights, last.max(1), held.sum(1))
 
 
-def _timeline_appended(users: np.ndarray, join: SlotJoin) -> np.ndarray:
-    """The join's timeline appends of these users (0 for one it did not touch: unchanged since encoded)."""
-    out = np.zeros(len(users), np.int64)
-    if len(join.users):
-        order = np.argsort(join.users)
-        at = np.searchsorted(join.users, users, sorter=order).clip(0, len(order) - 1)
-        hit = join.users[order[at]] == users
-        out[hit] = join.timeline_appended[order[at[hit]]]
-    return out
+def _rows_of(among: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Each user's row in `among` (every user must be there)."""
+    order = np.argsort(among)
+    return order[np.searchsorted(among, users, sorter=order)]
+
+
+def _subset(w: Windows, rows: np.ndarray) -> Windows:
+    return Windows(*(getattr(w, f)[rows] for f in ("keys", "version", "appended", "n", "ts", "hash", "item",
+                                                   "action", "scene")))

@@ -32,6 +32,7 @@ from .events import Event
 from .window import ACTIONS, EMPTY, ITEMS, ROW_DTYPE, SCENES, UserState, Window, apply_window, id_hash
 
 _EMPTY_I = np.zeros(0, np.int64)
+UNKNOWN = np.int64(-0x7EDCBA9876543210)   # a newest event's hash when two of the user's share its time
 
 
 @dataclass
@@ -49,6 +50,8 @@ class SlotJoin:
     removed_items: np.ndarray   # ... and its item code
     timeline_appended: np.ndarray   # per user (as `users`): events appended to their merged timeline since it
                                     # was last encoded, -1 when it changed otherwise
+    timeline_tail: "Windows"        # per user (as `users`): the timeline's appended rows, after the row before
+                                    # them (its newest before the batch); the other columns unset
 
 
 @dataclass
@@ -92,7 +95,8 @@ class SlotWindows:
         self.wver = np.zeros(0, np.int64)          # window slot -> version: new when written other than appended
         self.uver = np.zeros(0, np.int64)          # user slot -> version: new when its slot changes hands or
                                                    # its windows are written other than appended
-        self.newest = np.zeros(0, np.int64)        # user slot -> ts of the user's newest event held
+        self.newest = np.zeros(0, np.int64)        # user slot -> ts of the user's newest event held ...
+        self.newest_hash = np.zeros(0, np.int64)   # ... and its hash (UNKNOWN where two share that time)
         self.scene_of = np.zeros(0, np.int16)      # window slot -> scene index
         self._win_free: list[int] = []
         self._grow_users(capacity)
@@ -114,6 +118,7 @@ class SlotWindows:
         self.win = np.concatenate([self.win, np.full((size - have, len(self.scenes)), -1, np.int32)])
         self.uver = np.concatenate([self.uver, np.zeros(size - have, np.int64)])
         self.newest = np.concatenate([self.newest, np.full(size - have, np.iinfo(np.int64).min, np.int64)])
+        self.newest_hash = np.concatenate([self.newest_hash, np.full(size - have, UNKNOWN, np.int64)])
         self.user_names.extend([None] * (size - have))
         self._user_free.extend(range(size - 1, have - 1, -1))
 
@@ -141,7 +146,7 @@ class SlotWindows:
             slot = self.slot_of[user] = self._user_free.pop()
             self.user_names[slot] = user
             self.uver[slot] += 1
-            self.newest[slot] = np.iinfo(np.int64).min
+            self.newest[slot], self.newest_hash[slot] = np.iinfo(np.int64).min, UNKNOWN
         return slot
 
     def _window_slots(self, users: np.ndarray, scenes: np.ndarray) -> np.ndarray:
@@ -206,7 +211,10 @@ class SlotWindows:
         for w, s in zip(slots.tolist(), scenes):
             self._write(w, state[self.scenes[s]])
         self.uver[slot] += 1
-        self.newest[slot] = max(int(self.ts[w, self.length - 1]) for w in slots.tolist() if self.n[w])
+        W = self.win[slot][self.win[slot] >= 0]
+        last, hashes = self.ts[W, self.length - 1], self.hash[W, self.length - 1]
+        self.newest[slot] = last.max()
+        self.newest_hash[slot] = hashes[last.argmax()] if (last == last.max()).sum() == 1 else UNKNOWN
 
     def _write(self, w: int, window: Window) -> None:
         self.wver[w] += 1
@@ -226,7 +234,7 @@ class SlotWindows:
         """Join a micro-batch's valid events into their windows (the lattice: apply_batch's result)."""
         if not events:
             e = _EMPTY_I
-            return SlotJoin(e, e, e, 0, e, e, e, e, e)
+            return SlotJoin(e, e, e, 0, e, e, e, e, e, self._tails(e, e, e, e, e, e, e, e, e, e))
         L = self.length
         users = np.fromiter((self.user_slot(e.user_id) for e in events), np.int32, len(events))
         scenes = np.fromiter((self.scene_index[e.scene] for e in events), np.int32, len(events))
@@ -299,31 +307,71 @@ class SlotWindows:
         touched = owners[np.sort(first_seen)]
         return SlotJoin(windows, appended, touched, late, _cat(added, np.int32), _cat(added_items, np.int32),
                         _cat(removed, np.int32), _cat(removed_items, np.int32),
-                        self._timelines_grown(touched, windows, appended))
+                        *self._timelines_grown(touched, windows, appended))
 
-    def _timelines_grown(self, users: np.ndarray, windows: np.ndarray, appended: np.ndarray) -> np.ndarray:
+    def _timelines_grown(self, users: np.ndarray, windows: np.ndarray, appended: np.ndarray
+                         ) -> tuple[np.ndarray, "Windows"]:
         """Per touched user, how many events their merged timeline (the newest L of all their windows) gained at its
-        end, or -1: every changed window of theirs appended, all after their newest event before, so the timeline
-        is its old self followed by them. Moves `newest` on."""
+        end, or -1, and those rows: -1 unless every changed window of theirs appended, all after their newest event
+        before and no two at one time (the lattice would order those by id), so that the timeline is its old self
+        followed by them. Moves `newest` on."""
         L = self.length
         by_slot = np.argsort(users)
         row = by_slot[np.searchsorted(users, self.owner[windows], sorter=by_slot)]   # each window's user's row
         k = np.maximum(appended, 0)
-        first_new = self.ts[windows, np.clip(L - k, 0, L - 1)]
-        last = self.ts[windows, L - 1]
-        never = np.iinfo(np.int64).max
-        earliest = np.full(len(users), never, np.int64)
-        np.minimum.at(earliest, row, np.where(appended > 0, first_new, never))
         rewritten = np.zeros(len(users), bool)
         np.logical_or.at(rewritten, row, appended < 0)
-        grown = np.zeros(len(users), np.int64)
-        np.add.at(grown, row, k)
-        prev = self.newest[users]
-        out = np.where(rewritten | (earliest <= prev), -1, np.minimum(grown, L))
+        # the appended rows, as (user row, ts) ascending
+        within = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+        w_of, col = np.repeat(windows, k), L - np.repeat(k, k) + within
+        u_of, ts = np.repeat(row, k), self.ts[w_of, col]
+        order = np.lexsort((ts, u_of))
+        w_of, col, u_of, ts = w_of[order], col[order], u_of[order], ts[order]
+        tied = np.zeros(len(users), bool)
+        same = (u_of[1:] == u_of[:-1]) & (ts[1:] == ts[:-1])
+        tied[u_of[1:][same]] = True
+        grown = np.bincount(u_of, minlength=len(users))
+        earliest = np.full(len(users), np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(earliest, u_of, ts)
+        prev, prev_hash = self.newest[users], self.newest_hash[users]
+        out = np.where(rewritten | tied | (earliest <= prev), -1, np.minimum(grown, L))
+        # the newest event now: the latest of the old one and the windows' last rows (unknown if two share its time)
+        last_ts, last_hash = self.ts[windows, L - 1], self.hash[windows, L - 1]
         newest = prev.copy()
-        np.maximum.at(newest, row, last)
+        np.maximum.at(newest, row, last_ts)
+        at_newest = np.bincount(row[last_ts == newest[row]], minlength=len(users)) + (prev == newest)
+        pick = np.full(len(users), UNKNOWN, np.int64)
+        pick[row[last_ts == newest[row]]] = last_hash[last_ts == newest[row]]
+        pick[(prev == newest) & (at_newest == 1)] = prev_hash[(prev == newest) & (at_newest == 1)]
         self.newest[users] = newest
-        return out
+        self.newest_hash[users] = np.where(at_newest == 1, pick, UNKNOWN)
+        return out, self._tails(users, out, u_of, w_of, col, grown, prev, prev_hash, ts, row)
+
+    def _tails(self, users, appended, u_of, w_of, col, grown, prev, prev_hash, ts, row) -> "Windows":
+        """The users' timelines as far as their appended rows and the row before them."""
+        L, U = self.length, len(users)
+        shape = (U, L)
+        out = {name: np.zeros(shape, dtype) for name, dtype in
+               (("ts", np.int64), ("hash", np.int64), ("item", np.int32), ("action", np.uint8),
+                ("scene", np.uint8))}
+        if U:
+            rank_from_end = np.repeat(grown, grown) - (np.arange(len(u_of)) - np.repeat(np.cumsum(grown) - grown,
+                                                                                        grown))
+            keep = rank_from_end <= L
+            u, c, w, cl = u_of[keep], L - rank_from_end[keep], w_of[keep], col[keep]
+            out["ts"][u, c], out["hash"][u, c] = self.ts[w, cl], self.hash[w, cl]
+            out["item"][u, c], out["action"][u, c] = self.item[w, cl], self.action[w, cl]
+            out["scene"][u, c] = self.scene_code[self.scene_of[w]]
+            k = np.minimum(grown, L)
+            has_before = (k < L) & (appended >= 0)
+            rows = np.flatnonzero(has_before)
+            out["ts"][rows, L - 1 - k[rows]] = prev[rows]
+            out["hash"][rows, L - 1 - k[rows]] = prev_hash[rows]
+        W = self.win[users] if U else np.zeros((0, len(self.scenes)), np.int32)
+        held = np.where(W >= 0, self.n[np.maximum(W, 0)], 0).sum(1)
+        return Windows(users.astype(np.int64), self.uver[users], np.asarray(appended, np.int64),
+                       np.minimum(held, L).astype(np.int64), out["ts"], out["hash"], out["item"], out["action"],
+                       out["scene"])
 
     # ---- what the encoder reads ---------------------------------------------------------------------------------
 
