@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .slots import SlotJoin, SlotWindows, Windows
+from .slots import SlotWindows, Windows
 from .window import Codebook
 
 
@@ -37,17 +37,17 @@ class SlotVectors:
     events: np.ndarray    # [U] events in the user's windows
 
 
-def encode(slots: SlotWindows, join: SlotJoin, encoder: SlotEncoder) -> SlotVectors:
-    """The vectors of the users the join touched, from their windows as they are now: cached positions reused as far
-    as the join's appends allow (model/slot_encoder.py)."""
-    users, S = join.users, len(slots.scenes)
+def encode(slots: SlotWindows, users: np.ndarray, encoder: SlotEncoder) -> SlotVectors:
+    """The users' vectors (user slots: those joins touched since they were last encoded, say), from their windows as
+    they are now: cached positions reused as far as the appends since allow (model/slot_encoder.py)."""
+    S = len(slots.scenes)
     if not len(users):
         d = encoder.width
         empty = np.zeros((0, S, d), np.float32)
         return SlotVectors(users, empty, np.zeros((0, S), bool), np.zeros((0, d), np.float32),
                            np.zeros((0, S + 1, d), np.float32), np.zeros((0, S + 1, S), np.float32),
                            np.zeros(0, np.int64), np.zeros(0, np.int64))
-    scene_windows, rows, scenes = slots.scene_windows(users, join)
+    scene_windows, rows, scenes = slots.scene_windows(users)
     out = encoder.vectors(scene_windows, Codebook, scene=True)
     d = encoder.width
     h = np.zeros((len(users), S, d), np.float32)
@@ -59,23 +59,12 @@ def encode(slots: SlotWindows, join: SlotJoin, encoder: SlotEncoder) -> SlotVect
         recent[alone] = h[alone, has[alone].argmax(1)]
     merged = np.flatnonzero(~(encoder.shared_stack & alone))
     if len(merged):
-        tails = _subset(join.timeline_tail, _rows_of(join.users, users[merged]))
         recent[merged] = encoder.vectors(
-            tails, Codebook, scene=False,
+            slots.tails(users[merged]), Codebook, scene=False,
             complete=lambda rows: slots.timelines(users[merged][rows], np.full(len(rows), -1, np.int64)))
     fused, weights = encoder.fuse(h, has, recent)
+    slots.encoded(users)
     W = slots.win[users]
     held = np.where(W >= 0, slots.n[np.maximum(W, 0)], 0)
     last = np.where(held > 0, slots.ts[np.maximum(W, 0), slots.length - 1], np.iinfo(np.int64).min)
     return SlotVectors(users, h, has, recent, fused, weights, last.max(1), held.sum(1))
-
-
-def _rows_of(among: np.ndarray, users: np.ndarray) -> np.ndarray:
-    """Each user's row in `among` (every user must be there)."""
-    order = np.argsort(among)
-    return order[np.searchsorted(among, users, sorter=order)]
-
-
-def _subset(w: Windows, rows: np.ndarray) -> Windows:
-    return Windows(*(getattr(w, f)[rows] for f in ("keys", "version", "appended", "n", "ts", "hash", "item",
-                                                   "action", "scene")))

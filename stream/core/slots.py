@@ -48,10 +48,6 @@ class SlotJoin:
     added_items: np.ndarray     # ... and its item code
     removed: np.ndarray         # window slot of each item that left a window ...
     removed_items: np.ndarray   # ... and its item code
-    timeline_appended: np.ndarray   # per user (as `users`): events appended to their merged timeline since it
-                                    # was last encoded, -1 when it changed otherwise
-    timeline_tail: "Windows"        # per user (as `users`): the timeline's appended rows, after the row before
-                                    # them (its newest before the batch); the other columns unset
 
 
 @dataclass
@@ -95,8 +91,14 @@ class SlotWindows:
         self.wver = np.zeros(0, np.int64)          # window slot -> version: new when written other than appended
         self.uver = np.zeros(0, np.int64)          # user slot -> version: new when its slot changes hands or
                                                    # its windows are written other than appended
-        self.newest = np.zeros(0, np.int64)        # user slot -> ts of the user's newest event held ...
-        self.newest_hash = np.zeros(0, np.int64)   # ... and its hash (UNKNOWN where two share that time)
+        self.newest = np.zeros(0, np.int64)        # user slot -> ts of the user's newest event held
+        # What changed since a window was last encoded (`encoded` resets it): rows appended at its end, or -1 when it
+        # changed otherwise; per user, whether their merged timeline only gained events after its newest then
+        # (`shown_ts`, `shown_hash`: that event; hash UNKNOWN where two shared its time).
+        self.pending = np.zeros(0, np.int64)
+        self.timeline_ok = np.zeros(0, bool)
+        self.shown_ts = np.zeros(0, np.int64)
+        self.shown_hash = np.zeros(0, np.int64)
         self.scene_of = np.zeros(0, np.int16)      # window slot -> scene index
         self._win_free: list[int] = []
         self._grow_users(capacity)
@@ -118,7 +120,9 @@ class SlotWindows:
         self.win = np.concatenate([self.win, np.full((size - have, len(self.scenes)), -1, np.int32)])
         self.uver = np.concatenate([self.uver, np.zeros(size - have, np.int64)])
         self.newest = np.concatenate([self.newest, np.full(size - have, np.iinfo(np.int64).min, np.int64)])
-        self.newest_hash = np.concatenate([self.newest_hash, np.full(size - have, UNKNOWN, np.int64)])
+        self.timeline_ok = np.concatenate([self.timeline_ok, np.zeros(size - have, bool)])
+        self.shown_ts = np.concatenate([self.shown_ts, np.full(size - have, np.iinfo(np.int64).min, np.int64)])
+        self.shown_hash = np.concatenate([self.shown_hash, np.full(size - have, UNKNOWN, np.int64)])
         self.user_names.extend([None] * (size - have))
         self._user_free.extend(range(size - 1, have - 1, -1))
 
@@ -135,6 +139,7 @@ class SlotWindows:
         self.owner = np.concatenate([self.owner, np.full(size - have, -1, np.int32)])
         self.scene_of = np.concatenate([self.scene_of, np.full(size - have, -1, np.int16)])
         self.wver = np.concatenate([self.wver, np.zeros(size - have, np.int64)])
+        self.pending = np.concatenate([self.pending, np.zeros(size - have, np.int64)])
         self._win_free.extend(range(size - 1, have - 1, -1))
 
     def user_slot(self, user: str) -> int:
@@ -146,7 +151,7 @@ class SlotWindows:
             slot = self.slot_of[user] = self._user_free.pop()
             self.user_names[slot] = user
             self.uver[slot] += 1
-            self.newest[slot], self.newest_hash[slot] = np.iinfo(np.int64).min, UNKNOWN
+            self.newest[slot], self.timeline_ok[slot] = np.iinfo(np.int64).min, False
         return slot
 
     def _window_slots(self, users: np.ndarray, scenes: np.ndarray) -> np.ndarray:
@@ -160,7 +165,7 @@ class SlotWindows:
             taken = np.array([self._win_free.pop() for _ in range(len(pairs))], np.int32)
             u, s = np.divmod(pairs, len(self.scenes))
             self.win[u, s], self.owner[taken], self.scene_of[taken] = taken, u, s
-            self.n[taken], self.ids[taken] = 0, b""
+            self.n[taken], self.ids[taken], self.pending[taken] = 0, b"", 0
             self.wver[taken] += 1
             slots = self.win[users, scenes]
         return slots
@@ -212,12 +217,12 @@ class SlotWindows:
             self._write(w, state[self.scenes[s]])
         self.uver[slot] += 1
         W = self.win[slot][self.win[slot] >= 0]
-        last, hashes = self.ts[W, self.length - 1], self.hash[W, self.length - 1]
-        self.newest[slot] = last.max()
-        self.newest_hash[slot] = hashes[last.argmax()] if (last == last.max()).sum() == 1 else UNKNOWN
+        self.newest[slot] = self.ts[W, self.length - 1].max()
+        self.timeline_ok[slot] = False
 
     def _write(self, w: int, window: Window) -> None:
         self.wver[w] += 1
+        self.pending[w] = -1
         n, L = len(window), self.length
         t = window.table()[-L:] if n else window.table()
         n = len(t)
@@ -234,7 +239,7 @@ class SlotWindows:
         """Join a micro-batch's valid events into their windows (the lattice: apply_batch's result)."""
         if not events:
             e = _EMPTY_I
-            return SlotJoin(e, e, e, 0, e, e, e, e, e, self._tails(e, e, e, e, e, e, e, e, e, e))
+            return SlotJoin(e, e, e, 0, e, e, e, e)
         L = self.length
         users = np.fromiter((self.user_slot(e.user_id) for e in events), np.int32, len(events))
         scenes = np.fromiter((self.scene_index[e.scene] for e in events), np.int32, len(events))
@@ -305,92 +310,98 @@ class SlotWindows:
         owners = self.owner[windows]
         _, first_seen = np.unique(owners, return_index=True)
         touched = owners[np.sort(first_seen)]
+        self._note(touched, windows, appended)
         return SlotJoin(windows, appended, touched, late, _cat(added, np.int32), _cat(added_items, np.int32),
-                        _cat(removed, np.int32), _cat(removed_items, np.int32),
-                        *self._timelines_grown(touched, windows, appended))
+                        _cat(removed, np.int32), _cat(removed_items, np.int32))
 
-    def _timelines_grown(self, users: np.ndarray, windows: np.ndarray, appended: np.ndarray
-                         ) -> tuple[np.ndarray, "Windows"]:
-        """Per touched user, how many events their merged timeline (the newest L of all their windows) gained at its
-        end, or -1, and those rows: -1 unless every changed window of theirs appended, all after their newest event
-        before and no two at one time (the lattice would order those by id), so that the timeline is its old self
-        followed by them. Moves `newest` on."""
+    def _note(self, users: np.ndarray, windows: np.ndarray, appended: np.ndarray) -> None:
+        """What a join changed, on top of what earlier joins changed since the last encode: the windows' appended
+        rows (-1 once any was rewritten), and whether each user's timeline still only gained events, all after its
+        newest event then and no two at one time (the lattice would order those by id). Moves `newest` on."""
         L = self.length
+        self.pending[windows] = np.where((appended < 0) | (self.pending[windows] < 0), -1,
+                                         self.pending[windows] + appended)
         by_slot = np.argsort(users)
         row = by_slot[np.searchsorted(users, self.owner[windows], sorter=by_slot)]   # each window's user's row
         k = np.maximum(appended, 0)
-        rewritten = np.zeros(len(users), bool)
-        np.logical_or.at(rewritten, row, appended < 0)
-        # the appended rows, as (user row, ts) ascending
         within = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
-        w_of, col = np.repeat(windows, k), L - np.repeat(k, k) + within
-        u_of, ts = np.repeat(row, k), self.ts[w_of, col]
+        u_of = np.repeat(row, k)
+        ts = self.ts[np.repeat(windows, k), L - np.repeat(k, k) + within]
         order = np.lexsort((ts, u_of))
-        w_of, col, u_of, ts = w_of[order], col[order], u_of[order], ts[order]
-        tied = np.zeros(len(users), bool)
+        u_of, ts = u_of[order], ts[order]
+        broken = np.zeros(len(users), bool)
+        np.logical_or.at(broken, row, appended < 0)
         same = (u_of[1:] == u_of[:-1]) & (ts[1:] == ts[:-1])
-        tied[u_of[1:][same]] = True
-        grown = np.bincount(u_of, minlength=len(users))
+        broken[u_of[1:][same]] = True
         earliest = np.full(len(users), np.iinfo(np.int64).max, np.int64)
         np.minimum.at(earliest, u_of, ts)
-        prev, prev_hash = self.newest[users], self.newest_hash[users]
-        out = np.where(rewritten | tied | (earliest <= prev), -1, np.minimum(grown, L))
-        # the newest event now: the latest of the old one and the windows' last rows (unknown if two share its time)
-        last_ts, last_hash = self.ts[windows, L - 1], self.hash[windows, L - 1]
+        prev = self.newest[users]
+        self.timeline_ok[users[broken | (earliest <= prev)]] = False
         newest = prev.copy()
-        np.maximum.at(newest, row, last_ts)
-        at_newest = np.bincount(row[last_ts == newest[row]], minlength=len(users)) + (prev == newest)
-        pick = np.full(len(users), UNKNOWN, np.int64)
-        pick[row[last_ts == newest[row]]] = last_hash[last_ts == newest[row]]
-        pick[(prev == newest) & (at_newest == 1)] = prev_hash[(prev == newest) & (at_newest == 1)]
+        np.maximum.at(newest, row, self.ts[windows, L - 1])
         self.newest[users] = newest
-        self.newest_hash[users] = np.where(at_newest == 1, pick, UNKNOWN)
-        return out, self._tails(users, out, u_of, w_of, col, grown, prev, prev_hash, ts, row)
 
-    def _tails(self, users, appended, u_of, w_of, col, grown, prev, prev_hash, ts, row) -> "Windows":
-        """The users' timelines as far as their appended rows and the row before them."""
+    def encoded(self, users: np.ndarray) -> None:
+        """The users' windows and timelines were just encoded: nothing is pending, and their timelines' newest event
+        is the one an extension starts after (UNKNOWN when two of their events share its time)."""
+        L = self.length
+        W = self.win[users]
+        self.pending[W[W >= 0]] = 0
+        Wc = np.maximum(W, 0)
+        last = np.where((W >= 0) & (self.n[Wc] > 0), self.ts[Wc, L - 1], np.iinfo(np.int64).min)
+        top = last.max(1) if len(users) else np.zeros(0, np.int64)
+        at_top = last == top[:, None]
+        pick = self.hash[Wc, L - 1][np.arange(len(users)), at_top.argmax(1)] if len(users) else top
+        self.shown_ts[users] = top
+        self.shown_hash[users] = np.where(at_top.sum(1) == 1, pick, UNKNOWN)
+        self.timeline_ok[users] = True
+
+    def tails(self, users: np.ndarray) -> "Windows":
+        """The users' merged timelines as far as an extension reads them: the rows appended since they were last
+        encoded, after the row before them (their newest event then), in the last columns; appended -1 where the
+        timeline changed otherwise (the encoder then asks for it whole: `timelines`)."""
         L, U = self.length, len(users)
-        shape = (U, L)
-        out = {name: np.zeros(shape, dtype) for name, dtype in
-               (("ts", np.int64), ("hash", np.int64), ("item", np.int32), ("action", np.uint8),
-                ("scene", np.uint8))}
-        if U:
-            rank_from_end = np.repeat(grown, grown) - (np.arange(len(u_of)) - np.repeat(np.cumsum(grown) - grown,
-                                                                                        grown))
-            keep = rank_from_end <= L
-            u, c, w, cl = u_of[keep], L - rank_from_end[keep], w_of[keep], col[keep]
-            out["ts"][u, c], out["hash"][u, c] = self.ts[w, cl], self.hash[w, cl]
-            out["item"][u, c], out["action"][u, c] = self.item[w, cl], self.action[w, cl]
-            out["scene"][u, c] = self.scene_code[self.scene_of[w]]
-            k = np.minimum(grown, L)
-            has_before = (k < L) & (appended >= 0)
-            rows = np.flatnonzero(has_before)
-            out["ts"][rows, L - 1 - k[rows]] = prev[rows]
-            out["hash"][rows, L - 1 - k[rows]] = prev_hash[rows]
-        W = self.win[users] if U else np.zeros((0, len(self.scenes)), np.int32)
-        held = np.where(W >= 0, self.n[np.maximum(W, 0)], 0).sum(1)
-        return Windows(users.astype(np.int64), self.uver[users], np.asarray(appended, np.int64),
+        W = self.win[users]
+        Wc = np.maximum(W, 0)
+        k = np.where(W >= 0, np.maximum(self.pending[Wc], 0), 0)           # [U, S] rows appended per window
+        bad = ((W >= 0) & (self.pending[Wc] < 0)).any(1) | ~self.timeline_ok[users]
+        wins, counts = Wc.ravel(), k.ravel()
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        w_of, col = np.repeat(wins, counts), L - np.repeat(counts, counts) + within
+        u_of = np.repeat(np.repeat(np.arange(U), W.shape[1]), counts)
+        order = np.lexsort((self.ts[w_of, col], u_of))
+        w_of, col, u_of = w_of[order], col[order], u_of[order]
+        grown = np.bincount(u_of, minlength=U)
+        appended = np.where(bad, -1, np.minimum(grown, L))
+        rank_from_end = np.repeat(grown, grown) - (np.arange(len(u_of)) - np.repeat(np.cumsum(grown) - grown, grown))
+        keep = rank_from_end <= L
+        u, c, w, cl = u_of[keep], L - rank_from_end[keep], w_of[keep], col[keep]
+        out = {name: np.zeros((U, L), dtype) for name, dtype in
+               (("ts", np.int64), ("hash", np.int64), ("item", np.int32), ("action", np.uint8), ("scene", np.uint8))}
+        out["ts"][u, c], out["hash"][u, c] = self.ts[w, cl], self.hash[w, cl]
+        out["item"][u, c], out["action"][u, c] = self.item[w, cl], self.action[w, cl]
+        out["scene"][u, c] = self.scene_code[self.scene_of[w]]
+        rows = np.flatnonzero((appended >= 0) & (appended < L))
+        out["ts"][rows, L - 1 - appended[rows]] = self.shown_ts[users[rows]]
+        out["hash"][rows, L - 1 - appended[rows]] = self.shown_hash[users[rows]]
+        held = np.where(W >= 0, self.n[Wc], 0).sum(1)
+        return Windows(users.astype(np.int64), self.uver[users], appended.astype(np.int64),
                        np.minimum(held, L).astype(np.int64), out["ts"], out["hash"], out["item"], out["action"],
                        out["scene"])
 
     # ---- what the encoder reads ---------------------------------------------------------------------------------
 
-    def scene_windows(self, users: np.ndarray, join: SlotJoin) -> tuple[Windows, np.ndarray, np.ndarray]:
-        """Every window of the users (theirs that did not change: appended 0), with the row of `users` and the
-        scene index each belongs to."""
+    def scene_windows(self, users: np.ndarray) -> tuple[Windows, np.ndarray, np.ndarray]:
+        """Every window of the users, with the rows appended since it was last encoded; and the row of `users` and
+        the scene index each belongs to."""
         W = self.win[users]
         present = (W >= 0) & (self.n[np.maximum(W, 0)] > 0)
         rows, scenes = np.nonzero(present)
         wins = W[rows, scenes]
-        appended = np.zeros(len(wins), np.int64)
-        if len(join.windows):
-            order = np.argsort(join.windows)
-            at = np.searchsorted(join.windows, wins, sorter=order).clip(0, len(order) - 1)
-            hit = join.windows[order[at]] == wins
-            appended[hit] = join.appended[order[at[hit]]]
         codes = np.broadcast_to(self.scene_code[self.scene_of[wins]][:, None], (len(wins), self.length))
-        return (Windows(wins.astype(np.int64), self.wver[wins], appended, self.n[wins].astype(np.int64),
-                        self.ts[wins], self.hash[wins], self.item[wins], self.action[wins], codes), rows, scenes)
+        return (Windows(wins.astype(np.int64), self.wver[wins], self.pending[wins].copy(),
+                        self.n[wins].astype(np.int64), self.ts[wins], self.hash[wins], self.item[wins],
+                        self.action[wins], codes), rows, scenes)
 
     def timelines(self, users: np.ndarray, appended: np.ndarray) -> Windows:
         """The users' merged timelines: the newest L events over all their windows, ascending by (ts, event id)."""
