@@ -125,6 +125,17 @@ class RunningTop:
         if len(top) > self.depth:
             top.pop()
 
+    def ahead(self, scene: str, item: str, depth: int) -> Optional[tuple[str, ...]]:
+        """The items ranked ahead of `item` in `scene`, if it is among the best `depth` (None if not): with them,
+        whether `item` is among first(scene, k, skip) is decided later, for any skip of at most depth - k items."""
+        if depth > self.depth:
+            raise ValueError(f"depth {depth} is beyond the kept {self.depth}")
+        top = self._top.get(scene, ())
+        for at, (_, ranked) in enumerate(top[:depth]):
+            if ranked == item:
+                return tuple(i for _, i in top[:at])
+        return None
+
     def first(self, scene: str, k: int, skip: Collection[str] = ()) -> list[str]:
         """The k best items of `scene` not in `skip`, best first: the first k of Popularity.ranked(scene) that
         are not in `skip`, from the kept top when it holds them (always when len(skip) + k <= depth)."""

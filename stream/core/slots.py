@@ -206,6 +206,15 @@ class SlotWindows:
             return None
         return {self.scenes[s]: self.window(int(w)) for s, w in enumerate(self.win[slot]) if w >= 0 and self.n[w]}
 
+    def item_ids(self, user: str, scene: str) -> list[str]:
+        """The items of the user's window of `scene`, oldest first ([] when none)."""
+        slot, s = self.slot_of.get(user), self.scene_index.get(scene)
+        if slot is None or s is None or self.win[slot, s] < 0:
+            return []
+        w = self.win[slot, s]
+        names = ITEMS.names
+        return [names[i] for i in self.item[w, self.length - self.n[w]:].tolist()]
+
     def put(self, user: str, state: UserState) -> None:
         """Hold the user's windows (recovered, or read back from disk), replacing any held."""
         slot = self.user_slot(user)

@@ -11,7 +11,7 @@ Users with no vector yet get the popular list in all three, so the comparison is
 How it runs fast without changing a figure. An event's evaluation reads only its own user's window and vector as
 of before its micro-batch, and the scene's counts as of before its micro-batch. So, a stretch of the log at a time:
   1. In log order, each micro-batch is scored on `popular` (counts kept ranked as they grow: `RunningTop`) and
-     `stale` (vectors fixed since the cutoff) and then applied to the windows (`apply_batch`, pure Python).
+     `stale` (vectors fixed since the cutoff) and then joined into the windows (held as slots: core/slots.py).
   2. The micro-batches are then encoded in rounds (`rounds`): a micro-batch goes in the round after the last one
      that holds any of its users, so the users of a round are disjoint and each user's micro-batches come in
      order. Before a round is encoded, its events query the live vectors: for each of them, exactly its user's
@@ -38,10 +38,12 @@ from tqdm import tqdm
 from scenestream.index import ItemIndex
 from scenestream.model.infer import InterestEncoder
 
-from ..core.batch import apply_batch, interest_record
+from scenestream.model.slot_encoder import SlotEncoder
+
 from ..core.events import Event
 from ..core.popularity import RunningTop
-from ..core.window import UserState
+from ..core.slot_step import encode as encode_slots, record as slot_record
+from ..core.slots import SlotWindows
 from .logs import LoadedEvents, time_cutoff
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,6 @@ class ReplayResult:
                 "late_dropped": self.late_dropped, "events_per_s": round(self.events_per_s, 1),
                 "wall_s": round(self.wall_s, 2), "users": len(self.records), "cutoff_ts": self.cutoff_ts,
                 "prequential": self.prequential, "warnings": self.warnings}
-
-
-def _seen(state: Optional[UserState], scene: str) -> set[str]:
-    return set(state[scene].item_ids()) if state and scene in state else set()
 
 
 def micro_batches(events: Sequence[Event], batch_size: int, wait_ms: int) -> Iterator[Sequence[Event]]:
@@ -186,7 +184,8 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
             log.warning(w)
     scenes = encoder.scenes
     position = {s: j for j, s in enumerate(scenes)}
-    state: dict[str, UserState] = {}
+    slots = SlotWindows(scenes, encoder.window)
+    streamed = SlotEncoder(encoder, encoder.cache_mb)
     live: dict[str, np.ndarray] = {}
     records: dict[str, dict] = {}
     # a user's seen items are at most a window, so the best k + window items of a scene hold every popular list
@@ -201,25 +200,27 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
     after = [e for e in events if e.ts >= cutoff_ts]
     bar = tqdm(total=len(events), desc="replay", unit="ev", disable=not progress, mininterval=0.5)
 
-    def apply(batch: Sequence[Event]) -> dict[str, UserState]:
+    def apply(batch: Sequence[Event], count: bool = True) -> np.ndarray:
+        """The micro-batch joined into the windows (counted in the popularity when `count`); the user slots it
+        changed."""
         nonlocal late, step_s
         t0 = time.perf_counter()
-        outcome = apply_batch(state.get, batch, encoder.window)
-        state.update(outcome.updates)
-        late += outcome.late_dropped
+        joined = slots.join(batch)
+        late += joined.late_dropped
         step_s += time.perf_counter() - t0
-        popularity.add(batch)
-        bar.update(len(batch))
-        return outcome.updates
+        if count:
+            popularity.add(batch)
+            bar.update(len(batch))
+        return joined.users
 
-    def encode(updates: dict[str, UserState]) -> None:
+    def encode(users: np.ndarray) -> None:
         nonlocal step_s
-        if not updates:
+        if not len(users):
             return
         t0 = time.perf_counter()
-        vec = encoder.interests(updates)   # what interest_records does, keeping the arrays for queries
-        for r, user in enumerate(vec.users):
-            records[user] = interest_record(user, updates[user], vec, r, scenes, encoder.version)
+        vec = encode_slots(slots, users, streamed)   # the live worker's step, keeping the arrays for queries
+        for r, user in enumerate(slots.user_names[u] for u in vec.users.tolist()):
+            records[user] = slot_record(user, vec, r, scenes, encoder.version)
             live[user] = vec.fused[r]
         step_s += time.perf_counter() - t0
 
@@ -228,41 +229,38 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
     stale = dict(live)  # arrays are replaced, never mutated, so a shallow copy freezes them
 
     for stretch in _stretches(micro_batches(after, batch_size, batch_wait_ms), PLAN_EVENTS):
-        # 1. in log order: popular and stale, which need the counts and windows before each micro-batch; apply it
-        planned = []
+        # 1. in log order: the popular list each event meets (the counts before its micro-batch), as the items
+        #    ranked ahead of its own (it is a hit if fewer than k of those are left once its user's seen ones go)
+        ahead = []
         for batch in stretch:
-            seen_of: dict[tuple[str, str], tuple[set[str], tuple[str, ...]]] = {}
-            scored = []
-            for e in batch:
-                got = seen_of.get((e.user_id, e.scene))
-                if got is None:
-                    seen_set = _seen(state.get(e.user_id), e.scene) if exclude_seen else set()
-                    got = seen_of[(e.user_id, e.scene)] = (seen_set, tuple(seen_set))  # the tuple is kept
-                seen_set, seen = got
-                popular_hit = e.item_id in popularity.first(e.scene, k, seen_set)
-                fallback["popular"] += popular_hit
-                vectors = stale.get(e.user_id)
-                if vectors is None:
-                    fallback["stale"] += popular_hit
-                else:
-                    searches["stale"].add(e.scene, vectors[position[e.scene]], seen, e.item_id)
-                scored.append((e, seen, popular_hit))
-            evaluated += len(batch)
-            planned.append((scored, apply(batch)))
-        # 2. in rounds: live, from each user's vectors before their micro-batch; then encode the round
+            ahead.append([popularity.ahead(e.scene, e.item_id, k + encoder.window) for e in batch])
+            popularity.add(batch)
+            bar.update(len(batch))
+        # 2. in rounds: each user's micro-batches in order, the users of a round disjoint; a micro-batch is scored
+        #    against its user's windows and vectors before it (live, stale, popular), joined, and the round encoded
         for rnd in rounds([{e.user_id for e in batch} for batch in stretch]):
-            touched: dict[str, UserState] = {}
-            for n in rnd:
-                scored, updates = planned[n]
-                planned[n] = None
-                for e, seen, popular_hit in scored:
-                    vectors = live.get(e.user_id)
-                    if vectors is None:
-                        fallback["live"] += popular_hit
-                    else:
-                        searches["live"].add(e.scene, vectors[position[e.scene]], seen, e.item_id)
-                touched.update(updates)
-            encode(touched)
+            for n in rnd:   # the round's users are disjoint: each batch meets its users' windows before it
+                batch = stretch[n]
+                seen_of: dict[tuple[str, str], tuple[set[str], tuple[str, ...]]] = {}
+                for e, before in zip(batch, ahead[n]):
+                    got = seen_of.get((e.user_id, e.scene))
+                    if got is None:
+                        seen_set = set(slots.item_ids(e.user_id, e.scene)) if exclude_seen else set()
+                        got = seen_of[(e.user_id, e.scene)] = (seen_set, tuple(seen_set))  # the tuple is kept
+                    seen_set, seen = got
+                    popular_hit = before is not None and e.item_id not in seen_set and \
+                        sum(1 for item in before if item not in seen_set) < k
+                    fallback["popular"] += popular_hit
+                    for method, vectors in (("stale", stale), ("live", live)):
+                        got_vectors = vectors.get(e.user_id)
+                        if got_vectors is None:
+                            fallback[method] += popular_hit
+                        else:
+                            searches[method].add(e.scene, got_vectors[position[e.scene]], seen, e.item_id)
+                evaluated += len(batch)
+                ahead[n] = None
+            # joined as one (disjoint users: the same windows as one by one), then encoded
+            encode(apply([e for n in rnd for e in stretch[n]], count=False))
     bar.close()
     for s in searches.values():
         s.flush()
