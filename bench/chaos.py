@@ -89,6 +89,7 @@ async def newest_records(bootstrap: str, topic: str, want: dict[str, dict], time
     are keyed by user), until every user has replay's event count and newest ts or `timeout` passes; between()
     runs every ~2 s (the harness keeps the workers up meanwhile)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
+    from scenestream.stream.core.output import read_record
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
     await c.start()
     try:
@@ -113,7 +114,7 @@ async def newest_records(bootstrap: str, topic: str, want: dict[str, dict], time
             if got and time.monotonic() - checked < 2.0:
                 continue
             for key in fresh:
-                rec = json.loads(raw[key])
+                rec = read_record(raw[key])
                 latest[rec["user_id"]] = rec
             fresh.clear()
             checked = time.monotonic()

@@ -1,7 +1,8 @@
 """Bytes and CPU per record of what the worker writes, for each codec a Kafka record batch may use.
 
-The worker's two records per touched user, made by its own code (core/batch.py, stream/live/state.py) from the default
-synthetic stream: the output record (JSON, mostly float vectors) and the changelog value of each changed window.
+The worker's two records per touched user, made by its own code (core/output.py, stream/live/state.py) from the default
+synthetic stream: the output record (JSON or binary, mostly float vectors) and the changelog value of each changed
+window.
 Micro-batches of --batch events are applied, encoded and cut into one record batch per partition of --partitions,
 as the worker sends them (stream/live/record_batches.py), with aiokafka's own batch builder and each codec. Reported per
 record: bytes as stored (the batch's size on the wire and in the broker, headers included), CPU to build the
@@ -24,30 +25,36 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def records_of(checkpoint: str, n_events: int, batch: int, partitions: int) -> dict[str, list[list[tuple]]]:
-    """{kind: [micro-batch: [(partition, key, value)]]} for the output records and the changelog values."""
+    """{kind: [micro-batch: [(partition, key, value)]]} for the output records (both forms) and the changelog
+    values, made by the worker's own calls (stream/live/state.py's join and cut, core/slot_step.py, core/output.py)."""
     from scenestream.model.checkpoint import load_checkpoint
     from scenestream.model.infer import InterestEncoder
-    from scenestream.stream.core.batch import apply_batch, interest_records, record_json
-    from scenestream.stream.live.record_batches import key_partitions
-    from scenestream.stream.live.changelog import encode_state, state_key
+    from scenestream.model.slot_encoder import SlotEncoder
+    from scenestream.stream.core.output import FORMATS, encode_records
+    from scenestream.stream.core.slot_step import encode
     from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
+    from scenestream.stream.live.record_batches import key_partitions
+    from scenestream.stream.live.state import ChangelogStore
 
     encoder = InterestEncoder(load_checkpoint(checkpoint), "cpu")
+    streamer = SlotEncoder(encoder, encoder.cache_mb)
     events = generate(SyntheticSpec())[0][:n_events]
-    states: dict = {}
-    out: dict[str, list[list[tuple]]] = {"output": [], "changelog": []}
+    store = ChangelogStore("unused:9092", "unused", encoder.scenes, encoder.window)   # join and cut: no broker
+    out: dict[str, list[list[tuple]]] = {f"output ({fmt})": [] for fmt in FORMATS}
+    out["changelog"] = []
     for start in range(0, len(events), batch):
-        outcome = apply_batch(states.get, events[start:start + batch], encoder.window)
-        changed = [(u, s, w) for u, st in outcome.updates.items() for s, w in st.items()
-                   if w is not (states.get(u) or {}).get(s)]
-        states.update(outcome.updates)
-        records = interest_records(encoder, outcome.updates)
-        keys = [r["user_id"].encode() for r in records]
-        out["output"].append([(p, k, record_json(r))
-                              for k, r, p in zip(keys, records, key_partitions(keys, partitions))])
-        user_keys = [u.encode() for u, _, _ in changed]
-        out["changelog"].append([(p, state_key(u, s), encode_state({s: w}))
-                                 for (u, s, w), p in zip(changed, key_partitions(user_keys, partitions))])
+        joined = store.join(0, events[start:start + batch], start)
+        written = store.cut(0, joined)
+        vec = encode(store.slots, joined.users, streamer)
+        names = [store.slots.user_names[u] for u in vec.users.tolist()]
+        keys = [name.encode() for name in names]
+        spread = key_partitions(keys, partitions)
+        for fmt in FORMATS:
+            values = encode_records(fmt, names, vec, encoder.scenes, encoder.version)
+            out[f"output ({fmt})"].append(list(zip(spread, keys, values)))
+        user_keys = [key.split(b"\x1f", 1)[0] for key, _ in written.records]
+        out["changelog"].append([(p, key, value) for (key, value), p in zip(written.records,
+                                                                            key_partitions(user_keys, partitions))])
     return out
 
 

@@ -1,6 +1,6 @@
 """The worker's per-batch core without Kafka, stage by stage: decode, join (windows, item deltas, popularity), encode
-(vectors and records), record JSON, changelog values; what MicroBatchService does between the consumer and the
-producer, on the synthetic log. CPU time (process time) per event, for two kinds of batches:
+(the vectors, kept for serving), output (the output records' values, --output-format), changelog (its values);
+what MicroBatchService does between the consumer and the producer, on the synthetic log. CPU time (process time) per event, for two kinds of batches:
 
   backlog  the log as the live worker meets a backlog: each batch up to --batch events of one of 4 partitions (users
            hashed), in order, so ~10 events per touched user (the first 2 batches, cold, left out)
@@ -11,7 +11,7 @@ On a shared machine the same code measures +-15% from run to run, which hides a 
 --against DIR (a checkout of another commit, e.g. `git worktree add /tmp/base COMMIT`), that checkout's code runs
 the same batches in a second process, the two taking turns batch by batch, so both see the same machine:
 
-    python bench/core_path.py [--checkpoint CKPT] [--against /tmp/base] [--json]
+    python bench/core_path.py [--checkpoint CKPT] [--against /tmp/base] [--output-format binary] [--json]
     python bench/core_path.py --events 4000 --batch 500 --fresh-batches 2 --fresh-users 50   # a smoke run
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("decode", "join", "encode", "record_json", "changelog")
+STAGES = ("decode", "join", "encode", "output", "changelog")
 
 
 def _run_side(args) -> dict:
@@ -35,16 +35,12 @@ def _run_side(args) -> dict:
     import torch
     from scenestream.model.checkpoint import load_checkpoint
     from scenestream.model.infer import InterestEncoder
-    from scenestream.stream.core.batch import apply_batch, interest_records, record_json
     from scenestream.stream.core.config import StreamConfig
     from scenestream.stream.core.events import Event, check_key, decode, encode
     from scenestream.stream.core.popularity import Popularity
-    from scenestream.stream.core.window import item_delta
     try:   # this checkout's layout, else that of one from before stream/ had layer folders (--against)
         from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
-        from scenestream.stream.live.changelog import encode_state
     except ImportError:
-        from scenestream.stream.state import encode_state
         from scenestream.stream.synthetic import SyntheticSpec, generate
 
     torch.set_num_threads(1)   # the worker's default (stream/cli/common.py)
@@ -67,39 +63,87 @@ def _run_side(args) -> dict:
             batch.append((user.encode(), encode(e)))
         fresh.append(batch)
 
-    store: dict = {}
-    popularity = Popularity()
     not_after = ts + 3_600_000
 
-    def step(batch) -> list[float]:
-        t0 = time.process_time()
+    def decoded(batch) -> list:
         good = []
         for key, raw in batch:
             got = decode(raw, cfg, not_after_ms=not_after)
             if isinstance(got, Event) and check_key(key, got) is None:
                 good.append(got)
-        t1 = time.process_time()
-        old: dict = {}
-        outcome = apply_batch(lambda user: old.setdefault(user, store.get(user)), good, cfg.window)
-        changed = []   # MicroBatchService._apply's loop, written out: --against runs checkouts of older commits
-        for user, state in outcome.updates.items():
-            before = old.get(user) or {}
-            for scene, window in state.items():
-                if window is not before.get(scene):
-                    changed.append((scene, window))
-                    popularity.shift(scene, item_delta(before.get(scene), window))
-        store.update(outcome.updates)
-        t2 = time.process_time()
-        recs = interest_records(encoder, outcome.updates)
-        t3 = time.process_time()
-        for rec in recs:
-            record_json(rec)
-        t4 = time.process_time()
-        for scene, window in changed:
-            encode_state({scene: window})
-        t5 = time.process_time()
-        gc.freeze()   # as the worker does once a batch is durable
-        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4]
+        return good
+
+    try:   # the worker's own calls on slots (MicroBatchService._apply, _encode, _publish)
+        from scenestream.stream.core.output import encode_records
+        from scenestream.stream.core.slot_step import encode as encode_slots
+        from scenestream.stream.live.state import ChangelogStore, item_deltas
+        from scenestream.stream.live.shared_popularity import SharedPopularity
+    except ImportError:   # --against a checkout from before slots
+        encode_slots = None
+
+    if encode_slots is not None:
+        import numpy as np
+        from scenestream.model.slot_encoder import SlotEncoder
+        from scenestream.stream.core.vector_table import VectorTable
+        store = ChangelogStore("unused:9092", "unused", encoder.scenes, encoder.window)   # join and cut: no broker
+        streamer = SlotEncoder(encoder, encoder.cache_mb)
+        shared = SharedPopularity(encoder.scenes, "unused:9092", {})
+        shared.hold(0, Popularity())
+        table = VectorTable(encoder.scenes, streamer.width)
+
+        def step(batch) -> list[float]:
+            t0 = time.process_time()
+            good = decoded(batch)
+            t1 = time.process_time()
+            joined = store.join(0, good, 0)
+            for scene, delta in item_deltas(store.slots, joined).items():
+                shared.shift(0, scene, delta)
+            t2 = time.process_time()
+            vec = encode_slots(store.slots, joined.users, streamer)
+            names = [store.slots.user_names[u] for u in vec.users.tolist()]
+            table.put(vec.users, store.slots.uver[vec.users], vec, np.arange(len(names)), encoder.version, 0.0)
+            t3 = time.process_time()
+            encode_records(args.output_format, names, vec, encoder.scenes, encoder.version)
+            t4 = time.process_time()
+            store.cut(0, joined)
+            t5 = time.process_time()
+            gc.freeze()   # as the worker does once a batch is durable
+            return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4]
+    else:
+        from scenestream.stream.core.batch import apply_batch, interest_records, record_json
+        from scenestream.stream.core.window import item_delta
+        try:
+            from scenestream.stream.live.changelog import encode_state
+        except ImportError:
+            from scenestream.stream.state import encode_state
+        states: dict = {}
+        popularity = Popularity()
+
+        def step(batch) -> list[float]:
+            t0 = time.process_time()
+            good = decoded(batch)
+            t1 = time.process_time()
+            old: dict = {}
+            outcome = apply_batch(lambda user: old.setdefault(user, states.get(user)), good, cfg.window)
+            changed = []   # MicroBatchService._apply's loop as it was, written out
+            for user, state in outcome.updates.items():
+                before = old.get(user) or {}
+                for scene, window in state.items():
+                    if window is not before.get(scene):
+                        changed.append((scene, window))
+                        popularity.shift(scene, item_delta(before.get(scene), window))
+            states.update(outcome.updates)
+            t2 = time.process_time()
+            recs = interest_records(encoder, outcome.updates)
+            t3 = time.process_time()
+            for rec in recs:
+                record_json(rec)
+            t4 = time.process_time()
+            for scene, window in changed:
+                encode_state({scene: window})
+            t5 = time.process_time()
+            gc.freeze()   # as the worker does once a batch is durable
+            return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4]
 
     out = {}
     for kind, batches, skip in (("backlog", backlog, 2), ("fresh", fresh, 0)):
@@ -122,7 +166,8 @@ def _lockstep(args, checkpoint: str) -> dict:
     a_in, b_out = os.pipe()
     b_in, a_out = os.pipe()
     common = [sys.executable, __file__, "--checkpoint", checkpoint, "--batch", str(args.batch), "--fresh-batches",
-              str(args.fresh_batches), "--fresh-users", str(args.fresh_users), "--events", str(args.events), "--side"]
+              str(args.fresh_batches), "--fresh-users", str(args.fresh_users), "--events", str(args.events),
+              "--output-format", args.output_format, "--side"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     procs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +200,9 @@ def main() -> None:
                                                            "(default 0: all of it, ~119k).")
     ap.add_argument("--fresh-batches", type=int, default=40, help="Fresh batches (default 40).")
     ap.add_argument("--fresh-users", type=int, default=300, help="Events (users) per fresh batch (default 300).")
+    ap.add_argument("--output-format", default="json", choices=("json", "binary"),
+                    help="Form of the output records (the worker's --output-format; default json). A checkout from "
+                         "before binary records writes json whatever this says.")
     ap.add_argument("--side", nargs=2, type=int, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="One JSON object on stdout.")
     args = ap.parse_args()

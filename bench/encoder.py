@@ -1,12 +1,14 @@
-"""Incremental vs full re-encode: the cost of one appended event per window, as the live worker pays it.
+"""Incremental vs full re-encode: the cost of one appended event per user, as the live worker pays it.
 
 For each window length (50: the synthetic preset, span 24; 98: the MovieLens preset, span 48) and batch size B,
-B full windows are encoded once (filling the cache), then each gets one more event and is encoded again, twice:
-  full         -- the new windows from scratch (what the worker did before: every touched window re-encoded)
-  incremental  -- the same windows through the cache: one position per layer against the cached rows
-Both go through InterestEncoder._sources (lookups, tensorizing and the copy back included), with untrained
-weights (speed does not depend on them); the vectors of both are checked equal within 1e-5. Times are the median
-of --repeats, per appended event.
+B users' full windows are joined into slots and encoded once (filling the cache), then each user gets one more event
+and is encoded again, twice:
+  incremental  -- through the slot encoder's cache (model/slot_encoder.py): one position per layer against the
+                  cached rows, for the scene window and the user's timeline, then the fusion
+  full         -- the same slots through a slot encoder with no cache: every window and timeline encoded whole
+Both run core/slot_step.py's `encode` (the gather, forward, scatter and fusion, the copy back included), with
+untrained weights (speed does not depend on them); the vectors of both are checked equal within 1e-5. Times are the
+median of --repeats, per appended event.
 
     python bench/encoder.py [--device cpu|cuda] [--batches 1 64 1024] [--windows 50 98] [--json]
 """
@@ -23,36 +25,34 @@ import numpy as np
 import torch
 
 from scenestream.model.checkpoint import Checkpoint
-from scenestream.model.infer import InterestEncoder
 from scenestream.model.config import ModelConfig
+from scenestream.model.infer import InterestEncoder
 from scenestream.model.model import InterestModel
+from scenestream.model.slot_encoder import SlotEncoder
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import Window
+from scenestream.stream.core.slot_step import encode
+from scenestream.stream.core.slots import SlotWindows
 
 SCENES = ("video", "article", "shop")
 ACTIONS = ("view", "click", "like", "buy")
 
 
-def encoder(window: int, cache_mb: float, device: str, dtype: torch.dtype) -> InterestEncoder:
+def encoder(window: int, device: str, dtype: torch.dtype) -> InterestEncoder:
     torch.manual_seed(0)
     items = [f"i{n}" for n in range(3000)]
     vocab = ItemVocab(items, [SCENES[n % 3] for n in range(len(items))])
     span = (window - 2) // 2
     cfg = ModelConfig(n_items=len(vocab), n_scenes=3, n_actions=4, span=span, dropout=0.0)
     model = InterestModel(cfg).to(dtype)
-    return InterestEncoder(Checkpoint(model.eval(), vocab, SCENES, ACTIONS, window, f"bench-{window}"), device,
-                           cache_mb=cache_mb)
+    return InterestEncoder(Checkpoint(model.eval(), vocab, SCENES, ACTIONS, window, f"bench-{window}"), device)
 
 
-def windows(n_users: int, length: int, extra: int, seed: int) -> list[list[Event]]:
+def histories(n_users: int, length: int, extra: int, seed: int) -> list[list[Event]]:
     rng = random.Random(seed)
-    out = []
-    for u in range(n_users):
-        evs = [Event(f"u{u}-{k}", f"u{u}", f"i{rng.randrange(3000)}", "video", rng.choice(ACTIONS),
-                     1_700_000_000_000 + 1000 * k + rng.randrange(900)) for k in range(length + extra)]
-        out.append(evs)
-    return out
+    return [[Event(f"u{u}-{k}", f"u{u}", f"i{rng.randrange(3000)}", "video", rng.choice(ACTIONS),
+                   1_700_000_000_000 + 1000 * k + rng.randrange(900)) for k in range(length + extra)]
+            for u in range(n_users)]
 
 
 def _sync(device: str) -> None:
@@ -61,37 +61,36 @@ def _sync(device: str) -> None:
 
 
 def measure(window: int, batch: int, device: str, repeats: int, dtype: torch.dtype) -> dict:
-    """Median seconds per appended event, full and incremental, for `batch` windows growing by one event."""
-    streams = windows(batch, window, repeats + 1, seed=window + batch)
-    full_enc = encoder(window, 0, device, dtype)
-    inc_enc = encoder(window, max(64, batch * 0.05 * window / 50), device, dtype)
-    users = [f"u{u}" for u in range(batch)]
-
-    def states(step: int) -> list[dict]:
-        return [{"video": Window.of(s[step:step + window])} for s in streams]   # the worker's packed windows
-
-    inc_enc._sources(states(0), users)          # fill the cache (a miss per window)
+    """Median seconds per appended event, full and incremental, for `batch` users' windows growing by one event."""
+    streams = histories(batch, window, repeats, seed=window + batch)
+    enc = encoder(window, device, dtype)
+    per_user = 2 * SlotEncoder(enc, 0).scene_pool.entry_bytes()   # a scene window and a timeline, cached
+    incremental = SlotEncoder(enc, max(64.0, 1.5 * batch * per_user / 2**20))
+    full = SlotEncoder(enc, 0)
+    slots = SlotWindows(SCENES, window)
+    users = slots.join([e for s in streams for e in s[:window]]).users
+    encode(slots, users, incremental)          # fill the cache (a miss per window)
     full_t, inc_t, worst = [], [], 0.0
-    for step in range(1, repeats + 1):
-        st = states(step)
+    for step in range(window, window + repeats):
+        users = slots.join([s[step] for s in streams]).users
         _sync(device)
         t0 = time.perf_counter()
-        a = full_enc._sources(st, users)[2]
+        a = encode(slots, users, incremental).fused   # first: it reads (and resets) what was appended
         _sync(device)
         t1 = time.perf_counter()
-        b = inc_enc._sources(st, users)[2]
+        b = encode(slots, users, full).fused
         _sync(device)
         t2 = time.perf_counter()
-        full_t.append(t1 - t0)
-        inc_t.append(t2 - t1)
+        inc_t.append(t1 - t0)
+        full_t.append(t2 - t1)
         worst = max(worst, float(np.abs(a - b).max()))
-    stats = inc_enc.cache.stats
+    stats = incremental.scene_pool.stats
     assert stats["extends"] == batch * repeats, stats
     full_s, inc_s = statistics.median(full_t) / batch, statistics.median(inc_t) / batch
     return {"window": window, "batch": batch, "full_us_per_event": round(full_s * 1e6, 2),
             "incremental_us_per_event": round(inc_s * 1e6, 2), "speedup": round(full_s / inc_s, 2),
             "max_abs_diff": worst, "exact_1e-5": worst <= 1e-5,
-            "cache_bytes_per_window": inc_enc.cache.entry_bytes}
+            "cache_bytes_per_window": incremental.scene_pool.entry_bytes()}
 
 
 def main() -> None:

@@ -56,6 +56,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from scenestream.stream.core.output import MAGIC, read_record
+
 PARTITIONS = 4
 
 # Named no-op variants: Faust's public settings (faust.App keywords) over the worker's, plus knobs of this script:
@@ -379,6 +381,8 @@ def newest_ts(value: bytes, loads) -> int:
     """The record's "newest_ts" (epoch ms). Records are large (every vector), so the field is found by a byte
     search first (a record is compact JSON whose only "newest_ts" key is its own), falling back to a full parse:
     this process shares 2 CPUs with the worker it measures."""
+    if value[:4] == MAGIC:   # the binary form: its only int64 after the header's names
+        return read_record(value)["newest_ts"]
     at = value.rfind(b'"newest_ts":')
     if at >= 0:
         end = at + 12
@@ -544,7 +548,17 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="Checkpoint the worker serves (default: train a tiny one, "
                                                        "~20 s: bench/tiny_checkpoint.py).")
     ap.add_argument("--phases", default="raw,noop,worker,fresh",
-                    help="Comma list of raw, noop, worker, fresh (fresh needs worker). Default: all.")
+                    help="Comma list of raw, noop, worker, fresh (fresh needs worker), ramp (bench/fresh_ramp.py: "
+                         "fresh traffic at rising rates against full windows, on a broker of its own). Default: "
+                         "raw,noop,worker,fresh.")
+    ap.add_argument("--ramp-users", type=int, default=2000, help="Ramp: users with full windows (default 2000).")
+    ap.add_argument("--ramp-rates", default="1000,2000,4000,6000,8000,12000,16000",
+                    help="Ramp: the steps' rates, events/s (default 1000,2000,4000,6000,8000,12000,16000).")
+    ap.add_argument("--ramp-seconds", type=float, default=30.0, help="Ramp: seconds per step (default 30).")
+    ap.add_argument("--ramp-worker-args", default="",
+                    help="Ramp: extra worker flags, e.g. '--encoder-cache-mb 2048' (default none).")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="Ramp: run it first against DIR's worker (a checkout of another commit), then this one's.")
     ap.add_argument("--noop-variants", default="baseline",
                     help=f"Comma list of no-op Faust variants, or 'all': {', '.join(NOOP_VARIANTS)}.")
     ap.add_argument("--repeat", type=int, default=1,
@@ -587,7 +601,7 @@ def main() -> None:
     from scenestream.stream.core.events import encode
     from scenestream.stream.local.processes import free_port, spawn, stop_process
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    unknown = phases - {"raw", "noop", "worker", "fresh"}
+    unknown = phases - {"raw", "noop", "worker", "fresh", "ramp"}
     if unknown:
         ap.error(f"unknown phases {sorted(unknown)}")
     if "fresh" in phases and "worker" not in phases:
@@ -601,8 +615,9 @@ def main() -> None:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    args.ramp_rates = [int(r) for r in args.ramp_rates.split(",") if r.strip()]
     ckpt = None
-    if "worker" in phases:
+    if phases & {"worker", "ramp"}:
         if args.checkpoint:
             ckpt = args.checkpoint
         else:
@@ -619,6 +634,15 @@ def main() -> None:
     report: dict = {"events": n, "users": len({e.user_id for e in events}), "partitions": PARTITIONS,
                     "cpus": os.cpu_count(), "python": sys.version.split()[0]}
 
+    if "ramp" in phases:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from fresh_ramp import ramp, report_lines
+        report["ramp"] = ramp(ckpt, args, load_clicks, consumed, worker_rate, say)
+        if phases == {"ramp"}:
+            say("\n".join(report_lines(report["ramp"])))
+            if args.json:
+                print(json.dumps(report))
+            return
     with EmbeddedBroker() as b:
         report["load_seconds"] = asyncio.run(load_clicks(b.bootstrap, lines))
         say(f"loaded {n:,} events into clicks ({PARTITIONS} partitions) in {report['load_seconds']:.1f} s")
@@ -730,6 +754,8 @@ def main() -> None:
                          f"p99 {fmt(lat['p99'])}  max {fmt(lat['max'])}")
         lines_out.append("    p50 by 10 s of receive time: "
                          + "  ".join(f"{w['from_s']:.0f}s:{fmt(w['p50_ms'])}" for w in f["latency_by_10s"]))
+    if "ramp" in report:
+        lines_out += report_lines(report["ramp"])
     say("\n".join(lines_out))
     if args.json:
         print(json.dumps(report))

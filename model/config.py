@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-ENCODER_CACHE_MB = 256   # the incremental encoder's cache (model/window_cache.py): ~4,100 users' 3 scene windows
-                         # and merged window at d=64, span 24
+ENCODER_CACHE_MB = 256   # the streaming encoder's cache (model/slot_encoder.py): at d=64, span 24, ~12 KB a scene
+                         # window and ~25 KB a merged timeline; split S scene windows to one timeline
 
 
 def receptive_field(n_layers: int, span: int) -> int:

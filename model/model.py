@@ -80,12 +80,12 @@ class LocalSelfAttention(nn.Module):
         if past is None:     # positions are slots: one offset matrix for the whole batch
             qpos = kpos = torch.arange(T, device=x.device)[None]
             kvalid = valid
+            P = 0
         else:                # each row has its own number of past positions: offsets from explicit positions
-            k, v = torch.cat([past.k, k], 2), torch.cat([past.v, v], 2)
             kvalid = torch.cat([past.valid, valid], 1)
             kpos = torch.cat([past.pos, past.new_pos], 1)
             qpos = kpos[:, -T:]
-        P = k.shape[2] - T
+            P = past.k.shape[2]
         qslot = torch.arange(P, P + T, device=x.device)
         if last_only:  # only the last position is read downstream: skip the other queries
             q, qpos, qslot = q[:, :, -1:], qpos[:, -1:], qslot[-1:]
@@ -97,8 +97,13 @@ class LocalSelfAttention(nn.Module):
         allowed = allowed | own[None]
         bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [B or 1, H, Tq, Tk]
         mask = torch.where(allowed[:, None], bias, float("-inf"))                      # [B, H, Tq, Tk]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
+        if past is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
+        else:   # past and new keys apart, never concatenated: a batch's cached rows are read once, where they lie
+            scale = 1.0 / math.sqrt(C // self.n_heads)
+            p = torch.softmax(torch.cat([q @ past.k.transpose(2, 3), q @ k.transpose(2, 3)], 3) * scale + mask, -1)
+            y = p[..., :P] @ past.v + p[..., P:] @ v
         y = y.transpose(1, 2).contiguous().view(B, -1, C)
         return self.proj(y), present
 

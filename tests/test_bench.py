@@ -75,7 +75,7 @@ def test_chaos(tmp_path, checkpoint):
 def test_compression(tmp_path, checkpoint):
     r = json.loads(bench("compression", "--checkpoint", checkpoint, "--events", 1000, "--batch", 250,
                          "--repeat", 1, "--json", tmp_path=tmp_path))
-    assert set(r["results"]) == {"output", "changelog"}
+    assert set(r["results"]) == {"output (json)", "output (binary)", "changelog"}
     for rows in r["results"].values():
         assert [row["codec"] for row in rows] == list(CODECS)
         none = rows[0]
@@ -88,7 +88,7 @@ def test_core_path(tmp_path, checkpoint):
                         "--fresh-batches", 2, "--fresh-users", 50, "--json", tmp_path=tmp_path))["this"]
     assert 0 < r["backlog"]["events"] < 4000 and r["fresh"]["events"] == 100   # the 2 cold batches left out
     for m in r.values():
-        stages = [m[f"{s}_us"] for s in ("decode", "join", "encode", "record_json", "changelog")]
+        stages = [m[f"{s}_us"] for s in ("decode", "join", "encode", "output", "changelog")]
         assert m["cpu_us_per_event"] > 0 and math.isclose(sum(stages), m["cpu_us_per_event"], rel_tol=1e-6)
 
 

@@ -11,11 +11,15 @@ from scenestream.model.checkpoint import Checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.model.config import ModelConfig
 from scenestream.model.model import InterestModel
-from scenestream.model.window_cache import Entry, WindowCache, _reusable, _scan
+from scenestream.model.slot_encoder import SlotEncoder
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.batch import apply_batch, interest_records
-from scenestream.stream.core.window import ROW_DTYPE, Window, apply_user, group_by_user
+from scenestream.stream.core.output import interest_records, record
+from scenestream.stream.core.slot_step import encode
+from scenestream.stream.core.slots import SlotWindows
+from scenestream.stream.core.window import Window, apply_user
+
+from .reference import group_by_user
 
 SCENES = ("video", "article", "shop")
 ACTIONS = ("view", "click", "like", "buy")
@@ -36,9 +40,8 @@ def _encoder(cache_mb: float, scene_layers: int = 0) -> InterestEncoder:
     return InterestEncoder(Checkpoint(model.eval(), vocab, SCENES, ACTIONS, WINDOW, "test"), cache_mb=cache_mb)
 
 
-STREAMED = _encoder(cache_mb=64)
 OFFLINE = _encoder(cache_mb=0)
-OWN_STACK = {"streamed": _encoder(cache_mb=64, scene_layers=1), "offline": _encoder(cache_mb=0, scene_layers=1)}
+OWN_OFFLINE = _encoder(cache_mb=0, scene_layers=1)
 
 event_st = st.builds(
     lambda n, u, i, s, a, t: Event(f"e{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], 1_700_000_000_000 + t),
@@ -53,16 +56,19 @@ def offline(events, encoder=OFFLINE):
     return {r["user_id"]: r for r in interest_records(encoder, states)}
 
 
-def stream(deliveries, batch_sizes, encoder=STREAMED):
-    state, latest = {}, {}
+def stream(deliveries, batch_sizes, encoder=OFFLINE):
+    """What the worker does: the deliveries joined into slots in micro-batches, each batch's users encoded by the
+    slot encoder (cached positions reused) into records; the newest record of each user."""
+    slots, streamed, latest = SlotWindows(SCENES, WINDOW), SlotEncoder(encoder, cache_mb=64), {}
     pos = 0
     for size in batch_sizes:
         batch = deliveries[pos:pos + size]
         pos += size
-        outcome = apply_batch(state.get, batch, WINDOW)
-        state.update(outcome.updates)
-        for rec in interest_records(encoder, outcome.updates):
-            latest[rec["user_id"]] = rec
+        users = slots.join(batch).users
+        vec = encode(slots, users, streamed)
+        for r, u in enumerate(vec.users.tolist()):
+            user = slots.user_names[u]
+            latest[user] = record(user, vec, r, SCENES, encoder.version)
     return latest
 
 
@@ -101,7 +107,7 @@ def test_streamed_vectors_equal_offline_encode(events, rnd: random.Random, data)
         sizes.append(data.draw(st.integers(1, max(1, left)), label="batch"))
         left -= sizes[-1]
     if data.draw(st.booleans(), label="own scene stack"):
-        assert_same(stream(deliveries, sizes, OWN_STACK["streamed"]), offline(events, OWN_STACK["offline"]))
+        assert_same(stream(deliveries, sizes, OWN_OFFLINE), offline(events, OWN_OFFLINE))
     else:
         assert_same(stream(deliveries, sizes), offline(events))
 
@@ -133,147 +139,34 @@ def test_output_ignores_events_beyond_the_receptive_field():
     assert np.abs(a - c).max() > 1e-4
 
 
-def _tiny_cache_encoder(entries: int, scene_layers: int = 0) -> InterestEncoder:
-    """The streamed encoder with room for only `entries` cached windows of each kind: evictions all the time."""
-    enc = _encoder(cache_mb=0, scene_layers=scene_layers)
-    for name, scene in (("timeline_cache", False), ("cache", True)):
-        cache = WindowCache(enc.model.cfg, WINDOW, entries * getattr(enc, name).entry_bytes, enc.device, scene)
-        assert cache.capacity == entries
-        setattr(enc, name, cache)
-    enc.merged.capacity = entries
-    return enc
-
-
-ENCODERS = {("shared", "big"): STREAMED, ("shared", "tiny"): _tiny_cache_encoder(2),
-            ("own", "big"): OWN_STACK["streamed"], ("own", "tiny"): _tiny_cache_encoder(2, scene_layers=1)}
-
-# mostly in time order, as a live stream is: a late event now and then, a duplicate now and then; two users in two
-# scenes, so windows fill up and slide
-seconds_st = st.one_of(st.integers(0, 40), st.integers(0, 40), st.integers(0, 40), st.integers(-120, -1))
-stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integers(0, 1), st.integers(0, 3),
-                               seconds_st), min_size=30, max_size=80)
-
-
-def _micro_batches(events, data):
-    """Join the events into windows in micro-batches of 1-6 events (sizes drawn); each batch's outcome in turn."""
-    state, pos = {}, 0
-    while pos < len(events):
-        size = data.draw(st.integers(1, 6), label="batch")
-        outcome = apply_batch(state.get, events[pos:pos + size], WINDOW)
-        pos += size
-        state.update(outcome.updates)
-        yield outcome
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stream_st, st.data(), st.sampled_from(sorted(ENCODERS)))
-def test_incremental_encode_equals_full_encode_at_every_step(steps, data, kind):
-    """Every micro-batch's source vectors, from cached rows plus the new positions, equal a full encode of the same
-    windows (each scene's and the merged one), with scene windows sharing the timeline's blocks or not; with a
-    budget of two windows the caches evict on nearly every step."""
-    enc = ENCODERS[kind]
-    full = OFFLINE if kind[0] == "shared" else OWN_STACK["offline"]
-    for cache in enc.caches:
-        cache.clear()
-    ts, events = 1_700_000_000_000, []
-    for n, (u, i, s, a, dt) in enumerate(steps):
-        ts += dt * 1000                     # dt < 0: a late event
-        e = Event(f"s{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts)
-        events.append(e)
-        if dt == 0 and n % 5 == 0:
-            events.append(e)                # a duplicate delivery
-    for outcome in _micro_batches(events, data):
-        got = enc.interests(outcome.updates)
-        for r, user in enumerate(got.users):
-            windows = outcome.updates[user]
-            for scene, window in windows.items():
-                want = full.encode_windows([window], scene=True)[0]
-                np.testing.assert_allclose(got.h[r, SCENES.index(scene)], want, atol=1e-5, rtol=0)
-            # the merged window (model.py, "Sources"), written out: the newest WINDOW of all the user's events
-            merged = sorted((e for w in windows.values() for e in w), key=Event.order_key.fget)[-WINDOW:]
-            np.testing.assert_allclose(got.recent[r], full.encode_windows([Window.of(merged)])[0], atol=1e-5, rtol=0)
-
-
-def test_appending_to_a_window_encodes_only_the_new_positions():
-    """An in-order stream extends cached windows instead of re-encoding them: the cache is really used."""
-    enc = _encoder(cache_mb=64)
-    rng = random.Random(3)
-    state = {}
-    merged_extends = 0
-    for n in range(120):
-        e = Event(f"a{n}", f"u{n % 2}", ITEMS[rng.randrange(12)], SCENES[rng.randrange(3)], "view",
-                  1_700_000_000_000 + 1000 * n)
-        multi = len(state.get(e.user_id, {}).keys() | {e.scene}) > 1
-        merged_extends += multi and len(state.get(e.user_id, {})) > 1   # a merged window existed before
-        outcome = apply_batch(state.get, [e], WINDOW)
-        state.update(outcome.updates)
-        got = enc.interests(outcome.updates)
-        np.testing.assert_allclose(got.h[0, SCENES.index(e.scene)],
-                                   OFFLINE.encode_windows([state[e.user_id][e.scene]])[0], atol=1e-5, rtol=0)
-    stats = enc.cache.stats
-    # one miss per (user, scene) window and per user's merged window, at their first event; then only extensions
-    assert stats["misses"] == 6 + 2 and stats["extends"] == 114 + merged_extends, stats
-
-
 def test_the_reuse_rule_at_its_boundary_for_every_append_and_late_event():
     """Exhaustive where the rule that decides what cached rows may be read is tight: a cached window (full, or a
     whole history one or two events short of full), then k newer events, with or without one late event slipped
     in between any two of its events. Whatever the rule decides (extend or encode whole), the vectors equal a full
     encode; and a full window extends for every k that leaves a cached event in it (what is read depends on the
     window's last `cone` events only), a whole history also once it has dropped events."""
-    enc = _encoder(cache_mb=64)
     t0 = 1_700_000_000_000
     for length in (WINDOW, WINDOW - 1, WINDOW - 2):
-        old = Window.of(Event(f"o{n}", "u", ITEMS[n % 12], "video", ACTIONS[n % 4], t0 + 1000 * n) for n in range(length))
+        old = [Event(f"o{n}", "u", ITEMS[n % 12], "video", ACTIONS[n % 4], t0 + 1000 * n) for n in range(length)]
         extended = set()
         for k in range(1, WINDOW + 1):
             for late_at in [None, *range(length + 1)]:
-                enc.cache.clear()
-                enc.interests({"u": {"video": old}})
+                slots, streamed = SlotWindows(SCENES, WINDOW), SlotEncoder(OFFLINE, cache_mb=64)
+                encode(slots, slots.join(old).users, streamed)
                 new = [Event(f"n{i}", "u", ITEMS[(3 * i) % 12], "video", "click", t0 + 1000 * (length + i))
                        for i in range(k)]
                 if late_at is not None:
                     new.append(Event("late", "u", ITEMS[7], "video", "buy", t0 + 1000 * late_at - 500))
-                window = apply_user({"video": old}, new, WINDOW)[0]["video"]
-                before = enc.cache.stats["extends"]
-                got = enc.interests({"u": {"video": window}}).h[0, 0]
+                got = encode(slots, slots.join(new).users, streamed).h[0, 0]
+                window = apply_user({"video": Window.of(old)}, new, WINDOW)[0]["video"]
                 np.testing.assert_allclose(got, OFFLINE.encode_windows([window])[0], atol=1e-5, rtol=0,
                                            err_msg=f"length={length} k={k} late_at={late_at}")
-                if enc.cache.stats["extends"] > before:
+                if streamed.scene_pool.stats["extends"]:
                     extended.add(k)
         assert extended == set(range(1, WINDOW)), (length, extended)
 
 
-def _rows(stamps, ids) -> np.ndarray:
-    t = np.zeros(len(stamps), ROW_DTYPE)
-    t["ts"], t["hash"] = stamps, ids
-    return t
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.integers(2, 30), st.integers(1, 40), st.integers(1, 40), st.integers(0, 12), st.integers(-1, 40),
-       st.booleans())
-def test_the_reuse_rules_shortcut_answers_as_the_full_scan(cone, limit, length, k, late_at, unrelated):
-    """`_reusable` tries an unchanged window first, without the full scan: it must answer as `_scan` does for an
-    entry written as WindowCache.append writes it (the last `cone` rows, `whole` when shorter than both) and the
-    window it then sees: the same one, k newer events appended (cut to the newest `limit`), a late event slipped
-    in, or another user's window."""
-    length = min(length, limit)
-    cached = _rows(np.arange(length) * 10, np.arange(length) + 1)
-    entry = Entry(0, cached[-cone:].tobytes(), whole=length < min(cone, limit))
-    if unrelated:
-        window = _rows(np.arange(length) * 10, np.arange(length) + 1000)
-    else:
-        stamps = [*cached["ts"], *(length * 10 + 10 * np.arange(k))]
-        ids = [*cached["hash"], *(np.arange(k) + 500)]
-        if 0 <= late_at < len(stamps):
-            stamps.insert(late_at, stamps[late_at] - 5)
-            ids.insert(late_at, 999)
-        window = _rows(stamps, ids)[-limit:]
-    assert _reusable(entry, window, cone, limit >= cone) == _scan(entry, window, cone, limit >= cone)
-
-
-# mostly in order (1 event in ~20 late), so that merged windows are often extended, full ones included; many ties
+# mostly in order (1 event in ~20 late), so that merged timelines are often extended, full ones included; many ties
 # in time (dt 0), which the merge orders by event id
 merged_stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.integers(0, 2), st.integers(0, 3),
                                       st.integers(-2, 40) | st.just(0)), min_size=30, max_size=80)
@@ -281,31 +174,26 @@ merged_stream_st = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11), st.
 
 @settings(max_examples=60, deadline=None)
 @given(merged_stream_st, st.data())
-def test_merged_windows_kept_up_to_date_equal_the_merge_from_scratch(steps, data):
-    """MergedWindows extends a user's merged window by the events their windows gained; whatever the stream (late
-    events, any batches, evictions from its memo), it equals the newest WINDOW of the union built from scratch,
-    event for event. (The vectors alone would not show an over-long merged window: events past the receptive field
-    change nothing.)"""
-    from scenestream.model.infer import MergedWindows, merged_window
-    memo = MergedWindows(WINDOW, capacity=data.draw(st.sampled_from([1, 8]), label="capacity"))
+def test_merged_timelines_equal_the_merge_from_scratch(steps, data):
+    """A user's merged timeline from slots (core/slots.py `timelines`) is the newest WINDOW events of all their
+    windows, ascending by (ts, event id), row for row: whatever the stream (late events, ties in time with ids
+    out of arrival order, any batches)."""
+    from scenestream.model.infer import merged_window
+    slots = SlotWindows(SCENES, WINDOW)
     ts, events = 1_700_000_000_000, []
     for n, (u, i, s, a, dt) in enumerate(steps):
         ts += dt * 30_000                   # dt < 0: a late event
         # ids not in arrival order: among events of one time, a later one may sort first
         events.append(Event(f"m{n * 37 % 101:03d}-{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
-    for outcome in _micro_batches(events, data):
-        for user, windows in outcome.updates.items():
-            assert memo.get(user, windows).tobytes() == merged_window(windows, WINDOW).tobytes()
-
-
-def test_merged_windows_extend_an_in_order_stream():
-    """The memo is really used: an in-order stream extends every merged window after a user's first event."""
-    from scenestream.model.infer import MergedWindows, merged_window
-    memo = MergedWindows(WINDOW, capacity=4)
-    state = {}
-    for n in range(60):
-        e = Event(f"o{n:03d}", f"u{n % 2}", ITEMS[n % 12], SCENES[n % 3], "view", 1_700_000_000_000 + 1000 * n)
-        windows = apply_batch(state.get, [e], WINDOW).updates[e.user_id]
-        state[e.user_id] = windows
-        assert (memo._extend(memo.memo.get(e.user_id), windows) is not None) == (n >= 2)
-        assert memo.get(e.user_id, windows).tobytes() == merged_window(windows, WINDOW).tobytes()
+    pos = 0
+    while pos < len(events):
+        size = data.draw(st.integers(1, 6), label="batch")
+        users = slots.join(events[pos:pos + size]).users
+        pos += size
+        got = slots.timelines(users, np.full(len(users), -1, np.int64))
+        for r, u in enumerate(users.tolist()):
+            want = merged_window(slots.state(slots.user_names[u]), WINDOW)
+            n = int(got.n[r])
+            assert n == len(want)
+            for field in ("ts", "hash", "item", "action", "scene"):
+                assert getattr(got, field)[r, WINDOW - n:].tolist() == want[field].tolist(), field

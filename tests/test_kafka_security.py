@@ -16,9 +16,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from click.testing import CliRunner
 
+from scenestream.model.checkpoint import load_checkpoint
+from scenestream.model.infer import InterestEncoder
 from scenestream.stream.live import worker as worker_mod
 from scenestream.stream.cli import main
-from scenestream.stream.core.config import DEFAULT_ACTIONS, DEFAULT_SCENES
 from scenestream.stream.live.kafka_security import NO_SECURITY, SASL_PASSWORD_ENV, KafkaSecurity
 from scenestream.stream.local.processes import free_port
 from scenestream.stream.live.produce import produce_lines
@@ -68,14 +69,13 @@ def assert_secured(client, security: KafkaSecurity = SECURITY) -> None:
         assert k._ssl_context is None
 
 
-def fake_model():
-    """What make_app reads of an encoder and an index (no model is trained for these tests)."""
-    encoder = SimpleNamespace(scenes=DEFAULT_SCENES, ckpt=SimpleNamespace(actions=DEFAULT_ACTIONS), window=50,
-                              version="v-test", caches=[])
-    return encoder, SimpleNamespace(dim=8)
+def model_of(checkpoint):
+    """A real encoder (the session's small checkpoint) and a stand-in for its item index: these tests are about the
+    clients make_app builds, and nothing here serves a recommendation."""
+    return InterestEncoder(load_checkpoint(checkpoint)), SimpleNamespace(dim=8)
 
 
-def test_every_client_the_worker_builds_gets_the_settings(built, monkeypatch):
+def test_every_client_the_worker_builds_gets_the_settings(built, monkeypatch, checkpoint):
     made = {}
 
     def recording(cls):
@@ -90,7 +90,7 @@ def test_every_client_the_worker_builds_gets_the_settings(built, monkeypatch):
     cfg = worker_mod.WorkerConfig(broker=f"kafka://127.0.0.1:{free_port()}", app_id="sec-test", security=SECURITY)
 
     async def build_all():
-        app, service = worker_mod.make_app(cfg, *fake_model())
+        app, service = worker_mod.make_app(cfg, *model_of(checkpoint))
         creds = app.conf.broker_credentials
         assert (creds.protocol.value, creds.mechanism.value, creds.username, creds.password) == \
             ("SASL_SSL", "SCRAM-SHA-512", SECURITY.sasl_username, SECRET)
@@ -157,7 +157,7 @@ def test_every_client_construction_in_stream_passes_the_security_kwargs():
     assert calls >= 10 and not bad, bad
 
 
-def test_the_password_shows_in_no_repr_and_no_log(caplog):
+def test_the_password_shows_in_no_repr_and_no_log(caplog, checkpoint):
     caplog.set_level(logging.DEBUG)
     cfg = worker_mod.WorkerConfig(broker=f"kafka://127.0.0.1:{free_port()}", security=SECURITY)
     for shown in (repr(SECURITY), str(SECURITY), repr(cfg), repr(SECURITY.faust_credentials())):
@@ -165,7 +165,7 @@ def test_the_password_shows_in_no_repr_and_no_log(caplog):
     assert "sasl_password='***'" in repr(SECURITY) and "sasl_password=''" in repr(KafkaSecurity())
 
     async def build_and_start():
-        app, service = worker_mod.make_app(cfg, *fake_model())
+        app, service = worker_mod.make_app(cfg, *model_of(checkpoint))
         with pytest.raises(Exception):   # a real start, refused: nothing listens on the port
             await service.store.start()
         await service.store.stop()
@@ -196,11 +196,11 @@ def test_no_password_flag_anywhere():
         assert "--broker-security-protocol" in CliRunner().invoke(main, [name, "--help"]).output
 
 
-def test_the_worker_command_reads_every_setting_from_the_environment(built, monkeypatch, tmp_path):
+def test_the_worker_command_reads_every_setting_from_the_environment(built, monkeypatch, tmp_path, checkpoint):
     """SECURITY.environ() is also what `scenestream run` gives its worker (run.py)."""
     env = SECURITY.environ()
     assert env[SASL_PASSWORD_ENV] == SECRET
-    monkeypatch.setattr("scenestream.stream.cli.serve.open_model", lambda *a: fake_model()[0])
+    monkeypatch.setattr("scenestream.stream.cli.serve.open_model", lambda *a: model_of(checkpoint)[0])
     args = ["worker", "--broker", "kafka://127.0.0.1:1", "--checkpoint", str(tmp_path)]
     result = CliRunner().invoke(main, args, env=env)   # the reachability check, through the real admin client
     assert result.exit_code == 1 and "unreachable" in result.output and SECRET not in result.output
@@ -212,7 +212,7 @@ def test_the_worker_command_reads_every_setting_from_the_environment(built, monk
         seen["cfg"] = cfg
         raise RuntimeError("stop here")
     monkeypatch.setattr(worker_mod, "check_reachable", lambda *a: None)
-    monkeypatch.setattr(worker_mod, "open_index", lambda cfg, encoder: fake_model()[1])
+    monkeypatch.setattr(worker_mod, "open_index", lambda cfg, encoder: model_of(checkpoint)[1])
     monkeypatch.setattr(worker_mod, "prepare_topics", prepare)
     result = CliRunner().invoke(main, args, env=env)
     assert "stop here" in result.output and seen["cfg"].security == SECURITY

@@ -82,8 +82,8 @@ def test_a_hostile_catalog_record_is_refused_with_a_reason(raw):
 
 def test_no_state_record_can_outgrow_the_changelog():
     """Ids are capped in bytes, and the configuration is refused when scenes x window could make a user's state
-    record larger than the changelog accepts. Before: 6 scenes x 98 events of long ids passed 1 MiB."""
-    worst_id = '"' * CFG.max_id_bytes   # quotes are escaped: the longest JSON for the fewest bytes
+    record larger than the changelog accepts. Before: 6 scenes x 98 events of long ids passed 1 MiB (as JSON)."""
+    worst_id = '"' * CFG.max_id_bytes   # ids and items at the byte limit
     config = StreamConfig(scenes=tuple(f"s{n}" for n in range(6)), window=98)
     state = {s: Window.of(Event(f"{worst_id[:-3]}{k:03d}", "u", worst_id, s, "click", config.ts_max_ms)
                           for k in range(98)) for s in config.scenes}
@@ -92,7 +92,7 @@ def test_no_state_record_can_outgrow_the_changelog():
     assert isinstance(decode(encode(Event(astral, astral, astral, "video", "click", TS)), CFG), Event)
     assert decode(encode(Event("e", "😀" * 65, "i", "video", "click", TS)), CFG).reason == "too_long"
     with pytest.raises(ValueError, match="state record"):
-        StreamConfig(scenes=tuple(f"s{n}" for n in range(12)), window=98)
+        StreamConfig(scenes=tuple(f"s{n}" for n in range(20)), window=98)
 
 
 # ---- 2. the changelog never expires -------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ async def _service(broker, checkpoint, slow=0.0):
     name = uuid.uuid4().hex[:8]
     topics = {"clicks": f"{name}-clicks", "out": f"{name}-out", "dlq": f"{name}-dlq", "changelog": f"{name}-cl"}
     await ensure_topic(broker.bootstrap, topics["changelog"], 1, 1, CHANGELOG_CONFIG)
-    store = ChangelogStore(broker.bootstrap, topics["changelog"], encoder.window)
+    store = ChangelogStore(broker.bootstrap, topics["changelog"], encoder.scenes, encoder.window)
     service = MicroBatchService(encoder, store, topics["out"], topics["dlq"], broker.bootstrap)
     await service.assign({0})
     service.slow_send_started = _slow_first_send(service, slow) if slow else None
@@ -225,7 +225,7 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
         batch = asyncio.create_task(handle(service, _records(topics["clicks"], [mine])))
         await service.slow_send_started.wait()        # the batch is sending its outputs now
         service.revoke({0})
-        other = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.window)
+        other = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.scenes, service.encoder.window)
         await other.start()
         await other.ensure(0)
         await asyncio.gather(*await write(other, 0, {"u1": {"video": Window.of([theirs])}}, applied_offset=0))
@@ -235,7 +235,7 @@ def test_a_partition_given_back_during_a_batch_keeps_the_newer_state(broker, che
         state = service.state_of("u1")
         served, _ = await service.user_record("u1")
         await service.stop()
-        restarted = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.window)
+        restarted = ChangelogStore(broker.bootstrap, topics["changelog"], service.encoder.scenes, service.encoder.window)
         await restarted.start()
         await restarted.ensure(0)
         durable = restarted.get(0, "u1")

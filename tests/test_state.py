@@ -4,6 +4,7 @@ import asyncio
 import uuid
 
 import orjson
+import pytest
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -15,12 +16,15 @@ from scenestream.stream.live.state import ChangelogStore, join_states
 from .conftest import run
 
 
+SCENES = ("video", "article", "shop")
+
+
 async def write(store: ChangelogStore, partition: int, updates: dict, applied_offset: int) -> list:
     """What a micro-batch does with the store: its users' states in memory, then every window of them and the
     offset marker sent (the caller awaits the batches)."""
-    store.put(partition, updates, applied_offset)
-    return await store.send(partition, [(u, s, w) for u, st in updates.items() for s, w in st.items()],
-                            applied_offset)
+    events = [e for user, state in updates.items() for w in state.values() for e in w.events(user)]
+    written = store.cut(partition, store.join(partition, events, applied_offset))
+    return [b.future for b in await store.send(partition, written, applied_offset)]
 
 
 def _state(user: str, n: int) -> dict:
@@ -34,14 +38,14 @@ async def _write_and_recover(bootstrap: str) -> tuple[int, int, dict]:
     await admin.start()
     await admin.create_topics([NewTopic(topic, 2, 1)])
     await admin.close()
-    writer = ChangelogStore(bootstrap, topic, window=50)
+    writer = ChangelogStore(bootstrap, topic, SCENES, window=50)
     await writer.start()
     await writer.ensure(0)
     for batch in range(5):  # five micro-batches of 40 users each: the producer sends each as one record batch
         updates = {f"u{batch}-{k}": _state(f"u{batch}-{k}", 3) for k in range(40)}
         await asyncio.gather(*await write(writer, 0, updates, applied_offset=batch))
     await writer.stop()
-    reader = ChangelogStore(bootstrap, topic, window=50)
+    reader = ChangelogStore(bootstrap, topic, SCENES, window=50)
     await reader.start()
     try:
         state, applied = await reader.recover(0)
@@ -62,6 +66,11 @@ def test_recovery_reads_every_update_of_multi_record_batches(broker):
 def test_state_codec_and_join_are_a_lattice():
     a, b = _state("u", 3), _state("u", 5)
     assert decode_state("u", encode_state(a), 50) == a
+    assert encode_state(a)[:1] == b"\x01"   # the binary form
+    with pytest.raises(ValueError):
+        decode_state("u", encode_state(a)[:-1], 50)
+    with pytest.raises(ValueError):
+        decode_state("u", encode_state(a) + b"x", 50)
     odd = {"video": Window.of([Event("é\U0001f600", "u", "ï", "video", "click", 1), Event("b", "u", "j", "video", "buy", 2)])}
     assert decode_state("u", encode_state(odd), 50) == odd
     assert join_states(a, b, 50) == join_states(b, a, 50) == b
@@ -78,16 +87,16 @@ def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
         await admin.start()
         await admin.create_topics([NewTopic(topic, 1, 1)])
         await admin.close()
-        store = ChangelogStore(broker.bootstrap, topic, window=50)
+        store = ChangelogStore(broker.bootstrap, topic, SCENES, window=50)
         await store.start()
         await store.ensure(0)
         video = _state("u", 4)["video"]
         shop = Window.of(Event(f"s{k}", "u", f"i{k}", "shop", "view", 1_700_000_000_000 + k) for k in range(2))
         first = Window.of(video.events("u")[:2])
         await store.producer.send_and_wait(topic, encode_state({"video": first}), key=b"u", partition=0)
-        await asyncio.gather(*await store.send(0, [("u", "video", video), ("u", "shop", shop)], applied_offset=7))
+        await asyncio.gather(*await write(store, 0, {"u": {"video": video, "shop": shop}}, applied_offset=7))
         await store.stop()
-        reader = ChangelogStore(broker.bootstrap, topic, window=50)
+        reader = ChangelogStore(broker.bootstrap, topic, SCENES, window=50)
         await reader.start()
         try:
             got = await reader.recover(0)
@@ -98,9 +107,14 @@ def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
     assert applied == 7 and state == {"u": want}
 
 
-def test_changelog_values_in_the_row_form_of_earlier_versions_still_read():
-    """A changelog written before the column form holds [ts, event_id, item_id, action] rows: recovery reads them
-    as the same windows."""
+def test_changelog_values_in_the_json_forms_of_earlier_versions_still_read():
+    """Changelogs written before the binary form hold JSON: {scene: columns} (ids as one string with their sizes in
+    bytes), and before that [ts, event_id, item_id, action] rows. Recovery reads both as the same windows."""
+    evs = [Event("é-1", "u", "item-é", "video", "view", 1), Event("e2", "u", "i2", "video", "click", 2)]
+    columns = {"video": {"ts": [e.ts for e in evs], "ids": "".join(e.event_id for e in evs),
+                         "id_bytes": [len(e.event_id.encode("utf-8", "surrogatepass")) for e in evs],
+                         "item": [e.item_id for e in evs], "action": [e.action for e in evs]}}
+    assert decode_state("u", orjson.dumps(columns), 50) == {"video": Window.of(evs)}
     a = _state("u", 4)
     rows = orjson.dumps({"video": [[e.ts, e.event_id, e.item_id, e.action] for e in a["video"].events("u")]})
     assert decode_state("u", rows, 50) == a

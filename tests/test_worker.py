@@ -15,6 +15,7 @@ from scenestream.index import ItemIndex
 from scenestream.model.checkpoint import load_checkpoint
 from scenestream.model.infer import InterestEncoder
 from scenestream.stream.core.events import REASONS, Event, encode
+from scenestream.stream.core.output import read_record
 from scenestream.stream.offline.logs import LoadedEvents
 from scenestream.stream.live.produce import produce_lines
 from scenestream.stream.offline.replay import replay
@@ -58,7 +59,7 @@ async def read_topic(bootstrap: str, topic: str, idle: float = 2.0, limit: float
 def newest_records(msgs) -> dict[str, dict]:
     latest = {}
     for m in sorted(msgs, key=lambda m: (m.partition, m.offset)):
-        rec = json.loads(m.value)
+        rec = read_record(m.value)
         latest[rec["user_id"]] = rec
     return latest
 
@@ -138,10 +139,12 @@ def test_out_of_order_and_duplicated_events_give_the_sorted_deduplicated_vectors
     rng = random.Random(2)
     noisy = events + rng.sample(events, 1000)        # duplicated event_ids
     rng.shuffle(noisy)                                # ts out of order
-    w = worker_factory().start()
+    w = worker_factory(extra=["--output-format", "json"]).start()   # the other tests read the default, binary
     run(produce_lines(broker.bootstrap, w.topics["clicks"], [encode(e) for e in noisy], progress=False))
     want = offline_records(checkpoint, sorted(set(events), key=Event.order_key.fget))
-    assert_equal_records(wait_for(broker, w.topics["out"], want), want)
+    got = wait_for(broker, w.topics["out"], want)
+    assert_equal_records(got, want)
+    assert all(isinstance(r["global"], list) for r in got.values())   # read as JSON
 
 
 @pytest.mark.parametrize("state", ["memory", "rocksdb"])
@@ -251,7 +254,7 @@ def test_worker_consumes_what_was_produced_before_it_started(broker, checkpoint,
     while not published and time.monotonic() - t0 < 90:
         published = run(read_topic(broker.bootstrap, w.topics["out"], idle=0.2, limit=1.0))
         time.sleep(0.2)
-    assert [json.loads(m.value)["user_id"] for m in published] == ["startup-user"], w.log_text()
+    assert [read_record(m.value)["user_id"] for m in published] == ["startup-user"], w.log_text()
     print(f"worker start to first published record: {time.monotonic() - t0:.1f} s")
 
 

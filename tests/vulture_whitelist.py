@@ -17,3 +17,4 @@ _.faiss_index, _.set_search_knobs   # ItemIndex API for tuning and measuring (be
 _.encode_windows    # InterestEncoder: the from-scratch encode the exactness contract is held to (tests/test_exactness.py)
 REASONS, CATALOG_REASONS   # the closed sets of rejection reasons, for readers of dead letters and metrics
 most_popular_loo    # the MostPop baseline of bench/quality.py
+read_record         # stream/core/output.py: the output topic's reader (either form), for its consumers

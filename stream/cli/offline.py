@@ -173,7 +173,7 @@ def replay(dataset, input_path, scenes_mode, checkpoint, eval_cutoff, out, batch
     and most-popular recommendations."""
     from scenestream.index import ItemIndex
 
-    from ..core.batch import record_json
+    from ..core.output import record_json
     from ..offline.replay import replay as run_replay
     encoder, loaded = model_and_events(checkpoint, device, dataset, input_path, scenes_mode, encoder_cache_mb)
     index = ItemIndex.build(*encoder.item_vectors())

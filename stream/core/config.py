@@ -62,17 +62,12 @@ class StreamConfig:
         object.__setattr__(self, "_action_set", frozenset(self.actions))
 
     def state_record_bound(self) -> int:
-        """The most bytes a user's changelog record can take (state.py's encoding: JSON without ASCII escapes, per
-        scene {"ts": [...], "ids": "...", "id_bytes": [...], "item": [...], "action": [...]}): every id at its byte
-        limit, every byte a quote that JSON doubles. The config is refused when this passes max_state_bytes, so no
-        state ever fails to be written."""
-        id_json = 2 * self.max_id_bytes
-        action_json = max(len(json.dumps(a, ensure_ascii=False).encode()) for a in self.actions)
-        event = (len(str(self.ts_max_ms)) + 1) + id_json + (len(str(self.max_id_bytes)) + 1) + (id_json + 3) + \
-            (action_json + 1)
-        fields = len('{"ts":[],"ids":"","id_bytes":[],"item":[],"action":[]}')
-        return 2 + sum(len(json.dumps(s, ensure_ascii=False).encode()) + 2 + fields + self.window * event
-                       for s in self.scenes)
+        """The most bytes a user's changelog record can take (stream/live/changelog.py's binary form: per scene its
+        name, n, and per event ts, id, item and action with their sizes), every id and item at the byte limit. The
+        config is refused when this passes max_state_bytes, so no state ever fails to be written."""
+        action = max(len(a.encode()) for a in self.actions)
+        event = 8 + (2 + self.max_id_bytes) + (2 + self.max_id_bytes) + (2 + action)
+        return 2 + sum(1 + len(s.encode()) + 2 + self.window * event for s in self.scenes)
 
     @classmethod
     def from_env(cls, **overrides) -> "StreamConfig":

@@ -7,7 +7,7 @@ recent)`, `shared_stack`), so this layer never loads torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -69,23 +69,3 @@ def encode(slots: SlotWindows, users: np.ndarray, encoder: SlotEncoder) -> SlotV
     last = np.where(held > 0, slots.ts[np.maximum(W, 0), slots.length - 1], np.iinfo(np.int64).min)
     return SlotVectors(users, h, has, recent, fused, weights, last.max(1), held.sum(1))
 
-
-def record(user: str, vec: SlotVectors, row: int, scenes: Sequence[str], version: str) -> dict:
-    """The published per-user record (docs/operations.md, "Output record"), as core/batch.py's interest_record
-    makes it, from the arrays of `encode`: vectors are the user's own copies, never views of the batch's arrays."""
-    has = vec.has[row]
-    present = [i for i in range(len(scenes)) if has[i]]
-    targets = list(scenes) + ["global"]
-    weights = vec.weights[row].tolist()
-    h, fused = vec.h[row].copy(), vec.fused[row].copy()
-    return {
-        "user_id": user,
-        "model_version": version,
-        "scenes": {scenes[i]: h[i] for i in present},
-        "fused": {s: fused[j] for j, s in enumerate(scenes)},
-        "global": fused[len(scenes)],
-        "recent": vec.recent[row].copy(),
-        "weights": {t: {scenes[i]: weights[j][i] for i in present} for j, t in enumerate(targets)},
-        "newest_ts": int(vec.newest_ts[row]),
-        "events": int(vec.events[row]),
-    }

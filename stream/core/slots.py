@@ -32,7 +32,7 @@ from .events import Event
 from .window import ACTIONS, EMPTY, ITEMS, ROW_DTYPE, SCENES, UserState, Window, apply_window, id_hash
 
 _EMPTY_I = np.zeros(0, np.int64)
-UNKNOWN = np.int64(-0x7EDCBA9876543210)   # a newest event's hash when two of the user's share its time
+UNKNOWN = np.int64(-0x7EDCBA9876543210)   # the newest event's hash of a timeline never encoded
 
 
 @dataclass
@@ -94,7 +94,7 @@ class SlotWindows:
         self.newest = np.zeros(0, np.int64)        # user slot -> ts of the user's newest event held
         # What changed since a window was last encoded (`encoded` resets it): rows appended at its end, or -1 when it
         # changed otherwise; per user, whether their merged timeline only gained events after its newest then
-        # (`shown_ts`, `shown_hash`: that event; hash UNKNOWN where two shared its time).
+        # (`shown_ts`, `shown_hash`: that event, the last of the timeline as it was encoded).
         self.pending = np.zeros(0, np.int64)
         self.timeline_ok = np.zeros(0, bool)
         self.shown_ts = np.zeros(0, np.int64)
@@ -198,6 +198,17 @@ class SlotWindows:
         rows["action"], rows["id_bytes"] = self.action[w, cut], self.idlen[w, cut]
         rows["scene"] = self.scene_code[self.scene_of[w]]
         return Window(rows.tobytes() + self.ids[w], n)
+
+    def arrays(self, w: int) -> tuple:
+        """Window slot w as (scene, ts, id sizes, ids, item codes, action codes), oldest first: views of the rows,
+        what the changelog writes (stream/live/changelog.py: encode_windows)."""
+        cut = slice(self.length - int(self.n[w]), self.length)
+        return (self.scenes[self.scene_of[w]], self.ts[w, cut], self.idlen[w, cut], self.ids[w], self.item[w, cut],
+                self.action[w, cut])
+
+    def user_arrays(self, slot: int) -> list[tuple]:
+        """All of a user's windows as `arrays` gives them."""
+        return [self.arrays(int(w)) for w in self.win[slot] if w >= 0 and self.n[w]]
 
     def state(self, user: str) -> Optional[UserState]:
         """The user's windows by scene (None: not held)."""
@@ -352,7 +363,8 @@ class SlotWindows:
 
     def encoded(self, users: np.ndarray) -> None:
         """The users' windows and timelines were just encoded: nothing is pending, and their timelines' newest event
-        is the one an extension starts after (UNKNOWN when two of their events share its time)."""
+        is the one an extension starts after: the newest window's last row, or where several windows end at the same
+        time, the one whose event id sorts last (the timeline's order, `timelines`)."""
         L = self.length
         W = self.win[users]
         self.pending[W[W >= 0]] = 0
@@ -360,9 +372,12 @@ class SlotWindows:
         last = np.where((W >= 0) & (self.n[Wc] > 0), self.ts[Wc, L - 1], np.iinfo(np.int64).min)
         top = last.max(1) if len(users) else np.zeros(0, np.int64)
         at_top = last == top[:, None]
-        pick = self.hash[Wc, L - 1][np.arange(len(users)), at_top.argmax(1)] if len(users) else top
+        newest = at_top.argmax(1)
+        for u in np.flatnonzero(at_top.sum(1) > 1).tolist():   # a tie in time (rare): by event id
+            tied = np.flatnonzero(at_top[u])
+            newest[u] = tied[max(range(len(tied)), key=lambda j: self._row_ids(int(W[u, tied[j]]))[-1])]
         self.shown_ts[users] = top
-        self.shown_hash[users] = np.where(at_top.sum(1) == 1, pick, UNKNOWN)
+        self.shown_hash[users] = self.hash[Wc, L - 1][np.arange(len(users)), newest] if len(users) else top
         self.timeline_ok[users] = True
 
     def tails(self, users: np.ndarray) -> "Windows":
@@ -415,6 +430,10 @@ class SlotWindows:
     def timelines(self, users: np.ndarray, appended: np.ndarray) -> Windows:
         """The users' merged timelines: the newest L events over all their windows, ascending by (ts, event id)."""
         L, S = self.length, len(self.scenes)
+        if not len(users):
+            e = np.zeros((0, L), np.int64)
+            return Windows(users.astype(np.int64), self.uver[users], np.asarray(appended, np.int64),
+                           np.zeros(0, np.int64), e, e, e, e, e)
         W = self.win[users]
         Wc = np.maximum(W, 0)
         valid = (W >= 0)[:, :, None] & (np.arange(L)[None, None, :] >= L - self.n[Wc][:, :, None])

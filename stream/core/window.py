@@ -42,6 +42,7 @@ class Interner:
         self.limit = limit
         self.index: dict[str, int] = {}
         self.names: list[str] = []
+        self.raw: list[bytes] = []   # the names in UTF-8 (what the changelog writes)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -52,6 +53,7 @@ class Interner:
             i = len(self.names)
             if i >= self.limit:
                 raise OverflowError(f"more than {self.limit} distinct names")
+            self.raw.append(name.encode("utf-8", "surrogatepass"))
             self.names.append(name)   # the name first: a reader in another thread that sees the number finds it
             self.index[name] = i
         return i
@@ -136,18 +138,6 @@ class Window:
         if len(text) == len(raw):
             return [text[end - size:end] for end, size in zip(ends, sizes)]
         return [raw[end - size:end].decode("utf-8", "surrogatepass") for end, size in zip(ends, sizes)]
-
-    def columns(self) -> dict:
-        """The changelog's form of the window (stream/live/state.py): per field one list, oldest first, the event ids as
-        one string with their sizes in bytes of UTF-8. Names, not this process's numbers; cut from the buffer
-        without building a row per event."""
-        t = self.table()
-        items, actions = ITEMS.names, ACTIONS.names
-        return {"ts": t["ts"].tolist(),
-                "ids": self.buf[self.n * ROW_BYTES:].decode("utf-8", "surrogatepass"),   # the rest of the buffer
-                "id_bytes": t["id_bytes"].tolist(),
-                "item": [items[i] for i in t["item"].tolist()],
-                "action": [actions[a] for a in t["action"].tolist()]}
 
     def item_ids(self) -> list[str]:
         names = ITEMS.names
@@ -278,9 +268,3 @@ def apply_user(state: Mapping[str, Window], events: Iterable[Event], length: int
             changed.add(scene)
     return new_state, changed, dropped
 
-
-def group_by_user(events: Iterable[Event]) -> dict[str, list[Event]]:
-    groups: dict[str, list[Event]] = defaultdict(list)
-    for e in events:
-        groups[e.user_id].append(e)
-    return groups

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..core.config import CODECS
+from ..core.output import FORMATS
 from .kafka_security import KafkaSecurity
 
 # Group membership of every consumer-group member the worker runs (the clicks feeder, the re-keying stage): with
@@ -146,6 +147,12 @@ class WorkerConfig:
     compression: str = setting("zstd", "Codec of the record batches the worker writes (outputs, changelog, dead "
                                "letters); any codec is read (BENCHMARKS.md, \"Compression\").",
                                choices=CODECS)
+    output_format: str = setting("binary", "Form of the records on --output-topic. binary: the fields as "
+                                 "little-endian float32 arrays (the layout, and `read_record` to read either form: "
+                                 "stream/core/output.py). json: one object per record, about 7x the worker's CPU per "
+                                 "record with its compression, and a third more bytes (docs/operations.md, \"Output "
+                                 "record\").",
+                                 choices=FORMATS)
     rekey: bool = setting(False, "For clicks not keyed by user_id (by session, device, or null keys): each worker "
                           "also re-keys the clicks topic into APP_ID-clicks-by-user, keyed by user_id, and reads "
                           "that. Without it, an event whose key is not its user_id is a dead letter "

@@ -34,8 +34,8 @@ class WorkerMetrics:
         self._caches: _CacheCollector | None = None
 
     def watch_cache(self, caches: Callable[[], Iterable]) -> None:
-        """Export the incremental encoder's caches (model/window_cache.py), summed, as they are at each scrape;
-        `caches()` gives the caches of the model in use (a model swap brings new ones)."""
+        """Export the streaming encoder's caches (model/slot_encoder.py's pools), summed, as they are at each scrape;
+        `caches()` gives the pools of the model in use (a model swap brings new ones)."""
         self._caches = _CacheCollector(caches)
         self.registry.register(self._caches)
 
@@ -96,8 +96,8 @@ class _CacheCollector:
         yield CounterMetricFamily("scenestream_encoder_cache_evictions", "Cached windows dropped for room",
                                   value=self._sum("evictions"))
         yield GaugeMetricFamily("scenestream_encoder_cache_bytes", "Bytes the cache's entries hold (its budget is "
-                                "preallocated)", value=sum(len(c) * c.entry_bytes for c in self.caches()))
-        yield GaugeMetricFamily("scenestream_encoder_cache_windows", "Windows cached ((user, scene) and merged)",
+                                "preallocated)", value=sum(len(c) * c.entry_bytes() for c in self.caches()))
+        yield GaugeMetricFamily("scenestream_encoder_cache_windows", "Windows cached ((user, scene) windows and timelines)",
                                 value=sum(len(c) for c in self.caches()))
 
 

@@ -1,6 +1,7 @@
 """The micro-batch service: what the live worker does with one batch of Kafka records, outside Faust.
 
-    records --decode, key check--> events (bad -> dead letters) --apply_batch--> windows --encode--> output records
+    records --decode, key check--> events (bad -> dead letters) --join--> windows (slots) --encode--> vectors
+            --> output records, changelog records, and the users' newest vectors for serving (a table by slot)
 
 Order of durability, per batch: output records and dead letters first, then the new windows and the partition's
 "applied up to" offset marker in the changelog, and only then does the feeder commit the batch's offsets
@@ -50,11 +51,15 @@ import numpy as np
 
 from scenestream.index import ItemIndex
 from scenestream.model.infer import InterestEncoder
+from scenestream.model.slot_encoder import SlotEncoder
 
-from ..core.batch import BatchOutcome, apply_batch, interest_records, record_json
 from ..core.config import StreamConfig
 from ..core.events import Event, Rejection, check_key, decode
-from ..core.window import UserState, Window, item_delta
+from ..core.output import encode_records, interest_records
+from ..core.slot_step import SlotVectors, encode as encode_slots
+from ..core.slots import SlotJoin
+from ..core.vector_table import VectorTable
+from ..core.window import UserState
 from .config import WorkerConfig
 from .heap import FrozenHeap
 from .metrics import WorkerMetrics
@@ -62,15 +67,21 @@ from .reading import read_range
 from .record import Record, dead_letter
 from .record_batches import RecordBatches, key_partitions
 from .shared_popularity import SharedPopularity
-from .state import ChangelogStore
+from .state import ChangelogStore, Written, item_deltas
 
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Serving:
-    """The model in use: an encoder and the item index of its vectors (plus the catalog), swapped as one."""
+    """The model in use: an encoder, its streaming encoder (with its cache of encoded windows) and the item index of
+    its vectors (plus the catalog), swapped as one."""
     encoder: InterestEncoder
     index: Optional[ItemIndex] = None
+    streamer: Optional[SlotEncoder] = None
+
+    def __post_init__(self):
+        if self.streamer is None:
+            object.__setattr__(self, "streamer", SlotEncoder(self.encoder, self.encoder.cache_mb))
 
     @property
     def version(self) -> str:
@@ -85,9 +96,8 @@ class _Part:
     last_offset: int                              # the offset marker to write
     events: int                                   # valid events
     rejected: list[tuple[Record, Rejection]]      # -> dead letters
-    outcome: BatchOutcome
-    changed: list[tuple[str, str, Window]]        # (user, scene, new window) of every window that changed
-    deltas: list[tuple[str, dict[str, int]]]      # (scene, change in item counts) of each changed window
+    joined: SlotJoin                              # what changed in memory (joined.users: the users' slots)
+    written: Written                              # what to write of it (cut when it was joined)
 
 
 @dataclass
@@ -95,18 +105,22 @@ class _Batch:
     """A micro-batch applied in memory and encoded, nothing of it sent yet."""
     records: Sequence[Record]
     parts: list[_Part]
-    encoded: list[dict]   # one output record per touched user
+    vectors: Optional[SlotVectors]   # of every touched user (None: none)
+    owners: np.ndarray               # their slots' versions when encoded
+    names: list[str]                 # their user ids
+    version: str                     # of the model that encoded them
 
 
 class MicroBatchService:
     def __init__(self, encoder: InterestEncoder, store: ChangelogStore, output_topic: str, dlq_topic: str,
                  bootstrap: str, metrics: Optional[WorkerMetrics] = None,
                  max_clock_skew_s: float = WorkerConfig.max_clock_skew,
-                 index: Optional[ItemIndex] = None, isolation_level: str = WorkerConfig.isolation_level):
+                 index: Optional[ItemIndex] = None, isolation_level: str = WorkerConfig.isolation_level,
+                 output_format: str = WorkerConfig.output_format):
         self.model = Serving(encoder, index)   # replaced whole by a swap (`use`), never changed in place
         self.isolation_level = isolation_level   # of the gap re-read: as the feeder reads clicks
         self.store = store
-        store.on_evict = lambda user: self.latest.pop(user, None)   # a record is kept only for users in memory
+        self.output_format = output_format
         self.output_topic, self.dlq_topic, self.bootstrap = output_topic, dlq_topic, bootstrap
         self.config = StreamConfig(scenes=encoder.scenes, actions=encoder.ckpt.actions, window=encoder.window)
         self.metrics = metrics or WorkerMetrics()
@@ -114,7 +128,7 @@ class MicroBatchService:
         self.counts = {"events": 0, "invalid": 0, "late_dropped": 0, "batches": 0, "published": 0, "reread": 0}
         # the items in the windows held, and every worker's: the store's cluster and settings
         self.popularity = SharedPopularity(self.config.scenes, bootstrap, store.security)
-        self.latest: dict[str, tuple[dict, float]] = {}             # user -> (newest published record, applied at)
+        self.latest = VectorTable(encoder.scenes, encoder.model.cfg.d_model)   # by user slot: newest vectors
         self.assigned: set[int] = set()
         self.epoch: dict[int, int] = {}                             # partition -> assignment number
         self._epochs = 0
@@ -147,16 +161,14 @@ class MicroBatchService:
                 await self.ensure(p, self.epoch[p])
 
     def revoke(self, partitions: set[int]) -> None:
-        for p in partitions:
-            for user in self.store.partitions.get(p, {}):
-                self.latest.pop(user, None)
+        for p in partitions:   # their users leave the slots, and so their rows of `latest`
             self.popularity.release(p)
             self.epoch.pop(p, None)
         self.assigned -= partitions
         self.store.forget(partitions)
 
     def owns(self, partition: int, epoch: int) -> bool:
-        return self.epoch.get(partition) == epoch and partition in self.store.partitions
+        return self.epoch.get(partition) == epoch and partition in self.store.held
 
     async def ensure(self, partition: int, epoch: int) -> bool:
         """Recover the partition's state unless it is in memory; whether we still own it (under this epoch)."""
@@ -169,7 +181,7 @@ class MicroBatchService:
 
     @property
     def recovered(self) -> bool:
-        return bool(self.assigned) and all(p in self.store.partitions for p in self.assigned)
+        return bool(self.assigned) and all(p in self.store.held for p in self.assigned)
 
     async def stop(self) -> None:
         """After the batches in flight (if any) are durable: called once the consumer has stopped."""
@@ -270,31 +282,26 @@ class MicroBatchService:
                 rejected.append((r, got))
             else:
                 events.append(got)
-        old = {}
-        outcome = apply_batch(lambda user: old.setdefault(user, self.store.get(partition, user)), events,
-                              self.config.window)
-        changed, deltas = [], []
-        for user, state in outcome.updates.items():
-            before_state = old.get(user) or {}
-            for scene, window in state.items():
-                before = before_state.get(scene)
-                if window is not before:
-                    changed.append((user, scene, window))
-                    deltas.append((scene, item_delta(before, window)))
-                    self.popularity.shift(partition, scene, deltas[-1][1])
-        self.store.put(partition, outcome.updates, recs[-1].offset)
-        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, outcome, changed, deltas)
+        joined = self.store.join(partition, events, recs[-1].offset)
+        written = self.store.cut(partition, joined)
+        for scene, delta in item_deltas(self.store.slots, joined).items():
+            self.popularity.shift(partition, scene, delta)
+        return _Part(partition, epoch, recs[-1].offset, len(events), rejected, joined, written)
 
     def _encode(self, parts: list["_Part"], records: Sequence[Record]) -> "_Batch":
         """Encode every part's touched users in one forward, with the model in use now: the whole batch is encoded
         by one model. Nothing here awaits (module docstring: why not in a thread)."""
-        updates = {u: st for p in parts for u, st in p.outcome.updates.items()}
-        encoded = []
-        if updates:
+        slots, model = self.store.slots, self.model
+        users = np.unique(np.concatenate([p.joined.users for p in parts])) if parts else np.zeros(0, np.int64)
+        names = [slots.user_names[u] for u in users.tolist()]
+        held = [n is not None for n in names]   # a revoked partition's users left during an await
+        users, names = users[held], [n for n in names if n is not None]
+        vec = None
+        if len(users):
             t0 = time.perf_counter()
-            encoded = interest_records(self.model.encoder, updates)
+            vec = encode_slots(slots, users, model.streamer)
             self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-        return _Batch(records, parts, encoded)
+        return _Batch(records, parts, vec, slots.uver[users].copy(), names, model.version)
 
     async def _make_durable(self, batch: "_Batch") -> list["_Part"]:
         """Publish the batch's records and dead letters and wait for the broker; then, for the parts whose partition
@@ -309,14 +316,15 @@ class MicroBatchService:
         and acknowledged."""
         if after is not None:
             await after
-        records = batch.encoded
         producer = self.store.producer
         outputs = RecordBatches(producer)
-        if records:
-            keys = [rec["user_id"].encode() for rec in records]
+        if batch.names:
+            keys = [name.encode("utf-8", "surrogatepass") for name in batch.names]
+            values = encode_records(self.output_format, batch.names, batch.vectors, self.config.scenes,
+                                    batch.version)
             partitions = key_partitions(keys, len(await producer.partitions_for(self.output_topic)))
-            for rec, key, partition in zip(records, keys, partitions):
-                outputs.add(self.output_topic, partition, key, record_json(rec))
+            for key, value, partition in zip(keys, values, partitions):
+                outputs.add(self.output_topic, partition, key, value)
         sends = [b.future for b in await outputs.send()]
         for p in batch.parts:
             for r, rejection in p.rejected:
@@ -333,27 +341,27 @@ class MicroBatchService:
                 owned.append(p)
             else:
                 log.info("partition %d was revoked during a micro-batch; leaving it to its new owner", p.partition)
-        writes = [await self.store.send(p.partition, p.changed, p.last_offset) for p in owned]
+        writes = [await self.store.send(p.partition, p.written, p.last_offset) for p in owned]
         await asyncio.gather(*(b.future for sent in writes for b in sent))
         for p, sent in zip(owned, writes):
             if self.owns(p.partition, p.epoch):
-                self.store.settle(p.partition, p.outcome.updates, p.deltas, [o for b in sent for o in b.offsets()],
-                                  p.last_offset)
-        now = time.time()
-        written = {u for p in owned for u in p.outcome.updates}
-        for rec in batch.encoded:
-            if rec["user_id"] in written:
-                self.latest[rec["user_id"]] = (rec, now)
+                self.store.settle(p.partition, p.written, [o for b in sent for o in b.offsets()], p.last_offset)
+        if batch.vectors is not None and owned:
+            vec, slots = batch.vectors, self.store.slots
+            # the rows of users whose state was written and who still hold their slots
+            rows = np.flatnonzero(np.isin(vec.users, np.concatenate([p.joined.users for p in owned])) &
+                                  (slots.uver[vec.users] == batch.owners))
+            self.latest.put(vec.users[rows], batch.owners[rows], vec, rows, batch.version, time.time())
         self.store.trim()   # after: a user it evicts takes its record along (a record kept past it never left)
         for p in owned:
             for _, rejection in p.rejected:
                 self.metrics.invalid.labels(rejection.reason).inc()
             self.counts["invalid"] += len(p.rejected)
-            self.counts["late_dropped"] += p.outcome.late_dropped
+            self.counts["late_dropped"] += p.joined.late_dropped
             self.counts["events"] += p.events
-            self.counts["published"] += len(p.outcome.updates)
+            self.counts["published"] += len(p.joined.users)
             self.metrics.events.inc(p.events)
-            self.metrics.late.inc(p.outcome.late_dropped)
+            self.metrics.late.inc(p.joined.late_dropped)
         return owned
 
     def _not_after(self, record: Record) -> int:
@@ -364,7 +372,7 @@ class MicroBatchService:
     # ---- what serving reads -------------------------------------------------------------------------------------
 
     def partition_of(self, user: str) -> Optional[int]:
-        for p in list(self.store.partitions):
+        for p in sorted(self.store.held):
             if self.store.has(p, user):
                 return p
         return None
@@ -379,10 +387,12 @@ class MicroBatchService:
         after a restart until touched again). A user not touched since a model swap has a published record of the
         old model: it is recomputed from the windows, never served against the new model's items."""
         model = model or self.model
-        hit = self.latest.get(user)
-        if hit is not None and hit[0]["model_version"] == model.version:
-            return hit
+        slots = self.store.slots
+        slot = slots.slot_of.get(user)
+        held = slot is not None and self.latest.held(slot, slots.uver[slot])
+        if held and self.latest.version(slot) == model.version:
+            return self.latest.record(user, slot), float(self.latest.at[slot])
         state = self.state_of(user)
         if state is None:
             return None
-        return interest_records(model.encoder, {user: state})[0], hit[1] if hit is not None else None
+        return interest_records(model.encoder, {user: state})[0], float(self.latest.at[slot]) if held else None

@@ -21,17 +21,20 @@ What we do instead:
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-from collections import Counter, OrderedDict
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Optional
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ..core.events import Event
 from ..core.popularity import Popularity
-from ..core.window import EMPTY, UserState, Window, apply_window, item_delta
-from .changelog import FENCE_KEY, MARKER_KEY, SCENE_SEPARATOR, decode_state, encode_state, state_key
+from ..core.slots import SlotJoin, SlotWindows
+from ..core.window import EMPTY, ITEMS, UserState, apply_window, item_delta
+from .changelog import FENCE_KEY, MARKER_KEY, SCENE_SEPARATOR, decode_state, encode_state, encode_windows, state_key
 from .config import WorkerConfig, memory_cap_problem
 from .kafka_security import NO_SECURITY
 from .reading import read_to
@@ -62,28 +65,41 @@ def join_states(a: Optional[UserState], b: UserState, length: int) -> UserState:
     return merged
 
 
+@dataclass
+class Written:
+    """What a micro-batch writes of a partition's state, cut from the slots when it was joined (the next batch may
+    change them before this one is written): the changelog records of its changed windows, and with a disk the
+    states of its changed users and the change in item counts."""
+    records: list[tuple[bytes, bytes]]
+    users: np.ndarray                       # user slots changed (pinned until written to disk)
+    states: dict[str, bytes] = field(default_factory=dict)
+    deltas: dict[str, Counter] = field(default_factory=dict)
+
+
 class ChangelogStore:
-    """state[partition][user] -> UserState, recovered lazily per partition before its first event is applied.
+    """Every held user's windows as slots (core/slots.py: one array row per (user, scene) window, shared by all the
+    partitions held), each user tagged with its source partition; a partition is recovered before its first event.
 
-    With `state_dir` (`--state rocksdb`) every partition also lives on local disk (stream/live/rocks.py): recovery reads
-    only the changelog's tail, and memory holds at most `max_users` users (least recently used go first, never one
-    a micro-batch in flight has changed; 0 = no cap) and none idle for longer than `idle_s` (0 = no limit). A user
-    not in memory is read back from disk when touched."""
+    With `state_dir` (`--state rocksdb`) every partition also lives on local disk (stream/live/rocks.py): recovery
+    reads only the changelog's tail, and memory holds at most `max_users` users (least recently used go first, never
+    one a micro-batch in flight has changed; 0 = no cap) and none idle for longer than `idle_s` (0 = no limit). A
+    user not in memory is read back from disk when touched."""
 
-    def __init__(self, bootstrap: str, topic: str, window: int, security: Mapping[str, Any] = NO_SECURITY,
-                 state_dir: Optional[str] = None, max_users: int = 0, idle_s: float = 0.0,
-                 compression: str = WorkerConfig.compression):
+    def __init__(self, bootstrap: str, topic: str, scenes: Sequence[str], window: int,
+                 security: Mapping[str, Any] = NO_SECURITY, state_dir: Optional[str] = None, max_users: int = 0,
+                 idle_s: float = 0.0, compression: str = WorkerConfig.compression):
         self.bootstrap, self.topic, self.window, self.security = bootstrap, topic, window, security
         self.compression = codec_setting(compression)   # of every record the worker writes (this producer's)
         self.state_dir, self.max_users, self.idle_s = state_dir, max_users, idle_s
         if problem := memory_cap_problem(bool(state_dir), max_users, idle_s):
             raise ValueError(problem)
-        self.partitions: dict[int, OrderedDict[str, UserState]] = {}   # in memory, least recently used first
-        self.touched: dict[int, dict[str, float]] = {}                 # when each user in memory was last used
+        self.slots = SlotWindows(scenes, window)
+        self.part_of = np.zeros(0, np.int32)     # user slot -> source partition
+        self.used_at = np.zeros(0, np.float64)   # user slot -> when last used (time.monotonic)
+        self.pins = np.zeros(0, np.int32)        # user slot -> batches in flight that changed it (never evicted)
+        self.held: set[int] = set()              # partitions recovered here
         self.disk: dict[int, DiskPartition] = {}
-        self.pinned: dict[int, Counter] = {}    # users changed by micro-batches not yet on disk (never evicted)
         self.stats = {"loads": 0, "evictions": 0}
-        self.on_evict: Callable[[str], None] = lambda user: None
         self.applied: dict[int, int] = {}   # source partition -> highest source offset applied in memory (-1: none)
         self.marked: dict[int, int] = {}    # source partition -> highest source offset whose marker was sent
         self.durable: dict[int, int] = {}   # ... whose marker the broker acknowledged (what the lag metric reads)
@@ -104,12 +120,27 @@ class ChangelogStore:
             await self.producer.stop()
             self.producer = None
 
+    # ---- users and partitions -------------------------------------------------------------------------------------
+
+    def _tags(self) -> None:
+        """The per-user-slot arrays follow the slots as they grow."""
+        grow = len(self.slots.user_names) - len(self.part_of)
+        if grow > 0:
+            self.part_of = np.concatenate([self.part_of, np.full(grow, -1, np.int32)])
+            self.used_at = np.concatenate([self.used_at, np.zeros(grow)])
+            self.pins = np.concatenate([self.pins, np.zeros(grow, np.int32)])
+
+    def users_of(self, partition: int) -> list[str]:
+        """The partition's users in memory."""
+        self._tags()
+        names = self.slots.user_names
+        return [names[u] for u in np.flatnonzero(self.part_of == partition).tolist() if names[u] is not None]
+
     def forget(self, partitions: Iterable[int]) -> None:
         """A revoked partition's state may change elsewhere: drop it; it is recovered again if it comes back."""
         for p in partitions:
-            self.partitions.pop(p, None)
-            self.touched.pop(p, None)
-            self.pinned.pop(p, None)
+            self._drop(self.users_of(p))
+            self.held.discard(p)
             self.applied.pop(p, None)
             self.marked.pop(p, None)
             self.durable.pop(p, None)
@@ -117,18 +148,25 @@ class ChangelogStore:
             if disk is not None:   # kept: a later recovery joins it with the changelog written since
                 disk.close()
 
+    def _drop(self, users: list[str]) -> None:
+        slots = [self.slots.slot_of[u] for u in users if u in self.slots.slot_of]
+        self.part_of[slots], self.pins[slots] = -1, 0
+        self.slots.drop(users)
+
+    def _hold(self, partition: int, user: str, state: UserState) -> None:
+        self.slots.put(user, state)
+        self._tags()
+        slot = self.slots.slot_of[user]
+        self.part_of[slot], self.used_at[slot] = partition, time.monotonic()
+
     def get(self, partition: int, user: str) -> Optional[UserState]:
-        memory = self.partitions[partition]
-        state = memory.get(user)
-        if state is None:
-            state = self._on_disk(self.disk.get(partition), user)
-            if state is None:
-                return None
-            memory[user] = state
+        """The user's windows (read back from disk if they left memory); None if the partition has none."""
+        if user in self.slots and self.part_of[self.slots.slot_of[user]] == partition:
+            return self.slots.state(user)
+        state = self._on_disk(self.disk.get(partition), user)
+        if state is not None:
+            self._hold(partition, user, state)
             self.stats["loads"] += 1
-        if self.state_dir:
-            memory.move_to_end(user)
-            self.touched[partition][user] = time.monotonic()
         return state
 
     def _on_disk(self, disk: Optional[DiskPartition], user: str) -> Optional[UserState]:
@@ -136,62 +174,61 @@ class ChangelogStore:
         return decode_state(user, raw, self.window) if raw is not None else None
 
     def has(self, partition: int, user: str) -> bool:
+        if user in self.slots:
+            return self.part_of[self.slots.slot_of[user]] == partition
         disk = self.disk.get(partition)
-        return user in self.partitions.get(partition, ()) or disk is not None and disk.has(user)
+        return disk is not None and disk.has(user)
 
     def in_memory(self) -> int:
-        return sum(len(m) for m in self.partitions.values())
+        return len(self.slots)
 
     def trim(self) -> None:
         """Drop users from memory, least recently used first over every partition together, while over the cap or
         idle past the TTL; never one pinned by a micro-batch in flight. One order over all partitions: taking each
         partition's oldest in turn emptied the first partitions of every user, the newest too, while the last one
-        kept users far older (BENCHMARKS.md, "RocksDB state and the memory cap")."""
+        kept users far older (BENCHMARKS.md, "State")."""
         if not self.state_dir:
             return
         over = max(0, self.in_memory() - self.max_users) if self.max_users else 0
         if not over and not self.idle_s:
             return
-        idle_before = time.monotonic() - self.idle_s
-        # each partition's memory is in the order its users were last used, so merging them gives that order overall
-        oldest = heapq.merge(*(self._by_use(p) for p in self.partitions))
-        victims = []
-        for used, p, user in oldest:
-            if over <= len(victims) and not (self.idle_s and used < idle_before):
-                break
-            if user not in self.pinned.get(p, ()):
-                victims.append((p, user))
-        for p, user in victims:
-            del self.partitions[p][user]
-            self.touched[p].pop(user, None)
-            self.on_evict(user)
-        self.stats["evictions"] += len(victims)
-
-    def _by_use(self, partition: int) -> Iterator[tuple[float, int, str]]:
-        touched = self.touched[partition]
-        return ((touched.get(user, 0.0), partition, user) for user in self.partitions[partition])
+        self._tags()
+        held = np.flatnonzero((self.part_of >= 0) & (self.pins == 0))
+        order = held[np.argsort(self.used_at[held], kind="stable")]
+        victims = order[:over]
+        if self.idle_s:
+            idle = order[self.used_at[order] < time.monotonic() - self.idle_s]
+            victims = np.union1d(victims, idle)
+        names = [self.slots.user_names[u] for u in victims.tolist()]
+        self._drop(names)
+        self.stats["evictions"] += len(names)
 
     def popularity(self, partition: int) -> Popularity:
         """The item counts of every window the partition holds (on disk too)."""
         disk = self.disk.get(partition)
         if disk is not None:
             return disk.popularity()
+        self._tags()
+        slots, L = self.slots, self.window
+        W = slots.win[np.flatnonzero(self.part_of == partition)]
+        W = W[W >= 0]
+        cols = np.arange(L)[None, :] >= (L - slots.n[W])[:, None]
+        scenes = np.broadcast_to(slots.scene_of[W][:, None], cols.shape)[cols]
         pop = Popularity()
-        for state in self.partitions[partition].values():
-            for scene, w in state.items():
-                pop.shift(scene, item_delta(None, w))
+        for (s, i), c in Counter(zip(scenes.tolist(), slots.item[W][cols].tolist())).items():
+            pop.counts[slots.scenes[s]][ITEMS.names[i]] = c
         return pop
 
     async def ensure(self, partition: int) -> bool:
-        """Recover the partition unless it is in memory; True when this call recovered it."""
+        """Recover the partition unless it is held; True when this call recovered it."""
         lock = self._locks.setdefault(partition, asyncio.Lock())   # the agent and readiness may both ask
         async with lock:
-            if partition in self.partitions:
+            if partition in self.held:
                 return False
             state, marker = await self.recover(partition)
-            self.partitions[partition] = OrderedDict(state)
-            self.touched[partition] = dict.fromkeys(state, time.monotonic())
-            self.pinned[partition] = Counter()
+            for user, windows in state.items():
+                self._hold(partition, user, windows)
+            self.held.add(partition)
             self.applied[partition] = self.marked[partition] = self.durable[partition] = marker
             return True
 
@@ -248,21 +285,37 @@ class ChangelogStore:
         finally:
             await consumer.stop()
 
-    def put(self, partition: int, updates: dict[str, UserState], applied_offset: int) -> None:
-        """Apply updates in memory (the caller checked that it owns the partition): memory may run ahead of the
-        changelog, never the other way round; a crash in between loses only what the marker says to redo."""
-        memory = self.partitions[partition]
-        memory.update(updates)
-        if self.state_dir:
-            now, touched = time.monotonic(), self.touched[partition]
-            for user in updates:
-                memory.move_to_end(user)
-                touched[user] = now
-            self.pinned[partition].update(updates.keys())
-        self.applied[partition] = max(applied_offset, self.applied.get(partition, -1))
+    # ---- a micro-batch ---------------------------------------------------------------------------------------------
 
-    def settle(self, partition: int, updates: dict[str, UserState], deltas: list, offsets: list[int],
-               applied_offset: int) -> None:
+    def join(self, partition: int, events: Sequence[Event], applied_offset: int) -> SlotJoin:
+        """Join a micro-batch's valid events of one partition into the windows in memory (the caller checked it owns
+        the partition; users on disk come back first). Memory may run ahead of the changelog, never the other way
+        round: a crash before the batch's `send` loses only what the marker says to redo."""
+        if self.disk.get(partition) is not None:
+            for user in {e.user_id for e in events} - self.slots.slot_of.keys():
+                self.get(partition, user)
+        joined = self.slots.join(events)
+        self._tags()
+        touched = np.fromiter((self.slots.slot_of[u] for u in {e.user_id for e in events}), np.int64)
+        self.part_of[touched], self.used_at[touched] = partition, time.monotonic()
+        self.applied[partition] = max(applied_offset, self.applied.get(partition, -1))
+        return joined
+
+    def cut(self, partition: int, joined: SlotJoin) -> Written:
+        """What the batch writes of what it joined, cut now: the next batch may change the windows before this one's
+        state is sent. With a disk, its users are pinned in memory until `settle`."""
+        slots, names = self.slots, self.slots.user_names
+        records = [(state_key(names[slots.owner[w]], slots.scenes[slots.scene_of[w]]),
+                    encode_windows([slots.arrays(w)]))
+                   for w in joined.windows.tolist()]
+        written = Written(records, joined.users)
+        if self.disk.get(partition) is not None:
+            self.pins[joined.users] += 1
+            written.states = {names[u]: encode_windows(slots.user_arrays(u)) for u in joined.users.tolist()}
+            written.deltas = item_deltas(slots, joined)
+        return written
+
+    def settle(self, partition: int, written: Written, offsets: list[int], applied_offset: int) -> None:
         """A micro-batch's changelog records were acknowledged at `offsets`, its marker among them: the partition is
         durable up to `applied_offset`; its states go to disk (if any), with `covered` moved up to them when they
         follow it without a gap, and its users are unpinned."""
@@ -272,20 +325,30 @@ class ChangelogStore:
             return
         offsets = sorted(offsets)
         gapless = bool(offsets) and offsets[0] == disk.covered + 1 and offsets[-1] - offsets[0] + 1 == len(offsets)
-        disk.write({u: encode_state(st) for u, st in updates.items()}, count_deltas(deltas),
-                   offsets[-1] if gapless else None, applied_offset)
-        self.pinned[partition].subtract(updates.keys())
-        self.pinned[partition] += Counter()   # drop the zeros
+        disk.write(written.states, written.deltas, offsets[-1] if gapless else None, applied_offset)
+        self.pins[written.users] = np.maximum(0, self.pins[written.users] - 1)
 
-    async def send(self, partition: int, windows: Iterable[tuple[str, str, Window]],
-                   applied_offset: int) -> list[SentBatch]:
-        """Send the changed (user, scene, window)s, then the offset marker, to the changelog partition, as one
-        record batch (more if it outgrows the producer's batch size); the caller awaits them before the batch counts
-        as done."""
+    async def send(self, partition: int, written: Written, applied_offset: int) -> list[SentBatch]:
+        """Send the changed windows' records, then the offset marker, to the changelog partition, as one record
+        batch (more if it outgrows the producer's batch size); the caller awaits them before the batch counts as
+        done."""
         batches = RecordBatches(self.producer)
-        for user, scene, w in windows:
-            batches.add(self.topic, partition, state_key(user, scene), encode_state({scene: w}))
+        for key, value in written.records:
+            batches.add(self.topic, partition, key, value)
         if applied_offset > self.marked.get(partition, -1):
             self.marked[partition] = applied_offset
             batches.add(self.topic, partition, MARKER_KEY, str(applied_offset).encode())
         return await batches.send()
+
+
+def item_deltas(slots: SlotWindows, joined: SlotJoin) -> dict[str, Counter]:
+    """How a join changed the item counts, per scene: {scene: {item: change}} (nonzero entries only)."""
+    out: dict[str, Counter] = {}
+    names = ITEMS.names
+    for windows, items, sign in ((joined.added, joined.added_items, 1), (joined.removed, joined.removed_items, -1)):
+        for (s, i), c in Counter(zip(slots.scene_of[windows].tolist(), items.tolist())).items():
+            out.setdefault(slots.scenes[s], Counter())[names[i]] += sign * c
+    for delta in out.values():
+        for item in [i for i, c in delta.items() if not c]:
+            del delta[item]
+    return {s: d for s, d in out.items() if d}

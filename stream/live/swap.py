@@ -110,7 +110,7 @@ class ModelWatcher:
 
     def _use(self, new: Serving) -> None:
         old = self.service.use(new)
-        self.metrics.retire_cache(old.encoder.caches)
+        self.metrics.retire_cache(old.streamer.pools)
         self.metrics.model.info({"version": new.version})
         self.metrics.model_swaps.labels("swapped").inc()
         log.info("model swapped: now serving %s (was %s); windows kept, users re-encoded as they are touched",

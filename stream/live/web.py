@@ -21,7 +21,7 @@ from aiohttp import web as aioweb
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..core.batch import record_json
+from ..core.output import record_json
 from ..core.config import StreamConfig
 from ..core.events import Rejection, check_id
 from .recommend import recommendation
@@ -206,7 +206,7 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
             return self.json({"ready": ready, "broker": broker or "ok", "model_version": model.version,
                               "items": len(model.index),
                               "assigned_partitions": sorted(service.assigned),
-                              "recovered_partitions": sorted(service.store.partitions)},
+                              "recovered_partitions": sorted(service.store.held)},
                              status=200 if ready else 503)
 
     @app.page("/metrics")

@@ -84,13 +84,13 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     metrics = WorkerMetrics()
     index = index if index is not None else open_index(cfg, encoder)
     security = cfg.security.client_kwargs()
-    service = MicroBatchService(encoder, ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.window, security,
-                                                   state_dir=cfg.state_dir if cfg.state == "rocksdb" else None,
-                                                   max_users=cfg.max_users_in_memory, idle_s=cfg.idle_user_ttl,
-                                                   compression=cfg.compression),
-                                cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
-                                max_clock_skew_s=cfg.max_clock_skew, index=index, isolation_level=cfg.isolation_level)
-    metrics.watch_cache(lambda: service.model.encoder.caches)
+    store = ChangelogStore(cfg.bootstrap, cfg.changelog, encoder.scenes, encoder.window, security,
+                           state_dir=cfg.state_dir if cfg.state == "rocksdb" else None,
+                           max_users=cfg.max_users_in_memory, idle_s=cfg.idle_user_ttl, compression=cfg.compression)
+    service = MicroBatchService(encoder, store, cfg.output_topic, cfg.dlq_topic, cfg.bootstrap, metrics,
+                                max_clock_skew_s=cfg.max_clock_skew, index=index, isolation_level=cfg.isolation_level,
+                                output_format=cfg.output_format)
+    metrics.watch_cache(lambda: service.model.streamer.pools)
     metrics.watch_state(service.store)
     metrics.model.info({"version": encoder.version})
     feeder = ClicksFeeder(service, cfg.bootstrap, cfg.feed_topic, cfg.app_id, cfg.url, cfg.batch_max,

@@ -42,8 +42,9 @@ from scenestream.model.slot_encoder import SlotEncoder
 
 from ..core.events import Event
 from ..core.popularity import RunningTop
-from ..core.slot_step import encode as encode_slots, record as slot_record
+from ..core.slot_step import encode as encode_slots
 from ..core.slots import SlotWindows
+from ..core.vector_table import VectorTable
 from .logs import LoadedEvents, time_cutoff
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,7 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
     position = {s: j for j, s in enumerate(scenes)}
     slots = SlotWindows(scenes, encoder.window)
     streamed = SlotEncoder(encoder, encoder.cache_mb)
-    live: dict[str, np.ndarray] = {}
-    records: dict[str, dict] = {}
+    live = VectorTable(scenes, streamed.width)   # every user's newest vectors, by slot (users never leave here)
     # a user's seen items are at most a window, so the best k + window items of a scene hold every popular list
     popularity = RunningTop(k + encoder.window)
     fallback = {m: 0 for m in METHODS}   # hits of the popular list: all of popular; live, stale without a vector
@@ -218,15 +218,13 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
         if not len(users):
             return
         t0 = time.perf_counter()
-        vec = encode_slots(slots, users, streamed)   # the live worker's step, keeping the arrays for queries
-        for r, user in enumerate(slots.user_names[u] for u in vec.users.tolist()):
-            records[user] = slot_record(user, vec, r, scenes, encoder.version)
-            live[user] = vec.fused[r]
+        vec = encode_slots(slots, users, streamed)   # the live worker's step and table
+        live.put(vec.users, slots.uver[vec.users], vec, np.arange(len(vec.users)), encoder.version, 0.0)
         step_s += time.perf_counter() - t0
 
     for batch in micro_batches(before, batch_size, 0):  # warm-up: the state is the same however it is cut
         encode(apply(batch))
-    stale = dict(live)  # arrays are replaced, never mutated, so a shallow copy freezes them
+    stale, stale_held = live.fused.copy(), live.owner >= 0   # the vectors at the cutoff, frozen
 
     for stretch in _stretches(micro_batches(after, batch_size, batch_wait_ms), PLAN_EVENTS):
         # 1. in log order: the popular list each event meets (the counts before its micro-batch), as the items
@@ -251,12 +249,16 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
                     popular_hit = before is not None and e.item_id not in seen_set and \
                         sum(1 for item in before if item not in seen_set) < k
                     fallback["popular"] += popular_hit
-                    for method, vectors in (("stale", stale), ("live", live)):
-                        got_vectors = vectors.get(e.user_id)
-                        if got_vectors is None:
-                            fallback[method] += popular_hit
-                        else:
-                            searches[method].add(e.scene, got_vectors[position[e.scene]], seen, e.item_id)
+                    slot = slots.slot_of.get(e.user_id)
+                    j = position[e.scene]
+                    if slot is not None and slot < len(stale_held) and stale_held[slot]:
+                        searches["stale"].add(e.scene, stale[slot, j], seen, e.item_id)
+                    else:
+                        fallback["stale"] += popular_hit
+                    if live.held(slot, -1 if slot is None else slots.uver[slot]):   # a copy: the row changes
+                        searches["live"].add(e.scene, live.fused[slot, j].copy(), seen, e.item_id)
+                    else:
+                        fallback["live"] += popular_hit
                 evaluated += len(batch)
                 ahead[n] = None
             # joined as one (disjoint users: the same windows as one by one), then encoded
@@ -271,4 +273,6 @@ def _replay(loaded: LoadedEvents, encoder: InterestEncoder, index: ItemIndex, ba
     return ReplayResult(events=len(events), invalid=dict(loaded.invalid), late_dropped=late,
                         events_per_s=len(events) / step_s if step_s else 0.0,
                         wall_s=time.perf_counter() - t_start, cutoff_ts=cutoff_ts, prequential=preq,
-                        records=records, warnings=warnings)
+                        records={user: live.record(user, slot) for user, slot in slots.slot_of.items()
+                                 if live.held(slot, slots.uver[slot])},
+                        warnings=warnings)

@@ -1,0 +1,295 @@
+"""Fresh traffic against a worker whose users' windows are already full: the ramp `bench/live.py --phases ramp` runs.
+
+U users each get a full window (the checkpoint's L events) in every scene, loaded into a fresh embedded broker and
+applied by the worker first (ordered by user, as a backlog). Then steady rates (--ramp-rates, events/s) for
+--ramp-seconds each: a librdkafka producer in its own process sends events of users drawn at random from the U, at
+random items of the event's scene, with ts = send time (epoch ms), keyed by user_id, in bursts every 10 ms scheduled
+by absolute time; a librdkafka consumer in another process reads `user-interests` from its end and takes, for every
+output record, receive time minus the record's newest_ts. A record belongs to the step whose send span holds its
+newest_ts. After each step the ramp waits (--drain-max) until the worker has counted every event sent; a step the
+worker did not drain in that time ends the ramp (it has fallen behind: later steps would measure its backlog).
+
+The knee is the highest step with p99 <= 100 ms (and drained). With --against DIR the same ramp runs first against
+DIR's worker (a checkout of another commit, imported through a symlinked package as bench/core_path.py does), on a
+broker of its own, so both knees come from one command.
+
+    python bench/fresh_ramp.py producer SPEC.json      # a child: sends one step, prints a JSON line
+    python bench/fresh_ramp.py consumer SPEC.json      # a child: reads outputs until SIGTERM, writes spec["out"]
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+MAGIC = b"SSI\x01"   # stream/core/output.py's binary record; parsed here without numpy, the consumer shares a core
+KNEE_P99_MS = 100.0
+
+
+def newest_ts(value: bytes) -> int:
+    """A record's newest_ts, either form, without decoding its vectors."""
+    if value[:4] == MAGIC:
+        S, at = value[4], 5
+        for _ in range(S):
+            at += 1 + value[at]
+        at += 2            # d
+        at += 1 + value[at]   # model_version
+        (n,) = struct.unpack_from("<H", value, at)
+        return struct.unpack_from("<q", value, at + 2 + n)[0]
+    at = value.rfind(b'"newest_ts":')
+    if at >= 0:
+        end = stop = at + 12
+        while stop < len(value) and value[stop] in b"0123456789- ":
+            stop += 1
+        return int(value[end:stop])
+    return json.loads(value)["newest_ts"]
+
+
+# ---- the children --------------------------------------------------------------------------------------------------
+
+def producer_child(spec: dict) -> None:
+    """Send spec["rate"] events/s for spec["seconds"]; print {"sent", "failed", "start_ms", "end_ms"}."""
+    import orjson
+    from confluent_kafka import Producer
+    users, items = spec["users"], spec["items"]   # items: {scene: [item ids]}
+    scenes = list(items)
+    p = Producer({"bootstrap.servers": spec["bootstrap"], "linger.ms": 1, "enable.idempotence": False})
+    failed = [0]
+
+    def delivered(err, _msg):
+        if err is not None:
+            failed[0] += 1
+
+    rng = random.Random(spec["seed"])
+    run, rate, seconds, tick = uuid.uuid4().hex[:6], spec["rate"], spec["seconds"], 0.01
+    sent = 0
+    start_ms = int(time.time() * 1000)
+    t0 = time.perf_counter()
+    next_tick = t0
+    while True:
+        now = time.perf_counter()
+        if now - t0 >= seconds:
+            break
+        due = int((now - t0) * rate) - sent
+        ts = int(time.time() * 1000)
+        for _ in range(max(0, due)):
+            user = f"r{rng.randrange(users)}"
+            scene = scenes[rng.randrange(len(scenes))]
+            pool = items[scene]
+            value = orjson.dumps({"event_id": f"ramp-{run}-{sent}", "user_id": user, "item_id": pool[rng.randrange(len(pool))],
+                                  "scene": scene, "action": "click", "ts": ts})
+            while True:
+                try:
+                    p.produce("clicks", value, key=user.encode(), on_delivery=delivered)
+                    break
+                except BufferError:
+                    p.poll(0.001)
+            sent += 1
+        p.poll(0)
+        next_tick += tick
+        delay = next_tick - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_tick = time.perf_counter()
+    end_ms = int(time.time() * 1000)
+    p.flush(30)
+    print(json.dumps({"sent": sent, "failed": failed[0], "start_ms": start_ms, "end_ms": end_ms,
+                      "seconds": time.perf_counter() - t0}), flush=True)
+
+
+def consumer_child(spec: dict) -> None:
+    """Read user-interests from its end until SIGTERM; then write [[receive_ms, newest_ts], ...] to spec["out"]."""
+    from confluent_kafka import Consumer, TopicPartition, OFFSET_END
+    c = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": f"ramp-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
+    meta = c.list_topics("user-interests", timeout=10)
+    parts = sorted(meta.topics["user-interests"].partitions)
+    c.assign([TopicPartition("user-interests", p, OFFSET_END) for p in parts])
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    pairs: list[tuple[int, int]] = []
+    c.consume(num_messages=1, timeout=1.0)   # resolves "the end" before the first step
+    print("ready", flush=True)
+    while not stop[0]:
+        for m in c.consume(num_messages=2000, timeout=0.05):
+            if m.error() is None:
+                pairs.append((int(time.time() * 1000), newest_ts(m.value())))
+    c.close()
+    Path(spec["out"]).write_text(json.dumps(pairs))
+
+
+# ---- the ramp ------------------------------------------------------------------------------------------------------
+
+def history(users: int, items: dict[str, list[str]], window: int, seed: int = 3) -> list[bytes]:
+    """Every user's full window in every scene, ordered by user, ts ending an hour ago."""
+    import orjson
+    rng = random.Random(seed)
+    end = int(time.time() * 1000) - 3_600_000
+    per_user = window * len(items)
+    out = []
+    for u in range(users):
+        k = 0
+        for scene, pool in items.items():
+            for _ in range(window):
+                out.append(orjson.dumps({"event_id": f"h{u}-{k}", "user_id": f"r{u}", "scene": scene,
+                                         "item_id": pool[rng.randrange(len(pool))], "action": "click",
+                                         "ts": end - (per_user - k) * 1000}))
+                k += 1
+    return out
+
+
+def percentile(xs: list[float], q: float) -> Optional[float]:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100.0 * len(s) + 0.5) - 1))]
+
+
+def run_child(kind: str, spec: dict, env: dict) -> subprocess.Popen:
+    fd, path = tempfile.mkstemp(suffix=".json")   # the item lists outgrow a command line
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), kind, path],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable, consumed: Callable,
+             worker_rate: Callable, say: Callable) -> dict:
+    """The ramp against one worker (this checkout's, or --against's) on a broker of its own."""
+    import asyncio
+    from scenestream.model.checkpoint import load_checkpoint
+    from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
+    from scenestream.stream.local.broker import EmbeddedBroker
+    from scenestream.stream.local.processes import free_port, spawn, stop_process
+
+    window = load_checkpoint(ckpt).window
+    events, _ = generate(SyntheticSpec())
+    items: dict[str, list[str]] = {}
+    for e in events:
+        items.setdefault(e.scene, []).append(e.item_id)
+    items = {s: sorted(set(v)) for s, v in sorted(items.items())}
+    lines = history(args.ramp_users, items, window)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    worker_env = dict(env)
+    if against:
+        pkg = Path(tempfile.mkdtemp())
+        (pkg / "scenestream").symlink_to(Path(against).resolve())
+        worker_env["PYTHONPATH"] = str(pkg)
+    side: dict = {"side": name, "checkout": against or str(Path(__file__).resolve().parents[1]),
+                  "users": args.ramp_users, "window": window, "history_events": len(lines), "steps": []}
+    with EmbeddedBroker() as b:
+        side["load_seconds"] = asyncio.run(load(b.bootstrap, lines))
+        say(f"[{name}] loaded {len(lines):,} history events ({args.ramp_users:,} users x {len(items)} scenes x "
+            f"{window}) in {side['load_seconds']:.1f} s")
+        port = free_port()
+        log_path = str(Path(tempfile.mkdtemp()) / "worker.log")
+        cmd = [sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", b.url, "--checkpoint", ckpt,
+               "--web-port", str(port), "--device", "cpu", "--app-id", f"ramp-{uuid.uuid4().hex[:8]}",
+               *args.ramp_worker_args.split()]
+        proc = spawn(cmd, log_path, env=worker_env)
+        consumer = None
+        try:
+            w = worker_rate(port, proc, len(lines), args.poll, args.timeout)
+            side["history_worker"] = w
+            say(f"[{name}] worker applied the history at {w.get('events_per_s') or 0:,.0f} events/s"
+                + (f"  ERROR {w['error']} (log {log_path})" if "error" in w else ""))
+            if "error" in w or not w.get("complete"):
+                side["error"] = w.get("error", "history not applied")
+                return side
+            out = str(Path(tempfile.mkdtemp()) / "pairs.json")
+            consumer = run_child("consumer", {"bootstrap": b.bootstrap, "out": out}, env)
+            if consumer.stdout.readline().strip() != "ready":
+                side["error"] = "the output consumer did not start"
+                return side
+            time.sleep(2.0)
+            spans = []
+            for i, rate in enumerate(args.ramp_rates):
+                before = consumed(port)
+                rss0 = rss_mb(proc.pid)
+                prod = run_child("producer", {"bootstrap": b.bootstrap, "users": args.ramp_users, "items": items,
+                                              "rate": rate, "seconds": args.ramp_seconds, "seed": 100 + i}, env)
+                sent = json.loads(prod.communicate()[0].strip().splitlines()[-1])
+                t_sent = time.perf_counter()
+                drained = None
+                while time.perf_counter() - t_sent < args.drain_max:
+                    n = consumed(port)
+                    if n is not None and before is not None and n - before >= sent["sent"] - sent["failed"]:
+                        drained = time.perf_counter() - t_sent
+                        break
+                    time.sleep(0.1)
+                time.sleep(args.settle)
+                step = {"rate": rate, **sent, "achieved_rate": sent["sent"] / sent["seconds"],
+                        "drain_seconds": drained, "worker_rss_mb": rss_mb(proc.pid), "worker_rss_mb_before": rss0}
+                side["steps"].append(step)
+                spans.append((sent["start_ms"], sent["end_ms"]))
+                say(f"[{name}] {rate:,} events/s: sent {sent['sent']:,} in {sent['seconds']:.1f} s, "
+                    + (f"drained {drained:.1f} s after" if drained is not None else
+                       f"NOT drained within {args.drain_max:.0f} s"))
+                if drained is None:
+                    break
+            consumer.send_signal(signal.SIGTERM)
+            consumer.wait(timeout=60)
+            pairs = json.loads(Path(out).read_text())
+            consumer = None
+        finally:
+            if consumer is not None:
+                consumer.kill()
+            stop_process(proc)
+    for step, (lo, hi) in zip(side["steps"], spans):
+        lat = [r - ts for r, ts in pairs if lo <= ts <= hi]
+        step.update(records=len(lat), p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99),
+                    max_ms=max(lat) if lat else None)
+    ok = [s["rate"] for s in side["steps"] if s["drain_seconds"] is not None and s["p99_ms"] is not None
+          and s["p99_ms"] <= KNEE_P99_MS]
+    side["knee"] = max(ok) if ok else None
+    return side
+
+
+def rss_mb(pid: int) -> Optional[float]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def ramp(ckpt: str, args, load, consumed, worker_rate, say) -> dict:
+    sides = []
+    if args.against:
+        sides.append(one_side("against", args.against, ckpt, args, load, consumed, worker_rate, say))
+    sides.append(one_side("this", None, ckpt, args, load, consumed, worker_rate, say))
+    return {"users": args.ramp_users, "seconds": args.ramp_seconds, "rates": args.ramp_rates,
+            "knee_p99_ms": KNEE_P99_MS, "sides": sides}
+
+
+def report_lines(r: dict) -> list[str]:
+    out = [f"  fresh ramp: {r['users']:,} users with full windows, {r['seconds']:.0f} s per step; "
+           f"knee = highest step with p99 <= {r['knee_p99_ms']:.0f} ms"]
+    for s in r["sides"]:
+        out.append(f"    [{s['side']}] {s['checkout']}: knee {s.get('knee') or 'none'} events/s"
+                   + (f"  ERROR {s['error']}" if "error" in s else ""))
+        for st in s["steps"]:
+            def f(x):
+                return "n/a" if x is None else f"{x:,.0f}"
+            out.append(f"      {st['rate']:>6,}/s achieved {st['achieved_rate']:>8,.0f}  p50 {f(st['p50_ms']):>7} ms"
+                       f"  p99 {f(st['p99_ms']):>7} ms  max {f(st['max_ms']):>7} ms  records {st['records']:>7,}"
+                       f"  drained {f(None if st['drain_seconds'] is None else st['drain_seconds'] * 1000)} ms"
+                       f"  worker RSS {f(st['worker_rss_mb'])} MB")
+    return out
+
+
+if __name__ == "__main__":
+    kind, spec_path = sys.argv[1], sys.argv[2]
+    {"producer": producer_child, "consumer": consumer_child}[kind](json.loads(Path(spec_path).read_text()))
