@@ -46,7 +46,8 @@ def last_json(out: str):
 def test_every_script_and_every_figures_script_has_a_smoke_test():
     """Each script of bench/ (not the modules the others import, nor results_page.py, checked by test_layout.py) has
     a test here, and each script a command of bench/results.json runs exists."""
-    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"harness", "tiny_checkpoint", "results_page"}
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"harness", "tiny_checkpoint", "results_page",
+                                                                 "fresh_ramp"}   # live.py's ramp phase
     cited = {name for f in json.loads((ROOT / "bench" / "results.json").read_text())["figures"]
              for name in re.findall(r"python bench/(\w+)\.py", f["command"])}
     assert cited and cited <= scripts
@@ -129,6 +130,22 @@ def test_live(tmp_path, checkpoint):
     fresh = r["fresh"]
     assert fresh["sent"] > 0 and fresh["failed_sends"] == 0 and fresh["drain_seconds"] is not None
     assert fresh["records"] > 0 and fresh["latency_ms"]["p50"] > 0
+
+
+def test_live_ramp(tmp_path, checkpoint):
+    """The fresh-traffic ramp (bench/fresh_ramp.py) on both sides of --against, this checkout standing in for the
+    other: every step drained, records measured by the consumer child, a knee or none on each side."""
+    r = last_json(bench("live", "--phases", "ramp", "--checkpoint", checkpoint, "--ramp-users", 30, "--ramp-rates",
+                        "100,200", "--ramp-seconds", 2, "--settle", 0.5, "--drain-max", 30, "--against", ROOT,
+                        "--json", tmp_path=tmp_path, timeout=300))
+    sides = r["ramp"]["sides"]
+    assert [s["side"] for s in sides] == ["against", "this"]
+    for side in sides:
+        assert "error" not in side, side
+        assert [st["rate"] for st in side["steps"]] == [100, 200]
+        for st in side["steps"]:
+            assert st["drain_seconds"] is not None and st["records"] > 0 and 0 < st["p50_ms"] <= st["p99_ms"]
+        assert side["knee"] in (None, 100, 200)
 
 
 def test_quality(tmp_path):
