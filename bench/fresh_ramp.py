@@ -121,9 +121,11 @@ def consumer_child(spec: dict) -> None:
     c.consume(num_messages=1, timeout=1.0)   # resolves "the end" before the first step
     print("ready", flush=True)
     while not stop[0]:
-        for m in c.consume(num_messages=2000, timeout=0.05):
-            if m.error() is None:
-                pairs.append((int(time.time() * 1000), newest_ts(m.value())))
+        # poll hands over one message as soon as librdkafka has it; consume(num_messages, timeout) may hold what it
+        # has until the batch fills or the timeout ends, and every message of it would be stamped that late
+        m = c.poll(0.05)
+        if m is not None and m.error() is None:
+            pairs.append((int(time.time() * 1000), newest_ts(m.value())))
     c.close()
     Path(spec["out"]).write_text(json.dumps(pairs))
 

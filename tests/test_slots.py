@@ -14,6 +14,7 @@ from .reference import apply_batch
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.slots import SlotWindows
 from scenestream.stream.core.window import ITEMS, item_delta
+from scenestream.stream.live.changelog import decode_state, encode_windows, window_values
 
 from .test_window import SCENES, TS0, event_sets
 
@@ -92,3 +93,29 @@ def test_a_user_who_leaves_frees_their_slots_for_the_next():
     assert set(slots.win[slots.slot_of["u2"]].tolist()) - {-1} == held   # the same window slots, reused
     assert [e.event_id for w in slots.state("u2").values() for e in w] == ["c", "d"]
     assert np.count_nonzero(slots.n) == 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams(), st.integers(1, 5))
+def test_changelog_values_of_many_windows_at_once_are_each_windows_own(batches, length):
+    """window_values (every changed window of a batch in one pass) writes what encode_windows writes of each window
+    alone, and the value reads back as the window."""
+    slots = SlotWindows(ALL_SCENES, length, capacity=2)
+    for batch in batches:
+        joined = slots.join(batch)
+        got = window_values(slots, joined.windows)
+        assert got == [encode_windows([slots.arrays(w)]) for w in joined.windows.tolist()]
+        for w, value in zip(joined.windows.tolist(), got):
+            user, scene = slots.user_names[slots.owner[w]], slots.scenes[slots.scene_of[w]]
+            assert decode_state(user, value, length)[scene].events(user) == slots.window(w).events(user)
+
+
+def test_changelog_values_of_windows_with_names_of_any_length_and_script():
+    slots = SlotWindows(ALL_SCENES, 4)
+    events = [Event(f"é{k}-{'x' * k}", f"ü{k % 3}", f"物品{k % 5}" * (k % 4 + 1), ALL_SCENES[k % 3],
+                    ("click", "like")[k % 2], TS0 + k) for k in range(40)]
+    for at in range(0, 40, 7):
+        joined = slots.join(events[at:at + 7])
+        assert window_values(slots, joined.windows) == [encode_windows([slots.arrays(w)])
+                                                        for w in joined.windows.tolist()]
+    assert window_values(slots, np.zeros(0, np.int64)) == []

@@ -43,9 +43,23 @@ class Interner:
         self.index: dict[str, int] = {}
         self.names: list[str] = []
         self.raw: list[bytes] = []   # the names in UTF-8 (what the changelog writes)
+        self._table: Optional[tuple] = None   # `names_of`'s arrays of raw
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def names_of(self, codes: np.ndarray) -> tuple[np.ndarray, bytes]:
+        """The UTF-8 names of `codes` as their sizes and their bytes end to end, gathered as arrays (the changelog
+        writes a window's item names so, for about every event)."""
+        if self._table is None or len(self._table[2]) != len(self.raw):   # grown since: built again
+            raw = self.raw[:]
+            sizes = np.fromiter(map(len, raw), np.int64, len(raw))
+            self._table = (np.frombuffer(b"".join(raw), np.uint8), np.cumsum(sizes) - sizes, sizes)
+        blob, starts, sizes = self._table
+        lens = sizes[codes]
+        ends = np.cumsum(lens)
+        total = int(ends[-1]) if len(ends) else 0
+        return lens, blob[np.repeat(starts[codes] - (ends - lens), lens) + np.arange(total)].tobytes()
 
     def id(self, name: str) -> int:
         i = self.index.get(name)

@@ -34,7 +34,8 @@ from ..core.events import Event
 from ..core.popularity import Popularity
 from ..core.slots import SlotJoin, SlotWindows
 from ..core.window import EMPTY, ITEMS, UserState, apply_window, item_delta
-from .changelog import FENCE_KEY, MARKER_KEY, SCENE_SEPARATOR, decode_state, encode_state, encode_windows, state_key
+from .changelog import FENCE_KEY, MARKER_KEY, SCENE_SEPARATOR, decode_state, encode_state, encode_windows, state_key, \
+    window_values
 from .config import WorkerConfig, memory_cap_problem
 from .kafka_security import NO_SECURITY
 from .reading import read_to
@@ -305,9 +306,9 @@ class ChangelogStore:
         """What the batch writes of what it joined, cut now: the next batch may change the windows before this one's
         state is sent. With a disk, its users are pinned in memory until `settle`."""
         slots, names = self.slots, self.slots.user_names
-        records = [(state_key(names[slots.owner[w]], slots.scenes[slots.scene_of[w]]),
-                    encode_windows([slots.arrays(w)]))
-                   for w in joined.windows.tolist()]
+        keys = [state_key(names[u], slots.scenes[s]) for u, s in
+                zip(slots.owner[joined.windows].tolist(), slots.scene_of[joined.windows].tolist())]
+        records = list(zip(keys, window_values(slots, joined.windows)))
         written = Written(records, joined.users)
         if self.disk.get(partition) is not None:
             self.pins[joined.users] += 1
