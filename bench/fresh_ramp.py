@@ -5,8 +5,9 @@ applied by the worker first (ordered by user, as a backlog). Then steady rates (
 --ramp-seconds each: a librdkafka producer in its own process sends events of users drawn at random from the U, at
 random items of the event's scene, with ts = send time (epoch ms), keyed by user_id, in bursts every 10 ms scheduled
 by absolute time; a librdkafka consumer in another process reads `user-interests` from its end and takes, for every
-output record, receive time minus the record's newest_ts. A record belongs to the step whose send span holds its
-newest_ts. After each step the ramp waits (--drain-max) until the worker has counted every event sent; a step the
+output record, receive time minus the record's newest_ts. The embedded broker's fetches slow as partitions fill with
+small batches (BENCHMARKS.md, "The embedded broker"): its share of these latencies grows step by step. A record
+belongs to the step whose send span holds its newest_ts. After each step the ramp waits (--drain-max) until the worker has counted every event sent; a step the
 worker did not drain in that time ends the ramp (it has fallen behind: later steps would measure its backlog).
 
 The knee is the highest step with p99 <= 100 ms (and drained). With --against DIR the same ramp runs first against

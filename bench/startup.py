@@ -1,9 +1,12 @@
-"""Worker startup: seconds from process start to the first published record, against a fresh embedded broker.
+"""Worker startup: seconds from process start to the first published record, against a fresh embedded broker; and
+with --first-recommendation, what a new user waits: seconds from `scenestream run` (the README's first command, on an
+installed venv, an empty cache) to the first recommendation that is not the popular fallback.
 
 Also runs a bare Faust agent (no model) with Faust's default consumer settings and with SceneStream's, each in its
 own process against its own fresh broker, to show which settings the ~30 s first group join came from.
 
     python bench/startup.py --runs 3 [--single-settings] [--checkpoint CKPT] [--json]
+    python bench/startup.py --first-recommendation --runs 3 [--json]
 """
 from __future__ import annotations
 
@@ -11,11 +14,15 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 from scenestream.stream.local.broker import EmbeddedBroker
@@ -99,6 +106,36 @@ def worker_start(checkpoint: str) -> float:
             proc.wait()
 
 
+def first_recommendation() -> float:
+    """`scenestream run` with an empty cache (SCENESTREAM_CACHE) to its banner's example user's first recommendation
+    from the model (not the popular fallback); then Ctrl-C, as a user would."""
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "scenestream.stream.cli", "run", "--port", str(free_port()),
+                                 "--broker-port", "0", "--log", str(Path(cache) / "worker.log")], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "SCENESTREAM_CACHE": cache})
+        try:
+            for line in proc.stdout:
+                found = re.search(r"curl '([^']+recommendations[^']+)'", line)
+                if found:
+                    break
+            else:
+                return float("nan")
+            while time.time() - t0 < 300:
+                with urllib.request.urlopen(found.group(1), timeout=10) as r:
+                    if json.loads(r.read())["fallback"] is None:
+                        return time.time() - t0
+                time.sleep(0.1)
+            return float("nan")
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -107,8 +144,17 @@ def main() -> None:
                     help="Also time the bare agent with only topic_disable_leader and with only the timeouts.")
     ap.add_argument("--no-faust-defaults", dest="faust_defaults", action="store_false",
                     help="Leave out the bare agent with Faust's default settings (its first group join waits ~30 s).")
+    ap.add_argument("--first-recommendation", action="store_true",
+                    help="Only time `scenestream run` to its first recommendation (cold cache), --runs times.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.first_recommendation:
+        runs = [round(first_recommendation(), 2) for _ in range(args.runs)]
+        result = {"run_to_first_recommendation_s": runs, "median_s": statistics.median(runs)}
+        if not args.json:
+            print(f"scenestream run -> first recommendation: {runs} s, median {result['median_s']} s")
+        print(json.dumps(result))
+        return
     ckpt = args.checkpoint or tiny_checkpoint()
     result = {"faust_defaults_s": [bare_faust("defaults") for _ in range(args.runs)] if args.faust_defaults else [],
               "faust_scenestream_settings_s": [bare_faust("scenestream") for _ in range(args.runs)],

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -227,3 +229,47 @@ def test_two_workers_answer_the_same_for_every_user(broker, checkpoint, tmp_path
     finally:
         a.kill()
         b.kill()
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "scenestream.json"
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",), "info": ("_info",),
+            "summary": ("", "_sum", "_count")}
+
+
+def exported_names(text: str) -> set[str]:
+    """Every series name a /metrics page can carry: each family's samples, and the names its type implies (a
+    labelled counter with no sample yet still declares itself)."""
+    names = set()
+    for fam in text_string_to_metric_families(text):
+        names |= {s.name for s in fam.samples}
+        names |= {fam.name + suffix for suffix in SUFFIXES.get(fam.type, ("",))}
+    return names
+
+
+def dashboard_problems(dashboard: dict, exported: set[str]) -> list[str]:
+    """A panel whose queries name no worker metric, or a metric no worker exports (a typo, a renamed metric)."""
+    problems = []
+    for panel in dashboard["panels"]:
+        named = [m for t in panel["targets"] for m in re.findall(r"\b(?:scenestream|process)_[a-z_]+", t["expr"])]
+        if not named:
+            problems.append(f"{panel['title']!r}: no worker metric in its queries")
+        problems += [f"{panel['title']!r}: {m} is not exported" for m in named if m not in exported]
+    for var in dashboard["templating"]["list"]:
+        problems += [f"variable {var['name']}: {m} is not exported"
+                     for m in re.findall(r"\b(?:scenestream|process)_[a-z_]+", var["query"]) if m not in exported]
+    return problems
+
+
+def test_every_grafana_panel_queries_metrics_the_worker_exports(served):
+    """deploy/grafana's dashboard against a running worker's /metrics (after events and dead letters)."""
+    w, _ = served
+    exported = exported_names(get(w.api + "/metrics")[1].decode())
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard_problems(dashboard, exported) == []
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for shown in ("events applied", "lag", "latency", "dead letters", "batch size", "encode time", "rss"):
+        assert shown in titles, shown
+    broken = json.loads(DASHBOARD.read_text())   # the check can fail: a renamed metric, a query with none
+    broken["panels"][0]["targets"][0]["expr"] = "rate(scenestream_events_consumd_total[1m])"
+    broken["panels"][1]["targets"] = [{"expr": "vector(1)"}]
+    assert len(dashboard_problems(broken, exported)) == 2

@@ -29,10 +29,27 @@ def running(pattern: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
-def test_run_serves_recommendations_and_ctrl_c_stops_everything(checkpoint, tmp_path):
+def test_the_shipped_demo_model_is_the_synthetic_datas():
+    """The demo model in the package (stream/local/demo_model) is what build_demo_model makes of the seeded synthetic
+    data: its vocabulary, scenes, actions and window, and its version is the hash of its weights (load_checkpoint)."""
+    from scenestream.model.checkpoint import load_checkpoint
+    from scenestream.model.vocab import ItemVocab
+    from scenestream.stream.core.config import DEFAULT_ACTIONS
+    from scenestream.stream.local.run import DEMO_MODEL, demo_events
+    from scenestream.stream.offline.leave_one_out import timelines
+    ckpt = load_checkpoint(DEMO_MODEL)
+    events, scenes = demo_events()
+    assert list(ckpt.scenes) == scenes and list(ckpt.actions) == list(DEFAULT_ACTIONS) and ckpt.window == 50
+    assert ckpt.vocab.to_json() == ItemVocab.from_events(e for tl in timelines(events).values() for e in tl).to_json()
+    assert ckpt.meta["dataset"] == "synthetic-demo"
+
+
+def test_run_serves_recommendations_and_ctrl_c_stops_everything(tmp_path):
+    """The README's first command as a new user runs it: no --checkpoint (the shipped demo model, no training), an
+    empty cache."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "scenestream.stream.cli", "run", "--port", str(port), "--broker-port", "0",
-                             "--rate", "1000", "--checkpoint", str(checkpoint), "--log", str(tmp_path / "w.log")],
+                             "--rate", "1000", "--log", str(tmp_path / "w.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "SCENESTREAM_CACHE": str(tmp_path / "cache")})
     banner = []
@@ -45,6 +62,7 @@ def test_run_serves_recommendations_and_ctrl_c_stops_everything(checkpoint, tmp_
             assert time.monotonic() - t0 < 180, "".join(banner)
         text = "".join(banner)
         assert "SceneStream is running" in text, text
+        assert "training" not in text, text   # the shipped model served: nothing trained first
         broker_port = re.search(r"broker\s+kafka://127\.0\.0\.1:(\d+)", text).group(1)
         example = re.search(r"curl '([^']+recommendations[^']+)'", text).group(1)
         deadline = time.monotonic() + 30

@@ -10,6 +10,7 @@ import copy
 from collections import Counter
 from types import MappingProxyType
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -352,3 +353,20 @@ def test_ids_whose_hashes_collide_stay_two_events(monkeypatch):
     w, _ = apply_window(w, [c, a], 5)
     assert w.events("u") == (a, b, c) and len(set(w.table()["hash"].tolist())) == 1
     assert apply_window(w, [b], 5) == (w, 0)
+
+
+def test_interner_names_of_follows_names_added_between_calls():
+    """names_of's byte table grows with the interner (names of any length and script, added a few or many at a
+    time), and gives each code's UTF-8 name, in the codes' order, repeats included."""
+    from scenestream.stream.core.window import Interner
+    interner, rng = Interner(10**6), np.random.default_rng(0)
+    for round_, added in enumerate([1, 3, 70, 0, 500, 2]):
+        for k in range(added):
+            interner.id(f"{'é物x'[k % 3] * (k % 7)}-{round_}-{k}")
+        if not len(interner):
+            continue
+        codes = rng.integers(0, len(interner), 300)
+        sizes, names = interner.names_of(codes)
+        assert names == b"".join(interner.raw[c] for c in codes.tolist())
+        assert sizes.tolist() == [len(interner.raw[c]) for c in codes.tolist()]
+    assert interner.names_of(np.zeros(0, np.int64))[1] == b""

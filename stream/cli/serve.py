@@ -74,19 +74,23 @@ def worker(device, encoder_cache_mb, security, **settings):
 @click.option("--broker-port", default=9092, help="Port of the embedded broker (0 = any free port).")
 @click.option("--rate", default=200.0, help="Synthetic events per second streamed into `clicks`.")
 @click.option("--checkpoint", default=None, type=click.Path(),
-              help="Model to serve. Default: a small model trained on the synthetic data (cached).")
+              help="Model to serve. Default: the small demo model shipped with the package (trained on the "
+                   "synthetic data; `python -m scenestream.stream.local.run DIR` builds it).")
+@click.option("--train-demo", is_flag=True,
+              help="Train the demo model here (half a minute on 2 cores, cached for the next run) instead of using the "
+                   "shipped one.")
 @click.option("--broker", "broker_url", default=None, envvar="SCENESTREAM_BROKER",
               help="kafka://HOST:PORT of a real Kafka instead of the embedded broker.")
 @kafka_security_options
 @click.option("--log", "log_path", default=None, type=click.Path(dir_okay=False),
               help="Worker log file. Default: <cache>/run/worker.log.")
-def run_cmd(port, broker_port, rate, checkpoint, broker_url, log_path, security):
+def run_cmd(port, broker_port, rate, checkpoint, train_demo, broker_url, log_path, security):
     """The main job: embedded broker + model + worker + API + a synthetic clickstream. Ctrl-C stops all."""
     from ..datasets.cache import cache_dir
     from ..local.run import run_demo
     path = Path(log_path) if log_path else cache_dir("run", "worker.log")
     try:
-        sys.exit(run_demo(port, broker_port, rate, checkpoint, broker_url, path, security))
+        sys.exit(run_demo(port, broker_port, rate, checkpoint, broker_url, path, security, train_demo))
     except (FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -43,7 +43,9 @@ class Interner:
         self.index: dict[str, int] = {}
         self.names: list[str] = []
         self.raw: list[bytes] = []   # the names in UTF-8 (what the changelog writes)
-        self._table: Optional[tuple] = None   # `names_of`'s arrays of raw
+        # `names_of`'s table of raw[:_tabled]: sizes, where each starts in blob, the bytes
+        self._sizes, self._starts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._blob, self._tabled = np.zeros(0, np.uint8), 0
 
     def __len__(self) -> int:
         return len(self.names)
@@ -51,15 +53,31 @@ class Interner:
     def names_of(self, codes: np.ndarray) -> tuple[np.ndarray, bytes]:
         """The UTF-8 names of `codes` as their sizes and their bytes end to end, gathered as arrays (the changelog
         writes a window's item names so, for about every event)."""
-        if self._table is None or len(self._table[2]) != len(self.raw):   # grown since: built again
-            raw = self.raw[:]
-            sizes = np.fromiter(map(len, raw), np.int64, len(raw))
-            self._table = (np.frombuffer(b"".join(raw), np.uint8), np.cumsum(sizes) - sizes, sizes)
-        blob, starts, sizes = self._table
-        lens = sizes[codes]
+        self._extend_table()
+        lens = self._sizes[codes]
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
-        return lens, blob[np.repeat(starts[codes] - (ends - lens), lens) + np.arange(total)].tobytes()
+        return lens, self._blob[np.repeat(self._starts[codes] - (ends - lens), lens) + np.arange(total)].tobytes()
+
+    def _extend_table(self) -> None:
+        """`names_of`'s arrays take the names added since, in room that doubles: a stream that keeps meeting new
+        items costs each name once, not the whole table per batch."""
+        have, new = self._tabled, self.raw[self._tabled:]
+        if not new:
+            return
+        sizes = np.fromiter(map(len, new), np.int64, len(new))
+        used = int(self._starts[have - 1] + self._sizes[have - 1]) if have else 0
+        if have + len(new) > len(self._sizes):
+            room = max(2 * len(self._sizes), have + len(new), 64)
+            self._sizes, self._starts = (np.concatenate([a[:have], np.zeros(room - have, np.int64)])
+                                         for a in (self._sizes, self._starts))
+        if used + int(sizes.sum()) > len(self._blob):
+            self._blob = np.concatenate([self._blob[:used], np.zeros(max(len(self._blob), used + int(sizes.sum()),
+                                                                         1024), np.uint8)])
+        self._sizes[have:have + len(new)] = sizes
+        self._starts[have:have + len(new)] = used + np.cumsum(sizes) - sizes
+        self._blob[used:used + int(sizes.sum())] = np.frombuffer(b"".join(new), np.uint8)
+        self._tabled = have + len(new)
 
     def id(self, name: str) -> int:
         i = self.index.get(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -12,6 +12,7 @@ from prometheus_client.utils import floatToGoString
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)   # process_resident_memory_bytes, process_cpu_seconds_total, open fds
         self.events = Counter("scenestream_events_consumed", "Valid events applied to state", registry=r)
         self.invalid = Counter("scenestream_events_invalid", "Rejected events, by reason", ["reason"], registry=r)
         self.late = Counter("scenestream_events_late_dropped", "Events older than a full window", registry=r)

@@ -1,6 +1,7 @@
 """`scenestream run`: the whole system on one machine, for a first look.
 
-Embedded broker (or --broker) -> a model (--checkpoint, else a small one trained on the synthetic data and cached)
+Embedded broker (or --broker) -> a model (--checkpoint, else the demo model shipped with the package; --train-demo
+trains one here instead)
 -> the worker with its HTTP API -> the synthetic clickstream streamed into `clicks` at --rate. Ctrl-C (or SIGTERM)
 stops all of it, the broker included.
 """
@@ -29,33 +30,55 @@ from ..datasets.synthetic import SyntheticSpec
 log = logging.getLogger(__name__)
 
 DEMO_SPEC = SyntheticSpec()  # the data `generate` writes by default
-DEMO_TRAIN_USERS = 1000      # the cached demo model trains on the first 1000 users' events (under 2 minutes here)
+DEMO_TRAIN_USERS = 1000      # the demo model trains on the first 1000 users' events (half a minute here)
+DEMO_EPOCHS = 3
+# the demo model shipped with the package, so a first `run` serves at once: built by the command below from the
+# seeded synthetic data (tests/test_run.py checks its vocabulary, scenes and actions against the generator's)
+#   python -m scenestream.stream.local.run stream/local/demo_model
+DEMO_MODEL = Path(__file__).with_name("demo_model")
 
 
-def demo_checkpoint(epochs: int = 3) -> Path:
-    """A small model trained on the synthetic data, cached so the second run starts at once."""
-    from scenestream.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+def build_demo_model(out: Path, epochs: int = DEMO_EPOCHS) -> Path:
+    """Train the demo model on the synthetic data's first DEMO_TRAIN_USERS users and save it to `out`."""
+    from scenestream.model.checkpoint import save_checkpoint
     from scenestream.model.config import TrainConfig
 
     from ..core.config import DEFAULT_ACTIONS
     from ..offline.leave_one_out import fit
+    print(f"training a small demo model into {out} ...", file=sys.stderr, flush=True)
+    events, scenes = demo_events()
+    ckpt, history = fit(events, scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=epochs, val_users=500),
+                        progress=True)
+    save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50,
+                    {"dataset": "synthetic-demo", "cutoff_ts": None, **history})
+    return out
+
+
+def demo_events() -> tuple[list, list[str]]:
+    """What the demo model trains on: the default synthetic log's first DEMO_TRAIN_USERS users, and its scenes."""
     from ..offline.logs import load_events
-    out = cache_dir("models", f"synthetic-demo-e{epochs}")
+    loaded = load_events(dataset="synthetic", spec=DEMO_SPEC)
+    users = {f"u{u:06d}" for u in range(DEMO_TRAIN_USERS)}
+    return [e for e in loaded.events if e.user_id in users], list(loaded.scenes)
+
+
+def demo_checkpoint(train: bool = False) -> Path:
+    """The shipped demo model; with `train` (or if the shipped one does not load), one trained here on the same data
+    and cached, so only the first such run waits for it."""
+    from scenestream.model.checkpoint import CheckpointError, load_checkpoint
+    if not train:
+        try:
+            load_checkpoint(DEMO_MODEL)
+            return DEMO_MODEL
+        except CheckpointError as exc:
+            log.warning("the shipped demo model does not load (%s); training one", exc)
+    out = cache_dir("models", f"synthetic-demo-e{DEMO_EPOCHS}")
     try:
         load_checkpoint(out)
         log.info("using cached demo model %s", out)
         return out
     except CheckpointError:
-        pass
-    print(f"training a small demo model (cached in {out}) ...", file=sys.stderr, flush=True)
-    loaded = load_events(dataset="synthetic", spec=DEMO_SPEC)
-    users = {f"u{u:06d}" for u in range(DEMO_TRAIN_USERS)}
-    events = [e for e in loaded.events if e.user_id in users]
-    ckpt, history = fit(events, loaded.scenes, DEFAULT_ACTIONS, 50, cfg=TrainConfig(epochs=epochs, val_users=500),
-                        progress=True)
-    save_checkpoint(out, ckpt.model, ckpt.vocab, ckpt.scenes, ckpt.actions, 50,
-                    {"dataset": "synthetic-demo", "cutoff_ts": None, **history})
-    return out
+        return build_demo_model(out)
 
 
 def wait_ready(url: str, timeout: float, proc: subprocess.Popen, stopped=lambda: False) -> bool:
@@ -74,7 +97,7 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen, stopped=lambda:
 
 
 def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str], broker_url: Optional[str],
-             log_path: Path, security: KafkaSecurity = KafkaSecurity()) -> int:
+             log_path: Path, security: KafkaSecurity = KafkaSecurity(), train_demo: bool = False) -> int:
     stop = {"now": False}
 
     def on_signal(_signum, _frame):  # a flag, not an exception: the producer and the event loop wind down cleanly
@@ -95,7 +118,7 @@ def run_demo(port: int, broker_port: int, rate: float, checkpoint: Optional[str]
                 raise RuntimeError("the embedded broker is PLAINTEXT: TLS/SASL settings need --broker")
             broker = EmbeddedBroker(port=broker_port or None).start()
             broker_url = broker.url
-        ckpt = Path(checkpoint) if checkpoint else demo_checkpoint()
+        ckpt = Path(checkpoint) if checkpoint else demo_checkpoint(train_demo)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,3 +170,7 @@ Ctrl-C stops everything.""", flush=True)
             broker.stop()
 
 
+
+
+if __name__ == "__main__":   # build the shipped demo model: python -m scenestream.stream.local.run OUT_DIR
+    build_demo_model(Path(sys.argv[1]) if len(sys.argv) > 1 else DEMO_MODEL)
