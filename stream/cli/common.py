@@ -93,9 +93,32 @@ def kafka_security_options(f):
     return command
 
 
-def source_options(f):
+def source_options(run):
+    @functools.wraps(run)
+    def command(*args, input_path=None, columns=None, ts_format="auto", **kwargs):
+        from ..offline.columns import parse_columns
+        from ..offline.logs import LogInput
+        if input_path is None and (columns or ts_format != "auto"):
+            raise click.UsageError("--columns and --ts-format apply to an --input log")
+        if input_path is not None:
+            try:
+                input_path = LogInput(input_path, tuple(parse_columns(columns).items()), ts_format)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from exc
+        return run(*args, input_path=input_path, **kwargs)
+
+    f = command
+    f = click.option("--ts-format", type=click.Choice(["auto", "ms", "s", "iso"]), default="auto", show_default=True,
+                     help="Event times of --input: epoch ms, epoch s, or ISO-8601 text (a zone, else UTC). auto: "
+                          "Parquet timestamp columns exactly, integers below 1e11 as seconds and above as ms, text "
+                          "as ISO-8601; JSONL and CSV logs without --columns or --ts-format read ts as epoch ms, "
+                          "as on Kafka.")(f)
+    f = click.option("--columns", default=None, metavar="FIELD=COLUMN,...",
+                     help="Column names of --input for event fields, e.g. user_id=uid,ts=event_time (fields not "
+                          "named keep their own: event_id, user_id, item_id, scene, action, ts).")(f)
     f = click.option("--input", "input_path", type=click.Path(dir_okay=False),
-                     help="Event log: JSONL (one event per line) or CSV with a header of event fields.")(f)
+                     help="Event log: JSONL (one event per line), CSV with a header, or Parquet (.parquet, read a "
+                          "row group at a time); see --columns for other column names.")(f)
     f = click.option("--dataset", type=click.Choice(DATASETS),
                      help="A named data set instead of --input. 'synthetic' is exactly what `generate` writes "
                           "with its defaults; ml-1m / ml-100k are fetched once into the cache; ml-1m-5core is "

@@ -1,18 +1,21 @@
 """Event logs and named data sets -> decoded events, with every rejected line counted by reason.
 
 JSONL lines are decoded exactly like Kafka message values (`events.decode`); CSV rows (header: the event fields)
-go through the same validation after `ts` is read as an integer.
+go through the same validation after `ts` is read as an integer. Parquet rows, and the rows of any log given a
+column mapping or a time form (`LogInput`), are renamed and their times made epoch ms first (columns.py).
 """
 from __future__ import annotations
 
 import csv
 from collections import Counter
+import orjson
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from ..core.config import DEFAULT_ACTIONS, StreamConfig
 from ..core.events import Decoded, Event, Rejection, decode, encode, validate_record
+from .columns import TS_FORMATS, event_row, parquet_rows
 
 if TYPE_CHECKING:
     from ..datasets.synthetic import SyntheticSpec
@@ -32,6 +35,35 @@ class LoadedEvents:
         return sum(self.invalid.values())
 
 
+@dataclass(frozen=True)
+class LogInput:
+    """--input with how to read it: `columns` maps event fields to the file's column names, `ts_format` says what
+    its times are (columns.py). A plain path reads the event schema as it is."""
+    path: str
+    columns: tuple[tuple[str, str], ...] = ()
+    ts_format: str = "auto"
+
+    def __post_init__(self):
+        if self.ts_format not in TS_FORMATS:
+            raise ValueError(f"--ts-format must be one of {', '.join(TS_FORMATS)}")
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def mapped(self) -> bool:
+        """Rows go through the mapping and the time forms: Parquet always, other logs when asked to."""
+        return bool(self.columns) or self.ts_format != "auto" or is_parquet(self.path)
+
+
+def as_input(source: "str | Path | LogInput") -> LogInput:
+    return source if isinstance(source, LogInput) else LogInput(str(source))
+
+
+def is_parquet(path: "str | Path") -> bool:
+    return Path(path).suffix.lower() in (".parquet", ".pq")
+
+
 def read_raw(path: str | Path) -> Iterator[bytes]:
     """JSONL: one raw payload per non-empty line (the newline stripped)."""
     with open(path, "rb") as f:
@@ -42,28 +74,65 @@ def read_raw(path: str | Path) -> Iterator[bytes]:
 
 
 def _csv_rows(path: Path, config: StreamConfig) -> Iterator[Decoded]:
+    for row in _csv_dicts(path):
+        if isinstance(row, Rejection):
+            yield row
+            continue
+        row = {k: v for k, v in row.items() if v not in (None, "")}
+        ts = row.get("ts")
+        if isinstance(ts, str):
+            try:
+                row["ts"] = int(ts)
+            except ValueError:
+                yield Rejection("wrong_type", f"ts {ts[:32]!r} is not an integer")
+                continue
+        yield validate_record(row, config)
+
+
+def _mapped_rows(source: LogInput, progress: bool = False) -> Iterator[object]:
+    """Each row of a mapped log renamed and its time made epoch ms; a line or row that is no object as it comes (the
+    JSON rules then say why)."""
+    path, columns = Path(source.path), dict(source.columns)
+    if is_parquet(path):
+        rows: Iterator[object] = parquet_rows(path, progress)
+    elif path.suffix.lower() == ".csv":
+        rows = _csv_dicts(path)
+    else:
+        rows = (_json_value(raw) for raw in read_raw(path))
+    for row in rows:
+        yield event_row(row, columns, source.ts_format) if isinstance(row, dict) else row
+
+
+def _json_value(raw: bytes) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw   # not an object: decode() gives its reason (bad_json, not_utf8, ...)
+
+
+def _csv_dicts(path: Path) -> Iterator[object]:
     with open(path, newline="", encoding="utf-8", errors="strict") as f:
         try:
-            reader = csv.DictReader(f)
-            for row in reader:
-                row = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-                ts = row.get("ts")
-                if isinstance(ts, str):
-                    try:
-                        row["ts"] = int(ts)
-                    except ValueError:
-                        yield Rejection("wrong_type", f"ts {ts[:32]!r} is not an integer")
-                        continue
-                yield validate_record(row, config)
+            for row in csv.DictReader(f):
+                yield {k: v for k, v in row.items() if k is not None}
         except (UnicodeDecodeError, csv.Error) as exc:
             yield Rejection("not_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_csv", str(exc)[:200])
 
 
-def decode_log(path: str | Path, config: StreamConfig) -> Iterator[Decoded]:
-    path = Path(path)
+def decode_log(source: "str | Path | LogInput", config: StreamConfig, progress: bool = False) -> Iterator[Decoded]:
+    source = as_input(source)
+    path = Path(source.path)
     if not path.is_file():
         raise FileNotFoundError(f"event log {path} does not exist")
-    if path.suffix.lower() == ".csv":
+    if source.mapped:
+        for row in _mapped_rows(source, progress):
+            if isinstance(row, Rejection):
+                yield row
+            elif isinstance(row, bytes):
+                yield decode(row, config)
+            else:
+                yield validate_record(row, config)
+    elif path.suffix.lower() == ".csv":
         yield from _csv_rows(path, config)
     else:
         for raw in read_raw(path):
@@ -100,7 +169,7 @@ def check_source(dataset: Optional[str], input_path: Optional[str | Path]) -> No
         raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] = None,
+def load_events(dataset: Optional[str] = None, input_path: "Optional[str | Path | LogInput]" = None,
                 config: Optional[StreamConfig] = None, scenes_mode: str = "genre",
                 spec: Optional["SyntheticSpec"] = None) -> LoadedEvents:
     """One place that turns --dataset / --input into events. `config` fixes scenes and actions for logs;
@@ -108,7 +177,7 @@ def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] 
     check_source(dataset, input_path)
     if input_path is not None:
         config = config or StreamConfig()
-        return collect(decode_log(input_path, config), config)
+        return collect(decode_log(input_path, config, progress=True), config)
     if dataset == "synthetic":
         from ..datasets.synthetic import SyntheticSpec
         spec = spec or SyntheticSpec()
@@ -123,15 +192,19 @@ def load_events(dataset: Optional[str] = None, input_path: Optional[str | Path] 
     raise AssertionError(dataset)  # check_source admits only DATASETS
 
 
-def raw_lines(dataset: Optional[str] = None, input_path: Optional[str | Path] = None,
+def raw_lines(dataset: Optional[str] = None, input_path: "Optional[str | Path | LogInput]" = None,
               scenes_mode: str = "genre") -> list[bytes]:
     """The payloads a source holds, as they are (bad ones included), for `produce`: an event log's lines, the
     synthetic log's lines, or a MovieLens data set's events in time order as canonical JSON."""
     check_source(dataset, input_path)
     if input_path is not None:
-        if not Path(input_path).is_file():
-            raise FileNotFoundError(f"event log {input_path} does not exist")
-        return list(read_raw(input_path))
+        source = as_input(input_path)
+        if not Path(source.path).is_file():
+            raise FileNotFoundError(f"event log {source.path} does not exist")
+        if source.mapped:   # rows as JSON events, bad ones too: the worker judges them as it judges any payload
+            return [row if isinstance(row, bytes) else orjson.dumps(row.detail if isinstance(row, Rejection) else row)
+                    for row in _mapped_rows(source, progress=True)]
+        return list(read_raw(source.path))
     if dataset == "synthetic":
         return synthetic_lines()
     return [encode(e) for e in load_events(dataset, scenes_mode=scenes_mode).events]
