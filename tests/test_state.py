@@ -1,16 +1,20 @@
 """Changelog recovery against the real embedded broker: every record of multi-record batches comes back (Tansu
 reports a partition's end as the base offset of its last batch + 1; recovery reads to an acknowledged fence)."""
 import asyncio
+import random
 import uuid
+from collections import Counter
 
+import numpy as np
 import orjson
 import pytest
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
-from scenestream.stream.core.window import Window
-from scenestream.stream.live.changelog import decode_state, encode_state
+from scenestream.stream.core.popularity import Popularity
+from scenestream.stream.core.window import ACTIONS, EMPTY, ITEMS, Window, apply_window
+from scenestream.stream.live.changelog import decode_state, encode_state, encode_windows
 from scenestream.stream.live.state import ChangelogStore, join_states
 
 from .conftest import run
@@ -119,3 +123,74 @@ def test_changelog_values_in_the_json_forms_of_earlier_versions_still_read():
     rows = orjson.dumps({"video": [[e.ts, e.event_id, e.item_id, e.action] for e in a["video"].events("u")]})
     assert decode_state("u", rows, 50) == a
     assert decode_state("u", rows, 2) == {"video": Window.of(a["video"].events("u")[-2:])}
+
+
+def test_recovered_users_wait_packed_and_take_slots_when_touched(broker):
+    """Without a disk, recovery leaves users packed (a slot has room for a full window: 1M sparse users cost 4x
+    the memory as slots); a micro-batch's users take slots, past `hot_users` the least recently used are packed
+    again, and every user's windows, the partition's item counts and its user list stay what the lattice says."""
+    async def scenario():
+        topic = f"cl-{uuid.uuid4().hex[:8]}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+        await admin.close()
+        writer = ChangelogStore(broker.bootstrap, topic, SCENES, window=50)
+        await writer.start()
+        await writer.ensure(0)
+        first = {f"u{k}": _state(f"u{k}", 1 + k % 4) for k in range(30)}
+        await asyncio.gather(*await write(writer, 0, first, applied_offset=3))
+        await writer.stop()
+        store = ChangelogStore(broker.bootstrap, topic, SCENES, window=50, hot_users=8)
+        await store.start()
+        try:
+            await store.ensure(0)
+            recovered = (len(store.slots), store.in_memory(), store.popularity(0).counts)
+            want = dict(first)
+            for rnd in range(3):   # rounds of 12 users each, some recovered, some new, some packed again
+                users = [f"u{(7 * rnd + 3 * k) % 40}" for k in range(12)]
+                events = [Event(f"{u}-r{rnd}", u, f"j{rnd}", "shop", "buy", 1_800_000_000_000 + rnd) for u in users]
+                for e in events:
+                    want[e.user_id] = join_states(want.get(e.user_id), {"shop": Window.of([e])}, 50)
+                written = store.cut(0, store.join(0, events, 10 + rnd))
+                store.trim()   # users of a batch in flight keep their slots
+                pinned = len(store.slots)
+                store.settle(0, written, [], 10 + rnd)
+                store.trim()
+                assert len(store.slots) <= 8 < pinned
+        finally:
+            await store.stop()
+        expect = Popularity()
+        for user, state in want.items():
+            for w in state.values():
+                expect.add(w.events(user))
+        return recovered, store, want, expect
+    (slots, held, counts), store, want, expect = run(scenario())
+    assert slots == 0 and held == 30
+    assert counts == Popularity().counts | {"video": Counter(f"i{k}" for u in range(30) for k in range(1 + u % 4))}
+    assert sorted(store.users_of(0)) == sorted(want) and store.in_memory() == len(want)
+    assert store.popularity(0).counts == expect.counts
+    assert all(store.has(0, u) and store.get(0, u) == want[u] for u in want)
+
+
+def test_binary_values_read_as_the_join_of_their_rows():
+    """Rows as the worker writes them (ascending by (ts, id), ids unique) are packed as they are; any others (out
+    of order, an id twice, longer than the window) are joined: either way the window apply_window makes of them."""
+    rng = random.Random(7)
+    direct = 0
+    for _ in range(400):
+        ids = ["a", "b", "é", "c\U0001f600", "\udc80z", "x1", "x10", "x2"]
+        evs = [Event(rng.choice(ids), "u", f"i{rng.randint(0, 5)}", "video", rng.choice(["click", "view"]),
+                     rng.randint(0, 3)) for _ in range(rng.randint(1, 9))]
+        if rng.random() < 0.5:   # what the worker writes
+            evs = sorted({e.event_id: e for e in evs}.values(), key=lambda e: (e.ts, e.event_id))
+            direct += 1
+        raw_ids = [e.event_id.encode("utf-8", "surrogatepass") for e in evs]
+        raw = encode_windows([("video", [e.ts for e in evs], [len(i) for i in raw_ids], b"".join(raw_ids),
+                               np.array([ITEMS.id(e.item_id) for e in evs]),
+                               np.array([ACTIONS.id(e.action) for e in evs]))])
+        length = rng.randint(1, 8)
+        assert decode_state("u", raw, length) == {"video": apply_window(EMPTY, evs, length)[0]}
+    assert direct > 100
+    with pytest.raises(ValueError):
+        decode_state("u", raw[:-1], 8)

@@ -10,6 +10,7 @@ import click
 from ..core.config import StreamConfig
 from ..live.kafka_security import ENVVARS, MECHANISMS, PASSWORD_FILE_ENV, PROTOCOLS, SASL_PASSWORD_ENV, \
     SSL_KEY_PASSWORD_ENV, KafkaSecurity
+from ..offline.columns import TS_FORMATS
 from ..offline.logs import DATASETS, SourceError
 
 log = logging.getLogger("scenestream")
@@ -107,12 +108,11 @@ def source_options(run):
                 raise click.UsageError(str(exc)) from exc
         return run(*args, input_path=input_path, **kwargs)
 
-    f = command
-    f = click.option("--ts-format", type=click.Choice(["auto", "ms", "s", "iso"]), default="auto", show_default=True,
+    f = click.option("--ts-format", type=click.Choice(TS_FORMATS), default="auto", show_default=True,
                      help="Event times of --input: epoch ms, epoch s, or ISO-8601 text (a zone, else UTC). auto: "
                           "Parquet timestamp columns exactly, integers below 1e11 as seconds and above as ms, text "
                           "as ISO-8601; JSONL and CSV logs without --columns or --ts-format read ts as epoch ms, "
-                          "as on Kafka.")(f)
+                          "as on Kafka.")(command)
     f = click.option("--columns", default=None, metavar="FIELD=COLUMN,...",
                      help="Column names of --input for event fields, e.g. user_id=uid,ts=event_time (fields not "
                           "named keep their own: event_id, user_id, item_id, scene, action, ts).")(f)

@@ -11,11 +11,12 @@ import numpy as np
 import orjson
 
 from ..core.events import Event
-from ..core.window import ACTIONS, EMPTY, ITEMS, ROW_BYTES, UserState, apply_window
+from ..core.window import ACTIONS, EMPTY, ITEMS, ROW, ROW_BYTES, SCENES, UserState, Window, apply_window, id_hash
 
 FENCE_KEY = b"\x00fence"      # written by a recovery, which reads up to its acknowledged offset
 MARKER_KEY = b"\x00applied"   # value: the highest source offset the partition's durable state covers, in decimal
 
+_U16 = struct.Struct("<H")
 SCENE_SEPARATOR = b"\x1f"   # a control character: never part of a valid id (core/events.py: check_id)
 
 
@@ -88,32 +89,52 @@ def decode_state(user: str, raw: bytes, length: int) -> UserState:
     or is longer than the window still reads as a window). Reads the binary form (`encode_windows`) and the JSON
     forms of earlier versions: columns, {scene: {"ts": [...], "ids": "...", "id_bytes": [...], "item": [...],
     "action": [...]}}, and rows, {scene: [[ts, event_id, item_id, action], ...]}."""
-    if raw[:1] == b"\x01":
-        return {s: apply_window(EMPTY, events, length)[0] for s, events in _binary_events(user, raw) if events}
-    return {s: apply_window(EMPTY, _events(user, s, value), length)[0]
-            for s, value in orjson.loads(raw).items() if value}
+    if raw[:1] != b"\x01":
+        return {s: apply_window(EMPTY, _events(user, s, value), length)[0]
+                for s, value in orjson.loads(raw).items() if value}
+    out = {}
+    for scene, ts, ids, items, actions in _binary_windows(raw):
+        if ts:
+            out[scene] = _packed(scene, ts, ids, items, actions, length) or apply_window(EMPTY, [
+                Event(i.decode("utf-8", "surrogatepass"), user, item, scene, action, t)
+                for t, i, item, action in zip(ts, ids, items, actions)], length)[0]
+    return out
 
 
-def _binary_events(user: str, raw: bytes) -> list[tuple[str, list[Event]]]:
-    view, at = memoryview(raw), 2
-    out = []
+def _packed(scene: str, ts: list, ids: list, items: list, actions: list, length: int):
+    """The window of rows that already are one (what the worker writes: ascending by (ts, id), ids unique), packed
+    as apply_window would pack it, without an Event per row (recovery reads millions); None for any other rows.
+    UTF-8 orders ids as their text does, so comparing the bytes is the lattice's order."""
+    keys = list(zip(ts, ids))
+    if any(a >= b for a, b in zip(keys, keys[1:])) or len(set(ids)) < len(ids):
+        return None
+    if len(ts) > length:
+        ts, ids, items, actions = ts[-length:], ids[-length:], items[-length:], actions[-length:]
+    code = SCENES.id(scene)
+    rows = b"".join([ROW.pack(t, id_hash(i), ITEMS.id(item), ACTIONS.id(action), code, len(i))
+                     for t, i, item, action in zip(ts, ids, items, actions)])
+    return Window(rows + b"".join(ids), len(ids))
+
+
+def _binary_windows(raw: bytes) -> list[tuple[str, list, list, list, list]]:
+    """The binary form's windows as (scene, ts, ids as bytes, item names, action names), rows as written."""
+    at, out = 2, []
     try:
         for _ in range(raw[1]):
-            scene = bytes(view[at + 1:at + 1 + raw[at]]).decode()
+            scene = raw[at + 1:at + 1 + raw[at]].decode()
             at += 1 + raw[at]
-            (n,) = struct.unpack_from("<H", raw, at)
-            ts = np.frombuffer(raw, "<i8", n, at + 2).tolist()
+            (n,) = _U16.unpack_from(raw, at)
+            ts = list(struct.unpack_from(f"<{n}q", raw, at + 2))
             at += 2 + 8 * n
             columns = []
             for _ in range(3):   # ids, items, actions: sizes, then the bytes
-                sizes = np.frombuffer(raw, "<u2", n, at)
-                at += 2 * n
-                ends = (at + np.cumsum(sizes)).tolist()
-                columns.append([raw[end - size:end].decode("utf-8", "surrogatepass")
-                                for end, size in zip(ends, sizes.tolist())])
-                at = ends[-1] if n else at
-            out.append((scene, [Event(eid, user, item, scene, action, t)
-                                for t, eid, item, action in zip(ts, *columns)]))
+                ends = list(accumulate(struct.unpack_from(f"<{n}H", raw, at), initial=at + 2 * n))
+                if ends[-1] > len(raw):
+                    raise ValueError("a column past the value's end")
+                columns.append([raw[a:b] for a, b in zip(ends, ends[1:])])
+                at = ends[-1]
+            ids, items, actions = columns
+            out.append((scene, ts, ids, [i.decode() for i in items], [a.decode() for a in actions]))
     except (IndexError, ValueError, struct.error) as e:
         raise ValueError(f"a binary changelog value that does not parse ({e})") from None
     if at != len(raw):

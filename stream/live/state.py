@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
@@ -46,6 +47,7 @@ from .topics import COMPACTED
 log = logging.getLogger(__name__)
 
 RECOVERY_DEADLINE_S = 300
+HOT_USERS = 100_000   # without a disk: users held as slots; the rest wait packed (ChangelogStore)
 CHANGELOG_CONFIG = COMPACTED   # the state: created so by topics.ensure_topic
 
 
@@ -81,6 +83,12 @@ class ChangelogStore:
     """Every held user's windows as slots (core/slots.py: one array row per (user, scene) window, shared by all the
     partitions held), each user tagged with its source partition; a partition is recovered before its first event.
 
+    A slot has room for a full window, so a user with one event costs what one with L per scene does (~1.15 KB a
+    window at L = 50): 1M recovered users of a few events each took 6.2 GB and 302 s as slots, against 1.4 GB and
+    32 s as packed windows (BENCHMARKS.md, "State"). So without a disk, recovered users wait as packed windows
+    (`cold`, per partition: core/window.py's bytes, sized by what they hold) and take a slot when a micro-batch or a
+    read first touches them; past `hot_users` slots, the least recently used are packed again (`trim`).
+
     With `state_dir` (`--state rocksdb`) every partition also lives on local disk (stream/live/rocks.py): recovery
     reads only the changelog's tail, and memory holds at most `max_users` users (least recently used go first, never
     one a micro-batch in flight has changed; 0 = no cap) and none idle for longer than `idle_s` (0 = no limit). A
@@ -88,13 +96,14 @@ class ChangelogStore:
 
     def __init__(self, bootstrap: str, topic: str, scenes: Sequence[str], window: int,
                  security: Mapping[str, Any] = NO_SECURITY, state_dir: Optional[str] = None, max_users: int = 0,
-                 idle_s: float = 0.0, compression: str = WorkerConfig.compression):
+                 idle_s: float = 0.0, compression: str = WorkerConfig.compression, hot_users: int = HOT_USERS):
         self.bootstrap, self.topic, self.window, self.security = bootstrap, topic, window, security
         self.compression = codec_setting(compression)   # of every record the worker writes (this producer's)
-        self.state_dir, self.max_users, self.idle_s = state_dir, max_users, idle_s
+        self.state_dir, self.max_users, self.idle_s, self.hot_users = state_dir, max_users, idle_s, hot_users
         if problem := memory_cap_problem(bool(state_dir), max_users, idle_s):
             raise ValueError(problem)
         self.slots = SlotWindows(scenes, window)
+        self.cold: dict[int, dict[str, UserState]] = {}   # without a disk: partition -> users held packed
         self.part_of = np.zeros(0, np.int32)     # user slot -> source partition
         self.used_at = np.zeros(0, np.float64)   # user slot -> when last used (time.monotonic)
         self.pins = np.zeros(0, np.int32)        # user slot -> batches in flight that changed it (never evicted)
@@ -135,12 +144,14 @@ class ChangelogStore:
         """The partition's users in memory."""
         self._tags()
         names = self.slots.user_names
-        return [names[u] for u in np.flatnonzero(self.part_of == partition).tolist() if names[u] is not None]
+        return [names[u] for u in np.flatnonzero(self.part_of == partition).tolist() if names[u] is not None] + \
+            list(self.cold.get(partition, ()))
 
     def forget(self, partitions: Iterable[int]) -> None:
         """A revoked partition's state may change elsewhere: drop it; it is recovered again if it comes back."""
         for p in partitions:
             self._drop(self.users_of(p))
+            self.cold.pop(p, None)
             self.held.discard(p)
             self.applied.pop(p, None)
             self.marked.pop(p, None)
@@ -164,10 +175,12 @@ class ChangelogStore:
         """The user's windows (read back from disk if they left memory); None if the partition has none."""
         if user in self.slots and self.part_of[self.slots.slot_of[user]] == partition:
             return self.slots.state(user)
-        state = self._on_disk(self.disk.get(partition), user)
+        state = self.cold.get(partition, {}).pop(user, None)
+        if state is None:
+            state = self._on_disk(self.disk.get(partition), user)
+            self.stats["loads"] += state is not None
         if state is not None:
             self._hold(partition, user, state)
-            self.stats["loads"] += 1
         return state
 
     def _on_disk(self, disk: Optional[DiskPartition], user: str) -> Optional[UserState]:
@@ -177,30 +190,35 @@ class ChangelogStore:
     def has(self, partition: int, user: str) -> bool:
         if user in self.slots:
             return self.part_of[self.slots.slot_of[user]] == partition
+        if user in self.cold.get(partition, ()):
+            return True
         disk = self.disk.get(partition)
         return disk is not None and disk.has(user)
 
     def in_memory(self) -> int:
-        return len(self.slots)
+        return len(self.slots) + sum(map(len, self.cold.values()))
 
     def trim(self) -> None:
-        """Drop users from memory, least recently used first over every partition together, while over the cap or
-        idle past the TTL; never one pinned by a micro-batch in flight. One order over all partitions: taking each
-        partition's oldest in turn emptied the first partitions of every user, the newest too, while the last one
-        kept users far older (BENCHMARKS.md, "State")."""
-        if not self.state_dir:
-            return
-        over = max(0, self.in_memory() - self.max_users) if self.max_users else 0
-        if not over and not self.idle_s:
+        """Take users out of their slots, least recently used first over every partition together, while over the
+        cap or idle past the TTL; never one pinned by a micro-batch in flight. With a disk they leave memory (their
+        windows are on disk); without one, past `hot_users`, they are packed (`cold`). One order over all
+        partitions: taking each partition's oldest in turn emptied the first partitions of every user, the newest
+        too, while the last one kept users far older (BENCHMARKS.md, "State")."""
+        cap = self.max_users if self.state_dir else self.hot_users
+        over = max(0, len(self.slots) - cap) if cap else 0
+        if not over and not (self.idle_s and self.state_dir):
             return
         self._tags()
         held = np.flatnonzero((self.part_of >= 0) & (self.pins == 0))
         order = held[np.argsort(self.used_at[held], kind="stable")]
         victims = order[:over]
-        if self.idle_s:
+        if self.idle_s and self.state_dir:
             idle = order[self.used_at[order] < time.monotonic() - self.idle_s]
             victims = np.union1d(victims, idle)
         names = [self.slots.user_names[u] for u in victims.tolist()]
+        if not self.state_dir:
+            for user, p in zip(names, self.part_of[victims].tolist()):
+                self.cold.setdefault(p, {})[user] = self.slots.state(user)
         self._drop(names)
         self.stats["evictions"] += len(names)
 
@@ -215,8 +233,12 @@ class ChangelogStore:
         W = W[W >= 0]
         cols = np.arange(L)[None, :] >= (L - slots.n[W])[:, None]
         scenes = np.broadcast_to(slots.scene_of[W][:, None], cols.shape)[cols]
+        counts = Counter(zip(scenes.tolist(), slots.item[W][cols].tolist()))
+        for state in self.cold.get(partition, {}).values():
+            for scene, w in state.items():
+                counts.update(zip(repeat(slots.scene_index[scene]), w.table()["item"].tolist()))
         pop = Popularity()
-        for (s, i), c in Counter(zip(scenes.tolist(), slots.item[W][cols].tolist())).items():
+        for (s, i), c in counts.items():
             pop.counts[slots.scenes[s]][ITEMS.names[i]] = c
         return pop
 
@@ -227,8 +249,7 @@ class ChangelogStore:
             if partition in self.held:
                 return False
             state, marker = await self.recover(partition)
-            for user, windows in state.items():
-                self._hold(partition, user, windows)
+            self.cold[partition] = {u: st for u, st in state.items() if st}   # slots when first touched
             self.held.add(partition)
             self.applied[partition] = self.marked[partition] = self.durable[partition] = marker
             return True
@@ -292,7 +313,7 @@ class ChangelogStore:
         """Join a micro-batch's valid events of one partition into the windows in memory (the caller checked it owns
         the partition; users on disk come back first). Memory may run ahead of the changelog, never the other way
         round: a crash before the batch's `send` loses only what the marker says to redo."""
-        if self.disk.get(partition) is not None:
+        if self.disk.get(partition) is not None or self.cold.get(partition):
             for user in {e.user_id for e in events} - self.slots.slot_of.keys():
                 self.get(partition, user)
         joined = self.slots.join(events)
@@ -304,14 +325,14 @@ class ChangelogStore:
 
     def cut(self, partition: int, joined: SlotJoin) -> Written:
         """What the batch writes of what it joined, cut now: the next batch may change the windows before this one's
-        state is sent. With a disk, its users are pinned in memory until `settle`."""
+        state is sent. Its users are pinned in their slots until `settle`."""
         slots, names = self.slots, self.slots.user_names
         keys = [state_key(names[u], slots.scenes[s]) for u, s in
                 zip(slots.owner[joined.windows].tolist(), slots.scene_of[joined.windows].tolist())]
         records = list(zip(keys, window_values(slots, joined.windows)))
         written = Written(records, joined.users)
+        self.pins[joined.users] += 1
         if self.disk.get(partition) is not None:
-            self.pins[joined.users] += 1
             written.states = {names[u]: encode_windows(slots.user_arrays(u)) for u in joined.users.tolist()}
             written.deltas = item_deltas(slots, joined)
         return written
@@ -321,13 +342,13 @@ class ChangelogStore:
         durable up to `applied_offset`; its states go to disk (if any), with `covered` moved up to them when they
         follow it without a gap, and its users are unpinned."""
         self.durable[partition] = max(applied_offset, self.durable.get(partition, -1))
+        self.pins[written.users] = np.maximum(0, self.pins[written.users] - 1)
         disk = self.disk.get(partition)
         if disk is None:
             return
         offsets = sorted(offsets)
         gapless = bool(offsets) and offsets[0] == disk.covered + 1 and offsets[-1] - offsets[0] + 1 == len(offsets)
         disk.write(written.states, written.deltas, offsets[-1] if gapless else None, applied_offset)
-        self.pins[written.users] = np.maximum(0, self.pins[written.users] - 1)
 
     async def send(self, partition: int, written: Written, applied_offset: int) -> list[SentBatch]:
         """Send the changed windows' records, then the offset marker, to the changelog partition, as one record

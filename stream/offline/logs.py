@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-import orjson
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+import orjson
 
 from ..core.config import DEFAULT_ACTIONS, StreamConfig
 from ..core.events import Decoded, Event, Rejection, decode, encode, validate_record
