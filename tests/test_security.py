@@ -32,8 +32,8 @@ from .test_worker import stream_of
 
 pytestmark = pytest.mark.timeout(600)
 TOKEN = "s3cret-Token-4f9a"
-PROTECTED = ["/users/{u}/recommendations?k=3", "/users/{u}/interests", "/metrics",
-             "/router/", "/table/", "/", "/graph/", "/stats/", "/assignment/"]   # the last five are Faust's own
+PROTECTED = ["/users/{u}/recommendations?k=3", "/users/{u}/interests", "/users/{u}/history", "/", "/live/stats",
+             "/metrics", "/router/", "/table/", "/graph/", "/stats/", "/assignment/"]   # the last five are Faust's own
 # what they answer with the token where not 200: routes this Faust does not serve (the token is asked for first)
 ANSWERED = {"/graph/": 404, "/stats/": 404, "/assignment/": 404}
 

@@ -5,8 +5,8 @@ __getattr__        # index/__init__.py: PEP 562 lazy module attribute
 _.efConstruction   # faiss reads index parameters set as attributes
 _.max_points_per_centroid
 _.forward          # torch.nn.Module.__call__ runs forward
-Recommendations, Health, Ready, Metrics   # Faust web views, registered by @app.page
-on_shutdown, feed, rekey, follow_catalog, follow_popularity, share_popularity, report, watch_model, watch_broker  # Faust signals, tasks, timers
+Recommendations, Interests, History, LivePage, LiveStatsView, Health, Ready, Metrics   # Faust web views, registered by @app.page
+on_shutdown, feed, rekey, follow_catalog, follow_popularity, share_popularity, sample, report, watch_model, watch_broker  # Faust signals, tasks, timers
 _.enable_kafka_consumer  # Faust's BootStrategy switch (stream/live/worker.py)
 _.metadata, _.on_assignment  # aiokafka calls a partition assignor's hooks (stream/live/feeder.py)
 _.on_partitions_revoked, _.on_partitions_assigned  # aiokafka calls a rebalance listener's hooks

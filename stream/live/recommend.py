@@ -1,6 +1,7 @@
 """What a recommendation is, without HTTP: the user's vector ranked against the item index, seen items left out,
 the popular fallback for users with no vector, and the explanation (scene weights, the history items that score
-highest against the same vector). The web views (web.py) only parse requests and call these.
+highest against the same vector), and the user's recent history. The web views (web.py) only parse requests and
+call these.
 """
 from __future__ import annotations
 
@@ -85,3 +86,10 @@ def explained_history(vector: np.ndarray, state: Optional[UserState], index: Ite
         known, scores = [], []
     weighed = sorted(zip(map(float, scores), known), key=lambda se: -se[0])[:EXPLAINED_HISTORY]
     return [{"item_id": e.item_id, "scene": e.scene, "ts": e.ts, "score": s} for s, e in weighed]
+
+
+def recent_history(state: UserState, n: int) -> list[dict]:
+    """The user's newest n events over all scenes' windows, newest first."""
+    events = sorted((e for w in state.values() for e in w), key=lambda e: (e.ts, e.event_id), reverse=True)[:n]
+    return [{"event_id": e.event_id, "item_id": e.item_id, "scene": e.scene, "action": e.action, "ts": e.ts}
+            for e in events]

@@ -1,4 +1,5 @@
-"""HTTP views of the worker (Faust web): recommendations with explanations, interests, health, metrics.
+"""HTTP views of the worker (Faust web): recommendations with explanations, interests, history, health, metrics,
+and the live page at / (live_page.html: charts of /live/stats, a user's weights, recommendations and history).
 
 Views parse and validate a request, then call recommend.py and the micro-batch service; no recommendation logic
 lives here. Requests for a user are forwarded to the worker that owns the user's partition of the clicks topic
@@ -11,9 +12,11 @@ limit, then, when an API token is set, `Authorization: Bearer <token>` on every 
 """
 from __future__ import annotations
 
+import base64
 import hmac
 import math
 import time
+from importlib.resources import files
 from typing import Callable, Optional
 
 import aiohttp
@@ -24,20 +27,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..core.output import record_json
 from ..core.config import StreamConfig
 from ..core.events import Rejection, check_id
-from .recommend import recommendation
+from .live_stats import LiveStats
+from .recommend import recent_history, recommendation
 
 MAX_K = 1000
 FORWARDED = "X-SceneStream-Forwarded-By"   # a forwarded request is answered where it lands: never forwarded twice
 TRUE, FALSE = {"true", "True", "1", "yes"}, {"false", "False", "0", "no"}   # openapi.yaml lists them
 QUERY = frozenset({"scene", "k", "exclude_seen"})   # what /users/{user_id}/recommendations takes
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})   # probes (a kubelet sends no token); everything else needs it
+LIVE_PAGE = "/"
+HISTORY_MAX = 200   # events /users/{user_id}/history gives at most
 FORWARD_TIMEOUT_S = 3.0   # a forwarded request's whole round trip; past it the client gets a 503
 RELAYED = ("Retry-After", "WWW-Authenticate")   # headers of the owner's answer that the client gets too
 
 
 def authorized(header: Optional[str], token: str) -> bool:
-    """Whether an Authorization header carries the token (constant-time comparison)."""
-    return hmac.compare_digest((header or "").encode("utf-8", "replace"), f"Bearer {token}".encode())
+    """Whether an Authorization header carries the token (constant-time comparison): `Bearer <token>`, or HTTP Basic
+    credentials whose password is the token (any user name), which a browser sends for the live page and its
+    requests once asked."""
+    header = header or ""
+    if header.startswith("Basic "):
+        try:
+            _, _, password = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
+        except ValueError:   # not base64, or not UTF-8
+            return False
+        return hmac.compare_digest(password.encode(), token.encode())
+    return hmac.compare_digest(header.encode("utf-8", "replace"), f"Bearer {token}".encode())
 
 
 class RateLimiter:
@@ -71,7 +86,10 @@ def guard(token: str, limiter: Optional[RateLimiter], count: Callable[[int], Non
     async def middleware(request: aioweb.Request, handler):
         authed = bool(token) and authorized(request.headers.get("Authorization"), token)
         if token and not authed and request.path not in OPEN_PATHS:
-            return reject(401, "missing or wrong Authorization: Bearer token", {"WWW-Authenticate": "Bearer"})
+            # the live page asks a browser for the token as a password (a navigation cannot send a Bearer header)
+            challenge = 'Basic realm="scenestream"' if request.path == LIVE_PAGE else "Bearer"
+            return reject(401, "missing or wrong API token (Authorization: Bearer <token>, or Basic with the "
+                          "token as the password)", {"WWW-Authenticate": challenge})
         if limiter and not (authed and FORWARDED in request.headers):
             wait = limiter.wait(request.remote or "", time.monotonic())
             if wait:
@@ -116,14 +134,15 @@ def parse_query(query, scenes) -> tuple[Optional[str], int, bool]:
     return scene, k, raw_ex in TRUE
 
 
-def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url: str, catalog_caught_up,
-             token: str = "", rate_limit: float = 0.0,
+def register(app, service, live: LiveStats, owner_url: Callable[[bytes], Optional[str]], self_url: str,
+             catalog_caught_up, token: str = "", rate_limit: float = 0.0,
              broker_problem: Callable[[], Optional[str]] = lambda: None) -> None:
     """service: the MicroBatchService (its `model` is the encoder and live item index in use, swapped as one: each
-    request takes it once); owner_url(key): the API URL of the worker owning that clicks key (from the consumer
-    group, never from a request); catalog_caught_up(): readiness of the catalog; token: required of every request
-    but the probes ("" = none); rate_limit: requests per second per client (0 = no limit); broker_problem(): None
-    while the Kafka broker answers, else why it does not (worker.BrokerWatch): not ready meanwhile."""
+    request takes it once); live: the counters' recent samples (the live page's charts); owner_url(key): the API URL
+    of the worker owning that clicks key (from the consumer group, never from a request); catalog_caught_up():
+    readiness of the catalog; token: required of every request but the probes ("" = none); rate_limit: requests per
+    second per client (0 = no limit); broker_problem(): None while the Kafka broker answers, else why it does not
+    (worker.BrokerWatch): not ready meanwhile."""
     config = service.config
     app.web.web_app.middlewares.append(guard(token, RateLimiter(rate_limit) if rate_limit > 0 else None,
                                              lambda status: service.metrics.requests.labels("any", str(status)).inc()))
@@ -189,6 +208,40 @@ def register(app, service, owner_url: Callable[[bytes], Optional[str]], self_url
             if found is None:
                 return error(self, 404, f"no interests for user {user_id[:200]!r}")
             return self.bytes(record_json(found[0]), content_type="application/json")
+
+    @app.page("/users/{user_id}/history")
+    class History(View):
+        @routed
+        @counted("history")
+        async def get(self, request: Request, user_id: str) -> Response:
+            no_other_parameters(request.query, frozenset({"n"}))
+            try:
+                n = int(request.query.get("n", "20"))
+            except ValueError:
+                n = 0
+            if not 1 <= n <= HISTORY_MAX:
+                raise BadRequest(f"n must be an integer between 1 and {HISTORY_MAX}")
+            state = service.state_of(user_id) if valid_user(user_id, config) else None
+            if not state:
+                return error(self, 404, f"no history for user {user_id[:200]!r}")
+            return self.json({"user_id": user_id, "events": recent_history(state, n)})
+
+    page = files(__package__).joinpath("live_page.html").read_text(encoding="utf-8")
+
+    @app.page(LIVE_PAGE)
+    class LivePage(View):
+        @counted("live_page")
+        async def get(self, request: Request) -> Response:
+            no_other_parameters(request.query)
+            return self.html(page)
+
+    @app.page("/live/stats")
+    class LiveStatsView(View):
+        @counted("live_stats")
+        async def get(self, request: Request) -> Response:
+            no_other_parameters(request.query)
+            return self.json({"scenes": list(config.scenes), "model_version": service.model.version,
+                              "assigned_partitions": sorted(service.assigned), **live.series()})
 
     @app.page("/healthz")
     class Health(View):

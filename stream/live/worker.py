@@ -2,6 +2,7 @@
 
     clicks --ClicksFeeder (getmany)--> MicroBatchService.handle --> user-interests, clicks-dlq, then the changelog
     item-catalog --CatalogFollower--> the item index          HTTP views (web.py) --> recommend.py
+    the counters, every second --> LiveStats (live_stats.py) --> the live page at / (web.py)
     the checkpoint folder --ModelWatcher (swap.py), every --model-poll s--> a new encoder and index, swapped as one
     each held partition's popularity --> <app-id>-popularity --> every worker's popular fallback
 
@@ -26,6 +27,7 @@ from scenestream.index import IndexSpec, ItemIndex, load_index
 from scenestream.model.infer import InterestEncoder
 
 from .catalog import CATALOG_CONFIG, CatalogFollower
+from .live_stats import LiveStats, snapshot
 from .metrics import WorkerMetrics
 from .feeder import ClicksFeeder
 from .rekey import Rekeyer
@@ -128,8 +130,9 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
         await feeder.stop()
         await service.stop()
 
-    register_web(app, service, feeder.owner_url, cfg.url, lambda: catalog.caught_up, cfg.api_token, cfg.rate_limit,
-                 broker_problem=broker.problem)
+    live = LiveStats(metrics.latency.bounds.tolist())
+    register_web(app, service, live, feeder.owner_url, cfg.url, lambda: catalog.caught_up, cfg.api_token,
+                 cfg.rate_limit, broker_problem=broker.problem)
     if not cfg.api_token and not is_loopback(cfg.web_host):
         log.warning("the API listens on %s with no token: anyone who reaches the port reads every user's "
                     "interests; set SCENESTREAM_API_TOKEN (docs/operations.md, Security)", cfg.web_host)
@@ -158,13 +161,20 @@ def make_app(cfg: WorkerConfig, encoder: InterestEncoder, index: Optional[ItemIn
     async def watch_broker():   # logs an outage once, its end once; exits past --broker-outage-limit
         broker.check()
 
-    @app.timer(interval=5.0)
-    async def report():
-        service.store.trim()   # idle users leave memory even when no batch comes
+    @app.timer(interval=1.0)
+    async def sample():   # the consumer lag, and the live page's sample of the counters (live_stats.py)
+        lag = 0
         for p in service.assigned:
             end = feeder.highwater(p)
             if end is not None:
-                metrics.lag.labels(str(p)).set(max(0, end - 1 - service.store.durable.get(p, -1)))
+                behind = max(0, end - 1 - service.store.durable.get(p, -1))
+                metrics.lag.labels(str(p)).set(behind)
+                lag += behind
+        live.add(snapshot(metrics, lag, time.time()))
+
+    @app.timer(interval=5.0)
+    async def report():
+        service.store.trim()   # idle users leave memory even when no batch comes
         log.info("events %(events)d invalid %(invalid)d late %(late_dropped)d published %(published)d "
                  "batches %(batches)d re-read %(reread)d", service.counts)
 
