@@ -1,7 +1,9 @@
 """Fresh traffic against a worker whose users' windows are already full: the ramp `bench/live.py --phases ramp` runs.
 
 U users each get a full window (the checkpoint's L events) in every scene, loaded into a fresh embedded broker and
-applied by the worker first (ordered by user, as a backlog). Then steady rates (--ramp-rates, events/s) for
+applied by the worker first (ordered by user, as a backlog); or, with --ramp-history changelog, written as the
+worker's changelog records (one per window) that it recovers at start: the way to 100,000 users on the embedded
+broker. Then steady rates (--ramp-rates, events/s) for
 --ramp-seconds each: a librdkafka producer in its own process sends events of users drawn at random from the U, at
 random items of the event's scene, with ts = send time (epoch ms), keyed by user_id, in bursts every 10 ms scheduled
 by absolute time; a librdkafka consumer in another process reads `user-interests` from its end and takes, for every
@@ -19,6 +21,7 @@ broker of its own, so both knees come from one command.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -63,7 +66,10 @@ def producer_child(spec: dict) -> None:
     from confluent_kafka import Producer
     users, items = spec["users"], spec["items"]   # items: {scene: [item ids]}
     scenes = list(items)
-    p = Producer({"bootstrap.servers": spec["bootstrap"], "linger.ms": 1, "enable.idempotence": False})
+    # murmur2, as aiokafka and the Java clients partition: a user's clicks land where its history (or seeded
+    # state) is, not where librdkafka's default CRC32 would put them
+    p = Producer({"bootstrap.servers": spec["bootstrap"], "linger.ms": 1, "enable.idempotence": False,
+                  "partitioner": "murmur2_random"})
     failed = [0]
 
     def delivered(err, _msg):
@@ -151,6 +157,74 @@ def history(users: int, items: dict[str, list[str]], window: int, seed: int = 3)
     return out
 
 
+async def seed_changelog(bootstrap: str, app: str, users: int, items: dict[str, list[str]], window: int,
+                         partitions: int, seed: int = 3) -> float:
+    """The history as the worker's own state instead of clicks: every user's full window in every scene written as
+    changelog records (stream/live/changelog.py's form, in the clicks partition of the user) before the worker
+    starts, so it recovers them. One record per window, not one per event: 100,000 users x 3 scenes x 50 events as
+    clicks would be 15M records, past what the embedded broker holds in RAM. Returns the seconds it took."""
+    import numpy as np
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from scenestream.stream.core.window import ACTIONS, ITEMS
+    from scenestream.stream.live.changelog import encode_windows, state_key
+    from scenestream.stream.live.record_batches import key_partitions
+    from scenestream.stream.live.topics import COMPACTED
+    t0 = time.perf_counter()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic("clicks", partitions, 1),
+                               NewTopic(f"{app}-state-changelog", partitions, 1, topic_configs=COMPACTED)])
+    await admin.close()
+    rng = np.random.default_rng(seed)
+    end = int(time.time() * 1000) - 3_600_000
+    codes = {s: np.array([ITEMS.id(i) for i in pool], np.int32) for s, pool in items.items()}
+    click = ACTIONS.id("click")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20,
+                                compression_type="zstd")
+    await producer.start()
+    try:
+        names = [f"r{u}" for u in range(users)]
+        parts = key_partitions([n.encode() for n in names], partitions)
+        sends = []
+        for u, (name, part) in enumerate(zip(names, parts)):
+            for k, (scene, pool) in enumerate(codes.items()):
+                ids = [f"h{u}-{k}-{j}".encode() for j in range(window)]
+                ts = end - (window - np.arange(window, dtype=np.int64)) * 1000 - k
+                value = encode_windows([(scene, ts, [len(i) for i in ids], b"".join(ids),
+                                         pool[rng.integers(len(pool), size=window)], np.full(window, click))])
+                sends.append(await producer.send(f"{app}-state-changelog", value,
+                                                 key=state_key(name, scene), partition=part))
+            if len(sends) > 20_000:
+                await asyncio.gather(*sends)
+                sends = []
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - t0
+
+
+def ready_seconds(port: int, proc, timeout: float, expect_events: int) -> dict:
+    """Seconds until the worker's /readyz answers 200 (its state recovered), and a check that it holds the seeded
+    windows: user r0's record counts `expect_events` events."""
+    import urllib.request
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1.0) as r:
+                if r.status == 200:
+                    ready = time.perf_counter() - t0
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/r0/interests", timeout=30) as q:
+                        held = json.loads(q.read())["events"]
+                    if held != expect_events:
+                        return {"error": f"user r0 holds {held} events, not the {expect_events} seeded"}
+                    return {"ready_seconds": ready, "complete": True, "rss_mb": rss_mb(proc.pid)}
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return {"error": f"not ready in {timeout:.0f} s" if proc.poll() is None else f"exited with {proc.returncode}"}
+
+
 def percentile(xs: list[float], q: float) -> Optional[float]:
     if not xs:
         return None
@@ -169,7 +243,6 @@ def run_child(kind: str, spec: dict, env: dict) -> subprocess.Popen:
 def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable, consumed: Callable,
              worker_rate: Callable, say: Callable) -> dict:
     """The ramp against one worker (this checkout's, or --against's) on a broker of its own."""
-    import asyncio
     from scenestream.model.checkpoint import load_checkpoint
     from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
     from scenestream.stream.local.broker import EmbeddedBroker
@@ -181,7 +254,9 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
     for e in events:
         items.setdefault(e.scene, []).append(e.item_id)
     items = {s: sorted(set(v)) for s, v in sorted(items.items())}
-    lines = history(args.ramp_users, items, window)
+    seeded = args.ramp_history == "changelog"
+    lines = [] if seeded else history(args.ramp_users, items, window)
+    app = f"ramp-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     worker_env = dict(env)
     if against:
@@ -189,23 +264,34 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
         (pkg / "scenestream").symlink_to(Path(against).resolve())
         worker_env["PYTHONPATH"] = str(pkg)
     side: dict = {"side": name, "checkout": against or str(Path(__file__).resolve().parents[1]),
-                  "users": args.ramp_users, "window": window, "history_events": len(lines), "steps": []}
+                  "users": args.ramp_users, "window": window, "history": args.ramp_history,
+                  "history_events": args.ramp_users * len(items) * window, "steps": []}
     with EmbeddedBroker() as b:
-        side["load_seconds"] = asyncio.run(load(b.bootstrap, lines))
-        say(f"[{name}] loaded {len(lines):,} history events ({args.ramp_users:,} users x {len(items)} scenes x "
-            f"{window}) in {side['load_seconds']:.1f} s")
+        if seeded:
+            side["load_seconds"] = asyncio.run(seed_changelog(b.bootstrap, app, args.ramp_users, items, window,
+                                                              args.ramp_partitions))
+        else:
+            side["load_seconds"] = asyncio.run(load(b.bootstrap, lines))
+        say(f"[{name}] loaded {args.ramp_users:,} users x {len(items)} scenes x {window} history events "
+            f"({'as changelog records' if seeded else 'as clicks'}) in {side['load_seconds']:.1f} s")
         port = free_port()
         log_path = str(Path(tempfile.mkdtemp()) / "worker.log")
         cmd = [sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", b.url, "--checkpoint", ckpt,
-               "--web-port", str(port), "--device", "cpu", "--app-id", f"ramp-{uuid.uuid4().hex[:8]}",
-               *args.ramp_worker_args.split()]
+               "--web-port", str(port), "--device", "cpu", "--app-id", app, "--partitions",
+               str(args.ramp_partitions), *args.ramp_worker_args.split()]
         proc = spawn(cmd, log_path, env=worker_env)
         consumer = None
         try:
-            w = worker_rate(port, proc, len(lines), args.poll, args.timeout)
+            if seeded:
+                w = ready_seconds(port, proc, args.timeout, len(items) * window)
+                say(f"[{name}] worker recovered the history in {w.get('ready_seconds') or 0:.1f} s, RSS "
+                    f"{rss_mb(proc.pid) or 0:,.0f} MB" + (f"  ERROR {w['error']} (log {log_path})" if "error" in w
+                                                          else ""))
+            else:
+                w = worker_rate(port, proc, len(lines), args.poll, args.timeout)
+                say(f"[{name}] worker applied the history at {w.get('events_per_s') or 0:,.0f} events/s"
+                    + (f"  ERROR {w['error']} (log {log_path})" if "error" in w else ""))
             side["history_worker"] = w
-            say(f"[{name}] worker applied the history at {w.get('events_per_s') or 0:,.0f} events/s"
-                + (f"  ERROR {w['error']} (log {log_path})" if "error" in w else ""))
             if "error" in w or not w.get("complete"):
                 side["error"] = w.get("error", "history not applied")
                 return side

@@ -555,6 +555,12 @@ def main() -> None:
     ap.add_argument("--ramp-rates", default="1000,2000,4000,6000,8000,12000,16000",
                     help="Ramp: the steps' rates, events/s (default 1000,2000,4000,6000,8000,12000,16000).")
     ap.add_argument("--ramp-seconds", type=float, default=30.0, help="Ramp: seconds per step (default 30).")
+    ap.add_argument("--ramp-history", choices=["clicks", "changelog"], default="clicks",
+                    help="Ramp: the users' full windows sent as clicks the worker applies (default), or written as "
+                         "its changelog records, which it recovers: one record per window, for --ramp-users beyond "
+                         "what the embedded broker holds as clicks (~8 KB of its RAM per event).")
+    ap.add_argument("--ramp-partitions", type=int, default=PARTITIONS,
+                    help=f"Ramp: partitions of clicks and the worker's topics (default {PARTITIONS}).")
     ap.add_argument("--ramp-worker-args", default="",
                     help="Ramp: extra worker flags, e.g. '--encoder-cache-mb 2048' (default none).")
     ap.add_argument("--against", default=None, metavar="DIR",

@@ -194,3 +194,15 @@ def test_binary_values_read_as_the_join_of_their_rows():
     assert direct > 100
     with pytest.raises(ValueError):
         decode_state("u", raw[:-1], 8)
+
+
+def test_a_user_whose_events_come_by_two_partitions_keeps_both():
+    """A user held packed for partition 0 whose events arrive on partition 1 (producers with different
+    partitioners): when partition 0 reads it back, its windows are the join of both, never one replacing the
+    other."""
+    store = ChangelogStore("127.0.0.1:1", "t", SCENES, window=50)   # no broker: join and get only
+    store.held |= {0, 1}
+    store.cold[0] = {"u": _state("u", 3)}
+    later = Event("late-1", "u", "j", "shop", "buy", 1_800_000_000_000)
+    store.join(1, [later], 0)
+    assert store.get(0, "u") == join_states(_state("u", 3), {"shop": Window.of([later])}, 50)

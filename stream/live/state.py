@@ -180,6 +180,8 @@ class ChangelogStore:
             state = self._on_disk(self.disk.get(partition), user)
             self.stats["loads"] += state is not None
         if state is not None:
+            if user in self.slots:   # held for another partition too (its events came by two): both count
+                state = join_states(self.slots.state(user), state, self.window)
             self._hold(partition, user, state)
         return state
 
