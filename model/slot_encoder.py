@@ -20,7 +20,9 @@ with a small --window) cut off what the model would see, so there an entry is ex
 dropped no event.
 
 The cache is derived state: a byte budget of preallocated entries (`Pool`), least recently used first out, lost on
-restart, never a source of truth. tests/test_slot_encoder.py holds every output to a full encode within 1e-5.
+restart, never a source of truth. Outside the budget each window also keeps its last output (d floats), so a
+touched user's windows that did not change read theirs back even when their entries are gone: with more users than
+the cache holds, an event costs its own window's encode and the timeline's, not every window of its user. tests/test_slot_encoder.py holds every output to a full encode within 1e-5.
 """
 from __future__ import annotations
 
@@ -70,7 +72,12 @@ class Pool:
         self.clock = 0
         self.entry_of = np.full(0, -1, np.int64)        # key -> entry
         self.free = list(range(capacity - 1, -1, -1))
-        self.stats = {"hits": 0, "extends": 0, "misses": 0, "evictions": 0}
+        self.stats = {"hits": 0, "extends": 0, "misses": 0, "evictions": 0, "unchanged": 0}
+        # Per key, outside the budget: the output of its window when last encoded, and what identifies that window
+        # (version, last row, rows). A window of a touched user that did not change since (a user's other scenes)
+        # reads it back even when its entry has left the cache: a miss costs one window's encode, not all of them.
+        self.out = torch.zeros(0, cfg.d_model, device=device)
+        self.out_id = np.zeros((0, 4), np.int64)        # version, last ts, last hash, rows; version -1: none
 
     def __len__(self) -> int:
         return self.capacity - len(self.free)
@@ -86,6 +93,26 @@ class Pool:
             size = max(int(keys.max()) + 1, 2 * len(self.entry_of))
             self.entry_of = np.concatenate([self.entry_of, np.full(size - len(self.entry_of), -1, np.int64)])
         return self.entry_of[keys]
+
+    def unchanged(self, w: Windows, b: np.ndarray) -> np.ndarray:
+        """Which of windows b are, unchanged, the windows whose outputs `remember` kept last."""
+        L, keys = w.ts.shape[1], w.keys[b]
+        known = keys < len(self.out_id)
+        if not known.any():
+            return known
+        seen = self.out_id[np.where(known, keys, 0)]
+        return known & (w.appended[b] == 0) & (seen[:, 0] == w.version[b]) & (seen[:, 1] == w.ts[b, L - 1]) & \
+            (seen[:, 2] == w.hash[b, L - 1]) & (seen[:, 3] == w.n[b])
+
+    def remember(self, w: Windows, out: torch.Tensor) -> None:
+        """The windows' outputs, just encoded (or read), for `unchanged`."""
+        L, keys = w.ts.shape[1], w.keys
+        if int(keys.max()) >= len(self.out_id):
+            size = max(int(keys.max()) + 1, 2 * len(self.out_id))
+            self.out_id = np.concatenate([self.out_id, np.full((size - len(self.out_id), 4), -1, np.int64)])
+            self.out = torch.cat([self.out, self.out.new_zeros(size - len(self.out), self.out.shape[1])])
+        self.out[torch.from_numpy(keys).to(self.out.device)] = out.to(self.out.dtype)
+        self.out_id[keys] = np.stack([w.version, w.ts[:, L - 1], w.hash[:, L - 1], w.n], axis=1)
 
     def reserve(self, keys: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """An empty entry for each key (encoded whole now: its own, emptied, or one taken from the least recently
@@ -217,11 +244,17 @@ class SlotEncoder:
                 ok &= pool.rows_then[at] + k == w.n
         hit, grow = np.flatnonzero(ok & (k == 0)), np.flatnonzero(ok & (k > 0))
         whole = np.flatnonzero(~ok)
+        same = pool.unchanged(w, whole)
+        kept_out, whole = whole[same], whole[~same]
         pool.stats["hits"] += len(hit)
         pool.stats["extends"] += len(grow)
         pool.stats["misses"] += len(whole)
+        pool.stats["unchanged"] += len(kept_out)
         if len(hit):
             out[torch.from_numpy(hit).to(self.device)] = pool.vec[torch.from_numpy(e[hit]).to(self.device)]
+        if len(kept_out):
+            out[torch.from_numpy(kept_out).to(self.device)] = \
+                pool.out[torch.from_numpy(w.keys[kept_out]).to(self.device)].to(out.dtype)
         if len(grow):
             self._encode(pool, w, grow, e[grow], k[grow], book, scene, out)
         kept = e[np.r_[hit, grow]].astype(np.int64)
@@ -232,6 +265,7 @@ class SlotEncoder:
             self._encode(pool, full, rows, fresh, np.minimum(full.n[rows], L), book, scene, out, past=False,
                          at=whole)
             pool.stamp[fresh[fresh >= 0]] = pool.clock
+        pool.remember(w, out)
         return out
 
     def _encode(self, pool: Pool, w: Windows, b: np.ndarray, entries: np.ndarray, new: np.ndarray, book,

@@ -133,3 +133,20 @@ def test_the_check_sees_a_cache_that_lies():
     got = encode(slots, join.users, streamed)
     want = ENCODERS["own", WINDOW].interests({"u1": slots.state("u1")})
     assert np.abs(got.h[0, 0] - want.h[0, 0]).max() > 1e-4
+
+
+def test_a_miss_encodes_only_the_window_that_changed():
+    """With no room in the cache (many users, a small --encoder-cache-mb), an event re-encodes its own window and
+    the timeline; the user's other scene windows, unchanged since their last encode, read their outputs back."""
+    streamed = slot_encoder("own", 0)
+    slots = SlotWindows(SCENES, WINDOW)
+    ts = 1_700_000_000_000
+    join = slots.join([Event(f"e{n}", "u", ITEMS[n], SCENES[n % 3], "view", ts + n) for n in range(9)])
+    encode(slots, join.users, streamed)
+    before = dict(streamed.scene_pool.stats)
+    join = slots.join([Event("next", "u", ITEMS[2], "shop", "click", ts + 100)])
+    got = encode(slots, join.users, streamed)
+    after = streamed.scene_pool.stats
+    assert (after["misses"] - before["misses"], after["unchanged"] - before["unchanged"]) == (1, len(SCENES) - 1)
+    want = ENCODERS["own", WINDOW].interests({"u": slots.state("u")})
+    np.testing.assert_allclose(got.fused, want.fused, atol=1e-5, rtol=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Iterable
 
 import click
 
@@ -34,7 +35,7 @@ def broker(port):
         b.stop()
 
 
-def _send(broker_url: str, security, topic: str, lines: list[bytes], **kw) -> int:
+def _send(broker_url: str, security, topic: str, lines: Iterable[bytes], **kw) -> int:
     import asyncio
 
     from ..live.produce import produce_lines
@@ -62,7 +63,7 @@ def produce(broker_url, security, topic, dataset, input_path, scenes_mode, rate)
         raise click.UsageError(str(exc)) from exc
     except (FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
-    sent = _send(broker_url, security, topic, lines, rate=rate, total=len(lines))
+    sent = _send(broker_url, security, topic, lines, rate=rate, total=len(lines) if isinstance(lines, list) else None)
     click.echo(f"produced {sent} events to {topic}", err=True)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import orjson
 
@@ -194,21 +195,29 @@ def load_events(dataset: Optional[str] = None, input_path: "Optional[str | Path 
 
 
 def raw_lines(dataset: Optional[str] = None, input_path: "Optional[str | Path | LogInput]" = None,
-              scenes_mode: str = "genre") -> list[bytes]:
-    """The payloads a source holds, as they are (bad ones included), for `produce`: an event log's lines, the
-    synthetic log's lines, or a MovieLens data set's events in time order as canonical JSON."""
+              scenes_mode: str = "genre") -> Iterable[bytes]:
+    """The payloads a source holds, as they are (bad ones included), for `produce`: an event log's lines, read as
+    they are sent (a log may outgrow memory), the synthetic log's lines, or a MovieLens data set's events in time
+    order as canonical JSON."""
     check_source(dataset, input_path)
     if input_path is not None:
         source = as_input(input_path)
         if not Path(source.path).is_file():
             raise FileNotFoundError(f"event log {source.path} does not exist")
         if source.mapped:   # rows as JSON events, bad ones too: the worker judges them as it judges any payload
-            return [row if isinstance(row, bytes) else orjson.dumps(row.detail if isinstance(row, Rejection) else row)
-                    for row in _mapped_rows(source, progress=True)]
-        return list(read_raw(source.path))
+            return _started(row if isinstance(row, bytes) else
+                            orjson.dumps(row.detail if isinstance(row, Rejection) else row)
+                            for row in _mapped_rows(source, progress=False))
+        return _started(read_raw(source.path))
     if dataset == "synthetic":
         return synthetic_lines()
     return [encode(e) for e in load_events(dataset, scenes_mode=scenes_mode).events]
+
+
+def _started(lines: Iterator[bytes]) -> Iterator[bytes]:
+    """`lines` with the first one read now: a file that cannot be read or mapped says so before anything is sent."""
+    first = next(lines, None)
+    return iter(()) if first is None else chain([first], lines)
 
 
 def time_cutoff(events: Sequence[Event], fraction: float) -> int:
