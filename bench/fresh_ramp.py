@@ -204,6 +204,18 @@ async def seed_changelog(bootstrap: str, app: str, users: int, items: dict[str, 
     return time.perf_counter() - t0
 
 
+def warmup(users: int, items: dict[str, list[str]], seed: int = 4) -> list[bytes]:
+    """One click per user, after its seeded history and before the ramp, so that every user has been encoded (and
+    cached, as far as the cache holds) before the ramp, as applying the history as clicks does."""
+    import orjson
+    rng = random.Random(seed)
+    ts = int(time.time() * 1000) - 1_800_000
+    scenes = list(items)
+    return [orjson.dumps({"event_id": f"w{u}", "user_id": f"r{u}", "scene": scenes[u % len(scenes)],
+                          "item_id": rng.choice(items[scenes[u % len(scenes)]]), "action": "click", "ts": ts})
+            for u in range(users)]
+
+
 def ready_seconds(port: int, proc, timeout: float, expect_events: int) -> dict:
     """Seconds until the worker's /readyz answers 200 (its state recovered), and a check that it holds the seeded
     windows: user r0's record counts `expect_events` events."""
@@ -247,6 +259,7 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
     from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
     from scenestream.stream.local.broker import EmbeddedBroker
     from scenestream.stream.local.processes import free_port, spawn, stop_process
+    from scenestream.stream.live.produce import produce_lines
 
     window = load_checkpoint(ckpt).window
     events, _ = generate(SyntheticSpec())
@@ -292,6 +305,12 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
                 say(f"[{name}] worker applied the history at {w.get('events_per_s') or 0:,.0f} events/s"
                     + (f"  ERROR {w['error']} (log {log_path})" if "error" in w else ""))
             side["history_worker"] = w
+            if seeded and "error" not in w:   # recovery encodes nothing: every user's first touch, as a backlog
+                warm = warmup(args.ramp_users, items)
+                asyncio.run(produce_lines(b.bootstrap, "clicks", warm, progress=False))
+                w = side["warmup_worker"] = worker_rate(port, proc, len(warm), args.poll, args.timeout)
+                say(f"[{name}] warm-up, one event per user: {w.get('events_per_s') or 0:,.0f} events/s, RSS "
+                    f"{rss_mb(proc.pid) or 0:,.0f} MB" + (f"  ERROR {w['error']}" if "error" in w else ""))
             if "error" in w or not w.get("complete"):
                 side["error"] = w.get("error", "history not applied")
                 return side
