@@ -119,3 +119,14 @@ def worker_factory(broker, checkpoint, tmp_path):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def new_topic(bootstrap: str, partitions: int = 1) -> str:
+    """A topic of its own for one test (a changelog, say) on the embedded broker."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    topic = f"cl-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, partitions, 1)])
+    await admin.close()
+    return topic

@@ -3,15 +3,13 @@ changelog's tail and gets the same state as a full replay; records written elsew
 memory cap keeps memory bounded and every user readable; a micro-batch's users are never evicted before they are on
 disk. Against the real embedded broker."""
 import asyncio
-import uuid
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
 from scenestream.stream.live.state import ChangelogStore
 
-from .conftest import run
+from .conftest import new_topic, run
 
 TS = 1_700_000_000_000
 SCENES = ("video", "article", "shop")
@@ -20,15 +18,6 @@ SCENES = ("video", "article", "shop")
 def _events(user: str, n: int, start: int = 0) -> list[Event]:
     return [Event(f"{user}-{k}", user, f"i{k % 7}", ("video", "shop")[k % 2], "click", TS + k)
             for k in range(start, start + n)]
-
-
-async def _topic(bootstrap: str) -> str:
-    topic = f"cl-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 1, 1)])
-    await admin.close()
-    return topic
 
 
 async def _batch(store: ChangelogStore, users: list[str], start: int, applied: int) -> None:
@@ -49,7 +38,7 @@ def test_a_restart_reads_only_the_tail_and_equals_a_full_replay(broker, tmp_path
     users = [f"u{k}" for k in range(60)]
 
     async def scenario():
-        topic = await _topic(broker.bootstrap)
+        topic = await new_topic(broker.bootstrap)
         first = ChangelogStore(broker.bootstrap, topic, SCENES, 50, state_dir=str(tmp_path), max_users=10)
         await first.start()
         await first.ensure(0)
@@ -91,7 +80,7 @@ def test_a_restart_reads_only_the_tail_and_equals_a_full_replay(broker, tmp_path
 def test_users_of_a_batch_in_flight_are_never_evicted(broker, tmp_path, cap):
     """Joined without settle: the batch's users stay in memory whatever the cap (their newest state is not on disk)."""
     async def scenario():
-        topic = await _topic(broker.bootstrap)
+        topic = await new_topic(broker.bootstrap)
         store = ChangelogStore(broker.bootstrap, topic, SCENES, 50, state_dir=str(tmp_path), max_users=cap)
         await store.start()
         await store.ensure(0)

@@ -2,14 +2,11 @@
 reports a partition's end as the base offset of its last batch + 1; recovery reads to an acknowledged fence)."""
 import asyncio
 import random
-import uuid
 from collections import Counter
 
 import numpy as np
 import orjson
 import pytest
-
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.popularity import Popularity
@@ -17,7 +14,7 @@ from scenestream.stream.core.window import ACTIONS, EMPTY, ITEMS, Window, apply_
 from scenestream.stream.live.changelog import decode_state, encode_state, encode_windows
 from scenestream.stream.live.state import ChangelogStore, join_states
 
-from .conftest import run
+from .conftest import new_topic, run
 
 
 SCENES = ("video", "article", "shop")
@@ -37,11 +34,7 @@ def _state(user: str, n: int) -> dict:
 
 
 async def _write_and_recover(bootstrap: str) -> tuple[int, int, dict]:
-    topic = f"cl-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 2, 1)])
-    await admin.close()
+    topic = await new_topic(bootstrap, partitions=2)
     writer = ChangelogStore(bootstrap, topic, SCENES, window=50)
     await writer.start()
     await writer.ensure(0)
@@ -86,11 +79,7 @@ def test_recovery_joins_per_window_records_with_whole_state_ones(broker):
     """The worker writes one record per changed (user, scene) window; a changelog written keyed by user alone
     (whole states) is read the same, and recovery joins both kinds into each user's state."""
     async def scenario():
-        topic = f"cl-{uuid.uuid4().hex[:8]}"
-        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        await admin.start()
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-        await admin.close()
+        topic = await new_topic(broker.bootstrap)
         store = ChangelogStore(broker.bootstrap, topic, SCENES, window=50)
         await store.start()
         await store.ensure(0)
@@ -130,11 +119,7 @@ def test_recovered_users_wait_packed_and_take_slots_when_touched(broker):
     the memory as slots); a micro-batch's users take slots, past `hot_users` the least recently used are packed
     again, and every user's windows, the partition's item counts and its user list stay what the lattice says."""
     async def scenario():
-        topic = f"cl-{uuid.uuid4().hex[:8]}"
-        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        await admin.start()
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-        await admin.close()
+        topic = await new_topic(broker.bootstrap)
         writer = ChangelogStore(broker.bootstrap, topic, SCENES, window=50)
         await writer.start()
         await writer.ensure(0)

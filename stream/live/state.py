@@ -84,8 +84,8 @@ class ChangelogStore:
     partitions held), each user tagged with its source partition; a partition is recovered before its first event.
 
     A slot has room for a full window, so a user with one event costs what one with L per scene does (~1.15 KB a
-    window at L = 50): 1M recovered users of a few events each took 6.2 GB and 302 s as slots, against 1.4 GB and
-    32 s as packed windows (BENCHMARKS.md, "State"). So without a disk, recovered users wait as packed windows
+    window at L = 50): 1M recovered users of a few events each took 6.2 GB and 302 s to recover as slots, 1.53 GB
+    and 76 s as packed windows (BENCHMARKS.md, "State"). So without a disk, recovered users wait as packed windows
     (`cold`, per partition: core/window.py's bytes, sized by what they hold) and take a slot when a micro-batch or a
     read first touches them; past `hot_users` slots, the least recently used are packed again (`trim`).
 
