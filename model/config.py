@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-ENCODER_CACHE_MB = 256   # the streaming encoder's cache (model/slot_encoder.py): at d=64, span 24, ~12 KB a scene
-                         # window and ~25 KB a merged timeline; split S scene windows to one timeline
+ENCODER_CACHE_MB = 256   # the streaming encoder's cache (model/slot_encoder.py): at d=64, span 24, ~6 KB a scene
+                         # window and ~12 KB a merged timeline; split S scene windows to one timeline (with three
+                         # scenes, every window of ~8,400 users)
 
 
 def receptive_field(n_layers: int, span: int) -> int:

@@ -47,11 +47,10 @@ def gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
 
 @dataclass
 class Past:
-    """One layer's keys and values of positions already encoded, for the incremental path: row b's P slots hold up
-    to `span` positions before its new ones, left-padded. Positions are numbered per row, so rows with different
-    numbers of past and new positions share a batch."""
-    k: torch.Tensor          # [B, H, P, hd]
-    v: torch.Tensor          # [B, H, P, hd]
+    """One layer's inputs at positions already encoded (its normed rows, which its keys and values are made from),
+    for the incremental path: row b's P slots hold up to `span` positions before its new ones, left-padded.
+    Positions are numbered per row, so rows with different numbers of past and new positions share a batch."""
+    x: torch.Tensor          # [B, P, C]
     valid: torch.Tensor      # [B, P] bool
     pos: torch.Tensor        # [B, P] long
     new_pos: torch.Tensor    # [B, T] long: positions of the new slots
@@ -69,14 +68,13 @@ class LocalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False,
                 past: Optional[Past] = None, segment: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B, T, C]: new positions, attending to themselves and to `past` (the keys and values of up to `span`
-        positions before them). segment [B, T] (no past): a row packs several sequences, which never attend to each
-        other. Returns (outputs, the new positions' keys and values)."""
+        """x [B, T, C]: new positions, attending to themselves and to `past` (up to `span` positions before them).
+        segment [B, T] (no past): a row packs several sequences, which never attend to each other. Returns (outputs,
+        x: what a later extension reads as its past)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
         q, k, v = heads(q), heads(k), heads(v)
-        present = (k, v)
         if past is None:     # positions are slots: one offset matrix for the whole batch
             qpos = kpos = torch.arange(T, device=x.device)[None]
             kvalid = valid
@@ -85,7 +83,7 @@ class LocalSelfAttention(nn.Module):
             kvalid = torch.cat([past.valid, valid], 1)
             kpos = torch.cat([past.pos, past.new_pos], 1)
             qpos = kpos[:, -T:]
-            P = past.k.shape[2]
+            P = past.x.shape[1]
         qslot = torch.arange(P, P + T, device=x.device)
         if last_only:  # only the last position is read downstream: skip the other queries
             q, qpos, qslot = q[:, :, -1:], qpos[:, -1:], qslot[-1:]
@@ -100,12 +98,19 @@ class LocalSelfAttention(nn.Module):
         if past is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
-        else:   # past and new keys apart, never concatenated: a batch's cached rows are read once, where they lie
-            scale = 1.0 / math.sqrt(C // self.n_heads)
-            p = torch.softmax(torch.cat([q @ past.k.transpose(2, 3), q @ k.transpose(2, 3)], 3) * scale + mask, -1)
-            y = p[..., :P] @ past.v + p[..., P:] @ v
+        else:   # the past's keys and values are never formed: q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and the
+            # weights sum to 1, so sum_p a_p (W_v x_p + b_v) = W_v (sum_p a_p x_p) + b_v sum_p a_p: the cache holds x
+            # (C floats a position, not 2C), and each head reads it through one matmul of C-wide rows
+            H, hd, Tq = self.n_heads, C // self.n_heads, q.shape[2]
+            W, b = self.qkv.weight.view(3, H, hd, C), self.qkv.bias.view(3, H, 1, hd)
+            qk = torch.einsum("bhtk,hkc->bhtc", q, W[1]).reshape(B, H * Tq, C)
+            past_scores = (qk @ past.x.transpose(1, 2)).view(B, H, Tq, P) + (q * b[1]).sum(-1, keepdim=True)
+            scores = torch.cat([past_scores, q @ k.transpose(2, 3)], 3) * (1.0 / math.sqrt(hd)) + mask
+            p = torch.softmax(scores, -1)
+            mixed = (p[..., :P].reshape(B, H * Tq, P) @ past.x).view(B, H, Tq, C)   # sum_p a_p x_p, per head
+            y = torch.einsum("bhtc,hkc->bhtk", mixed, W[2]) + b[2] * p[..., :P].sum(-1, keepdim=True) + p[..., P:] @ v
         y = y.transpose(1, 2).contiguous().view(B, -1, C)
-        return self.proj(y), present
+        return self.proj(y), x
 
     def read_only(self, x: torch.Tensor, valid: torch.Tensor, read: torch.Tensor,
                   segment: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -151,8 +156,9 @@ class Block(nn.Module):
 
     def forward(self, x, valid, last_only=False, past=None, segment=None, read=None):
         """read [B, T] bool (training, a stack's last block): only the positions whose output is read; returns
-        [R, C], their outputs in row-major order (x[read]'s), and no keys and values (None). Everything on the query
-        side runs on those alone: a read position needs the others' keys and values, never their outputs."""
+        [R, C], their outputs in row-major order (x[read]'s), and no rows for a later extension (None). Everything
+        on the query side runs on those alone: a read position needs the others' keys and values, never their
+        outputs."""
         if read is not None:
             x = x[read] + self.attn.read_only(self.ln1(x), valid, read, segment)
             return x + self.mlp(self.ln2(x)), None
@@ -189,8 +195,8 @@ class SceneEncoder(nn.Module):
                scene: bool = False, segment: Optional[torch.Tensor] = None, read: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """New positions [B, T] given each layer's `past` (None: the windows start here) -> (outputs as forward,
-        each layer's keys and values of the new positions). Because attention is local, appending k events to a
-        window costs k positions per layer instead of the whole window."""
+        each layer's inputs at the new positions [B, T, C]: a later extension's past). Because attention is local,
+        appending k events to a window costs k positions per layer instead of the whole window."""
         blocks, ln_f = (self.scene_blocks, self.scene_ln_f) if scene and self.cfg.own_scene_stack else \
             (self.blocks, self.ln_f)
         x = self.item(items) * math.sqrt(self.cfg.d_model) + self.action(actions) + self.scene(scenes) + self.gap(gaps)
@@ -198,8 +204,8 @@ class SceneEncoder(nn.Module):
         presents = []
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1
-            x, kv = block(x, valid, last_only and last, past[i] if past else None, segment, read if last else None)
-            presents.append(kv)
+            x, rows = block(x, valid, last_only and last, past[i] if past else None, segment, read if last else None)
+            presents.append(rows)
         x = ln_f(x)
         return (x[:, -1] if last_only else x), presents
 

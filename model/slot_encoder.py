@@ -1,15 +1,15 @@
-"""The encoder for windows held as slots: the keys and values of every cached window in slot-indexed tensors, a
-micro-batch's windows encoded as one gather of their cached rows, one forward of their new positions and one
-scatter, with no object per window or per user.
+"""The encoder for windows held as slots: the cached rows of every window in slot-indexed tensors, a micro-batch's
+windows encoded as one gather of their cached rows, one forward of their new positions and one scatter, with no
+object per window or per user.
 
 The stream side (stream/core/slots.py) hands over, per stack (the scene windows; the users' merged timelines),
 windows as rows of fixed-width arrays, with a cache key per window (its slot), the key's version (new when the slot
 changed hands or was written other than by appending), and how many rows were appended since it was last encoded
 (-1: it changed otherwise).
 
-Why reusing cached rows is exact. Attention is local (model.py): layer l's keys and values at a position depend on
-the events at most l * span back. So an entry holds, per layer, the keys and values of the window's last `span`
-positions, and the window's output vector. When k events are appended, only the newest position's output is read
+Why reusing cached rows is exact. Attention is local (model.py): layer l's input at a position (the normed row its
+keys and values are made from) depends on the events at most l * span back. So an entry holds, per layer, the
+inputs at the window's last `span` positions, and the window's output vector. When k events are appended, only the newest position's output is read
 and only the newest `span` rows of each layer are kept, and both depend on the new window's last receptive-field
 (cone) events alone: so if the events before the new positions are the ones the entry was encoded from, in place
 (the same key and version, the same last row, nothing changed but appends since), the new positions are encoded
@@ -47,19 +47,18 @@ Windows = object
 
 
 class Pool:
-    """Cache entries of one stack in preallocated tensors: per entry the keys and values of its window's newest
-    `span` positions in every layer (a ring), its output vector, and what identifies them (key, version, last row
-    encoded, rows then). A key's entry is `entry_of[key]`; the least recently used go first."""
+    """Cache entries of one stack in preallocated tensors: per entry every layer's inputs at its window's newest
+    `span` positions (a ring), its output vector, and what identifies them (key, version, last row encoded, rows
+    then). A key's entry is `entry_of[key]`; the least recently used go first."""
 
     def __init__(self, cfg: ModelConfig, layers: int, window: int, capacity: int, device: torch.device):
         self.span, self.window, self.layers = cfg.span, window, layers
         self.cone = receptive_field(layers, cfg.span)
         self.extendable = window >= self.cone
-        hd = cfg.d_model // cfg.n_heads
         self.capacity = capacity
-        # layer, key/value, entry, head, ring row, head dim: a layer's keys (or values) of a batch of entries are one
-        # index_select of whole rows into a contiguous [B, H, span, hd] (half the time of gathering every layer at once)
-        self.kv = torch.zeros(layers, 2, capacity, cfg.n_heads, cfg.span, hd, device=device)
+        # layer, entry, ring row, d: a layer's rows of a batch of entries are one index_select of whole entries into
+        # a contiguous [B, span, d], what attention reads (half the bytes of keys and values)
+        self.rows = torch.zeros(layers, capacity, cfg.span, cfg.d_model, device=device)
         self.vec = torch.zeros(capacity, cfg.d_model, device=device)
         self.key = np.full(capacity, -1, np.int64)
         self.version = np.zeros(capacity, np.int64)
@@ -83,10 +82,8 @@ class Pool:
         return self.capacity - len(self.free)
 
     def entry_bytes(self) -> int:
-        per = (math.prod(self.kv.shape) // max(1, self.capacity) if self.capacity else
-               math.prod(self.kv.shape[:2] + self.kv.shape[3:])) * self.kv.element_size() + \
-            self.vec.shape[1] * self.vec.element_size()
-        return per + 8 * 8
+        rows = self.layers * math.prod(self.rows.shape[-2:]) * self.rows.element_size()
+        return rows + self.vec.shape[1] * self.vec.element_size() + 8 * 8
 
     def entries(self, keys: np.ndarray) -> np.ndarray:
         if len(keys) and int(keys.max()) >= len(self.entry_of):
@@ -142,38 +139,37 @@ class Pool:
         return out
 
     def past(self, entries: np.ndarray, new_pos: torch.Tensor) -> list[Past]:
-        """Each layer's cached keys and values of the entries, in ring order, with their positions (newest at -1)."""
-        dev = self.kv.device
+        """Each layer's cached rows of the entries, in ring order, with their positions (newest at -1)."""
+        dev = self.rows.device
         e = torch.from_numpy(entries).to(dev)
         head = torch.from_numpy(self.head[entries]).to(dev)[:, None]
         count = torch.from_numpy(self.ring[entries]).to(dev)[:, None]
         pos = (torch.arange(self.span, device=dev)[None] - head) % self.span - self.span
         valid = pos >= -count
-        cap, shape = self.capacity, (len(entries), *self.kv.shape[3:])
-        rows = [[torch.index_select(self.kv[layer, j].view(cap, -1), 0, e).view(shape) for j in (0, 1)]
+        cap, shape = self.capacity, (len(entries), *self.rows.shape[-2:])
+        return [Past(torch.index_select(self.rows[layer].view(cap, -1), 0, e).view(shape), valid, pos, new_pos)
                 for layer in range(self.layers)]
-        return [Past(k, v, valid, pos, new_pos) for k, v in rows]
 
     def store(self, entries: np.ndarray, w: Windows, b: np.ndarray, presents, counts: np.ndarray,
               vec: torch.Tensor) -> None:
         """Windows b were just encoded, their counts[i] newest positions the right end of `presents` (each layer's
-        keys and values [B, H, T, hd]): their rows go into the entries' rings, with what identifies them."""
+        inputs [B, T, C]): their rows go into the entries' rings, with what identifies them."""
         live = np.flatnonzero(entries >= 0)
         if not len(live):
             return
-        span, T = self.span, presents[0][0].shape[2]
+        span, T = self.span, presents[0].shape[1]
         ent, ks = entries[live], counts[live]
         w_rows = np.minimum(ks, span)                                  # rows written per entry
         within = np.arange(int(w_rows.sum())) - np.repeat(np.cumsum(w_rows) - w_rows, w_rows)
         b_idx = np.repeat(live, w_rows)
         t_idx = T - np.repeat(w_rows, w_rows) + within
         ring_idx = (np.repeat(self.head[ent] + ks - w_rows, w_rows) + within) % span
-        dev = self.kv.device
+        dev = self.rows.device
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        b_t, t_t, e_t, r_t = as_t(b_idx), as_t(t_idx), as_t(np.repeat(ent, w_rows)), as_t(ring_idx)
-        for layer, kv in enumerate(presents):
-            for j in (0, 1):   # [R, H, hd] rows into their ring slots
-                self.kv[layer, j][e_t, :, r_t] = kv[j][b_t, :, t_t].to(self.kv.dtype)
+        src, dest = as_t(b_idx * T + t_idx), as_t(np.repeat(ent, w_rows) * span + ring_idx)   # as flat row numbers
+        C = self.rows.shape[3]
+        for layer, x in enumerate(presents):
+            self.rows[layer].view(-1, C).index_copy_(0, dest, x.reshape(-1, C).index_select(0, src).to(self.rows.dtype))
         self.vec[as_t(ent)] = vec[as_t(live)].to(self.vec.dtype)
         self.head[ent] = (self.head[ent] + ks) % span
         self.ring[ent] = np.minimum(span, self.ring[ent] + ks)

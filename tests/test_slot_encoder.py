@@ -30,7 +30,7 @@ def slot_encoder(stack: str, entries: int | None, window: int = WINDOW) -> SlotE
         for pool in enc.pools:   # as few entries as asked, whatever the budget gave
             pool.capacity = entries
             pool.free = list(range(entries - 1, -1, -1))
-            pool.kv, pool.vec = pool.kv[:, :, :entries].contiguous(), pool.vec[:entries]
+            pool.rows, pool.vec = pool.rows[:, :entries].contiguous(), pool.vec[:entries]
             for name in ("key", "version", "last_ts", "last_hash", "rows_then", "ring", "head", "stamp"):
                 setattr(pool, name, getattr(pool, name)[:entries])
     return enc
