@@ -15,6 +15,7 @@ from scenestream.stream.core.events import Event
 from scenestream.stream.core.slots import SlotWindows
 from scenestream.stream.core.window import ITEMS, item_delta
 from scenestream.stream.live.changelog import decode_state, encode_windows, window_values
+from scenestream.stream.live.state import item_deltas
 
 from .test_window import SCENES, TS0, event_sets
 
@@ -48,11 +49,15 @@ def test_slot_join_is_apply_batch(batches, length):
         got = slots.join(batch)
         assert got.late_dropped == want.late_dropped
         assert sorted(slots.user_names[u] for u in got.users.tolist()) == sorted(want.updates)
+        per_scene: dict[str, Counter] = {}
         for user, state in want.updates.items():
             before = store.get(user) or {}
             for scene, w in state.items():   # the item counts move as item_delta says
                 for item, d in item_delta(before.get(scene), w).items():
                     counted[(slots.scene_index[scene], item)] += d
+                    per_scene.setdefault(scene, Counter())[item] += d
+        nonzero = {s: Counter({i: d for i, d in c.items() if d}) for s, c in per_scene.items()}
+        assert item_deltas(slots, got) == {s: c for s, c in nonzero.items() if c}   # what the popularity is shifted by
         store.update(want.updates)
         for w, k in zip(got.windows.tolist(), got.appended.tolist()):
             if k >= 0:   # appended: the new rows end the window, after rows it held before

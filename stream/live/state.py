@@ -366,13 +366,20 @@ class ChangelogStore:
 
 
 def item_deltas(slots: SlotWindows, joined: SlotJoin) -> dict[str, Counter]:
-    """How a join changed the item counts, per scene: {scene: {item: change}} (nonzero entries only)."""
+    """How a join changed the item counts, per scene: {scene: {item: change}} (nonzero entries only), summed as
+    arrays: a fresh event adds an item and drops one, so this runs for about every event."""
+    scene = slots.scene_of[np.concatenate([joined.added, joined.removed])].astype(np.int64)
+    item = np.concatenate([joined.added_items, joined.removed_items]).astype(np.int64)
+    sign = np.r_[np.ones(len(joined.added), np.int64), -np.ones(len(joined.removed), np.int64)]
+    width = int(item.max(initial=0)) + 1
+    pairs, at = np.unique(scene * width + item, return_inverse=True)
+    change = np.bincount(at.ravel(), weights=sign, minlength=len(pairs)).astype(np.int64)
+    kept = change != 0
     out: dict[str, Counter] = {}
     names = ITEMS.names
-    for windows, items, sign in ((joined.added, joined.added_items, 1), (joined.removed, joined.removed_items, -1)):
-        for (s, i), c in Counter(zip(slots.scene_of[windows].tolist(), items.tolist())).items():
-            out.setdefault(slots.scenes[s], Counter())[names[i]] += sign * c
-    for delta in out.values():
-        for item in [i for i, c in delta.items() if not c]:
-            del delta[item]
-    return {s: d for s, d in out.items() if d}
+    for s, i, c in zip((pairs[kept] // width).tolist(), (pairs[kept] % width).tolist(), change[kept].tolist()):
+        delta = out.get(slots.scenes[s])
+        if delta is None:
+            delta = out[slots.scenes[s]] = Counter()
+        delta[names[i]] = c
+    return out
