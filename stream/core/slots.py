@@ -492,7 +492,9 @@ class SlotWindows:
             held = getattr(self, name)
             block = np.zeros((G, kmax), held.dtype)
             block[g_of, col] = values
-            held[groups] = np.take_along_axis(np.concatenate([held[groups], block], axis=1), take, axis=1)
+            joined = np.concatenate([held[groups], block], axis=1)
+            # every window gaining as many (fresh traffic: one each) is a slice, not a gather
+            held[groups] = joined[:, kmax:] if kept.min() == kmax else np.take_along_axis(joined, take, axis=1)
         self.n[groups] = np.minimum(L, n_old + kept)
         new_ids = [ids[i] for i in picked]
         at = np.r_[0, np.cumsum(kept)].tolist()
