@@ -258,8 +258,11 @@ class SlotEncoder:
         if len(whole):
             fresh = pool.reserve(w.keys[whole], kept) if pool.capacity else np.full(len(whole), -1, np.int64)
             full, rows = (complete(whole), np.arange(len(whole))) if complete is not None else (w, whole)
-            self._encode(pool, full, rows, fresh, np.minimum(full.n[rows], L), book, scene, out, past=False,
-                         at=whole)
+            # only the newest `cone` events reach the last output and the rows an entry keeps, the oldest of them
+            # through its time (the column before the encoded ones): a one-layer scene stack's miss encodes 25
+            # positions of a 50-event window, not 50
+            self._encode(pool, full, rows, fresh, np.minimum(full.n[rows], min(L, pool.cone - 1)), book, scene, out,
+                         past=False, at=whole)
             pool.stamp[fresh[fresh >= 0]] = pool.clock
         pool.remember(w, out)
         return out
