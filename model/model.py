@@ -65,12 +65,13 @@ class LocalSelfAttention(nn.Module):
         self.rel_bias = nn.Parameter(torch.zeros(cfg.n_heads, cfg.span + 1))
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False,
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, tail: Optional[int] = None,
                 past: Optional[Past] = None, segment: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C]: new positions, attending to themselves and to `past` (up to `span` positions before them).
-        segment [B, T] (no past): a row packs several sequences, which never attend to each other. Returns (outputs,
-        x: what a later extension reads as its past)."""
+        tail: only the newest `tail` positions' outputs (None: all). segment [B, T] (no past): a row packs several
+        sequences, which never attend to each other. Returns (outputs, x: what a later extension reads as its
+        past)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
@@ -81,12 +82,12 @@ class LocalSelfAttention(nn.Module):
             P = 0
         else:                # each row has its own number of past positions: offsets from explicit positions
             kvalid = torch.cat([past.valid, valid], 1)
-            kpos = torch.cat([past.pos, past.new_pos], 1)
+            kpos = torch.cat([past.pos, past.new_pos[:, -T:]], 1)   # a layer above may get the newest T alone
             qpos = kpos[:, -T:]
             P = past.x.shape[1]
         qslot = torch.arange(P, P + T, device=x.device)
-        if last_only:  # only the last position is read downstream: skip the other queries
-            q, qpos, qslot = q[:, :, -1:], qpos[:, -1:], qslot[-1:]
+        if tail is not None:  # only these positions are read downstream: skip the other queries
+            q, qpos, qslot = q[:, :, -tail:], qpos[:, -tail:], qslot[-tail:]
         offset = qpos[:, :, None] - kpos[:, None, :]                                   # [B or 1, Tq, Tk]
         own = qslot[:, None] == torch.arange(P + T, device=x.device)[None]             # padded queries see themselves
         allowed = (offset >= 0) & (offset <= self.span) & kvalid[:, None, :]               # [B, Tq, Tk]
@@ -154,7 +155,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, valid, last_only=False, past=None, segment=None, read=None):
+    def forward(self, x, valid, tail=None, past=None, segment=None, read=None):
         """read [B, T] bool (training, a stack's last block): only the positions whose output is read; returns
         [R, C], their outputs in row-major order (x[read]'s), and no rows for a later extension (None). Everything
         on the query side runs on those alone: a read position needs the others' keys and values, never their
@@ -162,8 +163,8 @@ class Block(nn.Module):
         if read is not None:
             x = x[read] + self.attn.read_only(self.ln1(x), valid, read, segment)
             return x + self.mlp(self.ln2(x)), None
-        y, present = self.attn(self.ln1(x), valid, last_only, past, segment)
-        x = (x[:, -1:] if last_only else x) + y
+        y, present = self.attn(self.ln1(x), valid, tail, past, segment)
+        x = (x if tail is None else x[:, -tail:]) + y
         return x + self.mlp(self.ln2(x)), present
 
 
@@ -196,7 +197,8 @@ class SceneEncoder(nn.Module):
                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """New positions [B, T] given each layer's `past` (None: the windows start here) -> (outputs as forward,
         each layer's inputs at the new positions [B, T, C]: a later extension's past). Because attention is local,
-        appending k events to a window costs k positions per layer instead of the whole window."""
+        appending k events to a window costs k positions per layer instead of the whole window; and with last_only a
+        layer gives outputs only where the layers above read them (the last position, `span` back per layer)."""
         blocks, ln_f = (self.scene_blocks, self.scene_ln_f) if scene and self.cfg.own_scene_stack else \
             (self.blocks, self.ln_f)
         x = self.item(items) * math.sqrt(self.cfg.d_model) + self.action(actions) + self.scene(scenes) + self.gap(gaps)
@@ -204,7 +206,9 @@ class SceneEncoder(nn.Module):
         presents = []
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1
-            x, rows = block(x, valid, last_only and last, past[i] if past else None, segment, read if last else None)
+            tail = (len(blocks) - 1 - i) * self.cfg.span + 1 if last_only else None
+            x, rows = block(x, valid[:, -x.shape[1]:], tail, past[i] if past else None, segment,
+                            read if last else None)
             presents.append(rows)
         x = ln_f(x)
         return (x[:, -1] if last_only else x), presents
