@@ -126,7 +126,7 @@ class Pool:
             stamps[keep[keep >= 0]] = np.iinfo(np.int64).max
             stamps[np.asarray(taken, np.int64)] = np.iinfo(np.int64).max
             stamps[out[out >= 0]] = np.iinfo(np.int64).max
-            victims = np.argsort(stamps, kind="stable")[:short]
+            victims = np.argpartition(stamps, short - 1)[:short] if short < len(stamps) else np.arange(len(stamps))
             victims = victims[stamps[victims] < np.iinfo(np.int64).max]
             self.stats["evictions"] += len(victims)
             self.entry_of[self.key[victims]] = -1
