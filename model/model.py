@@ -73,14 +73,15 @@ class LocalSelfAttention(nn.Module):
         sequences, which never attend to each other. Returns (outputs, x: what a later extension reads as its
         past)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
-        q, k, v = heads(q), heads(k), heads(v)
+        H, hd = self.n_heads, C // self.n_heads
+        heads = lambda t: t.view(B, -1, H, hd).transpose(1, 2)  # noqa: E731
         if past is None:     # positions are slots: one offset matrix for the whole batch
+            q, k, v = (heads(t) for t in self.qkv(x).split(C, dim=2))
             qpos = kpos = torch.arange(T, device=x.device)[None]
             kvalid = valid
             P = 0
-        else:                # each row has its own number of past positions: offsets from explicit positions
+        else:                # each row has its own number of past positions: offsets from explicit positions; the
+            q = heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))   # queries alone (keys, values below)
             kvalid = torch.cat([past.valid, valid], 1)
             kpos = torch.cat([past.pos, past.new_pos[:, -T:]], 1)   # a layer above may get the newest T alone
             qpos = kpos[:, -T:]
@@ -99,17 +100,16 @@ class LocalSelfAttention(nn.Module):
         if past is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
-        else:   # the past's keys and values are never formed: q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and the
-            # weights sum to 1, so sum_p a_p (W_v x_p + b_v) = W_v (sum_p a_p x_p) + b_v sum_p a_p: the cache holds x
-            # (C floats a position, not 2C), and each head reads it through one matmul of C-wide rows
-            H, hd, Tq = self.n_heads, C // self.n_heads, q.shape[2]
-            W, b = self.qkv.weight.view(3, H, hd, C), self.qkv.bias.view(3, H, 1, hd)
+        else:   # keys and values never formed: q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, the last the same for every
+            # key of a query (softmax ignores it), and the weights sum to 1, so sum_j a_j (W_v x_j + b_v) =
+            # W_v (sum_j a_j x_j) + b_v: each head reads the rows, cached and new, through matmuls of C-wide rows, and
+            # the cache holds x (C floats a position, not 2C)
+            Tq, W = q.shape[2], self.qkv.weight.view(3, H, hd, C)
             qk = torch.einsum("bhtk,hkc->bhtc", q, W[1]).reshape(B, H * Tq, C)
-            past_scores = (qk @ past.x.transpose(1, 2)).view(B, H, Tq, P) + (q * b[1]).sum(-1, keepdim=True)
-            scores = torch.cat([past_scores, q @ k.transpose(2, 3)], 3) * (1.0 / math.sqrt(hd)) + mask
-            p = torch.softmax(scores, -1)
-            mixed = (p[..., :P].reshape(B, H * Tq, P) @ past.x).view(B, H, Tq, C)   # sum_p a_p x_p, per head
-            y = torch.einsum("bhtc,hkc->bhtk", mixed, W[2]) + b[2] * p[..., :P].sum(-1, keepdim=True) + p[..., P:] @ v
+            scores = torch.cat([qk @ past.x.transpose(1, 2), qk @ x.transpose(1, 2)], 2).view(B, H, Tq, P + T)
+            p = torch.softmax(scores * (1.0 / math.sqrt(hd)) + mask, -1).view(B, H * Tq, P + T)
+            mixed = (p[..., :P] @ past.x + p[..., P:] @ x).view(B, H, Tq, C)      # sum_j a_j x_j, per head
+            y = torch.einsum("bhtc,hkc->bhtk", mixed, W[2]) + self.qkv.bias.view(3, H, 1, hd)[2]
         y = y.transpose(1, 2).contiguous().view(B, -1, C)
         return self.proj(y), x
 
