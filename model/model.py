@@ -80,8 +80,8 @@ class LocalSelfAttention(nn.Module):
             qpos = kpos = torch.arange(T, device=x.device)[None]
             kvalid = valid
             P = 0
-        else:                # each row has its own number of past positions: offsets from explicit positions; the
-            q = heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))   # queries alone (keys, values below)
+        else:                # each row has its own number of past positions: offsets from explicit positions
+            q = heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))   # the queries alone: no keys, values
             kvalid = torch.cat([past.valid, valid], 1)
             kpos = torch.cat([past.pos, past.new_pos[:, -T:]], 1)   # a layer above may get the newest T alone
             qpos = kpos[:, -T:]

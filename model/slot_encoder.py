@@ -8,21 +8,22 @@ changed hands or was written other than by appending), and how many rows were ap
 (-1: it changed otherwise).
 
 Why reusing cached rows is exact. Attention is local (model.py): layer l's input at a position (the normed row its
-keys and values are made from) depends on the events at most l * span back. So an entry holds, per layer, the
-inputs at the window's last `span` positions, and the window's output vector. When k events are appended, only the newest position's output is read
-and only the newest `span` rows of each layer are kept, and both depend on the new window's last receptive-field
-(cone) events alone: so if the events before the new positions are the ones the entry was encoded from, in place
-(the same key and version, the same last row, nothing changed but appends since), the new positions are encoded
-against the cached rows and give what a full encode of the new window gives (within float rounding), even when a
-full window dropped its k oldest events (rows computed from those are never read again). Anything else is a miss:
-the window is encoded whole and its entry replaced. Windows shorter than the receptive field (a checkpoint served
-with a small --window) cut off what the model would see, so there an entry is extended only while the window has
-dropped no event.
+keys and values are made from) depends on the events at most l * span back. So an entry holds, per layer, the inputs
+at the window's last `span` positions, and the window's output vector. When k events are appended, only the newest
+position's output is read and only the newest `span` rows of each layer are kept, and both depend on the new
+window's last receptive-field (cone) events alone: so if the events before the new positions are the ones the entry
+was encoded from, in place (the same key and version, the same last row, nothing changed but appends since), the new
+positions are encoded against the cached rows and give what a full encode of the new window gives (within float
+rounding), even when a full window dropped its k oldest events (rows computed from those are never read again).
+Anything else is a miss: the window is encoded whole and its entry replaced. Windows shorter than the receptive
+field (a checkpoint served with a small --window) cut off what the model would see, so there an entry is extended
+only while the window has dropped no event.
 
 The cache is derived state: a byte budget of preallocated entries (`Pool`), least recently used first out, lost on
-restart, never a source of truth. Outside the budget each window also keeps its last output (d floats), so a
-touched user's windows that did not change read theirs back even when their entries are gone: with more users than
-the cache holds, an event costs its own window's encode and the timeline's, not every window of its user. tests/test_slot_encoder.py holds every output to a full encode within 1e-5.
+restart, never a source of truth. Outside the budget each window also keeps its last output (d floats), so a touched
+user's windows that did not change read theirs back even when their entries are gone: with more users than the cache
+holds, an event costs its own window's encode and the timeline's, not every window of its user.
+tests/test_slot_encoder.py holds every output to a full encode within 1e-5.
 """
 from __future__ import annotations
 

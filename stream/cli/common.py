@@ -45,12 +45,12 @@ def encoder_cache_option(f):
     from scenestream.model.config import ENCODER_CACHE_MB
     return click.option("--encoder-cache-mb", type=click.FloatRange(min=0), default=ENCODER_CACHE_MB,
                         envvar="SCENESTREAM_ENCODER_CACHE_MB", show_default=True,
-                        help="Memory for the incremental encoder's cache: per window (each (user, scene) window "
-                             "and each user's merged window of all scenes), each layer's input rows at its newest "
-                             "positions, which attention reads (at the default model size ~12 KB for a merged "
-                             "window, ~6 KB for a scene window through its one-layer stack; the budget is split S scene windows to one "
-                             "merged), so that new events encode only themselves. Least recently used windows are "
-                             "dropped first; 0 encodes every touched window whole.")(f)
+                        help="Memory for the incremental encoder's cache: per window (each (user, scene) window and "
+                             "each user's merged window of all scenes), each layer's input rows at its newest "
+                             "positions, which attention reads (at the default model size ~12 KB for a merged window, "
+                             "~6 KB for a scene window through its one-layer stack; the budget is split S scene "
+                             "windows to one merged), so that new events encode only themselves. Least recently used "
+                             "windows are dropped first; 0 encodes every touched window whole.")(f)
 
 
 def kafka_security_options(f):
