@@ -64,6 +64,7 @@ class LocalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.rel_bias = nn.Parameter(torch.zeros(cfg.n_heads, cfg.span + 1))
         self.dropout = cfg.dropout
+        self._folded: Optional[tuple] = None   # (weights' versions, the extension's folded maps): `folded`
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, tail: Optional[int] = None,
                 past: Optional[Past] = None, segment: Optional[torch.Tensor] = None
@@ -74,44 +75,77 @@ class LocalSelfAttention(nn.Module):
         past)."""
         B, T, C = x.shape
         H, hd = self.n_heads, C // self.n_heads
-        heads = lambda t: t.view(B, -1, H, hd).transpose(1, 2)  # noqa: E731
         if past is None:     # positions are slots: one offset matrix for the whole batch
-            q, k, v = (heads(t) for t in self.qkv(x).split(C, dim=2))
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
             qpos = kpos = torch.arange(T, device=x.device)[None]
             kvalid = valid
             P = 0
         else:                # each row has its own number of past positions: offsets from explicit positions
-            q = heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))   # the queries alone: no keys, values
             kvalid = torch.cat([past.valid, valid], 1)
             kpos = torch.cat([past.pos, past.new_pos[:, -T:]], 1)   # a layer above may get the newest T alone
             qpos = kpos[:, -T:]
             P = past.x.shape[1]
         qslot = torch.arange(P, P + T, device=x.device)
         if tail is not None:  # only these positions are read downstream: skip the other queries
-            q, qpos, qslot = q[:, :, -tail:], qpos[:, -tail:], qslot[-tail:]
+            qpos, qslot = qpos[:, -tail:], qslot[-tail:]
         offset = qpos[:, :, None] - kpos[:, None, :]                                   # [B or 1, Tq, Tk]
         own = qslot[:, None] == torch.arange(P + T, device=x.device)[None]             # padded queries see themselves
         allowed = (offset >= 0) & (offset <= self.span) & kvalid[:, None, :]               # [B, Tq, Tk]
         if segment is not None:
             allowed = allowed & (segment[:, qslot, None] == segment[:, None, :])
         allowed = allowed | own[None]
-        bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [B or 1, H, Tq, Tk]
+        if past is not None:
+            return self._extend(x, past, allowed, offset), x
+        if tail is not None:
+            q = q[:, :, -tail:]
+        bias = self.rel_bias[:, offset.clamp(0, self.span)].transpose(0, 1)            # [1, H, Tq, Tk]
         mask = torch.where(allowed[:, None], bias, float("-inf"))                      # [B, H, Tq, Tk]
-        if past is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
-        else:   # keys and values never formed: q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, the last the same for every
-            # key of a query (softmax ignores it), and the weights sum to 1, so sum_j a_j (W_v x_j + b_v) =
-            # W_v (sum_j a_j x_j) + b_v: each head reads the rows, cached and new, through matmuls of C-wide rows, and
-            # the cache holds x (C floats a position, not 2C)
-            Tq, W = q.shape[2], self.qkv.weight.view(3, H, hd, C)
-            qk = torch.einsum("bhtk,hkc->bhtc", q, W[1]).reshape(B, H * Tq, C)
-            scores = torch.cat([qk @ past.x.transpose(1, 2), qk @ x.transpose(1, 2)], 2).view(B, H, Tq, P + T)
-            p = torch.softmax(scores * (1.0 / math.sqrt(hd)) + mask, -1).view(B, H * Tq, P + T)
-            mixed = (p[..., :P] @ past.x + p[..., P:] @ x).view(B, H, Tq, C)      # sum_j a_j x_j, per head
-            y = torch.einsum("bhtc,hkc->bhtk", mixed, W[2]) + self.qkv.bias.view(3, H, 1, hd)[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=0.0)  # dropout on embeddings and MLP only: cheaper on CPU
         y = y.transpose(1, 2).contiguous().view(B, -1, C)
         return self.proj(y), x
+
+    def _extend(self, x: torch.Tensor, past: Past, allowed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The new positions' outputs against `past` [B, P, C] and themselves, with no key or value formed: each head
+        scores the rows through its folded query map and mixes the rows themselves, and one map takes every head's
+        mix to the output (`folded`)."""
+        B, T, C = x.shape
+        H, Tq = self.n_heads, offset.shape[1]
+        qk_map, qk_bias, out_map, out_bias = self.folded()
+        qk = F.linear(x[:, -Tq:], qk_map, qk_bias).view(B, Tq * H, C)                 # rows (query, head)
+        # one new position (live traffic: an event per window) is a row against itself: a product, not a matmul
+        own = (qk * x).sum(2, keepdim=True) if T == 1 else qk @ x.transpose(1, 2)
+        scores = torch.cat([qk @ past.x.transpose(1, 2), own], 2).view(B, Tq, H, -1)
+        bias = self.rel_bias.T[offset.clamp(0, self.span)].transpose(2, 3)            # [B, Tq, H, Tk]
+        p = torch.softmax(torch.where(allowed[:, :, None], scores + bias, float("-inf")), -1).view(B, Tq * H, -1)
+        P = past.x.shape[1]
+        mixed = p[..., :P] @ past.x + (p[..., P:] * x if T == 1 else p[..., P:] @ x)  # sum_j a_j x_j, per head
+        return F.linear(mixed.view(B, Tq, H * C), out_map, out_bias)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The extension's two maps, for inference (autograd sees constants). A head's score of a row x_j is
+        q . (W_k x_j + b_k) / sqrt(hd) = (W_k^T (W_q x + b_q) / sqrt(hd)) . x_j + (a term the same for every key of
+        the query, which softmax ignores): so x goes to "key space" by one [H*C, C] map. The weights sum to 1, so
+        the head's value mix is W_v (sum_j a_j x_j) + b_v, and the output W_o concat_h(...) + b_o is one [C, H*C] map
+        of the heads' mixed rows plus W_o b_v + b_o. Two matmuls where there were four, no per-head transposes, and
+        the cache holds x (C floats a position, not 2C). Made in float64, again when the weights change."""
+        weights = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        versions = tuple((w.data_ptr(), w._version) for w in weights)
+        if self._folded is None or self._folded[0] != versions:
+            with torch.no_grad():
+                C = self.qkv.weight.shape[1]
+                H, hd = self.n_heads, C // self.n_heads
+                W, b = self.qkv.weight.double().view(3, H, hd, C), self.qkv.bias.double().view(3, H, hd)
+                Wo, bo = self.proj.weight.double().view(C, H, hd), self.proj.bias.double()
+                scale = 1.0 / math.sqrt(hd)
+                qk_map = torch.einsum("hkc,hke->hce", W[1], W[0]).reshape(H * C, C) * scale   # W_k,h^T W_q,h
+                qk_bias = torch.einsum("hkc,hk->hc", W[1], b[0]).reshape(H * C) * scale
+                out_map = torch.einsum("chk,hke->che", Wo, W[2]).reshape(C, H * C)          # W_o,h W_v,h
+                out_bias = bo + torch.einsum("chk,hk->c", Wo, b[2])
+                dtype = self.qkv.weight.dtype
+                self._folded = (versions, tuple(t.to(dtype).contiguous() for t in (qk_map, qk_bias, out_map,
+                                                                                    out_bias)))
+        return self._folded[1]
 
     def read_only(self, x: torch.Tensor, valid: torch.Tensor, read: torch.Tensor,
                   segment: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -260,6 +260,7 @@ class SlotEncoder:
         if len(whole):
             fresh = pool.reserve(w.keys[whole], kept) if pool.capacity else np.full(len(whole), -1, np.int64)
             full, rows = (complete(whole), np.arange(len(whole))) if complete is not None else (w, whole)
+            L = full.ts.shape[1]   # `w` may hold the windows' last columns alone
             # only the newest `cone` events reach the last output and the rows an entry keeps, the oldest of them
             # through its time (the column before the encoded ones): a one-layer scene stack's miss encodes 25
             # positions of a 50-event window, not 50
@@ -282,16 +283,17 @@ class SlotEncoder:
             count = new[run]
             cols = np.arange(L - width, L)
             valid = cols[None, :] >= (L - count)[:, None]
-            ts = w.ts[idx][:, L - width:]
-            prev = w.ts[idx][:, L - width - 1:L - 1] if width < L else \
-                np.concatenate([np.zeros((len(idx), 1), np.int64), w.ts[idx][:, :L - 1]], axis=1)
+            # the columns read, not whole rows: an event each (live traffic) reads 2 of L
+            ts_from = w.ts[idx, L - width - 1:] if width < L else \
+                np.concatenate([np.zeros((len(idx), 1), np.int64), w.ts[idx]], axis=1)
+            ts, prev = ts_from[:, 1:], ts_from[:, :-1]
             # a row has a predecessor if the window holds one before it: not the window's first row
             has_prev = cols[None, :] > (L - w.n[idx])[:, None]
             gaps = torch.where(torch.from_numpy(has_prev & valid),
                                gap_bucket(torch.from_numpy(ts - prev), gap_buckets), torch.zeros(1, dtype=torch.long))
-            inputs = [torch.from_numpy(np.where(valid, items(w.item[idx][:, L - width:]), 0)),
-                      torch.from_numpy(np.where(valid, actions(w.action[idx][:, L - width:]), 0)),
-                      torch.from_numpy(np.where(valid, scenes(w.scene[idx][:, L - width:]), 0)),
+            inputs = [torch.from_numpy(np.where(valid, items(w.item[idx, L - width:]), 0)),
+                      torch.from_numpy(np.where(valid, actions(w.action[idx, L - width:]), 0)),
+                      torch.from_numpy(np.where(valid, scenes(w.scene[idx, L - width:]), 0)),
                       gaps, torch.from_numpy(valid)]
             inputs = [t.to(dev) for t in inputs]
             cache_past = None

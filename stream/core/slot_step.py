@@ -19,7 +19,7 @@ class SlotEncoder(Protocol):
     shared_stack: bool
     width: int   # d
 
-    def vectors(self, windows: Windows, book, scene: bool) -> np.ndarray: ...
+    def vectors(self, windows: Windows, book, scene: bool, complete=None) -> np.ndarray: ...
 
     def fuse(self, h: np.ndarray, has: np.ndarray, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -48,7 +48,8 @@ def encode(slots: SlotWindows, users: np.ndarray, encoder: SlotEncoder) -> SlotV
                            np.zeros((0, S + 1, d), np.float32), np.zeros((0, S + 1, S), np.float32),
                            np.zeros(0, np.int64), np.zeros(0, np.int64))
     scene_windows, rows, scenes = slots.scene_windows(users)
-    out = encoder.vectors(scene_windows, Codebook, scene=True)
+    out = encoder.vectors(scene_windows, Codebook, scene=True,
+                          complete=lambda rows: slots.windows(scene_windows.keys[rows]))
     d = encoder.width
     h = np.zeros((len(users), S, d), np.float32)
     has = np.zeros((len(users), S), bool)

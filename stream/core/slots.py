@@ -416,16 +416,25 @@ class SlotWindows:
     # ---- what the encoder reads ---------------------------------------------------------------------------------
 
     def scene_windows(self, users: np.ndarray) -> tuple[Windows, np.ndarray, np.ndarray]:
-        """Every window of the users, with the rows appended since it was last encoded; and the row of `users` and
-        the scene index each belongs to."""
+        """Every window of the users as far as an extension reads it: its last columns, as many as the most rows
+        appended to any of them since it was last encoded, plus the row before (an event each, as live traffic
+        brings: 2 of L); `windows` gives them whole, for those encoded whole. And the row of `users` and the scene
+        index each belongs to."""
         W = self.win[users]
         present = (W >= 0) & (self.n[np.maximum(W, 0)] > 0)
         rows, scenes = np.nonzero(present)
         wins = W[rows, scenes]
-        codes = np.broadcast_to(self.scene_code[self.scene_of[wins]][:, None], (len(wins), self.length))
-        return (Windows(wins.astype(np.int64), self.wver[wins], self.pending[wins].copy(),
-                        self.n[wins].astype(np.int64), self.ts[wins], self.hash[wins], self.item[wins],
-                        self.action[wins], codes), rows, scenes)
+        grown = int(self.pending[wins].max()) if len(wins) else 0
+        return self.windows(wins, min(self.length, grown + 1)), rows, scenes
+
+    def windows(self, wins: np.ndarray, columns: Optional[int] = None) -> Windows:
+        """Window slots with the rows appended since they were last encoded, whole or as their last `columns`
+        columns (the encoder reads a narrower Windows as windows of that length: they are right-aligned)."""
+        cut = slice(self.length - (columns or self.length), self.length)
+        codes = np.broadcast_to(self.scene_code[self.scene_of[wins]][:, None], (len(wins), cut.stop - cut.start))
+        return Windows(wins.astype(np.int64), self.wver[wins], self.pending[wins].copy(),
+                       self.n[wins].astype(np.int64), self.ts[wins, cut], self.hash[wins, cut], self.item[wins, cut],
+                       self.action[wins, cut], codes)
 
     def timelines(self, users: np.ndarray, appended: np.ndarray) -> Windows:
         """The users' merged timelines: the newest L events over all their windows, ascending by (ts, event id)."""
