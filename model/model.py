@@ -111,25 +111,27 @@ class LocalSelfAttention(nn.Module):
         mix to the output (`folded`)."""
         B, T, C = x.shape
         H, Tq = self.n_heads, offset.shape[1]
-        qk_map, qk_bias, out_map, out_bias = self.folded()
+        qk_map, qk_bias, out_map, out_bias, bias_table = self.folded()
         qk = F.linear(x[:, -Tq:], qk_map, qk_bias).view(B, Tq * H, C)                 # rows (query, head)
         # one new position (live traffic: an event per window) is a row against itself: a product, not a matmul
         own = (qk * x).sum(2, keepdim=True) if T == 1 else qk @ x.transpose(1, 2)
         scores = torch.cat([qk @ past.x.transpose(1, 2), own], 2).view(B, Tq, H, -1)
-        bias = self.rel_bias.T[offset.clamp(0, self.span)].transpose(2, 3)            # [B, Tq, H, Tk]
-        p = torch.softmax(torch.where(allowed[:, :, None], scores + bias, float("-inf")), -1).view(B, Tq * H, -1)
+        # the bias of each offset, -inf where a key is not allowed: one lookup, not a gather, a mask and a where
+        mask = F.embedding(torch.where(allowed, offset.clamp(0, self.span), self.span + 1), bias_table)
+        p = torch.softmax(scores + mask.transpose(2, 3), -1).view(B, Tq * H, -1)       # mask [B, Tq, Tk, H]
         P = past.x.shape[1]
         mixed = p[..., :P] @ past.x + (p[..., P:] * x if T == 1 else p[..., P:] @ x)  # sum_j a_j x_j, per head
         return F.linear(mixed.view(B, Tq, H * C), out_map, out_bias)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The extension's two maps, for inference (autograd sees constants). A head's score of a row x_j is
         q . (W_k x_j + b_k) / sqrt(hd) = (W_k^T (W_q x + b_q) / sqrt(hd)) . x_j + (a term the same for every key of
         the query, which softmax ignores): so x goes to "key space" by one [H*C, C] map. The weights sum to 1, so
         the head's value mix is W_v (sum_j a_j x_j) + b_v, and the output W_o concat_h(...) + b_o is one [C, H*C] map
         of the heads' mixed rows plus W_o b_v + b_o. Two matmuls where there were four, no per-head transposes, and
-        the cache holds x (C floats a position, not 2C). Made in float64, again when the weights change."""
-        weights = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        the cache holds x (C floats a position, not 2C). With them the relative bias by offset, [span + 2, H], its
+        last row -inf (a key not allowed). Made in float64, again when the weights change."""
+        weights = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.rel_bias)
         versions = tuple((w.data_ptr(), w._version) for w in weights)
         if self._folded is None or self._folded[0] != versions:
             with torch.no_grad():
@@ -142,9 +144,11 @@ class LocalSelfAttention(nn.Module):
                 qk_bias = torch.einsum("hkc,hk->hc", W[1], b[0]).reshape(H * C) * scale
                 out_map = torch.einsum("chk,hke->che", Wo, W[2]).reshape(C, H * C)          # W_o,h W_v,h
                 out_bias = bo + torch.einsum("chk,hk->c", Wo, b[2])
+                bias_table = torch.cat([self.rel_bias.double().T, torch.full_like(self.rel_bias[:, :1].double().T,
+                                                                                  float("-inf"))])
                 dtype = self.qkv.weight.dtype
                 self._folded = (versions, tuple(t.to(dtype).contiguous() for t in (qk_map, qk_bias, out_map,
-                                                                                    out_bias)))
+                                                                                    out_bias, bias_table)))
         return self._folded[1]
 
     def read_only(self, x: torch.Tensor, valid: torch.Tensor, read: torch.Tensor,

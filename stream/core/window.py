@@ -33,6 +33,9 @@ assert ROW_DTYPE.itemsize == ROW_BYTES
 _ID_BYTES, _ID_BYTES_AT = struct.Struct("<H"), ROW_DTYPE.fields["id_bytes"][1]   # one row's id length, where it is
 
 
+PADDED_NAMES = 32   # bytes: names up to this long are gathered as rows of a padded table (`Interner.names_of`)
+
+
 class Interner:
     """name <-> number, for the life of the process: windows hold numbers, never strings. Only grows (an item
     costs its name and a dict entry once, however many windows hold it: ~100 bytes per distinct item)."""
@@ -45,6 +48,8 @@ class Interner:
         # `names_of`'s table of raw[:_tabled]: sizes, where each starts in blob, the bytes
         self._sizes, self._starts = np.zeros(0, np.int64), np.zeros(0, np.int64)
         self._blob, self._tabled = np.zeros(0, np.uint8), 0
+        # and while every name is short, the names as rows of one width, zero-padded: a gather of rows
+        self._padded: Optional[np.ndarray] = np.zeros((0, 8), np.uint8)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -54,6 +59,9 @@ class Interner:
         writes a window's item names so, for about every event)."""
         self._extend_table()
         lens = self._sizes[codes]
+        if self._padded is not None:   # rows of the padded table, the padding masked out
+            rows = self._padded[codes]
+            return lens, rows[np.arange(rows.shape[1])[None, :] < lens[:, None]].tobytes()
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
         return lens, self._blob[np.repeat(self._starts[codes] - (ends - lens), lens) + np.arange(total)].tobytes()
@@ -77,6 +85,18 @@ class Interner:
         self._starts[have:have + len(new)] = used + np.cumsum(sizes) - sizes
         self._blob[used:used + int(sizes.sum())] = np.frombuffer(b"".join(new), np.uint8)
         self._tabled = have + len(new)
+        longest = int(sizes.max())
+        if self._padded is None or longest > PADDED_NAMES:   # a long name: the byte gather from then on
+            self._padded = None
+            return
+        width = max(self._padded.shape[1], 1 << (longest - 1).bit_length())
+        if len(self._padded) < len(self._sizes) or width > self._padded.shape[1]:
+            grown = np.zeros((len(self._sizes), width), np.uint8)
+            grown[:have, :self._padded.shape[1]] = self._padded[:have]
+            self._padded = grown
+        self._padded[np.repeat(np.arange(have, have + len(new)), sizes),
+                     np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = \
+            self._blob[used:used + int(sizes.sum())]
 
     def id(self, name: str) -> int:
         i = self.index.get(name)
