@@ -102,15 +102,18 @@ class Pool:
         return known & (w.appended[b] == 0) & (seen[:, 0] == w.version[b]) & (seen[:, 1] == w.ts[b, L - 1]) & \
             (seen[:, 2] == w.hash[b, L - 1]) & (seen[:, 3] == w.n[b])
 
-    def remember(self, w: Windows, out: torch.Tensor) -> None:
-        """The windows' outputs, just encoded (or read), for `unchanged`."""
-        L, keys = w.ts.shape[1], w.keys
+    def remember(self, w: Windows, out: torch.Tensor, rows: np.ndarray) -> None:
+        """Windows `rows`' outputs, just encoded (or read), for `unchanged`."""
+        L, keys = w.ts.shape[1], w.keys[rows]
+        if not len(keys):
+            return
         if int(keys.max()) >= len(self.out_id):
             size = max(int(keys.max()) + 1, 2 * len(self.out_id))
             self.out_id = np.concatenate([self.out_id, np.full((size - len(self.out_id), 4), -1, np.int64)])
             self.out = torch.cat([self.out, self.out.new_zeros(size - len(self.out), self.out.shape[1])])
-        self.out[torch.from_numpy(keys).to(self.out.device)] = out.to(self.out.dtype)
-        self.out_id[keys] = np.stack([w.version, w.ts[:, L - 1], w.hash[:, L - 1], w.n], axis=1)
+        self.out[torch.from_numpy(keys).to(self.out.device)] = out[torch.from_numpy(rows).to(out.device)].to(
+            self.out.dtype)
+        self.out_id[keys] = np.stack([w.version[rows], w.ts[rows, L - 1], w.hash[rows, L - 1], w.n[rows]], axis=1)
 
     def reserve(self, keys: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """An empty entry for each key (encoded whole now: its own, emptied, or one taken from the least recently
@@ -229,33 +232,41 @@ class SlotEncoder:
         if not B:
             return out
         pool.clock += 1
-        e = pool.entries(w.keys) if pool.capacity else np.full(B, -1, np.int64)
-        k = w.appended
-        rows, at = np.arange(B), np.maximum(e, 0)
+        # windows unchanged since last encoded (a touched user's other scenes) read their outputs as then, and are
+        # asked nothing else: their entries (if any) only stay fresh
+        quiet = np.flatnonzero(w.appended == 0)
+        kept_out = quiet[pool.unchanged(w, quiet)]
+        if pool.capacity and len(kept_out):
+            e = pool.entries(w.keys[kept_out])
+            pool.stamp[e[e >= 0]] = pool.clock
+        todo = np.ones(B, bool)
+        todo[kept_out] = False
+        rows = np.flatnonzero(todo)
+        e = pool.entries(w.keys[rows]) if pool.capacity else np.full(len(rows), -1, np.int64)
+        k, n = w.appended[rows], w.n[rows]
+        at = np.maximum(e, 0)
         before = np.clip(L - 1 - k, 0, L - 1)   # the row before the appended ones
-        ok = (e >= 0) & (k >= 0) & (k < w.n)
+        ok = (e >= 0) & (k >= 0) & (k < n)
         if pool.capacity:
-            ok &= pool.version[at] == w.version
+            ok &= pool.version[at] == w.version[rows]
             ok &= (pool.last_ts[at] == w.ts[rows, before]) & (pool.last_hash[at] == w.hash[rows, before])
-            ok &= pool.rows_then[at] + k >= w.n       # every row since encoded is one of the appended ones
+            ok &= pool.rows_then[at] + k >= n         # every row since encoded is one of the appended ones
             if not pool.extendable:                   # shorter than the receptive field: only if none dropped
-                ok &= pool.rows_then[at] + k == w.n
-        hit, grow = np.flatnonzero(ok & (k == 0)), np.flatnonzero(ok & (k > 0))
-        whole = np.flatnonzero(~ok)
-        same = pool.unchanged(w, whole)
-        kept_out, whole = whole[same], whole[~same]
+                ok &= pool.rows_then[at] + k == n
+        hit_at, grow_at = np.flatnonzero(ok & (k == 0)), np.flatnonzero(ok & (k > 0))
+        hit, grow, whole = rows[hit_at], rows[grow_at], rows[~ok]
         pool.stats["hits"] += len(hit)
         pool.stats["extends"] += len(grow)
         pool.stats["misses"] += len(whole)
         pool.stats["unchanged"] += len(kept_out)
         if len(hit):
-            out[torch.from_numpy(hit).to(self.device)] = pool.vec[torch.from_numpy(e[hit]).to(self.device)]
+            out[torch.from_numpy(hit).to(self.device)] = pool.vec[torch.from_numpy(e[hit_at]).to(self.device)]
         if len(kept_out):
             out[torch.from_numpy(kept_out).to(self.device)] = \
                 pool.out[torch.from_numpy(w.keys[kept_out]).to(self.device)].to(out.dtype)
         if len(grow):
-            self._encode(pool, w, grow, e[grow], k[grow], book, scene, out)
-        kept = e[np.r_[hit, grow]].astype(np.int64)
+            self._encode(pool, w, grow, e[grow_at], k[grow_at], book, scene, out)
+        kept = e[np.r_[hit_at, grow_at]].astype(np.int64)
         pool.stamp[kept] = pool.clock
         if len(whole):
             fresh = pool.reserve(w.keys[whole], kept) if pool.capacity else np.full(len(whole), -1, np.int64)
@@ -267,7 +278,7 @@ class SlotEncoder:
             self._encode(pool, full, rows, fresh, np.minimum(full.n[rows], min(L, pool.cone - 1)), book, scene, out,
                          past=False, at=whole)
             pool.stamp[fresh[fresh >= 0]] = pool.clock
-        pool.remember(w, out)
+        pool.remember(w, out, rows)
         return out
 
     def _encode(self, pool: Pool, w: Windows, b: np.ndarray, entries: np.ndarray, new: np.ndarray, book,

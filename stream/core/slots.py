@@ -24,6 +24,7 @@ back: rare, and exact by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -261,11 +262,16 @@ class SlotWindows:
             e = _EMPTY_I
             return SlotJoin(e, e, e, 0, e, e, e, e)
         L = self.length
-        users = np.fromiter((self.user_slot(e.user_id) for e in events), np.int32, len(events))
-        scenes = np.fromiter((self.scene_index[e.scene] for e in events), np.int32, len(events))
+        # the batch as columns (events are named tuples: one transpose), each mapped in one pass
+        event_ids, user_ids, item_ids, scene_names, actions, stamps = zip(*events)
+        slots = list(map(self.slot_of.get, user_ids))
+        if None in slots:   # users met for the first time
+            slots = [self.user_slot(u) if s is None else s for u, s in zip(user_ids, slots)]
+        users = np.array(slots, np.int32)
+        scenes = np.fromiter(map(self.scene_index.__getitem__, scene_names), np.int32, len(events))
         wins = self._window_slots(users, scenes)
-        ts = np.fromiter((e.ts for e in events), np.int64, len(events))
-        ids = [e.event_id.encode("utf-8", "surrogatepass") for e in events]
+        ts = np.array(stamps, np.int64)
+        ids = list(map(str.encode, event_ids, repeat("utf-8"), repeat("surrogatepass")))
         hashes = np.fromiter(map(id_hash, ids), np.int64, len(events))
 
         # the batch in window order, then (ts, event id): ties in time by id, as the lattice orders
@@ -300,7 +306,7 @@ class SlotWindows:
         added, added_items, removed, removed_items = [], [], [], []
         c = np.flatnonzero(common)
         if len(c):
-            got = self._append(groups[c], counts[c], starts[c], order, ts, hashes, ids, events)
+            got = self._append(groups[c], counts[c], starts[c], order, ts, hashes, ids, item_ids, actions)
             changed.append(groups[c])
             appended.append(got["kept"])
             late += int(got["late"])
@@ -387,7 +393,9 @@ class SlotWindows:
         L, U = self.length, len(users)
         W = self.win[users]
         Wc = np.maximum(W, 0)
-        k = np.where(W >= 0, np.maximum(self.pending[Wc], 0), 0)           # [U, S] rows appended per window
+        # [U, S] rows appended per window and still in it: more than it holds were appended (joins with no encode
+        # between) only if it is full, and then the timeline gains L and is encoded whole
+        k = np.where(W >= 0, np.clip(self.pending[Wc], 0, self.n[Wc]), 0)
         bad = ((W >= 0) & (self.pending[Wc] < 0)).any(1) | ~self.timeline_ok[users]
         wins, counts = Wc.ravel(), k.ravel()
         within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -472,7 +480,7 @@ class SlotWindows:
         raw = self.ids[w]
         return [raw[e - s:e] for e, s in zip(ends, sizes)]
 
-    def _append(self, groups, counts, starts, order, ts, hashes, ids, events) -> dict:
+    def _append(self, groups, counts, starts, order, ts, hashes, ids, item_ids, actions) -> dict:
         """The common case, for all its windows at once: each window's newest L of (its rows, then its new ones).
         Group g's new events are order[starts[g] : starts[g] + counts[g]], ascending."""
         L, G = self.length, len(groups)
@@ -491,10 +499,11 @@ class SlotWindows:
         removed_items = self.item[groups][gone]
         skip_bytes = (self.idlen[groups].astype(np.int64) * gone).sum(1)
         picked = rows.tolist()
+        new_ids = [ids[i] for i in picked]
         new = {"ts": ts[rows], "hash": hashes[rows],
-               "item": np.fromiter((ITEMS.id(events[i].item_id) for i in picked), np.int32, len(picked)),
-               "action": np.fromiter((ACTIONS.id(events[i].action) for i in picked), np.uint8, len(picked)),
-               "idlen": np.fromiter((len(ids[i]) for i in picked), np.uint16, len(picked))}
+               "item": ITEMS.ids([item_ids[i] for i in picked]).astype(np.int32),
+               "action": ACTIONS.ids([actions[i] for i in picked]).astype(np.uint8),
+               "idlen": np.fromiter(map(len, new_ids), np.uint16, len(picked))}
         take = kept[:, None] + cols                   # the new window: columns kept .. kept + L of [held | block]
         kmax = int(kept.max())
         for name, values in new.items():
@@ -505,7 +514,6 @@ class SlotWindows:
             # every window gaining as many (fresh traffic: one each) is a slice, not a gather
             held[groups] = joined[:, kmax:] if kept.min() == kmax else np.take_along_axis(joined, take, axis=1)
         self.n[groups] = np.minimum(L, n_old + kept)
-        new_ids = [ids[i] for i in picked]
         at = np.r_[0, np.cumsum(kept)].tolist()
         for g, (w, cut) in enumerate(zip(groups.tolist(), skip_bytes.tolist())):
             self.ids[w] = self.ids[w][cut:] + b"".join(new_ids[at[g]:at[g + 1]])

@@ -19,7 +19,7 @@ import struct
 from collections import defaultdict
 from itertools import accumulate
 from operator import itemgetter
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -97,6 +97,13 @@ class Interner:
         self._padded[np.repeat(np.arange(have, have + len(new)), sizes),
                      np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = \
             self._blob[used:used + int(sizes.sum())]
+
+    def ids(self, names: Sequence[str]) -> np.ndarray:
+        """`id` of each name: the known ones in one pass of the dict."""
+        got = list(map(self.index.get, names))
+        if None in got:
+            got = [self.id(n) if i is None else i for n, i in zip(names, got)]
+        return np.array(got, np.int64)
 
     def id(self, name: str) -> int:
         i = self.index.get(name)
