@@ -3,18 +3,20 @@
 U users each get a full window (the checkpoint's L events) in every scene, loaded into a fresh embedded broker and
 applied by the worker first (ordered by user, as a backlog); or, with --ramp-history changelog, written as the
 worker's changelog records (one per window) that it recovers at start: the way to 100,000 users on the embedded
-broker. Then steady rates (--ramp-rates, events/s) for
---ramp-seconds each: a librdkafka producer in its own process sends events of users drawn at random from the U, at
-random items of the event's scene, with ts = send time (epoch ms), keyed by user_id, in bursts every 10 ms scheduled
-by absolute time; a librdkafka consumer in another process reads `user-interests` from its end and takes, for every
-output record, receive time minus the record's newest_ts. The embedded broker's fetches slow as partitions fill with
-small batches (BENCHMARKS.md, "The embedded broker"): its share of these latencies grows step by step. A record
-belongs to the step whose send span holds its newest_ts. After each step the ramp waits (--drain-max) until the worker has counted every event sent; a step the
-worker did not drain in that time ends the ramp (it has fallen behind: later steps would measure its backlog).
+broker. Then steady rates (--ramp-rates, events/s) for --ramp-seconds each: a librdkafka producer in its own
+process sends events of users drawn at random from the U, at random items of the event's scene, with ts = send time
+(epoch ms), keyed by user_id, in bursts every 10 ms scheduled by absolute time; a librdkafka consumer in another
+process reads `user-interests` from its end and takes, for every output record, receive time minus the record's
+newest_ts. A record belongs to the step whose send span holds its newest_ts. After each step the ramp waits
+(--drain-max) until the worker has counted every event sent; a step the worker did not drain in that time ends the
+ramp (it has fallen behind: later steps would measure its backlog). Each step runs on a broker and worker of its own,
+set up as above (--ramp-broker per-step, the default): the embedded broker's fetches slow as its partitions fill with
+the bursts' small batches (BENCHMARKS.md, "The embedded broker"), so on one broker (--ramp-broker one) a step also
+measures the batches the steps before it left.
 
-The knee is the highest step with p99 <= 100 ms (and drained). With --against DIR the same ramp runs first against
-DIR's worker (a checkout of another commit, imported through a symlinked package as bench/core_path.py does), on a
-broker of its own, so both knees come from one command.
+The knee is the highest step with p99 <= 100 ms (and drained). With --against DIR the same ramp runs against DIR's
+worker too (a checkout of another commit, imported through a symlinked package as bench/core_path.py does), on
+brokers of its own, taking turns with this checkout's step by step, so both knees come from one command.
 
     python bench/fresh_ramp.py producer SPEC.json      # a child: sends one step, prints a JSON line
     python bench/fresh_ramp.py consumer SPEC.json      # a child: reads outputs until SIGTERM, writes spec["out"]
@@ -252,14 +254,10 @@ def run_child(kind: str, spec: dict, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True, env=env)
 
 
-def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable, consumed: Callable,
-             worker_rate: Callable, say: Callable) -> dict:
-    """The ramp against one worker (this checkout's, or --against's) on a broker of its own."""
+def new_side(name: str, against: Optional[str], ckpt: str, args) -> dict:
+    """One side of the ramp (this checkout's worker, or --against's) before its steps; `ramp` drops its "ctx"."""
     from scenestream.model.checkpoint import load_checkpoint
     from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
-    from scenestream.stream.local.broker import EmbeddedBroker
-    from scenestream.stream.local.processes import free_port, spawn, stop_process
-    from scenestream.stream.live.produce import produce_lines
 
     window = load_checkpoint(ckpt).window
     events, _ = generate(SyntheticSpec())
@@ -267,18 +265,32 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
     for e in events:
         items.setdefault(e.scene, []).append(e.item_id)
     items = {s: sorted(set(v)) for s, v in sorted(items.items())}
-    seeded = args.ramp_history == "changelog"
-    lines = [] if seeded else history(args.ramp_users, items, window)
-    app = f"ramp-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     worker_env = dict(env)
     if against:
         pkg = Path(tempfile.mkdtemp())
         (pkg / "scenestream").symlink_to(Path(against).resolve())
         worker_env["PYTHONPATH"] = str(pkg)
-    side: dict = {"side": name, "checkout": against or str(Path(__file__).resolve().parents[1]),
-                  "users": args.ramp_users, "window": window, "history": args.ramp_history,
-                  "history_events": args.ramp_users * len(items) * window, "steps": []}
+    return {"side": name, "checkout": against or str(Path(__file__).resolve().parents[1]),
+            "users": args.ramp_users, "window": window, "history": args.ramp_history, "broker": args.ramp_broker,
+            "history_events": args.ramp_users * len(items) * window, "steps": [],
+            "ctx": dict(name=name, ckpt=ckpt, items=items, window=window, env=env, worker_env=worker_env)}
+
+
+def on_one_broker(side: dict, rates: list[int], args, load: Callable, consumed: Callable, worker_rate: Callable,
+                  say: Callable) -> bool:
+    """A fresh broker and worker holding the users' full windows, then `rates` step by step; the steps go to
+    side["steps"]. False when the side's ramp ends here: an error (side["error"]), or a step not drained."""
+    from scenestream.stream.local.broker import EmbeddedBroker
+    from scenestream.stream.local.processes import free_port, spawn, stop_process
+    from scenestream.stream.live.produce import produce_lines
+
+    name, ckpt, items, window = (side["ctx"][k] for k in ("name", "ckpt", "items", "window"))
+    env, worker_env = side["ctx"]["env"], side["ctx"]["worker_env"]
+    seeded = args.ramp_history == "changelog"
+    lines = [] if seeded else history(args.ramp_users, items, window)
+    app = f"ramp-{uuid.uuid4().hex[:8]}"
+    steps, spans, pairs = [], [], []
     with EmbeddedBroker() as b:
         if seeded:
             side["load_seconds"] = asyncio.run(seed_changelog(b.bootstrap, app, args.ramp_users, items, window,
@@ -313,19 +325,19 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
                     f"{rss_mb(proc.pid) or 0:,.0f} MB" + (f"  ERROR {w['error']}" if "error" in w else ""))
             if "error" in w or not w.get("complete"):
                 side["error"] = w.get("error", "history not applied")
-                return side
+                return False
             out = str(Path(tempfile.mkdtemp()) / "pairs.json")
             consumer = run_child("consumer", {"bootstrap": b.bootstrap, "out": out}, env)
             if consumer.stdout.readline().strip() != "ready":
                 side["error"] = "the output consumer did not start"
-                return side
+                return False
             time.sleep(2.0)
-            spans = []
-            for i, rate in enumerate(args.ramp_rates):
+            for rate in rates:
                 before = consumed(port)
                 rss0 = rss_mb(proc.pid)
                 prod = run_child("producer", {"bootstrap": b.bootstrap, "users": args.ramp_users, "items": items,
-                                              "rate": rate, "seconds": args.ramp_seconds, "seed": 100 + i}, env)
+                                              "rate": rate, "seconds": args.ramp_seconds,
+                                              "seed": 100 + len(side["steps"]) + len(steps)}, env)
                 sent = json.loads(prod.communicate()[0].strip().splitlines()[-1])
                 t_sent = time.perf_counter()
                 drained = None
@@ -336,9 +348,9 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
                         break
                     time.sleep(0.1)
                 time.sleep(args.settle)
-                step = {"rate": rate, **sent, "achieved_rate": sent["sent"] / sent["seconds"],
-                        "drain_seconds": drained, "worker_rss_mb": rss_mb(proc.pid), "worker_rss_mb_before": rss0}
-                side["steps"].append(step)
+                steps.append({"rate": rate, **sent, "achieved_rate": sent["sent"] / sent["seconds"],
+                              "drain_seconds": drained, "worker_rss_mb": rss_mb(proc.pid),
+                              "worker_rss_mb_before": rss0})
                 spans.append((sent["start_ms"], sent["end_ms"]))
                 say(f"[{name}] {rate:,} events/s: sent {sent['sent']:,} in {sent['seconds']:.1f} s, "
                     + (f"drained {drained:.1f} s after" if drained is not None else
@@ -353,14 +365,12 @@ def one_side(name: str, against: Optional[str], ckpt: str, args, load: Callable,
             if consumer is not None:
                 consumer.kill()
             stop_process(proc)
-    for step, (lo, hi) in zip(side["steps"], spans):
-        lat = [r - ts for r, ts in pairs if lo <= ts <= hi]
-        step.update(records=len(lat), p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99),
-                    max_ms=max(lat) if lat else None)
-    ok = [s["rate"] for s in side["steps"] if s["drain_seconds"] is not None and s["p99_ms"] is not None
-          and s["p99_ms"] <= KNEE_P99_MS]
-    side["knee"] = max(ok) if ok else None
-    return side
+            for step, (lo, hi) in zip(steps, spans):
+                lat = [r - ts for r, ts in pairs if lo <= ts <= hi]
+                step.update(records=len(lat), p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99),
+                            max_ms=max(lat) if lat else None)
+            side["steps"] += steps
+    return all(s["drain_seconds"] is not None for s in steps)
 
 
 def rss_mb(pid: int) -> Optional[float]:
@@ -374,12 +384,22 @@ def rss_mb(pid: int) -> Optional[float]:
 
 
 def ramp(ckpt: str, args, load, consumed, worker_rate, say) -> dict:
-    sides = []
-    if args.against:
-        sides.append(one_side("against", args.against, ckpt, args, load, consumed, worker_rate, say))
-    sides.append(one_side("this", None, ckpt, args, load, consumed, worker_rate, say))
+    """Both sides, the --against one first. With a broker per step the sides take turns step by step, so each pair
+    of steps sees the same machine (a shared one swings 2-3x in a day); a side that fell behind runs no more steps.
+    The knee of a side: its highest step with p99 <= 100 ms that drained."""
+    sides = ([new_side("against", args.against, ckpt, args)] if args.against else []) + [
+        new_side("this", None, ckpt, args)]
+    groups = [[r] for r in args.ramp_rates] if args.ramp_broker == "per-step" else [list(args.ramp_rates)]
+    going = list(sides)
+    for rates in groups:
+        going = [s for s in going if on_one_broker(s, rates, args, load, consumed, worker_rate, say)]
+    for side in sides:
+        del side["ctx"]
+        ok = [s["rate"] for s in side["steps"] if s["drain_seconds"] is not None and s["p99_ms"] is not None
+              and s["p99_ms"] <= KNEE_P99_MS]
+        side["knee"] = max(ok) if ok else None
     return {"users": args.ramp_users, "seconds": args.ramp_seconds, "rates": args.ramp_rates,
-            "knee_p99_ms": KNEE_P99_MS, "sides": sides}
+            "broker": args.ramp_broker, "knee_p99_ms": KNEE_P99_MS, "sides": sides}
 
 
 def report_lines(r: dict) -> list[str]:

@@ -559,6 +559,10 @@ def main() -> None:
                     help="Ramp: the users' full windows sent as clicks the worker applies (default), or written as "
                          "its changelog records, which it recovers: one record per window, for --ramp-users beyond "
                          "what the embedded broker holds as clicks (~8 KB of its RAM per event).")
+    ap.add_argument("--ramp-broker", choices=["per-step", "one"], default="per-step",
+                    help="Ramp: each step on a broker and worker of its own (default), the sides taking turns step "
+                         "by step, or every step on one (the embedded broker's fetches slow as its partitions fill "
+                         "with small batches, so a step then also measures the steps before it).")
     ap.add_argument("--ramp-partitions", type=int, default=PARTITIONS,
                     help=f"Ramp: partitions of clicks and the worker's topics (default {PARTITIONS}).")
     ap.add_argument("--ramp-worker-args", default="",

@@ -3,26 +3,32 @@
 `pip install -e '.[bench]'` (--no-plot: no plot, no matplotlib).
 
 1. The embedded broker (Tansu) and `--workers` real workers (one group, `clicks` with 4 partitions, outputs to
-   `user-interests`), serving --checkpoint (default: bench/tiny_checkpoint.py's).
-2. The maximum (--max-from): `ramp` (the default) sends live events (ts = send time) at 1,000/s (after a warm-up step at 500/s), then 1.25x more
-   each step, --ramp-seconds (15) a step, until the workers no longer keep up (they have not counted every event
-   sent within 2 s of the step's last send, or the producer fell short of the rate): the maximum is the last rate
-   they kept up with. That is the maximum a soak is about: live traffic comes a few events per user per
-   micro-batch, which costs the worker several times what a backlog does (BENCHMARKS.md, "Live path"), so half
-   of a backlog's rate is more than the worker sustains live. `backlog`: --probe-events synthetic events loaded
-   into `clicks` before the workers start, timed as bench/live.py times the worker (scenestream_events_consumed,
-   summed over /metrics, first poll showing an event to the poll showing them all). --max-rate skips measuring;
-   --rate sets the load outright.
-3. The load: a producer sends --fraction (0.5) x the maximum, events for existing users with ts = send time, for
-   --minutes, batching records for --linger-ms (250). Why the linger: the embedded broker (Tansu 0.6.0, memory
-   storage) scans a partition's record batches on every fetch, so its fetches slow down and then stall as a
+   `user-interests`), serving --checkpoint (default: bench/tiny_checkpoint.py's). With --history changelog (the
+   default), each of --users users r0 .. r{U-1} first gets a full window in every scene, written as the workers'
+   changelog records (bench/fresh_ramp.py's seed_changelog) and recovered at start, then one click each, applied
+   before the load: the soak starts from the state it would hold after a long run, every user touched, so its RSS
+   measures the worker rather than windows filling (with --history none they start empty and fill for hours:
+   100,000 users x 3 scenes x 50 events is 15M events, two hours at 2,000/s).
+2. The maximum (--max-from): `ramp` (the default) sends live events (ts = send time) at 1,000/s (after a warm-up
+   step at 500/s), then 1.25x more each step, --ramp-seconds (15) a step, until the workers no longer keep up (they
+   have not counted every event sent within 2 s of the step's last send, or the producer fell short of the rate):
+   the maximum is the last rate they kept up with; its events are the synthetic world's (users of their own). That
+   is the maximum a soak is about: live traffic comes a few events per user per micro-batch, which costs the worker
+   several times what a backlog does (BENCHMARKS.md, "Live path"), so half of a backlog's rate is more than the
+   worker sustains live. `backlog`: --probe-events synthetic events loaded into `clicks` before the workers start
+   (--history none), timed as bench/live.py times the worker (scenestream_events_consumed, summed over /metrics,
+   first poll showing an event to the poll showing them all). --max-rate skips measuring; --rate sets the load.
+3. The load: --fraction (0.5) x the maximum events/s (or --rate) for --minutes, users drawn at random (seeded: from
+   the U, at random items of a random scene), sent every --batch-ms (250) as one record batch per partition whose
+   events (ts) and records (timestamp) are stamped as it is sent. Why batches: the embedded broker (Tansu 0.6.0,
+   memory storage) scans a partition's record batches on every fetch, so its fetches slow down and then stall as a
    partition passes ~10,000 batches (measured: the last 100 records of a partition of one-record batches came in
-   12 ms at 8,000 batches, 146 ms at 12,000, and not within 30 s at 20,000; 20,000 records in 200 batches: 3 ms).
-   An unbatched producer (one request per tick) passes that within minutes, and the workers' fetches of `clicks`
-   stall with it: that is the broker, not the worker, so the soak sends as production producers do, in batches.
-   Latency is read from each worker's own histogram, scenestream_event_to_publish_seconds (the record's producer
-   timestamp to its micro-batch being durable, linger included), per --interval, as the bucket bounds the p50 and
-   p99 fall in: a reader of `user-interests` would fetch through the same ever longer partitions.
+   12 ms at 8,000 batches, 146 ms at 12,000, and not within 30 s at 20,000; 20,000 records in 200 batches: 3 ms),
+   and the workers' fetches of `clicks` stall with it: that is the broker, not the worker. At 250 ms a partition
+   gains 4,800 batches in 20 minutes. Stamped as sent, an event's latency starts where a producer with linger 0
+   would start it: the load's own batching is not the worker's latency. Latency is read from each worker's own
+   histogram, scenestream_event_to_publish_seconds (the record's timestamp to its micro-batch being durable), per
+   --interval, as the bucket bounds the p50 and p99 fall in.
 4. Every --interval (10 s) this script samples, per worker: RSS (VmRSS, /proc), consumer lag (the
    scenestream_consumer_lag gauges of the partitions its /readyz says it holds; the worker refreshes them every
    5 s), events/s (its consumed counter's increase) and the latency histogram; and the broker's RSS.
@@ -59,6 +65,7 @@ from typing import Optional
 
 from harness import ROOT, checkpoint_or_tiny, get, lag_of, memory_of, metric_values
 
+from fresh_ramp import ready_seconds, seed_changelog, warmup
 from live import PARTITIONS, consumed, freshness, load_clicks
 
 MB = 1024 * 1024
@@ -112,39 +119,53 @@ def ramp_max(bootstrap: str, events: list, ports: list[int], seconds: float, say
     return {"events_per_s": best, "how": "ramp", "steps": steps}
 
 
-def steady_load(bootstrap: str, templates: list, rate: float, seconds: float, linger_ms: int,
-                tick: float = 0.01) -> dict:
-    """Send `rate` events/s for `seconds` (scheduled by absolute time, a burst every `tick`), ts = send time, keyed by
-    user, through a producer that batches for `linger_ms`."""
+def steady_load(bootstrap: str, draw, rate: float, seconds: float, batch_ms: int) -> dict:
+    """Send `rate` events/s for `seconds`: every `batch_ms` (by absolute time) the events due, drawn by `draw(rng)` ->
+    (user, item, scene, action), as one record batch per partition (keyed by user, partitioned as a Kafka client
+    does), every event and record stamped with the time its batch is sent."""
     import orjson
     from aiokafka import AIOKafkaProducer
+    from scenestream.stream.live.record_batches import key_partitions
 
     async def run() -> dict:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20)
         await producer.start()
         rng, tag = random.Random(7), uuid.uuid4().hex[:6]
-        sent, failed, pending = 0, 0, []
+        sent, failed, pending, batches = 0, 0, [], 0
         try:
             t0 = time.perf_counter()
             while (now := time.perf_counter()) < t0 + seconds:
-                for _ in range(int((now - t0) * rate) - sent):
-                    e = templates[rng.randrange(len(templates))]
-                    value = orjson.dumps({"event_id": f"soak-{tag}-{sent}", "user_id": e.user_id,
-                                          "item_id": e.item_id, "scene": e.scene, "action": e.action,
-                                          "ts": int(time.time() * 1000)})
-                    pending.append(await producer.send("clicks", value, key=e.user_id.encode()))
-                    sent += 1
-                if len(pending) > 5000:
-                    failed += sum(1 for f in pending if f.done() and f.exception() is not None)
-                    pending = [f for f in pending if not f.done()]
+                due = [draw(rng) for _ in range(int((now - t0) * rate) - sent)]
+                ts = int(time.time() * 1000)
+                keys = [user.encode() for user, _, _, _ in due]
+                by_partition: dict[int, list] = {}   # partition -> [batch, events in it]
+                for k, (key, part, (user, item, scene, action)) in enumerate(
+                        zip(keys, key_partitions(keys, PARTITIONS), due)):
+                    value = orjson.dumps({"event_id": f"soak-{tag}-{sent + k}", "user_id": user, "item_id": item,
+                                          "scene": scene, "action": action, "ts": ts})
+                    held = by_partition.get(part) or by_partition.setdefault(part, [producer.create_batch(), 0])
+                    if held[0].append(key=key, value=value, timestamp=ts) is None:   # full: send it, start another
+                        pending.append((await producer.send_batch(held[0], "clicks", partition=part), held[1]))
+                        batches += 1
+                        held[:] = [producer.create_batch(), 0]
+                        held[0].append(key=key, value=value, timestamp=ts)
+                    held[1] += 1
+                for part, (batch, n) in by_partition.items():
+                    pending.append((await producer.send_batch(batch, "clicks", partition=part), n))
+                    batches += 1
+                sent += len(due)
+                if len(pending) > 500:
+                    failed += sum(n for f, n in pending if f.done() and f.exception() is not None)
+                    pending = [(f, n) for f, n in pending if not f.done()]
+                tick = batch_ms / 1000
                 await asyncio.sleep(max(0.0, t0 + (int((now - t0) / tick) + 1) * tick - time.perf_counter()))
             elapsed = time.perf_counter() - t0
-            results = await asyncio.gather(*pending, return_exceptions=True)
-            failed += sum(1 for r in results if isinstance(r, BaseException))
+            results = await asyncio.gather(*(f for f, _ in pending), return_exceptions=True)
+            failed += sum(n for r, (_, n) in zip(results, pending) if isinstance(r, BaseException))
         finally:
             await producer.stop()
         return {"target_rate": rate, "sent": sent, "failed_sends": failed, "send_seconds": round(elapsed, 1),
-                "achieved_rate": round(sent / elapsed, 1), "linger_ms": linger_ms}
+                "achieved_rate": round(sent / elapsed, 1), "batch_ms": batch_ms, "record_batches": batches}
     return asyncio.run(run())
 
 
@@ -274,7 +295,33 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def recover_and_touch(ports: list[int], procs, users: int, items: dict, window: int, bootstrap: str,
+                      say) -> dict:
+    """Wait for the workers to recover the seeded windows, then send one click per user and wait until they are all
+    applied: before the load, every user has been touched (encoded, and cached as far as the cache holds)."""
+    from scenestream.stream.live.produce import produce_lines
+    got = ready_seconds(ports[0], procs[0], 1200, len(items) * window)
+    if "error" in got:
+        raise SystemExit(f"the seeded windows were not recovered: {got['error']}")
+    t0 = time.perf_counter()
+    while any(lag_of(f"http://127.0.0.1:{p}") is None for p in ports):   # every worker ready
+        if any(p.poll() is not None for p in procs) or time.perf_counter() - t0 > 600:
+            raise SystemExit("a worker exited, or was not ready in 10 minutes, after the seeded recovery")
+        time.sleep(0.5)
+    before = total_consumed(ports) or 0
+    t1 = time.perf_counter()
+    asyncio.run(produce_lines(bootstrap, "clicks", warmup(users, items), progress=False))
+    while (total_consumed(ports) or 0) - before < users:
+        if any(p.poll() is not None for p in procs) or time.perf_counter() - t1 > 1200:
+            raise SystemExit("the workers did not apply one click per user within 20 minutes")
+        time.sleep(0.5)
+    out = {"recovered_seconds": round(got["ready_seconds"], 1), "touch_seconds": round(time.perf_counter() - t1, 1)}
+    say(f"recovered in {out['recovered_seconds']:.0f} s; one click per user applied in {out['touch_seconds']:.0f} s")
+    return out
+
+
 def main() -> None:
+    from scenestream.model.checkpoint import load_checkpoint
     from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,8 +337,13 @@ def main() -> None:
                     "(--max-from backlog).")
     ap.add_argument("--users", type=int, default=SyntheticSpec.users, help="Users of the synthetic world.")
     ap.add_argument("--interval", type=float, default=10.0, help="Seconds between samples (default 10).")
-    ap.add_argument("--linger-ms", type=int, default=250,
-                    help="The load producer's batching (default 250; docstring, step 3).")
+    ap.add_argument("--batch-ms", type=int, default=250,
+                    help="The load sends a record batch per partition this often, its events stamped as it is sent "
+                         "(default 250; docstring, step 3).")
+    ap.add_argument("--history", choices=["changelog", "none"], default="changelog",
+                    help="changelog (default): every user's full windows, written as the worker's changelog and "
+                         "recovered, then one click per user, before the load; none: windows start empty and fill "
+                         "during the soak (its RSS then grows with them).")
     ap.add_argument("--warmup", type=float, default=2.0, help="Warm-up minutes, left out of the RSS growth.")
     ap.add_argument("--plot", default=str(ROOT / "soak.png"), help="PNG path (default soak.png at the root).")
     ap.add_argument("--no-plot", dest="draw", action="store_false",
@@ -315,16 +367,28 @@ def main() -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     ckpt = checkpoint_or_tiny(args.checkpoint, say)
-    events, _ = generate(SyntheticSpec(users=args.users))
+    seeded = args.history == "changelog"
+    events, _ = generate(SyntheticSpec(users=2000 if seeded else args.users))   # seeded: the items, the ramp's users
+    items: dict[str, list[str]] = {}
+    for e in events:
+        items.setdefault(e.scene, []).append(e.item_id)
+    items = {sc: sorted(set(v)) for sc, v in sorted(items.items())}
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     samples_path = Path(args.samples) if args.samples else work / "samples.json"
     report: dict = {"command": "python " + shlex.join(sys.argv), "minutes": args.minutes, "workers": args.workers,
                     "partitions": PARTITIONS, "users": args.users, "cpus": os.cpu_count(), "workdir": str(work)}
     with EmbeddedBroker(log_path=str(work / "tansu.log")) as b:
         backlog = args.max_from == "backlog" and not (args.max_rate or args.rate)
-        probe = [encode(e) for e in events[: args.probe_events if backlog else 1]]
-        asyncio.run(load_clicks(b.bootstrap, probe))   # the topic (4 partitions), with the backlog when measured
         app, ports, procs = f"soak-{uuid.uuid4().hex[:6]}", [], []
+        if seeded:   # the topics, and the users' windows as the worker's changelog
+            window = load_checkpoint(ckpt).window
+            report["history"] = {"users": args.users, "window": window, "seconds": round(asyncio.run(
+                seed_changelog(b.bootstrap, app, args.users, items, window, PARTITIONS)), 1)}
+            say(f"seeded {args.users:,} users' full windows ({window} events x {len(items)} scenes) as changelog "
+                f"records in {report['history']['seconds']:.0f} s")
+        else:
+            probe = [encode(e) for e in events[: args.probe_events if backlog else 1]]
+            asyncio.run(load_clicks(b.bootstrap, probe))   # the topic (4 partitions), with the backlog when measured
         try:
             for k in range(args.workers):
                 ports.append(free_port())
@@ -333,6 +397,8 @@ def main() -> None:
                                     "--app-id", app, "--partitions", str(PARTITIONS), "--rate-limit", "0"],
                                    str(work / f"worker{k}.log")))
             apis = [f"http://127.0.0.1:{p}" for p in ports]
+            if seeded:
+                report["history"].update(recover_and_touch(ports, procs, args.users, items, window, b.bootstrap, say))
             if args.rate or args.max_rate:
                 report["max_rate"] = {"events_per_s": args.max_rate or None, "given": True}
             elif backlog:
@@ -361,10 +427,20 @@ def main() -> None:
                 f"{args.minutes:g} min, sampling every {args.interval:g} s")
 
             result: dict = {}
+            if seeded:
+                scenes = list(items)
+
+                def draw(rng: random.Random) -> tuple:
+                    scene = scenes[rng.randrange(len(scenes))]
+                    return f"r{rng.randrange(args.users)}", rng.choice(items[scene]), scene, "click"
+            else:
+                def draw(rng: random.Random) -> tuple:
+                    e = events[rng.randrange(len(events))]
+                    return e.user_id, e.item_id, e.scene, e.action
 
             def load() -> None:
                 try:
-                    result["load"] = steady_load(b.bootstrap, events, rate, args.minutes * 60, args.linger_ms)
+                    result["load"] = steady_load(b.bootstrap, draw, rate, args.minutes * 60, args.batch_ms)
                 except Exception as exc:
                     result["error"] = f"{type(exc).__name__}: {exc}"
             sender = threading.Thread(target=load)

@@ -142,7 +142,7 @@ def test_live_ramp(tmp_path, checkpoint):
     assert [s["side"] for s in sides] == ["against", "this"]
     for side in sides:
         assert "error" not in side, side
-        assert [st["rate"] for st in side["steps"]] == [100, 200]
+        assert [st["rate"] for st in side["steps"]] == [100, 200] and side["broker"] == "per-step"
         for st in side["steps"]:
             assert st["drain_seconds"] is not None and st["records"] > 0 and 0 < st["p50_ms"] <= st["p99_ms"]
         assert side["knee"] in (None, 100, 200)
@@ -193,6 +193,9 @@ def test_soak(tmp_path, checkpoint):
                         "--users", 200, "--samples", tmp_path / "samples.json", "--checkpoint", checkpoint, "--json",
                         *(["--plot", png] if drawn else ["--no-plot"]), tmp_path=tmp_path, timeout=300))
     assert r["rate"] == 100 and r["exits"] == []
+    # every user's windows seeded and recovered, and each user touched once, before the load
+    assert r["history"]["users"] == 200 and r["history"]["recovered_seconds"] > 0 and r["history"]["touch_seconds"] > 0
+    assert r["load"]["record_batches"] > 0
     assert r["load"]["sent"] > 0 and r["load"]["failed_sends"] == 0 and r["load"]["drain_seconds"] is not None
     assert r["rss_growth_after_warmup_pct"] is not None and r["lag_at_end"] is not None and "| 1 |" in r["table"]
     assert len(json.loads((tmp_path / "samples.json").read_text())) >= 3
