@@ -344,6 +344,8 @@ def main() -> None:
                     help="changelog (default): every user's full windows, written as the worker's changelog and "
                          "recovered, then one click per user, before the load; none: windows start empty and fill "
                          "during the soak (its RSS then grows with them).")
+    ap.add_argument("--worker-args", default="",
+                    help="Extra worker flags, e.g. '--encoder-cache-mb 3200' (default none).")
     ap.add_argument("--warmup", type=float, default=2.0, help="Warm-up minutes, left out of the RSS growth.")
     ap.add_argument("--plot", default=str(ROOT / "soak.png"), help="PNG path (default soak.png at the root).")
     ap.add_argument("--no-plot", dest="draw", action="store_false",
@@ -394,7 +396,8 @@ def main() -> None:
                 ports.append(free_port())
                 procs.append(spawn([sys.executable, "-m", "scenestream.stream.cli", "worker", "--broker", b.url,
                                     "--checkpoint", ckpt, "--web-port", str(ports[-1]), "--device", "cpu",
-                                    "--app-id", app, "--partitions", str(PARTITIONS), "--rate-limit", "0"],
+                                    "--app-id", app, "--partitions", str(PARTITIONS), "--rate-limit", "0",
+                                    *args.worker_args.split()],
                                    str(work / f"worker{k}.log")))
             apis = [f"http://127.0.0.1:{p}" for p in ports]
             if seeded:
