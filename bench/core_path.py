@@ -85,6 +85,8 @@ def _run_side(args) -> dict:
         import numpy as np
         from scenestream.model.slot_encoder import SlotEncoder
         from scenestream.stream.core.vector_table import VectorTable
+        from scenestream.stream.live.heap import FrozenHeap
+        heap = FrozenHeap()
         store = ChangelogStore("unused:9092", "unused", encoder.scenes, encoder.window)   # join and cut: no broker
         streamer = SlotEncoder(encoder, encoder.cache_mb)
         shared = SharedPopularity(encoder.scenes, "unused:9092", {})
@@ -107,7 +109,7 @@ def _run_side(args) -> dict:
             t4 = time.process_time()
             store.cut(0, joined)
             t5 = time.process_time()
-            gc.freeze()   # as the worker does once a batch is durable
+            heap.settle()   # as the worker does once a batch is durable
             return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4]
     else:
         from scenestream.stream.core.batch import apply_batch, interest_records, record_json

@@ -245,7 +245,7 @@ class MicroBatchService:
         if before is not None:
             await before
         await self._write_state(batch)
-        self.heap.settle()   # heap.py: what is alive now is frozen
+        self.heap.settle()   # heap.py: what has piled up is frozen
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
         stamps = np.fromiter((r.timestamp_ms for r in batch.records), np.float64, len(batch.records))
