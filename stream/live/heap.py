@@ -31,7 +31,6 @@ class FrozenHeap:
     def __init__(self, freeze_over: int = FREEZE_OVER, check_every_s: float = CHECK_EVERY_S):
         self.freeze_over, self.check_every_s = freeze_over, check_every_s
         self._checked_at = float("-inf")
-        self.freezes = 0
 
     def settle(self) -> None:
         """After a durable batch: freeze the heap if its oldest generation holds `freeze_over` objects."""
@@ -42,4 +41,3 @@ class FrozenHeap:
         if len(gc.get_objects(generation=2)) >= self.freeze_over:
             gc.collect()
             gc.freeze()
-            self.freezes += 1
