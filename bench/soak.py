@@ -484,8 +484,9 @@ def main() -> None:
     samples_path.write_text(json.dumps(samples, indent=1))
     report["samples"] = str(samples_path)
     if args.draw:
-        plot(samples, args.warmup * 60, Path(args.plot), f"soak: {rate:,.0f} events/s ({args.fraction:g} x max) for "
-             f"{args.minutes:g} min, {args.workers} worker(s)")
+        how = "" if args.rate else f" ({args.fraction:g} x max)"
+        plot(samples, args.warmup * 60, Path(args.plot), f"soak: {rate:,.0f} events/s{how} for {args.minutes:g} min, "
+             f"{args.users:,} users, {args.workers} worker(s) {args.worker_args}".rstrip())
     report["plot"] = str(args.plot) if args.draw else None
     report["run_seconds"] = round(time.monotonic() - t_start, 1)
     report["table"] = minute_table(samples)
