@@ -549,8 +549,8 @@ def main() -> None:
                                                        "~20 s: bench/tiny_checkpoint.py).")
     ap.add_argument("--phases", default="raw,noop,worker,fresh",
                     help="Comma list of raw, noop, worker, fresh (fresh needs worker), ramp (bench/fresh_ramp.py: "
-                         "fresh traffic at rising rates against full windows, on a broker of its own). Default: "
-                         "raw,noop,worker,fresh.")
+                         "fresh traffic at rising rates against full windows, each step on a broker of its own). "
+                         "Default: raw,noop,worker,fresh.")
     ap.add_argument("--ramp-users", type=int, default=2000, help="Ramp: users with full windows (default 2000).")
     ap.add_argument("--ramp-rates", default="1000,2000,4000,6000,8000,12000,16000",
                     help="Ramp: the steps' rates, events/s (default 1000,2000,4000,6000,8000,12000,16000).")
