@@ -254,17 +254,21 @@ def run_child(kind: str, spec: dict, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True, env=env)
 
 
+def scene_items(events) -> dict[str, list[str]]:
+    """Each scene's distinct items in the events, sorted: what the ramp's and the soak's users click."""
+    items: dict[str, set] = {}
+    for e in events:
+        items.setdefault(e.scene, set()).add(e.item_id)
+    return {scene: sorted(v) for scene, v in sorted(items.items())}
+
+
 def new_side(name: str, against: Optional[str], ckpt: str, args) -> dict:
     """One side of the ramp (this checkout's worker, or --against's) before its steps; `ramp` drops its "ctx"."""
     from scenestream.model.checkpoint import load_checkpoint
     from scenestream.stream.datasets.synthetic import SyntheticSpec, generate
 
     window = load_checkpoint(ckpt).window
-    events, _ = generate(SyntheticSpec())
-    items: dict[str, list[str]] = {}
-    for e in events:
-        items.setdefault(e.scene, []).append(e.item_id)
-    items = {s: sorted(set(v)) for s, v in sorted(items.items())}
+    items = scene_items(generate(SyntheticSpec())[0])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     worker_env = dict(env)
     if against:

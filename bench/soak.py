@@ -65,7 +65,7 @@ from typing import Optional
 
 from harness import ROOT, checkpoint_or_tiny, get, lag_of, memory_of, metric_values
 
-from fresh_ramp import ready_seconds, seed_changelog, warmup
+from fresh_ramp import ready_seconds, scene_items, seed_changelog, warmup
 from live import PARTITIONS, consumed, freshness, load_clicks
 
 MB = 1024 * 1024
@@ -371,10 +371,7 @@ def main() -> None:
     ckpt = checkpoint_or_tiny(args.checkpoint, say)
     seeded = args.history == "changelog"
     events, _ = generate(SyntheticSpec(users=2000 if seeded else args.users))   # seeded: the items, the ramp's users
-    items: dict[str, list[str]] = {}
-    for e in events:
-        items.setdefault(e.scene, []).append(e.item_id)
-    items = {sc: sorted(set(v)) for sc, v in sorted(items.items())}
+    items = scene_items(events)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     samples_path = Path(args.samples) if args.samples else work / "samples.json"
     report: dict = {"command": "python " + shlex.join(sys.argv), "minutes": args.minutes, "workers": args.workers,
