@@ -154,6 +154,13 @@ class Pool:
         return [Past(torch.index_select(self.rows[layer].view(cap, -1), 0, e).view(shape), valid, pos, new_pos)
                 for layer in range(self.layers)]
 
+    def nothing(self, B: int, new_pos: torch.Tensor) -> list[Past]:
+        """No cached rows, for windows encoded whole."""
+        dev = self.rows.device
+        empty = Past(torch.zeros(B, 0, self.rows.shape[-1], device=dev), torch.zeros(B, 0, dtype=torch.bool, device=dev),
+                     torch.zeros(B, 0, dtype=torch.long, device=dev), new_pos)
+        return [empty] * self.layers
+
     def store(self, entries: np.ndarray, w: Windows, b: np.ndarray, presents, counts: np.ndarray,
               vec: torch.Tensor) -> None:
         """Windows b were just encoded, their counts[i] newest positions the right end of `presents` (each layer's
@@ -307,10 +314,10 @@ class SlotEncoder:
                       torch.from_numpy(np.where(valid, scenes(w.scene[idx, L - width:]), 0)),
                       gaps, torch.from_numpy(valid)]
             inputs = [t.to(dev) for t in inputs]
-            cache_past = None
-            if past:
-                new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
-                cache_past = pool.past(entries[run], new_pos)
+            new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
+            # a window encoded whole takes the extension's path too, from no past: its folded maps form no key or
+            # value, and a one-query stack (the scene windows') maps one row, not every row three times
+            cache_past = pool.past(entries[run], new_pos) if past else pool.nothing(len(idx), new_pos)
             h, presents = self.model.encoder.extend(*inputs, cache_past, last_only=True, scene=scene)
             out[torch.from_numpy(at[run]).to(dev)] = h
             pool.store(entries[run], w, idx, presents, count, h)

@@ -184,7 +184,7 @@ def test_merged_timelines_equal_the_merge_from_scratch(steps, data):
     for n, (u, i, s, a, dt) in enumerate(steps):
         ts += dt * 30_000                   # dt < 0: a late event
         # ids not in arrival order: among events of one time, a later one may sort first
-        events.append(Event(f"m{n * 37 % 101:03d}-{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
+        events.append(Event(f"{n * 37 % 101}{'z' * (n % 3)}-{n}", f"u{u}", ITEMS[i], SCENES[s], ACTIONS[a], ts))
     pos = 0
     while pos < len(events):
         size = data.draw(st.integers(1, 6), label="batch")

@@ -100,6 +100,22 @@ def test_a_user_who_leaves_frees_their_slots_for_the_next():
     assert np.count_nonzero(slots.n) == 2
 
 
+def test_a_reused_slots_timeline_orders_ties_by_the_new_users_ids():
+    """Window slots keep the rows of their last owner left of their own (only n says where a window starts): the
+    merged timeline's order of events at one time (by event id) must read the new owner's ids alone."""
+    from scenestream.model.infer import merged_window
+    slots = SlotWindows(SCENES, 4, capacity=1)
+    slots.join([Event(f"old-long-id-{k}", "u1", "i", scene, "click", TS0 + k) for scene in ("video", "shop")
+                for k in range(4)])
+    slots.drop(["u1"])
+    slots.join([Event("b", "u2", "j", "video", "click", TS0), Event("a", "u2", "j", "shop", "click", TS0),
+                Event("c", "u2", "j", "video", "view", TS0 + 1)])
+    users = np.array([slots.slot_of["u2"]])
+    got = slots.timelines(users, np.full(1, -1, np.int64))
+    want = merged_window(slots.state("u2"), 4)
+    assert int(got.n[0]) == 3 and got.hash[0, 1:].tolist() == want["hash"].tolist()
+
+
 @settings(max_examples=150, deadline=None)
 @given(streams(), st.integers(1, 5))
 def test_changelog_values_of_many_windows_at_once_are_each_windows_own(batches, length):

@@ -381,7 +381,7 @@ class SlotWindows:
         newest = at_top.argmax(1)
         for u in np.flatnonzero(at_top.sum(1) > 1).tolist():   # a tie in time (rare): by event id
             tied = np.flatnonzero(at_top[u])
-            newest[u] = tied[max(range(len(tied)), key=lambda j: self._row_ids(int(W[u, tied[j]]))[-1])]
+            newest[u] = tied[max(range(len(tied)), key=lambda j: self._id_at(int(W[u, tied[j]]), L - 1))]
         self.shown_ts[users] = top
         self.shown_hash[users] = self.hash[Wc, L - 1][np.arange(len(users)), newest] if len(users) else top
         self.timeline_ok[users] = True
@@ -456,16 +456,12 @@ class SlotWindows:
         valid = (W >= 0)[:, :, None] & (np.arange(L)[None, None, :] >= L - self.n[Wc][:, :, None])
         flat = lambda a: a[Wc].reshape(len(users), S * L)   # noqa: E731
         ts = np.where(valid.reshape(len(users), S * L), flat(self.ts), np.iinfo(np.int64).min)
-        order = np.argsort(ts, axis=1, kind="stable")
+        order = np.argsort(ts, axis=1)
         sorted_ts = np.take_along_axis(ts, order, axis=1)
         counts = valid.reshape(len(users), -1).sum(1)
         ties = (sorted_ts[:, 1:] == sorted_ts[:, :-1]) & (sorted_ts[:, 1:] > np.iinfo(np.int64).min)
-        for u in np.flatnonzero(ties.any(1)).tolist():   # ties in time: by event id (rare)
-            keys = [(int(t), i) for w in W[u] if w >= 0 for t, i in zip(self.ts[w, L - self.n[w]:].tolist(),
-                                                                       self._row_ids(int(w)))]
-            cells = [(j, c) for j, w in enumerate(W[u].tolist()) if w >= 0 for c in range(L - int(self.n[w]), L)]
-            ranked = sorted(range(len(keys)), key=keys.__getitem__)
-            order[u, S * L - len(keys):] = [cells[r][0] * L + cells[r][1] for r in ranked]
+        if ties.any():   # ties in time: each run of them by event id
+            self._ties_by_id(order, sorted_ts, ties, W)
         order = order[:, -L:]
         take = lambda a: np.take_along_axis(a, order, axis=1)   # noqa: E731
         scene = np.broadcast_to(self.scene_code[self.scene_of[Wc]][:, :, None], (len(users), S, L))
@@ -473,12 +469,29 @@ class SlotWindows:
                        take(ts), take(flat(self.hash)), take(flat(self.item)), take(flat(self.action)),
                        take(scene.reshape(len(users), S * L)))
 
-    def _row_ids(self, w: int) -> list[bytes]:
-        n, L = int(self.n[w]), self.length
-        sizes = self.idlen[w, L - n:].tolist()
-        ends = np.cumsum(sizes).tolist()
-        raw = self.ids[w]
-        return [raw[e - s:e] for e, s in zip(ends, sizes)]
+    def _ties_by_id(self, order: np.ndarray, sorted_ts: np.ndarray, ties: np.ndarray, W: np.ndarray) -> None:
+        """Put each run of equal times in `order` (per user, the cells j * L + c of their windows W[u, j] by time;
+        ties[u, p]: positions p and p + 1 tie) in event id order, then cell order (an id in two windows), in
+        place: one sort of the tied cells of all users, not one per user (a log stamped in seconds ties often)."""
+        L = self.length
+        tied = np.zeros(order.shape, bool)
+        tied[:, 1:] |= ties
+        tied[:, :-1] |= ties
+        u, p = np.nonzero(tied)                     # row-major: by user, then time: each run contiguous
+        cells = order[u, p]
+        w, c = W[u, cells // L], cells % L
+        ends = np.cumsum(self.idlen[w].astype(np.int64), axis=1)   # a row's id ends, counted from column 0
+        k = np.arange(len(w))
+        first = L - self.n[w].astype(np.int64)      # the window's oldest column: its ids start there
+        start = ends[k, c] - self.idlen[w, c] - np.where(first > 0, ends[k, np.maximum(first - 1, 0)], 0)
+        ids = [self.ids[a][b:e] for a, b, e in zip(w.tolist(), start.tolist(), (start + self.idlen[w, c]).tolist())]
+        keys = list(zip(u.tolist(), sorted_ts[u, p].tolist(), ids, cells.tolist()))
+        order[u, p] = cells[sorted(range(len(keys)), key=keys.__getitem__)]
+
+    def _id_at(self, w: int, column: int) -> bytes:
+        """The event id of window w's row in `column`."""
+        start = int(self.idlen[w, self.length - int(self.n[w]):column].sum())
+        return self.ids[w][start:start + int(self.idlen[w, column])]
 
     def _append(self, groups, counts, starts, order, ts, hashes, ids, item_ids, actions) -> dict:
         """The common case, for all its windows at once: each window's newest L of (its rows, then its new ones).
