@@ -28,7 +28,8 @@
    gains 4,800 batches in 20 minutes. Stamped as sent, an event's latency starts where a producer with linger 0
    would start it: the load's own batching is not the worker's latency. Latency is read from each worker's own
    histogram, scenestream_event_to_publish_seconds (the record's timestamp to its micro-batch being durable), per
-   --interval, as the bucket bounds the p50 and p99 fall in.
+   --interval, as the bucket bounds the p50 and p99 fall in; and the p99 of its part before the worker took up the
+   micro-batch (scenestream_event_to_batch_seconds: the broker and the fetch), which says whose a creep is.
 4. Every --interval (10 s) this script samples, per worker: RSS (VmRSS, /proc), consumer lag (the
    scenestream_consumer_lag gauges of the partitions its /readyz says it holds; the worker refreshes them every
    5 s), events/s (its consumed counter's increase) and the latency histogram; and the broker's RSS.
@@ -169,16 +170,18 @@ def steady_load(bootstrap: str, draw, rate: float, seconds: float, batch_ms: int
     return asyncio.run(run())
 
 
-LATENCY = "scenestream_event_to_publish_seconds_bucket{le="
+HISTOGRAMS = {"latency": "scenestream_event_to_publish_seconds_bucket{le=",   # event -> durable
+              "waited": "scenestream_event_to_batch_seconds_bucket{le="}       # its part before the worker
 
 
-def latency_buckets(api: str) -> dict[float, float]:
-    """A worker's event -> published histogram: {upper bound in s: cumulative count}."""
+def latency_buckets(api: str) -> dict[str, dict[float, float]]:
+    """A worker's latency histograms (HISTOGRAMS): {name: {upper bound in s: cumulative count}}."""
     try:
         values = metric_values(get(api + "/metrics")[1].decode())
     except (OSError, ValueError):
-        return {}
-    return {float(k[len(LATENCY):-1]): v for k, v in values.items() if k.startswith(LATENCY)}
+        return {name: {} for name in HISTOGRAMS}
+    return {name: {float(k[len(prefix):-1]): v for k, v in values.items() if k.startswith(prefix)}
+            for name, prefix in HISTOGRAMS.items()}
 
 
 def bucket_quantile(before: list[dict], after: list[dict], q: float) -> Optional[float]:
@@ -200,11 +203,12 @@ def bucket_quantile(before: list[dict], after: list[dict], q: float) -> Optional
 
 def sample(t: float, apis: list[str], ports: list[int], pids: list[int], broker_pid: int) -> dict:
     lags = [lag_of(api) for api in apis]
+    histograms = [latency_buckets(api) for api in apis]
     return {"t_s": round(t, 1),
             "rss_mb": [round(memory_of(pid).get("VmRSS", 0) / MB, 1) for pid in pids],
             "lag": [None if x is None else sum(x[0].values()) for x in lags],
             "consumed": [consumed(p) for p in ports],
-            "latency": [latency_buckets(api) for api in apis],
+            **{name: [h[name] for h in histograms] for name in HISTOGRAMS},
             "broker_rss_mb": round(memory_of(broker_pid).get("VmRSS", 0) / MB, 1)}
 
 
@@ -212,13 +216,14 @@ def with_rates(samples: list[dict]) -> None:
     """Events/s summed over the workers between samples, and the latency bucket bounds of that interval."""
     prev = None
     for s in samples:
-        s["events_per_s"] = s["p50_ms"] = s["p99_ms"] = None
+        s["events_per_s"] = s["p50_ms"] = s["p99_ms"] = s["waited_p99_ms"] = None
         if prev is not None:
             dt = s["t_s"] - prev["t_s"]
             s["events_per_s"] = round(sum((c or 0) - (p or 0) for c, p in zip(s["consumed"], prev["consumed"],
                                                                               strict=True)) / dt, 1)
             s["p50_ms"] = bucket_quantile(prev["latency"], s["latency"], 0.5)
             s["p99_ms"] = bucket_quantile(prev["latency"], s["latency"], 0.99)
+            s["waited_p99_ms"] = bucket_quantile(prev.get("waited", []), s.get("waited", []), 0.99)
         prev = s
 
 
@@ -245,8 +250,9 @@ def summary(samples: list[dict], warmup_s: float, rate: float) -> dict:
 
 
 def minute_table(samples: list[dict]) -> str:
-    rows = ["| minute | worker RSS MB | broker RSS MB | lag (max) | events/s | p50 ms (bucket bound) | p99 ms (worst 10 s, bucket bound) |",
-            "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| minute | worker RSS MB | broker RSS MB | lag (max) | events/s | p50 ms (bucket bound) | p99 ms (worst 10 s, "
+            "bucket bound) | p99 before the worker ms (worst 10 s) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_minute: dict[int, list[dict]] = {}
     for s in samples:
         if round(s["t_s"]) > 0:   # a sample taken at 60.02 s closes minute 1
@@ -259,7 +265,8 @@ def minute_table(samples: list[dict]) -> str:
         rows.append(f"| {minute} | {' / '.join(f'{x:,.0f}' for x in ss[-1]['rss_mb'])} | "
                     f"{ss[-1]['broker_rss_mb']:,.0f} | {fmt([sum(x or 0 for x in s['lag']) for s in ss], max)} | "
                     f"{fmt([s.get('events_per_s') for s in ss], statistics.fmean)} | "
-                    f"{fmt([s['p50_ms'] for s in ss], statistics.median)} | {fmt([s['p99_ms'] for s in ss], max)} |")
+                    f"{fmt([s['p50_ms'] for s in ss], statistics.median)} | {fmt([s['p99_ms'] for s in ss], max)} | "
+                    f"{fmt([s.get('waited_p99_ms') for s in ss], max)} |")
     return "\n".join(rows)
 
 
@@ -277,8 +284,8 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
     axes[1].plot(minutes, [sum(x or 0 for x in s["lag"]) for s in samples], marker=".")
     axes[1].set_ylabel("consumer lag (events)")
     axes[1].set_ylim(bottom=0)
-    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-        axes[2].plot(minutes, [s[key] for s in samples], marker=".", label=label)
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("waited_p99_ms", "p99 before the worker")):
+        axes[2].plot(minutes, [s.get(key) for s in samples], marker=".", label=label)
     axes[2].set_ylabel("event -> published (ms)")
     axes[2].set_ylim(bottom=0)
     axes[2].legend(loc="upper right")
@@ -476,7 +483,8 @@ def main() -> None:
     with_rates(samples)
     report.update(summary(samples, args.warmup * 60, rate))
     lat = {"p50": bucket_quantile(samples[0]["latency"], final["latency"], 0.5),
-           "p99": bucket_quantile(samples[0]["latency"], final["latency"], 0.99)}
+           "p99": bucket_quantile(samples[0]["latency"], final["latency"], 0.99),
+           "p99_before_the_worker": bucket_quantile(samples[0]["waited"], final["waited"], 0.99)}
     report["load"] = {**load, "drain_seconds": drained, "latency_ms_bucket_bound": lat}
     samples_path.write_text(json.dumps(samples, indent=1))
     report["samples"] = str(samples_path)

@@ -188,6 +188,9 @@ def test_metrics_parse_and_move_with_traffic(served, broker):
     # the latency histogram is in seconds: the aged record adds its 30 s, the two fresh ones a second or two
     added = after["scenestream_event_to_publish_seconds_sum"] - before["scenestream_event_to_publish_seconds_sum"]
     assert 30.0 <= added <= 40.0, added
+    # and it is 30 s old before the worker takes it up: the wait is the broker's share, not the worker's
+    waited = after["scenestream_event_to_batch_seconds_sum"] - before["scenestream_event_to_batch_seconds_sum"]
+    assert 30.0 <= waited <= added, (waited, added)
     # the user's window grew by new events only: encoded against the cached rows, not whole
     assert after["scenestream_encoder_cache_lookups_total{outcome=extend}"] > \
         before.get("scenestream_encoder_cache_lookups_total{outcome=extend}", 0)

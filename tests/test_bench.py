@@ -196,6 +196,9 @@ def test_soak(tmp_path, checkpoint):
     # every user's windows seeded and recovered, and each user touched once, before the load
     assert r["history"]["users"] == 200 and r["history"]["recovered_seconds"] > 0 and r["history"]["touch_seconds"] > 0
     assert r["load"]["record_batches"] > 0
+    # the workers' own histograms: the wait before a worker takes an event up is part of its latency
+    lat = r["load"]["latency_ms_bucket_bound"]
+    assert 0 < lat["p99_before_the_worker"] <= lat["p99"], lat
     assert r["load"]["sent"] > 0 and r["load"]["failed_sends"] == 0 and r["load"]["drain_seconds"] is not None
     assert r["rss_growth_after_warmup_pct"] is not None and r["lag_at_end"] is not None and "| 1 |" in r["table"]
     assert len(json.loads((tmp_path / "samples.json").read_text())) >= 3

@@ -20,9 +20,14 @@ class WorkerMetrics:
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
         self.encode_seconds = Histogram("scenestream_encode_seconds", "Seconds to encode one micro-batch's users",
                                         registry=r, buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        seconds = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
         self.latency = BatchHistogram("scenestream_event_to_publish_seconds",
-                                      "Seconds from an event's Kafka timestamp to its record being acknowledged",
-                                      (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+                                      "Seconds from an event's Kafka timestamp to its micro-batch being durable "
+                                      "(its output record and its state acknowledged)", seconds, registry=r)
+        # the part of it before the worker: a creep here is the broker's, the fetch's or the producer's, not the worker's
+        self.waited = BatchHistogram("scenestream_event_to_batch_seconds",
+                                     "Seconds from an event's Kafka timestamp to the worker taking up its micro-batch "
+                                     "(the producer's linger, the broker, the fetch)", seconds, registry=r)
         self.lag = Gauge("scenestream_consumer_lag", "Messages behind the partition end, by partition",
                          ["partition"], registry=r)
         self.catalog = Counter("scenestream_catalog_records", "Item-catalog records, by outcome", ["outcome"],

@@ -71,6 +71,12 @@ from .state import ChangelogStore, Written, item_deltas
 
 log = logging.getLogger(__name__)
 
+def _seconds_since(records: Sequence[Record], now: float) -> np.ndarray:
+    """Seconds from each record's Kafka timestamp (those that have one) to `now`."""
+    stamps = np.fromiter((r.timestamp_ms for r in records), np.float64, len(records))
+    return np.maximum(0.0, now - stamps[stamps > 0] / 1000.0)
+
+
 @dataclass(frozen=True)
 class Serving:
     """The model in use: an encoder, its streaming encoder (with its cache of encoded windows) and the item index of
@@ -202,6 +208,7 @@ class MicroBatchService:
         the batch waits on the broker twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
+        self.metrics.waited.observe_many(_seconds_since(records, time.time()))
         batch = await self._begin(records)
         self._published = asyncio.ensure_future(self._publish(batch, after=self._published))
         self._tail = asyncio.ensure_future(self._complete(self._tail, self._published, batch))
@@ -248,9 +255,7 @@ class MicroBatchService:
         self.heap.settle()   # heap.py: what has piled up is frozen
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
-        stamps = np.fromiter((r.timestamp_ms for r in batch.records), np.float64, len(batch.records))
-        stamps = stamps[stamps > 0]
-        self.metrics.latency.observe_many(np.maximum(0.0, (time.time() * 1000 - stamps) / 1000.0))
+        self.metrics.latency.observe_many(_seconds_since(batch.records, time.time()))
 
     async def _reread(self, partition: int, epoch: int, topic: str, before: int) -> bool:
         """Apply the records between the durable marker and offset `before`: committed by the group (or skipped
