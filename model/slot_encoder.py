@@ -157,8 +157,9 @@ class Pool:
     def nothing(self, B: int, new_pos: torch.Tensor) -> list[Past]:
         """No cached rows, for windows encoded whole."""
         dev = self.rows.device
-        empty = Past(torch.zeros(B, 0, self.rows.shape[-1], device=dev), torch.zeros(B, 0, dtype=torch.bool, device=dev),
-                     torch.zeros(B, 0, dtype=torch.long, device=dev), new_pos)
+        empty = Past(torch.zeros(B, 0, self.rows.shape[-1], device=dev),
+                     torch.zeros(B, 0, dtype=torch.bool, device=dev), torch.zeros(B, 0, dtype=torch.long, device=dev),
+                     new_pos)
         return [empty] * self.layers
 
     def store(self, entries: np.ndarray, w: Windows, b: np.ndarray, presents, counts: np.ndarray,

@@ -24,7 +24,7 @@ class WorkerMetrics:
         self.latency = BatchHistogram("scenestream_event_to_publish_seconds",
                                       "Seconds from an event's Kafka timestamp to its micro-batch being durable "
                                       "(its output record and its state acknowledged)", seconds, registry=r)
-        # the part of it before the worker: a creep here is the broker's, the fetch's or the producer's, not the worker's
+        # the part of it before the worker: a creep here is the broker's, the fetch's or the producer's
         self.waited = BatchHistogram("scenestream_event_to_batch_seconds",
                                      "Seconds from an event's Kafka timestamp to the worker taking up its micro-batch "
                                      "(the producer's linger, the broker, the fetch)", seconds, registry=r)

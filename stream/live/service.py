@@ -71,6 +71,7 @@ from .state import ChangelogStore, Written, item_deltas
 
 log = logging.getLogger(__name__)
 
+
 def _seconds_since(records: Sequence[Record], now: float) -> np.ndarray:
     """Seconds from each record's Kafka timestamp (those that have one) to `now`."""
     stamps = np.fromiter((r.timestamp_ms for r in records), np.float64, len(records))
