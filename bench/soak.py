@@ -223,7 +223,7 @@ def with_rates(samples: list[dict]) -> None:
                                                                               strict=True)) / dt, 1)
             s["p50_ms"] = bucket_quantile(prev["latency"], s["latency"], 0.5)
             s["p99_ms"] = bucket_quantile(prev["latency"], s["latency"], 0.99)
-            s["waited_p99_ms"] = bucket_quantile(prev.get("waited", []), s.get("waited", []), 0.99)
+            s["waited_p99_ms"] = bucket_quantile(prev["waited"], s["waited"], 0.99)
         prev = s
 
 
@@ -266,7 +266,7 @@ def minute_table(samples: list[dict]) -> str:
                     f"{ss[-1]['broker_rss_mb']:,.0f} | {fmt([sum(x or 0 for x in s['lag']) for s in ss], max)} | "
                     f"{fmt([s.get('events_per_s') for s in ss], statistics.fmean)} | "
                     f"{fmt([s['p50_ms'] for s in ss], statistics.median)} | {fmt([s['p99_ms'] for s in ss], max)} | "
-                    f"{fmt([s.get('waited_p99_ms') for s in ss], max)} |")
+                    f"{fmt([s['waited_p99_ms'] for s in ss], max)} |")
     return "\n".join(rows)
 
 
@@ -285,7 +285,7 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
     axes[1].set_ylabel("consumer lag (events)")
     axes[1].set_ylim(bottom=0)
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("waited_p99_ms", "p99 before the worker")):
-        axes[2].plot(minutes, [s.get(key) for s in samples], marker=".", label=label)
+        axes[2].plot(minutes, [s[key] for s in samples], marker=".", label=label)
     axes[2].set_ylabel("event -> published (ms)")
     axes[2].set_ylim(bottom=0)
     axes[2].legend(loc="upper right")

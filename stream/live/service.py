@@ -72,10 +72,10 @@ from .state import ChangelogStore, Written, item_deltas
 log = logging.getLogger(__name__)
 
 
-def _seconds_since(records: Sequence[Record], now: float) -> np.ndarray:
-    """Seconds from each record's Kafka timestamp (those that have one) to `now`."""
+def _stamps_s(records: Sequence[Record]) -> np.ndarray:
+    """The records' Kafka timestamps in seconds (those that have one): read once a batch, for both latencies."""
     stamps = np.fromiter((r.timestamp_ms for r in records), np.float64, len(records))
-    return np.maximum(0.0, now - stamps[stamps > 0] / 1000.0)
+    return stamps[stamps > 0] / 1000.0
 
 
 @dataclass(frozen=True)
@@ -209,10 +209,11 @@ class MicroBatchService:
         the batch waits on the broker twice, however many partitions it spans."""
         if self.store.producer is None:
             await self.store.start()
-        self.metrics.waited.observe_many(_seconds_since(records, time.time()))
+        sent = _stamps_s(records)
+        self.metrics.waited.observe_many(np.maximum(0.0, time.time() - sent))
         batch = await self._begin(records)
         self._published = asyncio.ensure_future(self._publish(batch, after=self._published))
-        self._tail = asyncio.ensure_future(self._complete(self._tail, self._published, batch))
+        self._tail = asyncio.ensure_future(self._complete(self._tail, self._published, batch, sent))
         return self._tail
 
     async def drain(self) -> None:
@@ -248,7 +249,8 @@ class MicroBatchService:
         return self._encode(parts, records)
 
     async def _complete(self, before: "Optional[asyncio.Future[None]]", published: "asyncio.Future[None]",
-                        batch: "_Batch") -> None:
+                        batch: "_Batch", sent: np.ndarray) -> None:
+        """sent: the records' timestamps in seconds (_stamps_s)."""
         await published
         if before is not None:
             await before
@@ -256,7 +258,7 @@ class MicroBatchService:
         self.heap.settle()   # heap.py: what has piled up is frozen
         self.metrics.batch_size.observe(len(batch.records))
         self.counts["batches"] += 1
-        self.metrics.latency.observe_many(_seconds_since(batch.records, time.time()))
+        self.metrics.latency.observe_many(np.maximum(0.0, time.time() - sent))
 
     async def _reread(self, partition: int, epoch: int, topic: str, before: int) -> bool:
         """Apply the records between the durable marker and offset `before`: committed by the group (or skipped
