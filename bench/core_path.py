@@ -11,7 +11,7 @@ On a shared machine the same code measures +-15% from run to run, which hides a 
 --against DIR (a checkout of another commit, e.g. `git worktree add /tmp/base COMMIT`), that checkout's code runs
 the same batches in a second process, the two taking turns batch by batch, so both see the same machine:
 
-    python bench/core_path.py [--checkpoint CKPT] [--against /tmp/base] [--output-format binary] [--json]
+    python bench/core_path.py [--checkpoint CKPT] [--against /tmp/base] [--json]
     python bench/core_path.py --events 4000 --batch 500 --fresh-batches 2 --fresh-users 50   # a smoke run
     python bench/core_path.py --encoder-cache-mb 2 --against /tmp/base   # fresh windows all misses
 """
@@ -206,9 +206,9 @@ def main() -> None:
                                                            "(default 0: all of it, ~119k).")
     ap.add_argument("--fresh-batches", type=int, default=40, help="Fresh batches (default 40).")
     ap.add_argument("--fresh-users", type=int, default=300, help="Events (users) per fresh batch (default 300).")
-    ap.add_argument("--output-format", default="json", choices=("json", "binary"),
-                    help="Form of the output records (the worker's --output-format; default json). A checkout from "
-                         "before binary records writes json whatever this says.")
+    ap.add_argument("--output-format", default="binary", choices=("json", "binary"),
+                    help="Form of the output records (the worker's --output-format, and its default: binary). A "
+                         "checkout from before binary records writes json whatever this says.")
     ap.add_argument("--encoder-cache-mb", type=float, help="The encoder cache's budget (default: the worker's, "
                     "256 MB, which holds every window of the log's 2,000 users). A small one (2) makes every fresh "
                     "window a miss, encoded whole: what most events meet with ~100,000 users and the default cache.")

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,11 +39,15 @@ PAD, OOV = 0, 1  # item index 0 pads a window, 1 stands for items the model neve
 FIRST_ITEM = 2   # rows before this are PAD and OOV: never a target, never recommended; item i is row FIRST_ITEM + i
 
 
-def gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
-    """0 = no previous event in the window; else 1 + floor(log2(1 + seconds)), capped."""
-    seconds = gap_ms.clamp(min=0).double() / 1000.0
-    b = 1 + torch.floor(torch.log2(1.0 + seconds)).long()
-    return b.clamp(max=buckets - 1)
+def gap_bucket(gap_ms, buckets: int):
+    """0 = no previous event in the window; else 1 + floor(log2(1 + seconds)), capped at buckets - 1: the b with
+    1000 * 2^(b-1) <= 1000 + ms < 1000 * 2^b, found among integers (no rounding at an edge). Takes a tensor or a numpy
+    array and gives the same kind: the streaming path buckets a few hundred gaps a batch, which numpy does in one call
+    where a tensor takes several."""
+    edges = 1000 * 2 ** np.arange(buckets - 1, dtype=np.int64)
+    if isinstance(gap_ms, torch.Tensor):
+        return torch.bucketize(gap_ms.clamp(min=0) + 1000, torch.from_numpy(edges).to(gap_ms.device), right=True)
+    return np.searchsorted(edges, np.maximum(gap_ms, 0) + 1000, side="right")
 
 
 @dataclass
@@ -112,7 +117,8 @@ class LocalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Tq = self.n_heads, offset.shape[1]
         qk_map, qk_bias, out_map, out_bias, bias_table = self.folded()
-        qk = F.linear(x[:, -Tq:], qk_map, qk_bias).view(B, Tq * H, C)                 # rows (query, head)
+        # as one [B * Tq, C] matrix: a slice of the columns (Tq < T) would go to torch as B small matmuls
+        qk = F.linear(x[:, -Tq:].reshape(B * Tq, C), qk_map, qk_bias).view(B, Tq * H, C)   # rows (query, head)
         # one new position (live traffic: an event per window) is a row against itself: a product, not a matmul
         own = (qk * x).sum(2, keepdim=True) if T == 1 else qk @ x.transpose(1, 2)
         scores = torch.cat([qk @ past.x.transpose(1, 2), own], 2).view(B, Tq, H, -1)

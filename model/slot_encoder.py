@@ -111,8 +111,8 @@ class Pool:
             size = max(int(keys.max()) + 1, 2 * len(self.out_id))
             self.out_id = np.concatenate([self.out_id, np.full((size - len(self.out_id), 4), -1, np.int64)])
             self.out = torch.cat([self.out, self.out.new_zeros(size - len(self.out), self.out.shape[1])])
-        self.out[torch.from_numpy(keys).to(self.out.device)] = out[torch.from_numpy(rows).to(out.device)].to(
-            self.out.dtype)
+        self.out.index_copy_(0, _tensor(keys, self.out.device), out.index_select(0, _tensor(rows, out.device)).to(
+            self.out.dtype))
         self.out_id[keys] = np.stack([w.version[rows], w.ts[rows, L - 1], w.hash[rows, L - 1], w.n[rows]], axis=1)
 
     def reserve(self, keys: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -145,9 +145,9 @@ class Pool:
     def past(self, entries: np.ndarray, new_pos: torch.Tensor) -> list[Past]:
         """Each layer's cached rows of the entries, in ring order, with their positions (newest at -1)."""
         dev = self.rows.device
-        e = torch.from_numpy(entries).to(dev)
+        e = torch.from_numpy(np.maximum(entries, 0)).to(dev)                  # -1 (none): no valid row
         head = torch.from_numpy(self.head[entries]).to(dev)[:, None]
-        count = torch.from_numpy(self.ring[entries]).to(dev)[:, None]
+        count = torch.from_numpy(np.where(entries >= 0, self.ring[entries], 0)).to(dev)[:, None]
         pos = (torch.arange(self.span, device=dev)[None] - head) % self.span - self.span
         valid = pos >= -count
         cap, shape = self.capacity, (len(entries), *self.rows.shape[-2:])
@@ -183,7 +183,7 @@ class Pool:
         for layer, x in enumerate(presents):   # a layer above the first may hold the newest positions alone
             src = as_t(b_idx * x.shape[1] + t_idx - (T - x.shape[1]))
             self.rows[layer].view(-1, C).index_copy_(0, dest, x.reshape(-1, C).index_select(0, src).to(self.rows.dtype))
-        self.vec[as_t(ent)] = vec[as_t(live)].to(self.vec.dtype)
+        self.vec.index_copy_(0, as_t(ent), vec.index_select(0, as_t(live)).to(self.vec.dtype))
         self.head[ent] = (self.head[ent] + ks) % span
         self.ring[ent] = np.minimum(span, self.ring[ent] + ks)
         rows = b[live]
@@ -261,29 +261,36 @@ class SlotEncoder:
             ok &= pool.rows_then[at] + k >= n         # every row since encoded is one of the appended ones
             if not pool.extendable:                   # shorter than the receptive field: only if none dropped
                 ok &= pool.rows_then[at] + k == n
-        hit_at, grow_at = np.flatnonzero(ok & (k == 0)), np.flatnonzero(ok & (k > 0))
-        hit, grow, whole = rows[hit_at], rows[grow_at], rows[~ok]
+        # a window all of whose rows are new (a user's first event in a scene) is the extension of an emptied entry:
+        # the same positions as encoded whole, in the same forward as the extended ones, not one of its own
+        new = ~ok & (k >= n) & (n < pool.cone) & (pool.capacity > 0)
+        hit_at, grow_at, new_at = np.flatnonzero(ok & (k == 0)), np.flatnonzero(ok & (k > 0)), np.flatnonzero(new)
+        hit, grow, whole = rows[hit_at], rows[grow_at], rows[~ok & ~new]
         pool.stats["hits"] += len(hit)
         pool.stats["extends"] += len(grow)
-        pool.stats["misses"] += len(whole)
+        pool.stats["misses"] += len(whole) + len(new_at)
         pool.stats["unchanged"] += len(kept_out)
         if len(hit):
-            out[torch.from_numpy(hit).to(self.device)] = pool.vec[torch.from_numpy(e[hit_at]).to(self.device)]
+            out.index_copy_(0, _tensor(hit, self.device), pool.vec.index_select(0, _tensor(e[hit_at], self.device)))
         if len(kept_out):
-            out[torch.from_numpy(kept_out).to(self.device)] = \
-                pool.out[torch.from_numpy(w.keys[kept_out]).to(self.device)].to(out.dtype)
-        if len(grow):
-            self._encode(pool, w, grow, e[grow_at], k[grow_at], book, scene, out)
+            out.index_copy_(0, _tensor(kept_out, self.device),
+                            pool.out.index_select(0, _tensor(w.keys[kept_out], self.device)).to(out.dtype))
         kept = e[np.r_[hit_at, grow_at]].astype(np.int64)
+        if len(new_at):
+            kept = np.r_[kept, pool.reserve(w.keys[rows[new_at]], kept)]
+        if len(grow) or len(new_at):
+            self._encode(pool, w, rows[np.r_[grow_at, new_at]], kept[len(hit_at):], np.r_[k[grow_at], n[new_at]],
+                         book, scene, out)
+        kept = kept[kept >= 0]
         pool.stamp[kept] = pool.clock
         if len(whole):
             fresh = pool.reserve(w.keys[whole], kept) if pool.capacity else np.full(len(whole), -1, np.int64)
-            full, rows = (complete(whole), np.arange(len(whole))) if complete is not None else (w, whole)
+            full, of = (complete(whole), np.arange(len(whole))) if complete is not None else (w, whole)
             L = full.ts.shape[1]   # `w` may hold the windows' last columns alone
             # only the newest `cone` events reach the last output and the rows an entry keeps, the oldest of them
             # through its time (the column before the encoded ones): a one-layer scene stack's miss encodes 25
             # positions of a 50-event window, not 50
-            self._encode(pool, full, rows, fresh, np.minimum(full.n[rows], min(L, pool.cone - 1)), book, scene, out,
+            self._encode(pool, full, of, fresh, np.minimum(full.n[of], min(L, pool.cone - 1)), book, scene, out,
                          past=False, at=whole)
             pool.stamp[fresh[fresh >= 0]] = pool.clock
         pool.remember(w, out, rows)
@@ -308,8 +315,7 @@ class SlotEncoder:
             ts, prev = ts_from[:, 1:], ts_from[:, :-1]
             # a row has a predecessor if the window holds one before it: not the window's first row
             has_prev = cols[None, :] > (L - w.n[idx])[:, None]
-            gaps = torch.where(torch.from_numpy(has_prev & valid),
-                               gap_bucket(torch.from_numpy(ts - prev), gap_buckets), torch.zeros(1, dtype=torch.long))
+            gaps = torch.from_numpy(np.where(has_prev & valid, gap_bucket(ts - prev, gap_buckets), 0))
             inputs = [torch.from_numpy(np.where(valid, items(w.item[idx, L - width:]), 0)),
                       torch.from_numpy(np.where(valid, actions(w.action[idx, L - width:]), 0)),
                       torch.from_numpy(np.where(valid, scenes(w.scene[idx, L - width:]), 0)),
@@ -320,7 +326,7 @@ class SlotEncoder:
             # value, and a one-query stack (the scene windows') maps one row, not every row three times
             cache_past = pool.past(entries[run], new_pos) if past else pool.nothing(len(idx), new_pos)
             h, presents = self.model.encoder.extend(*inputs, cache_past, last_only=True, scene=scene)
-            out[torch.from_numpy(at[run]).to(dev)] = h
+            out.index_copy_(0, _tensor(at[run], dev), h)
             pool.store(entries[run], w, idx, presents, count, h)
 
     @torch.inference_mode()
@@ -328,6 +334,11 @@ class SlotEncoder:
         as_t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         H, a = self.model.fusion(as_t(h), as_t(has), as_t(recent))
         return H.float().cpu().numpy(), a.float().cpu().numpy()
+
+
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int64 index array as a tensor on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device)
 
 
 def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int = 32) -> list[np.ndarray]:

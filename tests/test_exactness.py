@@ -197,3 +197,16 @@ def test_merged_timelines_equal_the_merge_from_scratch(steps, data):
             assert n == len(want)
             for field in ("ts", "hash", "item", "action", "scene"):
                 assert getattr(got, field)[r, WINDOW - n:].tolist() == want[field].tolist(), field
+
+
+def test_gap_buckets_are_the_log2_seconds_of_the_model_at_every_edge():
+    """The time-gap bucket is 1 + floor(log2(1 + seconds)), capped; it is found among integers, for tensors (training,
+    full encodes) and numpy arrays (the streaming path) alike, so the two paths cannot differ at an edge."""
+    from scenestream.model.model import gap_bucket
+    ms = np.array([1000 * (2 ** b - 1) + d for b in range(40) for d in (-1, 0, 1)] + [-5, 0, 10 ** 13], np.int64)
+    ms = np.concatenate([ms, np.random.default_rng(0).integers(0, 10 ** 12, 10_000)])
+    for buckets in (32, 5):
+        seconds = np.maximum(ms, 0) / 1000.0
+        want = np.minimum(1 + np.floor(np.log2(1.0 + seconds)).astype(np.int64), buckets - 1)
+        np.testing.assert_array_equal(gap_bucket(ms, buckets), want)
+        np.testing.assert_array_equal(gap_bucket(torch.from_numpy(ms), buckets).numpy(), want)

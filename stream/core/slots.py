@@ -527,9 +527,12 @@ class SlotWindows:
             # every window gaining as many (fresh traffic: one each) is a slice, not a gather
             held[groups] = joined[:, kmax:] if kept.min() == kmax else np.take_along_axis(joined, take, axis=1)
         self.n[groups] = np.minimum(L, n_old + kept)
-        at = np.r_[0, np.cumsum(kept)].tolist()
-        for g, (w, cut) in enumerate(zip(groups.tolist(), skip_bytes.tolist())):
-            self.ids[w] = self.ids[w][cut:] + b"".join(new_ids[at[g]:at[g + 1]])
+        if kmax > 1:   # each window's new ids as one piece (fresh traffic: one id each, as they are)
+            at = np.r_[0, np.cumsum(kept)].tolist()
+            new_ids = [b"".join(new_ids[a:b]) for a, b in zip(at[:-1], at[1:])]
+        # an object array built as one (a list assigned to it would go through a bytes array, which drops NULs)
+        self.ids[groups] = np.fromiter((old[cut:] + new for old, cut, new in
+                                        zip(self.ids[groups].tolist(), skip_bytes.tolist(), new_ids)), object, G)
         return {"kept": kept.astype(np.int64), "late": int(skip.sum()), "added": np.repeat(groups, kept),
                 "added_items": new["item"], "removed": np.repeat(groups, drop), "removed_items": removed_items}
 

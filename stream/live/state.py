@@ -375,11 +375,9 @@ def item_deltas(slots: SlotWindows, joined: SlotJoin) -> dict[str, Counter]:
     pairs, at = np.unique(scene * width + item, return_inverse=True)
     change = np.bincount(at.ravel(), weights=sign, minlength=len(pairs)).astype(np.int64)
     kept = change != 0
-    out: dict[str, Counter] = {}
-    names = ITEMS.names
-    for s, i, c in zip((pairs[kept] // width).tolist(), (pairs[kept] % width).tolist(), change[kept].tolist()):
-        delta = out.get(slots.scenes[s])
-        if delta is None:
-            delta = out[slots.scenes[s]] = Counter()
-        delta[names[i]] = c
-    return out
+    pairs, change = pairs[kept], change[kept]
+    scenes, starts = np.unique(pairs // width, return_index=True)   # pairs ascend: each scene's are one run
+    bounds, names = [*starts.tolist(), len(pairs)], ITEMS.names
+    return {slots.scenes[s]: Counter(dict(zip(map(names.__getitem__, (pairs[a:b] % width).tolist()),
+                                              change[a:b].tolist())))
+            for s, a, b in zip(scenes.tolist(), bounds[:-1], bounds[1:])}
