@@ -121,12 +121,14 @@ class LocalSelfAttention(nn.Module):
         qk = F.linear(x[:, -Tq:].reshape(B * Tq, C), qk_map, qk_bias).view(B, Tq * H, C)   # rows (query, head)
         # one new position (live traffic: an event per window) is a row against itself: a product, not a matmul
         own = (qk * x).sum(2, keepdim=True) if T == 1 else qk @ x.transpose(1, 2)
-        scores = torch.cat([qk @ past.x.transpose(1, 2), own], 2).view(B, Tq, H, -1)
+        P = past.x.shape[1]   # 0: a window encoded whole, against nothing cached
+        scores = (torch.cat([qk @ past.x.transpose(1, 2), own], 2) if P else own).view(B, Tq, H, -1)
         # the bias of each offset, -inf where a key is not allowed: one lookup, not a gather, a mask and a where
         mask = F.embedding(torch.where(allowed, offset.clamp(0, self.span), self.span + 1), bias_table)
         p = torch.softmax(scores + mask.transpose(2, 3), -1).view(B, Tq * H, -1)       # mask [B, Tq, Tk, H]
-        P = past.x.shape[1]
-        mixed = p[..., :P] @ past.x + (p[..., P:] * x if T == 1 else p[..., P:] @ x)  # sum_j a_j x_j, per head
+        mixed = p[..., P:] * x if T == 1 else p[..., P:] @ x                         # sum_j a_j x_j, per head
+        if P:
+            mixed = mixed + p[..., :P] @ past.x
         return F.linear(mixed.view(B, Tq, H * C), out_map, out_bias)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
