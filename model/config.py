@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 ENCODER_CACHE_MB = 256   # the streaming encoder's cache (model/slot_encoder.py): at d=64, span 24, ~6 KB a scene
-                         # window and ~12 KB a merged timeline; three quarters for timelines (TIMELINE_SHARE: with
-                         # three scenes, every window of ~3,400 users, the timelines of ~16,000)
+                         # window and ~12 KB a merged timeline; split S scene windows to one timeline (with three
+                         # scenes, every window of ~8,400 users)
 
 
 def receptive_field(n_layers: int, span: int) -> int:

@@ -36,15 +36,6 @@ from .config import ModelConfig, receptive_field
 from .model import Past, gap_bucket
 
 
-# The cache's share for merged timelines when the scene windows have a shallower stack of their own (the default
-# model: one layer against the timeline's two). A miss encodes what the last output and the kept rows need, `span`
-# positions more per layer below the top: a one-layer scene window's miss is one query on top of its rows (~5 µs
-# an event more than a hit), a two-layer timeline's is 25 positions through its first layer (~80 µs). So a byte
-# holding a timeline saves ~8x what one holding a scene window does. With three scenes, 256 MB hold every window of
-# ~3,400 users and the timelines of ~16,000 (split by windows held: ~8,400 of each), and with 2,000 users and a
-# 32 MB cache a fresh event cost ~40% less (BENCHMARKS.md, "Live path").
-TIMELINE_SHARE = 0.75
-
 # Windows of one stack, as the encoder reads them: any object with these arrays, row b of each being window b
 # (stream/core/slots.py: Windows). Rows are right-aligned, window b's n[b] events in columns L-n[b] .. L-1, oldest
 # first; item, action and scene are codes of the caller's codebook.
@@ -210,10 +201,10 @@ class SlotEncoder:
         cfg, window = self.model.cfg, encoder.window
         budget = int(cache_mb * 2**20)
         probe = [Pool(cfg, cfg.layers(scene), window, 1, self.device) for scene in (True, False)]
-        if cfg.layers(True) < cfg.layers(False):   # a shallower scene stack: timelines first (TIMELINE_SHARE)
-            share = TIMELINE_SHARE
-        else:   # misses of equal cost: per user S scene windows and one timeline, every window of as many users
+        if cfg.own_scene_stack:   # per user up to S scene windows and one timeline: the budget split so
             share = probe[1].entry_bytes() / (cfg.n_scenes * probe[0].entry_bytes() + probe[1].entry_bytes())
+        else:
+            share = 1 / (cfg.n_scenes + 1)
         self.scene_pool = Pool(cfg, cfg.layers(True), window, max(0, int(budget * (1 - share)) //
                                                                    probe[0].entry_bytes()), self.device)
         self.timeline_pool = Pool(cfg, cfg.layers(False), window, max(0, int(budget * share) //
