@@ -33,6 +33,8 @@ def bench(name: str, *args, tmp_path, timeout: float = 180) -> str:
 
 def _module(name: str):
     """bench/NAME.py imported as a module (bench/ on sys.path, as when it runs)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -161,7 +163,6 @@ def test_quality(tmp_path):
         assert run["train"]["epochs"] == 1 and run["global"]["users"] == 943 and 0 < run["global"]["ndcg@10"] < 1
     assert r["genre"][0]["sparse_fused"]["users"] > 0
     # what --write does with ML-1M's figures: into a copy of the results source and of both pages
-    sys.path.insert(0, str(ROOT / "bench"))
     quality = _module("quality")
     for name in ("bench/results.json", "BENCHMARKS.md", "README.md"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -199,11 +200,23 @@ def test_soak(tmp_path, checkpoint):
     # the workers' own histograms: the wait before a worker takes an event up is part of its latency
     lat = r["load"]["latency_ms_bucket_bound"]
     assert 0 < lat["p99_before_the_worker"] <= lat["p99"], lat
+    estimate = r["load"]["latency_ms_interpolated"]   # within the bucket whose bound is the figure above
+    assert 0 < estimate["p50"] <= estimate["p99"] <= lat["p99"], (estimate, lat)
     assert r["load"]["sent"] > 0 and r["load"]["failed_sends"] == 0 and r["load"]["drain_seconds"] is not None
     assert r["rss_growth_after_warmup_pct"] is not None and r["lag_at_end"] is not None and "| 1 |" in r["table"]
     assert len(json.loads((tmp_path / "samples.json").read_text())) >= 3
     assert r["plot"] == (str(png) if drawn else None)
     assert not drawn or png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_soak_reads_a_quantile_as_its_bucket_bound_or_within_the_bucket():
+    soak = _module("soak")
+    before = [{0.05: 10, 0.1: 10, 0.25: 10, math.inf: 10}]   # counts before the interval: taken off
+    after = [{0.05: 10, 0.1: 60, 0.25: 110, math.inf: 110}]  # 50 in (50, 100] ms, 50 in (100, 250] ms
+    assert soak.bucket_quantile(before, after, 0.75) == 250
+    assert math.isclose(soak.bucket_quantile(before, after, 0.75, interpolate=True), 175)
+    assert math.isclose(soak.bucket_quantile(before, after, 0.25, interpolate=True), 75)
+    assert soak.bucket_quantile(before, before, 0.5) is None
 
 
 def test_startup(tmp_path, checkpoint):
