@@ -222,7 +222,8 @@ def sample(t: float, apis: list[str], ports: list[int], pids: list[int], broker_
 
 
 def with_rates(samples: list[dict]) -> None:
-    """Events/s summed over the workers between samples, and the latency bucket bounds of that interval."""
+    """Events/s summed over the workers between samples, and the latency bucket bounds of that interval (with the
+    p99 read within its bucket, an estimate)."""
     prev = None
     for s in samples:
         s["events_per_s"] = s["p50_ms"] = s["p99_ms"] = s["waited_p99_ms"] = s["p99_ms_interpolated"] = None

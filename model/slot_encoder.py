@@ -177,13 +177,12 @@ class Pool:
         t_idx = T - np.repeat(w_rows, w_rows) + within
         ring_idx = (np.repeat(self.head[ent] + ks - w_rows, w_rows) + within) % span
         dev = self.rows.device
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        dest = as_t(np.repeat(ent, w_rows) * span + ring_idx)   # as flat row numbers
+        dest = _tensor(np.repeat(ent, w_rows) * span + ring_idx, dev)   # as flat row numbers
         C = self.rows.shape[3]
         for layer, x in enumerate(presents):   # a layer above the first may hold the newest positions alone
-            src = as_t(b_idx * x.shape[1] + t_idx - (T - x.shape[1]))
+            src = _tensor(b_idx * x.shape[1] + t_idx - (T - x.shape[1]), dev)
             self.rows[layer].view(-1, C).index_copy_(0, dest, x.reshape(-1, C).index_select(0, src).to(self.rows.dtype))
-        self.vec.index_copy_(0, as_t(ent), vec.index_select(0, as_t(live)).to(self.vec.dtype))
+        self.vec.index_copy_(0, _tensor(ent, dev), vec.index_select(0, _tensor(live, dev)).to(self.vec.dtype))
         self.head[ent] = (self.head[ent] + ks) % span
         self.ring[ent] = np.minimum(span, self.ring[ent] + ks)
         rows = b[live]
