@@ -34,6 +34,7 @@ import torch
 
 from .config import ModelConfig, receptive_field
 from .model import Past, gap_bucket
+from .ring_attention import Ring, ring_kernel
 
 
 # Windows of one stack, as the encoder reads them: any object with these arrays, row b of each being window b
@@ -154,6 +155,14 @@ class Pool:
         return [Past(torch.index_select(self.rows[layer].view(cap, -1), 0, e).view(shape), valid, pos, new_pos)
                 for layer in range(self.layers)]
 
+    def rings(self, entries: np.ndarray) -> list[Past]:
+        """Each layer's cached rows of the entries where they lie, for one new position a window (the C kernel reads
+        them in place: model/ring_attention.py)."""
+        at = np.maximum(entries, 0)
+        head, count = self.head[at], np.where(entries >= 0, self.ring[at], 0)
+        return [Past(None, None, None, None, Ring(self.rows[layer], entries, head, count))
+                for layer in range(self.layers)]
+
     def nothing(self, B: int, new_pos: torch.Tensor) -> list[Past]:
         """No cached rows, for windows encoded whole."""
         dev = self.rows.device
@@ -209,6 +218,7 @@ class SlotEncoder:
         self.timeline_pool = Pool(cfg, cfg.layers(False), window, max(0, int(budget * share) //
                                                                      probe[1].entry_bytes()), self.device)
         self.batch_size = batch_size
+        self.ring_kernel = ring_kernel(self.device, next(self.model.parameters()).dtype)
 
     @property
     def pools(self) -> list[Pool]:
@@ -323,7 +333,12 @@ class SlotEncoder:
             new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
             # a window encoded whole takes the extension's path too, from no past: its folded maps form no key or
             # value, and a one-query stack (the scene windows') maps one row, not every row three times
-            cache_past = pool.past(entries[run], new_pos) if past else pool.nothing(len(idx), new_pos)
+            if not past:
+                cache_past = pool.nothing(len(idx), new_pos)
+            elif width == 1 and self.ring_kernel:   # an event a window: its rows read where they lie
+                cache_past = pool.rings(entries[run])
+            else:
+                cache_past = pool.past(entries[run], new_pos)
             h, presents = self.model.encoder.extend(*inputs, cache_past, last_only=True, scene=scene)
             out.index_copy_(0, _tensor(at[run], dev), h)
             pool.store(entries[run], w, idx, presents, count, h)

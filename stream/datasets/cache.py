@@ -4,6 +4,7 @@
     <cache>/datasets/<name>/    MovieLens atomic files (stream/datasets/movielens.py)
     <cache>/models/<name>/      the demo model of `scenestream run`
     <cache>/run/worker.log      the worker log of `scenestream run`
+    <cache>/kernels/            the encoder's C kernel, built on first use (model/ring_attention.py)
 """
 from __future__ import annotations
 
