@@ -105,6 +105,7 @@ void attend_one(int64_t B, int64_t H, int64_t C, int64_t span, const float *qk, 
     }
 }
 """
+KERNEL_ENV = "SCENESTREAM_RING_KERNEL"   # "off": the torch path always
 MAX_SPAN = 1024   # the C's arrays on the stack hold span + 1 rows
 
 
@@ -127,7 +128,7 @@ def _flags() -> list[str]:
 
 @lru_cache(maxsize=1)
 def _library() -> Optional[ctypes.CDLL]:
-    if os.environ.get("SCENESTREAM_RING_KERNEL", "auto") == "off":
+    if os.environ.get(KERNEL_ENV, "auto") == "off":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
