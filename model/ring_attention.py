@@ -39,40 +39,75 @@ SOURCE = r"""
 #include <math.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define VEC 8
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-static inline float dot(const float *a, const float *b, int64_t C) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t c = 0;
-    for (; c + 16 <= C; c += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(b + c + 8), acc1);
-    }
-    for (; c + 8 <= C; c += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc0);
-    float s = hsum(_mm256_add_ps(acc0, acc1));
-    for (; c < C; c++) s += a[c] * b[c];
-    return s;
-}
-static inline void axpy(float w, const float *r, float *o, int64_t C) {
-    const __m256 wv = _mm256_set1_ps(w);
-    int64_t c = 0;
-    for (; c + 8 <= C; c += 8) _mm256_storeu_ps(o + c, _mm256_fmadd_ps(wv, _mm256_loadu_ps(r + c), _mm256_loadu_ps(o + c)));
-    for (; c < C; c++) o[c] += w * r[c];
-}
-#else
-static inline float dot(const float *a, const float *b, int64_t C) {
-    float s = 0.f;
-    for (int64_t c = 0; c < C; c++) s += a[c] * b[c];
-    return s;
-}
-static inline void axpy(float w, const float *r, float *o, int64_t C) {
-    for (int64_t c = 0; c < C; c++) o[c] += w * r[c];
-}
 #endif
+
+/* One window: scores of its rows[0..n] (the new row, then the cached ones newest first) for every head, softmax,
+   mix. H is a constant where the caller's switch makes it one, so the heads' sums stay in registers. */
+static inline __attribute__((always_inline)) void window(const int64_t H, const int64_t C, const int64_t n,
+        const float *const *rows, const float *q, const float *bias, float *out, float *p)
+{
+    for (int64_t i = 0; i <= n; i++) {          /* p[i * H + h]: every head's score of row i, the row read once */
+        const float *r = rows[i];
+#if defined(__AVX2__) && defined(__FMA__)
+        if (C % VEC == 0 && H <= 4) {
+            __m256 acc[4];
+            for (int64_t h = 0; h < H; h++) acc[h] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < C; c += VEC) {
+                const __m256 rv = _mm256_loadu_ps(r + c);
+                for (int64_t h = 0; h < H; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * C + c), rv, acc[h]);
+            }
+            for (int64_t h = 0; h < H; h++) p[i * H + h] = hsum(acc[h]) + bias[i * H + h];
+            continue;
+        }
+#endif
+        for (int64_t h = 0; h < H; h++) {
+            float s = 0.f;
+            for (int64_t c = 0; c < C; c++) s += q[h * C + c] * r[c];
+            p[i * H + h] = s + bias[i * H + h];
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {           /* softmax per head, in place */
+        float top = p[h], z = 0.f;
+        for (int64_t i = 1; i <= n; i++) top = p[i * H + h] > top ? p[i * H + h] : top;
+        for (int64_t i = 0; i <= n; i++) { p[i * H + h] = expf(p[i * H + h] - top); z += p[i * H + h]; }
+        const float inv = 1.f / z;
+        for (int64_t i = 0; i <= n; i++) p[i * H + h] *= inv;
+    }
+#if defined(__AVX2__) && defined(__FMA__)
+    if (C % (2 * VEC) == 0 && H <= 4) {         /* the mix: 2 x H running sums in registers over the rows */
+        for (int64_t c = 0; c < C; c += 2 * VEC) {
+            __m256 lo[4], hi[4];
+            for (int64_t h = 0; h < H; h++) lo[h] = hi[h] = _mm256_setzero_ps();
+            for (int64_t i = 0; i <= n; i++) {
+                const __m256 a = _mm256_loadu_ps(rows[i] + c), b = _mm256_loadu_ps(rows[i] + c + VEC);
+                for (int64_t h = 0; h < H; h++) {
+                    const __m256 w = _mm256_set1_ps(p[i * H + h]);
+                    lo[h] = _mm256_fmadd_ps(w, a, lo[h]);
+                    hi[h] = _mm256_fmadd_ps(w, b, hi[h]);
+                }
+            }
+            for (int64_t h = 0; h < H; h++) {
+                _mm256_storeu_ps(out + h * C + c, lo[h]);
+                _mm256_storeu_ps(out + h * C + c + VEC, hi[h]);
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t c = 0; c < C; c++) {
+            float s = 0.f;
+            for (int64_t i = 0; i <= n; i++) s += p[i * H + h] * rows[i][c];
+            out[h * C + c] = s;
+        }
+}
 
 /* out[b, h] = softmax over {the new row, the window's cached rows} of (qk[b, h] . row + bias[offset, h]), mixing the
    rows. qk [B, H, C]; x [B, C] the new rows; ring [entries, span, C]; bias [span + 2, H], row o the bias of offset o.
@@ -80,33 +115,31 @@ static inline void axpy(float w, const float *r, float *o, int64_t C) {
 void attend_one(int64_t B, int64_t H, int64_t C, int64_t span, const float *qk, const float *x, const float *ring,
                 const int64_t *entry, const int64_t *head, const int64_t *count, const float *bias, float *out)
 {
-    float p[1025];
+    float p[8 * 1025];
     const float *rows[1025];
     for (int64_t b = 0; b < B; b++) {
         const int64_t e = entry[b], n = e >= 0 ? count[b] : 0;
-        rows[0] = x + b * C;                  /* the new row, offset 0, then the i-th newest cached, offset 1 + i */
-        const float *base = ring + e * span * C;
-        for (int64_t i = 0, r = head[b] - 1; i < n; i++, r--)   /* ring slots newest first, wrapping round */
+        const float *base = ring + (e >= 0 ? e : 0) * span * C;
+        rows[0] = x + b * C;                        /* the new row, offset 0, then the i-th newest cached, 1 + i */
+        for (int64_t i = 0, r = head[b] - 1; i < n; i++, r--)
             rows[i + 1] = base + (r >= 0 ? r : r + span) * C;
-        for (int64_t h = 0; h < H; h++) {
-            const float *q = qk + (b * H + h) * C;
-            float *o = out + (b * H + h) * C;
-            float top = -INFINITY, z = 0.f;
-            for (int64_t i = 0; i <= n; i++) {
-                p[i] = dot(q, rows[i], C) + bias[i * H + h];
-                top = p[i] > top ? p[i] : top;
-            }
-            #pragma omp simd reduction(+:z)
-            for (int64_t i = 0; i <= n; i++) { p[i] = expf(p[i] - top); z += p[i]; }
-            const float inv = 1.f / z;
-            for (int64_t c = 0; c < C; c++) o[c] = 0.f;
-            for (int64_t i = 0; i <= n; i++) axpy(p[i] * inv, rows[i], o, C);
+        if (b + 1 < B && entry[b + 1] >= 0) {      /* the next window's rows on their way to the cache */
+            const char *next = (const char *)(ring + entry[b + 1] * span * C);
+            for (int64_t k = 0; k < span * C * 4; k += 64) __builtin_prefetch(next + k);
+        }
+        const float *q = qk + b * H * C;
+        float *o = out + b * H * C;
+        switch (H) {                                 /* constants: the heads' sums in registers */
+            case 1: window(1, C, n, rows, q, bias, o, p); break;
+            case 2: window(2, C, n, rows, q, bias, o, p); break;
+            case 4: window(4, C, n, rows, q, bias, o, p); break;
+            default: window(H, C, n, rows, q, bias, o, p);
         }
     }
 }
 """
 KERNEL_ENV = "SCENESTREAM_RING_KERNEL"   # "off": the torch path always
-MAX_SPAN = 1024   # the C's arrays on the stack hold span + 1 rows
+MAX_SPAN = 1024   # the C's arrays on the stack hold span + 1 rows, of up to 8 heads
 
 
 @dataclass
@@ -158,9 +191,10 @@ def _library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def ring_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `attend_one` runs for tensors of this device and dtype (else the caller gathers the rows)."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and _library() is not None
+def ring_kernel(device: torch.device, dtype: torch.dtype, heads: int = 1, span: int = 1) -> bool:
+    """Whether `attend_one` runs for a model of these on this device (else the caller gathers the rows)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and heads <= 8 and span < MAX_SPAN and \
+        _library() is not None
 
 
 def attend_one(qk: torch.Tensor, x: torch.Tensor, ring: Ring, bias: torch.Tensor) -> torch.Tensor:
@@ -168,7 +202,7 @@ def attend_one(qk: torch.Tensor, x: torch.Tensor, ring: Ring, bias: torch.Tensor
     head's softmax-weighted mix of the new row and the window's cached rows."""
     B, H, C = qk.shape
     span = ring.rows.shape[1]
-    assert span + 1 <= MAX_SPAN and ring.rows.is_contiguous() and ring.rows.dtype == torch.float32
+    assert span < MAX_SPAN and H <= 8 and ring.rows.is_contiguous() and ring.rows.dtype == torch.float32
     qk, x, bias = qk.contiguous(), x.contiguous(), bias.contiguous()
     entry, head, count = (np.ascontiguousarray(a, np.int64) for a in (ring.entry, ring.head, ring.count))
     out = torch.empty(B, H, C)

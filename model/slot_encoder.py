@@ -218,7 +218,7 @@ class SlotEncoder:
         self.timeline_pool = Pool(cfg, cfg.layers(False), window, max(0, int(budget * share) //
                                                                      probe[1].entry_bytes()), self.device)
         self.batch_size = batch_size
-        self.ring_kernel = ring_kernel(self.device, next(self.model.parameters()).dtype)
+        self.ring_kernel = ring_kernel(self.device, next(self.model.parameters()).dtype, cfg.n_heads, cfg.span)
 
     @property
     def pools(self) -> list[Pool]:

@@ -15,7 +15,7 @@ from scenestream.model.slot_encoder import Pool
 pytestmark = pytest.mark.skipif(not ring_kernel("cpu", torch.float32), reason="no C compiler: the torch path runs")
 
 
-@pytest.mark.parametrize("d_model,n_heads,span", [(64, 2, 24), (32, 4, 5), (12, 3, 1)])
+@pytest.mark.parametrize("d_model,n_heads,span", [(64, 2, 24), (32, 4, 5), (12, 3, 1), (16, 8, 3)])
 def test_the_kernel_attends_as_the_gathered_rows_do(d_model, n_heads, span):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
