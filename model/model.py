@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .ring_attention import Ring, attend_one
+from .ring_attention import Ring, attend
 
 PAD, OOV = 0, 1  # item index 0 pads a window, 1 stands for items the model never saw
 FIRST_ITEM = 2   # rows before this are PAD and OOV: never a target, never recommended; item i is row FIRST_ITEM + i
@@ -85,7 +85,7 @@ class LocalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, hd = self.n_heads, C // self.n_heads
         if past is not None and past.ring is not None:
-            return self._attend_ring(x, past.ring), x
+            return self._attend_ring(x, past.ring, T if tail is None else min(tail, T)), x
         if past is None:     # positions are slots: one offset matrix for the whole batch
             q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
             qpos = kpos = torch.arange(T, device=x.device)[None]
@@ -137,14 +137,14 @@ class LocalSelfAttention(nn.Module):
             mixed = mixed + p[..., :P] @ past.x
         return F.linear(mixed.view(B, Tq, H * C), out_map, out_bias)
 
-    def _attend_ring(self, x: torch.Tensor, ring: Ring) -> torch.Tensor:
-        """`_extend` for one new position a row ([B, 1, C]), its past read where the cache holds it: the folded maps
-        in torch, the scores, softmax and mix in one pass of C (model/ring_attention.py)."""
-        B, _, C = x.shape
+    def _attend_ring(self, x: torch.Tensor, ring: Ring, Tq: int) -> torch.Tensor:
+        """`_extend` with the past read where the cache holds it: the folded maps in torch, the scores, softmax and
+        mix of the last Tq columns' queries in one pass of C (model/ring_attention.py)."""
+        B, T, C = x.shape
         qk_map, qk_bias, out_map, out_bias, bias_table = self.folded()
-        qk = F.linear(x.view(B, C), qk_map, qk_bias).view(B, self.n_heads, C)
-        mixed = attend_one(qk, x.view(B, C), ring, bias_table)
-        return F.linear(mixed.view(B, 1, self.n_heads * C), out_map, out_bias)
+        qk = F.linear(x[:, -Tq:].reshape(B * Tq, C), qk_map, qk_bias).view(B, Tq, self.n_heads, C)
+        mixed = attend(qk, x, ring, bias_table)
+        return F.linear(mixed.view(B, Tq, self.n_heads * C), out_map, out_bias)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The extension's two maps, for inference (autograd sees constants). A head's score of a row x_j is

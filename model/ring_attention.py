@@ -1,13 +1,15 @@
-"""One new position per window against its cached rows, in one pass of C: live traffic's extension.
+"""The streaming encoder's attention in one pass of C: each window's new positions against themselves and the rows
+its cache entry holds, read where they lie.
 
-Fresh traffic brings one event per window to a micro-batch, so each layer's attention is a query against at most
-`span` cached rows of its own window. In torch that is a gather of every window's rows ([B, span, C], copied), two
-batched matmuls of a [H, C] by a [C, span] per window (MKL's cost per window, not the math, sets their time), a mask
-built from positions, a softmax: ~1 ms a layer for 300 windows, three times the math. Here each window reads its
-rows where they lie in the cache's ring, scores them, softmaxes and mixes them in one loop, and nothing else is
-formed. The math is LocalSelfAttention._extend's for T = 1 (model.py), the rows in the order Pool.past reads them
-(model/slot_encoder.py): ring slot (head - 1 - i) mod span holds the window's i-th newest cached row, at offset 1 + i
-from the new position, valid for i < count.
+A micro-batch extends each window by a few positions (live traffic: one), so each layer's attention is a handful of
+queries against at most `span` rows of their own window. In torch that is a gather of every window's cached rows
+([B, span, C], copied), two batched matmuls of a few rows by a [C, span + T] per window (MKL's cost per window, not
+the math, sets their time), a mask built from positions, a softmax: for an event a window ~1 ms a layer for 300
+windows, three times the math. Here each query reads its rows in place, scores them for every head, softmaxes and
+mixes them, and nothing else is formed. The math is LocalSelfAttention._extend's (model.py), the rows as Pool.past
+reads them (model/slot_encoder.py): ring slot (head - 1 - i) mod span holds the window's i-th newest cached row, at
+position -1 - i (the first new one is 0), valid for i < count; a query at position p sees offsets 0 .. span.
+Padding columns (left of a window's new ones) see themselves alone: their outputs are never read.
 
 Compiled with the system's C compiler ($CC, default cc) the first time it is asked for, into the cache's kernels/
 ($SCENESTREAM_CACHE, default ~/.cache/scenestream: the layout of stream/datasets/cache.py, which this leaf may not
@@ -51,7 +53,7 @@ static inline float hsum(__m256 v) {
 /* One window: scores of its rows[0..n] (the new row, then the cached ones newest first) for every head, softmax,
    mix. H is a constant where the caller's switch makes it one, so the heads' sums stay in registers. */
 static inline __attribute__((always_inline)) void window(const int64_t H, const int64_t C, const int64_t n,
-        const float *const *rows, const float *q, const float *bias, float *out, float *p)
+        const float *const *rows, const int64_t *off, const float *q, const float *bias, float *out, float *p)
 {
     for (int64_t i = 0; i <= n; i++) {          /* p[i * H + h]: every head's score of row i, the row read once */
         const float *r = rows[i];
@@ -63,14 +65,14 @@ static inline __attribute__((always_inline)) void window(const int64_t H, const 
                 const __m256 rv = _mm256_loadu_ps(r + c);
                 for (int64_t h = 0; h < H; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * C + c), rv, acc[h]);
             }
-            for (int64_t h = 0; h < H; h++) p[i * H + h] = hsum(acc[h]) + bias[i * H + h];
+            for (int64_t h = 0; h < H; h++) p[i * H + h] = hsum(acc[h]) + bias[off[i] * H + h];
             continue;
         }
 #endif
         for (int64_t h = 0; h < H; h++) {
             float s = 0.f;
             for (int64_t c = 0; c < C; c++) s += q[h * C + c] * r[c];
-            p[i * H + h] = s + bias[i * H + h];
+            p[i * H + h] = s + bias[off[i] * H + h];
         }
     }
     for (int64_t h = 0; h < H; h++) {           /* softmax per head, in place */
@@ -109,31 +111,47 @@ static inline __attribute__((always_inline)) void window(const int64_t H, const 
         }
 }
 
-/* out[b, h] = softmax over {the new row, the window's cached rows} of (qk[b, h] . row + bias[offset, h]), mixing the
-   rows. qk [B, H, C]; x [B, C] the new rows; ring [entries, span, C]; bias [span + 2, H], row o the bias of offset o.
-   Not built with -ffast-math: gcc 12 then links code that flushes denormals to zero in the whole process. */
-void attend_one(int64_t B, int64_t H, int64_t C, int64_t span, const float *qk, const float *x, const float *ring,
-                const int64_t *entry, const int64_t *head, const int64_t *count, const float *bias, float *out)
+/* out[b, j, h]: query column T - Tq + j of window b, softmax over the keys it may see of (qk[b, j, h] . row +
+   bias[offset, h]), mixing those rows: itself and the new rows before it (x [B, T, C], window b's fresh[b] newest
+   columns valid) and its cached rows (ring [entries, span, C]), at most `span` back; bias [span + 2, H], row o the
+   bias of offset o. Not built with -ffast-math: gcc 12 then links code that flushes denormals to zero in the whole
+   process. */
+void attend(int64_t B, int64_t T, int64_t Tq, int64_t H, int64_t C, int64_t span, const float *qk, const float *x,
+            const int64_t *fresh, const float *ring, const int64_t *entry, const int64_t *head, const int64_t *count,
+            const float *bias, float *out)
 {
     float p[8 * 1025];
     const float *rows[1025];
+    int64_t off[1025];
     for (int64_t b = 0; b < B; b++) {
-        const int64_t e = entry[b], n = e >= 0 ? count[b] : 0;
-        const float *base = ring + (e >= 0 ? e : 0) * span * C;
-        rows[0] = x + b * C;                        /* the new row, offset 0, then the i-th newest cached, 1 + i */
-        for (int64_t i = 0, r = head[b] - 1; i < n; i++, r--)
-            rows[i + 1] = base + (r >= 0 ? r : r + span) * C;
+        const int64_t e = entry[b], cached = e >= 0 ? count[b] : 0, first = T - fresh[b];
+        const float *base = ring + (e >= 0 ? e : 0) * span * C, *xb = x + b * T * C;
         if (b + 1 < B && entry[b + 1] >= 0) {      /* the next window's rows on their way to the cache */
             const char *next = (const char *)(ring + entry[b + 1] * span * C);
             for (int64_t k = 0; k < span * C * 4; k += 64) __builtin_prefetch(next + k);
         }
-        const float *q = qk + b * H * C;
-        float *o = out + b * H * C;
-        switch (H) {                                 /* constants: the heads' sums in registers */
-            case 1: window(1, C, n, rows, q, bias, o, p); break;
-            case 2: window(2, C, n, rows, q, bias, o, p); break;
-            case 4: window(4, C, n, rows, q, bias, o, p); break;
-            default: window(H, C, n, rows, q, bias, o, p);
+        for (int64_t j = 0; j < Tq; j++) {
+            const int64_t t = T - Tq + j, pos = t - first;   /* the query's column; its position (< 0: padding) */
+            int64_t n = 0;
+            for (int64_t u = t; u >= first && u >= t - span; u--, n++) {   /* itself and the new rows before it */
+                rows[n] = xb + u * C;
+                off[n] = t - u;
+            }
+            if (pos < 0) {                          /* padding: itself alone (never read) */
+                rows[0] = xb + t * C; off[0] = 0; n = 1;
+            }
+            for (int64_t i = 0, r = head[b] - 1; pos >= 0 && i < cached && pos + 1 + i <= span; i++, r--) {
+                rows[n] = base + (r >= 0 ? r : r + span) * C;   /* the i-th newest cached row */
+                off[n++] = pos + 1 + i;
+            }
+            const float *q = qk + (b * Tq + j) * H * C;
+            float *o = out + (b * Tq + j) * H * C;
+            switch (H) {                             /* constants: the heads' sums in registers */
+                case 1: window(1, C, n - 1, rows, off, q, bias, o, p); break;
+                case 2: window(2, C, n - 1, rows, off, q, bias, o, p); break;
+                case 4: window(4, C, n - 1, rows, off, q, bias, o, p); break;
+                default: window(H, C, n - 1, rows, off, q, bias, o, p);
+            }
         }
     }
 }
@@ -145,11 +163,13 @@ MAX_SPAN = 1024   # the C's arrays on the stack hold span + 1 rows, of up to 8 h
 @dataclass
 class Ring:
     """One layer's cached rows of a batch of windows, where they lie: rows [entries, span, C] (the cache's tensor
-    for the layer), and per window its entry (-1: none), ring head and valid rows."""
+    for the layer), and per window its entry (-1: none), ring head and valid rows; and how many of its newest
+    positions are new (right-aligned: the rest of a batch's columns are padding)."""
     rows: torch.Tensor
     entry: np.ndarray
     head: np.ndarray
     count: np.ndarray
+    fresh: np.ndarray
 
 
 def _flags() -> list[str]:
@@ -185,9 +205,9 @@ def _library() -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("the ring attention kernel did not build (%s): it runs in torch", exc)
         return None
-    fn = lib.attend_one
+    fn = lib.attend
     fn.restype = None
-    fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 8
+    fn.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 9
     return lib
 
 
@@ -197,15 +217,16 @@ def ring_kernel(device: torch.device, dtype: torch.dtype, heads: int = 1, span: 
         _library() is not None
 
 
-def attend_one(qk: torch.Tensor, x: torch.Tensor, ring: Ring, bias: torch.Tensor) -> torch.Tensor:
-    """qk [B, H, C] (each head's query in row space), x [B, C] (the new rows), bias [span + 2, H] -> [B, H, C]: each
-    head's softmax-weighted mix of the new row and the window's cached rows."""
-    B, H, C = qk.shape
-    span = ring.rows.shape[1]
+def attend(qk: torch.Tensor, x: torch.Tensor, ring: Ring, bias: torch.Tensor) -> torch.Tensor:
+    """qk [B, Tq, H, C] (each head's query in row space, for the last Tq columns), x [B, T, C] (the new rows), bias
+    [span + 2, H] -> [B, Tq, H, C]: each head's softmax-weighted mix of the rows each query may see."""
+    B, Tq, H, C = qk.shape
+    T, span = x.shape[1], ring.rows.shape[1]
     assert span < MAX_SPAN and H <= 8 and ring.rows.is_contiguous() and ring.rows.dtype == torch.float32
     qk, x, bias = qk.contiguous(), x.contiguous(), bias.contiguous()
+    fresh = np.minimum(ring.fresh, T)   # a layer above the first holds the newest columns alone
     entry, head, count = (np.ascontiguousarray(a, np.int64) for a in (ring.entry, ring.head, ring.count))
-    out = torch.empty(B, H, C)
-    _library().attend_one(B, H, C, span, qk.data_ptr(), x.data_ptr(), ring.rows.data_ptr(),
-                          entry.ctypes.data, head.ctypes.data, count.ctypes.data, bias.data_ptr(), out.data_ptr())
+    out = torch.empty(B, Tq, H, C)
+    _library().attend(B, T, Tq, H, C, span, qk.data_ptr(), x.data_ptr(), fresh.ctypes.data, ring.rows.data_ptr(),
+                      entry.ctypes.data, head.ctypes.data, count.ctypes.data, bias.data_ptr(), out.data_ptr())
     return out

@@ -155,12 +155,15 @@ class Pool:
         return [Past(torch.index_select(self.rows[layer].view(cap, -1), 0, e).view(shape), valid, pos, new_pos)
                 for layer in range(self.layers)]
 
-    def rings(self, entries: np.ndarray) -> list[Past]:
-        """Each layer's cached rows of the entries where they lie, for one new position a window (the C kernel reads
-        them in place: model/ring_attention.py)."""
+    def rings(self, entries: np.ndarray, fresh: np.ndarray) -> list[Past]:
+        """Each layer's cached rows of the entries (-1: none) where they lie, for windows whose `fresh` newest
+        positions are new (the C kernel reads them in place: model/ring_attention.py)."""
+        if not self.capacity:   # no cache: nothing held
+            entries = np.full(len(entries), -1, np.int64)
         at = np.maximum(entries, 0)
-        head, count = self.head[at], np.where(entries >= 0, self.ring[at], 0)
-        return [Past(None, None, None, None, Ring(self.rows[layer], entries, head, count))
+        head = self.head[at] if self.capacity else np.zeros(len(entries), np.int64)
+        count = np.where(entries >= 0, self.ring[at], 0) if self.capacity else head
+        return [Past(None, None, None, None, Ring(self.rows[layer], entries, head, count, fresh))
                 for layer in range(self.layers)]
 
     def nothing(self, B: int, new_pos: torch.Tensor) -> list[Past]:
@@ -330,15 +333,13 @@ class SlotEncoder:
                       torch.from_numpy(np.where(valid, scenes(w.scene[idx, L - width:]), 0)),
                       gaps, torch.from_numpy(valid)]
             inputs = [t.to(dev) for t in inputs]
-            new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
             # a window encoded whole takes the extension's path too, from no past: its folded maps form no key or
             # value, and a one-query stack (the scene windows') maps one row, not every row three times
-            if not past:
-                cache_past = pool.nothing(len(idx), new_pos)
-            elif width == 1 and self.ring_kernel:   # an event a window: its rows read where they lie
-                cache_past = pool.rings(entries[run])
+            if self.ring_kernel:   # cached rows read where they lie
+                cache_past = pool.rings(entries[run] if past else np.full(len(idx), -1, np.int64), count)
             else:
-                cache_past = pool.past(entries[run], new_pos)
+                new_pos = torch.arange(width, device=dev)[None] - torch.from_numpy(width - count).to(dev)[:, None]
+                cache_past = pool.past(entries[run], new_pos) if past else pool.nothing(len(idx), new_pos)
             h, presents = self.model.encoder.extend(*inputs, cache_past, last_only=True, scene=scene)
             out.index_copy_(0, _tensor(at[run], dev), h)
             pool.store(entries[run], w, idx, presents, count, h)
