@@ -1,6 +1,7 @@
 """The encoder for windows held as slots: the cached rows of every window in slot-indexed tensors, a micro-batch's
-windows encoded as one gather of their cached rows, one forward of their new positions and one scatter, with no
-object per window or per user.
+windows encoded as one forward of their new positions against their cached rows (read in place by the attention's C
+kernel, model/ring_attention.py; gathered where torch does it) and one scatter, with no object per window or per
+user.
 
 The stream side (stream/core/slots.py) hands over, per stack (the scene windows; the users' merged timelines),
 windows as rows of fixed-width arrays, with a cache key per window (its slot), the key's version (new when the slot

@@ -94,11 +94,11 @@ def records_binary(users: Sequence[str], vec: Vectors, scenes: Sequence[str], ve
     fixed = np.zeros(U, _fixed_dtype(S, d))
     fixed["newest_ts"], fixed["events"], fixed["has"] = vec.newest_ts, vec.events, vec.has
     fixed["h"], fixed["fused"], fixed["recent"], fixed["weights"] = vec.h, vec.fused, vec.recent, vec.weights
-    raw, size = fixed.tobytes(), fixed.dtype.itemsize
-    out = []
+    raw, size = memoryview(fixed.view(np.uint8).reshape(-1)), fixed.dtype.itemsize   # rows joined, not copied first
+    pack, out = struct.Struct("<H").pack, []
     for r, user in enumerate(users):
         name = user.encode("utf-8", "surrogatepass")
-        out.append(b"".join((head, struct.pack("<H", len(name)), name, raw[r * size:(r + 1) * size])))
+        out.append(b"".join((head, pack(len(name)), name, raw[r * size:(r + 1) * size])))
     return out
 
 

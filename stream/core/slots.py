@@ -388,8 +388,8 @@ class SlotWindows:
 
     def tails(self, users: np.ndarray) -> "Windows":
         """The users' merged timelines as far as an extension reads them: the rows appended since they were last
-        encoded, after the row before them (their newest event then), in the last columns; appended -1 where the
-        timeline changed otherwise (the encoder then asks for it whole: `timelines`)."""
+        encoded, after the row before them (their newest event then), as the last columns of windows that long;
+        appended -1 where the timeline changed otherwise (the encoder then asks for it whole: `timelines`)."""
         L, U = self.length, len(users)
         W = self.win[users]
         Wc = np.maximum(W, 0)
@@ -405,17 +405,20 @@ class SlotWindows:
         w_of, col, u_of = w_of[order], col[order], u_of[order]
         grown = np.bincount(u_of, minlength=U)
         appended = np.where(bad, -1, np.minimum(grown, L))
+        # the last columns alone, as many as the most rows appended plus the row before (an event each: 2 of L); the
+        # encoder reads them as windows of that length (right-aligned), and asks `timelines` for those it encodes whole
+        width = min(L, int(appended.max(initial=0)) + 1)
         rank_from_end = np.repeat(grown, grown) - (np.arange(len(u_of)) - np.repeat(np.cumsum(grown) - grown, grown))
-        keep = rank_from_end <= L
-        u, c, w, cl = u_of[keep], L - rank_from_end[keep], w_of[keep], col[keep]
-        out = {name: np.zeros((U, L), dtype) for name, dtype in
+        keep = rank_from_end <= width
+        u, c, w, cl = u_of[keep], width - rank_from_end[keep], w_of[keep], col[keep]
+        out = {name: np.zeros((U, width), dtype) for name, dtype in
                (("ts", np.int64), ("hash", np.int64), ("item", np.int32), ("action", np.uint8), ("scene", np.uint8))}
         out["ts"][u, c], out["hash"][u, c] = self.ts[w, cl], self.hash[w, cl]
         out["item"][u, c], out["action"][u, c] = self.item[w, cl], self.action[w, cl]
         out["scene"][u, c] = self.scene_code[self.scene_of[w]]
-        rows = np.flatnonzero((appended >= 0) & (appended < L))
-        out["ts"][rows, L - 1 - appended[rows]] = self.shown_ts[users[rows]]
-        out["hash"][rows, L - 1 - appended[rows]] = self.shown_hash[users[rows]]
+        rows = np.flatnonzero((appended >= 0) & (appended < width))
+        out["ts"][rows, width - 1 - appended[rows]] = self.shown_ts[users[rows]]
+        out["hash"][rows, width - 1 - appended[rows]] = self.shown_hash[users[rows]]
         held = np.where(W >= 0, self.n[Wc], 0).sum(1)
         return Windows(users.astype(np.int64), self.uver[users], appended.astype(np.int64),
                        np.minimum(held, L).astype(np.int64), out["ts"], out["hash"], out["item"], out["action"],

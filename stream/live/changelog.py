@@ -75,10 +75,10 @@ def window_values(slots, windows: np.ndarray) -> list[bytes]:
         columns.append((memoryview(lens.astype("<u2").tobytes()), memoryview(names), ends))
     (item_sizes, item_names, item_at), (action_sizes, action_names, action_at) = columns
     heads = [b"\x01\x01" + bytes([len(name)]) + name for name in (scene.encode() for scene in slots.scenes)]
-    out = []
-    for i, (w, scene) in enumerate(zip(windows.tolist(), slots.scene_of[windows].tolist())):
+    out, pack = [], _U16.pack
+    for i, (ids, scene) in enumerate(zip(slots.ids[windows].tolist(), slots.scene_of[windows].tolist())):
         a, b = at[i], at[i + 1]
-        out.append(b"".join((heads[scene], struct.pack("<H", b - a), ts[8 * a:8 * b], sizes[2 * a:2 * b], slots.ids[w],
+        out.append(b"".join((heads[scene], pack(b - a), ts[8 * a:8 * b], sizes[2 * a:2 * b], ids,
                              item_sizes[2 * a:2 * b], item_names[item_at[i]:item_at[i + 1]],
                              action_sizes[2 * a:2 * b], action_names[action_at[i]:action_at[i + 1]])))
     return out
