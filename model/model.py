@@ -55,9 +55,9 @@ def gap_bucket(gap_ms, buckets: int):
 class Past:
     """One layer's inputs at positions already encoded (its normed rows, which its keys and values are made from),
     for the incremental path: row b's P slots hold up to `span` positions before its new ones, left-padded.
-    Positions are numbered per row, so rows with different numbers of past and new positions share a batch. Or, for
-    one new position a row (live traffic), `ring`: the rows where the cache holds them, read in place
-    (model/ring_attention.py), and the rest None."""
+    Positions are numbered per row, so rows with different numbers of past and new positions share a batch. Or
+    `ring`: the rows where the cache holds them, read in place by the C kernel (model/ring_attention.py), and the
+    rest None."""
     x: Optional[torch.Tensor]          # [B, P, C]
     valid: Optional[torch.Tensor]      # [B, P] bool
     pos: Optional[torch.Tensor]        # [B, P] long

@@ -159,11 +159,12 @@ class Pool:
     def rings(self, entries: np.ndarray, fresh: np.ndarray) -> list[Past]:
         """Each layer's cached rows of the entries (-1: none) where they lie, for windows whose `fresh` newest
         positions are new (the C kernel reads them in place: model/ring_attention.py)."""
-        if not self.capacity:   # no cache: nothing held
-            entries = np.full(len(entries), -1, np.int64)
-        at = np.maximum(entries, 0)
-        head = self.head[at] if self.capacity else np.zeros(len(entries), np.int64)
-        count = np.where(entries >= 0, self.ring[at], 0) if self.capacity else head
+        if self.capacity:
+            at = np.maximum(entries, 0)
+            head, count = self.head[at], np.where(entries >= 0, self.ring[at], 0)
+        else:   # no cache: nothing held
+            entries, head = np.full(len(entries), -1, np.int64), np.zeros(len(entries), np.int64)
+            count = head
         return [Past(None, None, None, None, Ring(self.rows[layer], entries, head, count, fresh))
                 for layer in range(self.layers)]
 

