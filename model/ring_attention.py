@@ -14,7 +14,7 @@ Padding columns (left of a window's new ones) see themselves alone: their output
 Compiled with the system's C compiler ($CC, default cc) the first time it is asked for, into the cache's kernels/
 ($SCENESTREAM_CACHE, default ~/.cache/scenestream: the layout of stream/datasets/cache.py, which this leaf may not
 import), keyed by the source and the flags. Where there is no compiler, on a GPU, for any
-dtype but float32, or with SCENESTREAM_RING_KERNEL=off, `ring_kernel()` is None and the torch path runs: the same
+dtype but float32, or with SCENESTREAM_RING_KERNEL=off, `ring_kernel()` is False and the torch path runs: the same
 numbers within float rounding (tests/test_slot_encoder.py runs both).
 """
 from __future__ import annotations
@@ -212,7 +212,7 @@ def _library() -> Optional[ctypes.CDLL]:
 
 
 def ring_kernel(device: torch.device, dtype: torch.dtype, heads: int = 1, span: int = 1) -> bool:
-    """Whether `attend_one` runs for a model of these on this device (else the caller gathers the rows)."""
+    """Whether `attend` runs for a model of these on this device (else the caller gathers the rows)."""
     return torch.device(device).type == "cpu" and dtype == torch.float32 and heads <= 8 and span < MAX_SPAN and \
         _library() is not None
 
@@ -224,8 +224,9 @@ def attend(qk: torch.Tensor, x: torch.Tensor, ring: Ring, bias: torch.Tensor) ->
     T, span = x.shape[1], ring.rows.shape[1]
     assert span < MAX_SPAN and H <= 8 and ring.rows.is_contiguous() and ring.rows.dtype == torch.float32
     qk, x, bias = qk.contiguous(), x.contiguous(), bias.contiguous()
-    fresh = np.minimum(ring.fresh, T)   # a layer above the first holds the newest columns alone
-    entry, head, count = (np.ascontiguousarray(a, np.int64) for a in (ring.entry, ring.head, ring.count))
+    # a layer above the first holds the newest columns alone
+    fresh, entry, head, count = (np.ascontiguousarray(a, np.int64) for a in
+                                 (np.minimum(ring.fresh, T), ring.entry, ring.head, ring.count))
     out = torch.empty(B, Tq, H, C)
     _library().attend(B, T, Tq, H, C, span, qk.data_ptr(), x.data_ptr(), fresh.ctypes.data, ring.rows.data_ptr(),
                       entry.ctypes.data, head.ctypes.data, count.ctypes.data, bias.data_ptr(), out.data_ptr())
