@@ -10,8 +10,16 @@ few. This measures both, on one embedded broker:
    fetch whose scan outlasts its wait comes back empty, so a consumer with a short wait stalls where one with a
    longer wait still reads: the worker's --fetch-wait.
 2. `big`: --steps' largest count of records in batches of 100: the last 100 records.
+3. `steady` (--steady COUNTS): what a consumer of a partition that keeps growing waits, the load of bench/soak.py
+   without a worker. A topic of --partitions partitions is filled to each COUNTS batches per partition, then gets
+   --rate events/s for --steady-seconds as one batch per partition every --batch-ms, each record stamped as sent; a
+   bare aiokafka consumer (fetch_max_wait_ms --steady-wait, the worker's --fetch-wait) takes receive time minus the
+   stamp: p50/p99/max per step. The soak adds 4 batches a partition a second: 0, 1,200, 2,400, 3,600 and 4,800
+   batches are its minutes 0, 5, 10, 15 and 20, so this is the part of the soak's latency the broker takes before
+   a worker sees an event, minute by minute.
 
     python bench/broker_batches.py [--steps 5000,8000,12000,20000] [--json]
+    python bench/broker_batches.py --steps '' --steady 0,1200,2400,3600,4800 --json   # the soak's broker share
 
 Why it matters: bench/soak.py's load batches (--linger-ms) and reads latency from the worker's histogram rather than
 from `user-interests`; BENCHMARKS.md, "Soak".
@@ -76,6 +84,73 @@ async def measure(bootstrap: str, steps: list[int], give_up: float, waits: list[
     return out
 
 
+async def steady(bootstrap: str, counts: list[int], seconds: float, rate: float, batch_ms: int, wait_ms: int,
+                 partitions: int) -> list[dict]:
+    """Per count of batches per partition: the latency (receive - stamp) of a steady batched load, read by a bare
+    consumer from the end of the topic."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("steady", partitions, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, max_batch_size=1 << 20)
+    await producer.start()
+    tps = [TopicPartition("steady", p) for p in range(partitions)]
+    per_batch = max(1, round(rate * batch_ms / 1000 / partitions))
+    value = b"x" * 150   # about a click event's JSON
+    have, rows = 0, []
+    try:
+        for count in counts:
+            while have < count:   # one-record batches, a round over the partitions at a time
+                await asyncio.gather(*[await producer.send("steady", value, partition=p) for p in range(partitions)])
+                have += 1
+            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                        fetch_max_wait_ms=wait_ms)
+            await consumer.start()
+            lat: list[float] = []
+            try:
+                consumer.assign(tps)
+                await consumer.seek_to_end(*tps)
+                for tp in tps:
+                    await consumer.position(tp)
+                start = time.time()
+                start_ms, stop = int(start * 1000), start + seconds
+
+                async def load() -> int:
+                    ticks = 0
+                    while time.time() < stop:
+                        now_ms = int(time.time() * 1000)
+                        for p in range(partitions):
+                            batch = producer.create_batch()
+                            for _ in range(per_batch):
+                                batch.append(key=None, value=value, timestamp=now_ms)
+                            await producer.send_batch(batch, "steady", partition=p)
+                        ticks += 1
+                        await asyncio.sleep(max(0.0, start + ticks * batch_ms / 1000 - time.time()))
+                    return ticks
+
+                sending = asyncio.ensure_future(load())
+                while not sending.done() or time.time() < stop + 2 and len(lat) < sending.result() * per_batch * partitions:
+                    got = await consumer.getmany(timeout_ms=100)
+                    now_ms = time.time() * 1000
+                    lat += [now_ms - m.timestamp for msgs in got.values() for m in msgs if m.timestamp >= start_ms]
+                ticks = sending.result()
+            finally:
+                await consumer.stop()
+            have += ticks
+            lat.sort()
+            q = (lambda f: round(lat[min(len(lat) - 1, int(f * len(lat)))], 1)) if lat else (lambda f: None)
+            rows.append({"batches_per_partition": count, "sent": ticks * per_batch * partitions, "received": len(lat),
+                         "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(lat[-1], 1) if lat else None})
+            print(rows[-1], file=sys.stderr, flush=True)
+    finally:
+        await producer.stop()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default="5000,8000,12000,20000", help="Batch counts to measure at (ascending).")
@@ -83,18 +158,32 @@ def main() -> None:
     ap.add_argument("--waits", default="10,50,100",
                     help="fetch_max_wait_ms values the last 100 records are fetched with (the first also from 0 and "
                          "for the batched partition). 10 was the worker's before; 50 is its --fetch-wait default.")
+    ap.add_argument("--steady", default="", help="Batches per partition to measure the steady load at (ascending; "
+                    "empty: skip). The soak's minutes 0, 5, 10, 15, 20: 0,1200,2400,3600,4800.")
+    ap.add_argument("--steady-seconds", type=float, default=10.0, help="Seconds of load per --steady count.")
+    ap.add_argument("--rate", type=float, default=2000.0, help="Events/s of the steady load (the soak's).")
+    ap.add_argument("--batch-ms", type=int, default=250, help="A batch per partition this often (the soak's).")
+    ap.add_argument("--steady-wait", type=int, default=50, help="The steady consumer's fetch_max_wait_ms (the "
+                    "worker's --fetch-wait default).")
+    ap.add_argument("--partitions", type=int, default=4, help="Partitions of the steady topic (the soak's clicks).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from scenestream.stream.local.broker import EmbeddedBroker
+    steps = sorted(int(x) for x in args.steps.split(",") if x)
     with EmbeddedBroker() as b:
-        out = asyncio.run(measure(b.bootstrap, sorted(int(x) for x in args.steps.split(",")), args.give_up,
-                                  [int(x) for x in args.waits.split(",")]))
+        out = asyncio.run(measure(b.bootstrap, steps, args.give_up, [int(x) for x in args.waits.split(",")])) \
+            if steps else {}
+    if args.steady:
+        with EmbeddedBroker() as b:
+            out["steady"] = asyncio.run(steady(b.bootstrap, sorted(int(x) for x in args.steady.split(",")),
+                                               args.steady_seconds, args.rate, args.batch_ms, args.steady_wait,
+                                               args.partitions))
     if args.json:
         print(json.dumps(out))
     else:
-        for row in out["one_record_batches"]:
-            print(row)
-        print(out["batches_of_100"])
+        for row in out.get("one_record_batches", []) + [out.get("batches_of_100")] + out.get("steady", []):
+            if row:
+                print(row)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ def test_broker_batches(tmp_path):
     assert r["batches_of_100"]["batches"] == 2 and r["batches_of_100"]["last_100_records"] == 100
 
 
+def test_broker_batches_steady(tmp_path):
+    r = last_json(bench("broker_batches", "--steps", "", "--steady", "0,30", "--steady-seconds", "1.5", "--rate", "400",
+                        "--json", tmp_path=tmp_path))
+    assert "one_record_batches" not in r and [row["batches_per_partition"] for row in r["steady"]] == [0, 30]
+    for row in r["steady"]:   # every record sent during the step is received once, none from the fill
+        assert row["received"] == row["sent"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] < 5000
+
+
 def test_chaos(tmp_path, checkpoint):
     r = last_json(bench("chaos", "--events", 300, "--rate", 100, "--kills", 1, "--freeze", 1, "--checkpoint",
                         checkpoint, "--workdir", tmp_path / "work", "--settle-timeout", 120, "--json",
