@@ -37,6 +37,7 @@ from .config import ModelConfig, receptive_field
 from .model import Past, gap_bucket
 from .ring_attention import Ring, ring_kernel
 
+MAX_POSITIONS = 8192   # positions (rows x width) one forward takes at most: SlotEncoder.max_positions
 
 # Windows of one stack, as the encoder reads them: any object with these arrays, row b of each being window b
 # (stream/core/slots.py: Windows). Rows are right-aligned, window b's n[b] events in columns L-n[b] .. L-1, oldest
@@ -223,6 +224,11 @@ class SlotEncoder:
         self.timeline_pool = Pool(cfg, cfg.layers(False), window, max(0, int(budget * share) //
                                                                      probe[1].entry_bytes()), self.device)
         self.batch_size = batch_size
+        # positions (rows x width) per forward: windows encoded whole (cache misses) are L wide, and 2,048 of them
+        # made temporaries of ~100 MB whose sizes changed from batch to batch; glibc serves those from its heap once
+        # its mmap threshold has risen, and the heap's holes grew the RSS ~10 MB a minute (bench/soak.py, default
+        # cache, 100,000 users). Extensions (a few positions each) are not cut by it.
+        self.max_positions = MAX_POSITIONS
         self.ring_kernel = ring_kernel(self.device, next(self.model.parameters()).dtype, cfg.n_heads, cfg.span)
 
     @property
@@ -318,7 +324,7 @@ class SlotEncoder:
         items, actions, scenes = self.encoder.codes(book)
         L, dev, gap_buckets = w.ts.shape[1], self.device, self.model.cfg.gap_buckets
         order = np.argsort(new, kind="stable")
-        for run in _runs(order, new, self.batch_size):
+        for run in _runs(order, new, self.batch_size, max_positions=self.max_positions):
             idx, width = b[run], int(new[run].max())
             count = new[run]
             cols = np.arange(L - width, L)
@@ -358,10 +364,23 @@ def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device)
 
 
-def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int = 32) -> list[np.ndarray]:
+def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int = 32,
+          max_positions: int | None = None) -> list[np.ndarray]:
     """`order` (ascending by size) cut into runs encoded together: at most batch_size rows, and a new run where the
     size passes 1.5x the run's smallest once it has min_rows (few rows pad far; small runs share a forward). Sizes
-    mostly repeat (one new event each, a full window), so the cuts are found per distinct size."""
+    mostly repeat (one new event each, a full window), so the cuts are found per distinct size. With max_positions,
+    a run is cut again so that rows x its widest size stays within it (see SlotEncoder.max_positions)."""
+    runs = _size_runs(order, sizes, batch_size, min_rows)
+    if max_positions is None:
+        return runs
+    cut = []
+    for run in runs:
+        step = max(1, max_positions // max(1, int(sizes[run[-1]])))   # ascending: the last is the widest
+        cut += [run[i:i + step] for i in range(0, len(run), step)]
+    return cut
+
+
+def _size_runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int) -> list[np.ndarray]:
     sizes_sorted = sizes[order]
     values, starts = np.unique(sizes_sorted, return_index=True)
     runs, start = [], 0

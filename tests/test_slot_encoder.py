@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scenestream.model.slot_encoder import SlotEncoder
+from scenestream.model.slot_encoder import MAX_POSITIONS, SlotEncoder, _runs
 from scenestream.stream.core.events import Event
 from scenestream.stream.core.slot_step import encode
 from scenestream.stream.core.slots import SlotWindows
@@ -48,6 +48,8 @@ stream_st = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 11), st.integer
        st.sampled_from([WINDOW, WINDOW - 3]), st.booleans())
 def test_slot_vectors_equal_a_full_encode_at_every_step(steps, data, stack, entries, length, kernel):
     offline, streamed = ENCODERS[stack, length], slot_encoder(stack, entries, length, kernel)
+    # runs cut to a few positions a forward (the cap for cache misses) encode the same
+    streamed.max_positions = data.draw(st.sampled_from([MAX_POSITIONS, 1, 7]), label="max_positions")
     slots = SlotWindows(SCENES, length, capacity=2)
     ts, events = 1_700_000_000_000, []
     for n, (u, i, s, a, dt, dup) in enumerate(steps):
@@ -152,3 +154,14 @@ def test_a_miss_encodes_only_the_window_that_changed():
     assert (after["misses"] - before["misses"], after["unchanged"] - before["unchanged"]) == (1, len(SCENES) - 1)
     want = ENCODERS["own", WINDOW].interests({"u": slots.state("u")})
     np.testing.assert_allclose(got.fused, want.fused, atol=1e-5, rtol=0)
+
+
+@given(st.lists(st.integers(1, 60), min_size=0, max_size=300), st.integers(1, 64), st.integers(1, 400))
+def test_runs_take_every_window_once_within_the_positions_cap(sizes, batch_size, max_positions):
+    sizes = np.array(sizes, np.int64)
+    order = np.argsort(sizes, kind="stable")
+    runs = _runs(order, sizes, batch_size, max_positions=max_positions)
+    assert np.array_equal(np.concatenate(runs) if runs else np.zeros(0, np.int64), order)   # each once, in order
+    for run in runs:
+        assert 0 < len(run) <= batch_size
+        assert len(run) == 1 or len(run) * sizes[run].max() <= max_positions
