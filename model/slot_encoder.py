@@ -324,7 +324,7 @@ class SlotEncoder:
         items, actions, scenes = self.encoder.codes(book)
         L, dev, gap_buckets = w.ts.shape[1], self.device, self.model.cfg.gap_buckets
         order = np.argsort(new, kind="stable")
-        for run in _runs(order, new, self.batch_size, max_positions=self.max_positions):
+        for run in _runs(order, new, self.batch_size, self.max_positions):
             idx, width = b[run], int(new[run].max())
             count = new[run]
             cols = np.arange(L - width, L)
@@ -364,17 +364,14 @@ def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device)
 
 
-def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, min_rows: int = 32,
-          max_positions: int | None = None) -> list[np.ndarray]:
+def _runs(order: np.ndarray, sizes: np.ndarray, batch_size: int, max_positions: int = MAX_POSITIONS,
+          min_rows: int = 32) -> list[np.ndarray]:
     """`order` (ascending by size) cut into runs encoded together: at most batch_size rows, and a new run where the
     size passes 1.5x the run's smallest once it has min_rows (few rows pad far; small runs share a forward). Sizes
-    mostly repeat (one new event each, a full window), so the cuts are found per distinct size. With max_positions,
-    a run is cut again so that rows x its widest size stays within it (see SlotEncoder.max_positions)."""
-    runs = _size_runs(order, sizes, batch_size, min_rows)
-    if max_positions is None:
-        return runs
+    mostly repeat (one new event each, a full window), so the cuts are found per distinct size. Each run is then
+    cut again so that rows x its widest size stays within max_positions (see SlotEncoder.max_positions)."""
     cut = []
-    for run in runs:
+    for run in _size_runs(order, sizes, batch_size, min_rows):
         step = max(1, max_positions // max(1, int(sizes[run[-1]])))   # ascending: the last is the widest
         cut += [run[i:i + step] for i in range(0, len(run), step)]
     return cut
